@@ -1,0 +1,1016 @@
+"""The journal engine: the single owner of a data directory, in one process.
+
+Owns: the lock, store.meta, recovery at open, segment files (preallocated, rotated and
+sealed with an index footer), ``records.idx``, the delta and base lookup tables, the
+checkpoint, the commit path (validate -> encode -> one write -> one fsync -> index ->
+publish) and the durable/visible frontiers. The writer process wraps it; tests and
+tools use it directly.
+Invariants: ``visible`` never passes a frame that recovery could cut (in the default
+sync mode it is published only after fsync); a failed fsync poisons the engine for
+good; index files are derived data, rebuilt from segments when they disagree.
+Must not import the writer, the client, the supervisor or posix_ipc.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import msgpack
+
+from . import _layout as L
+from ._errors import (
+    BatpakError,
+    ConcurrencyConflict,
+    CorruptSegment,
+    InvalidArgument,
+    InvalidPayload,
+    PayloadTooLarge,
+    StorageError,
+    StoreClosed,
+    StoreLocked,
+    StorePoisoned,
+)
+from ._frame import (
+    BAD,
+    FLAG_COMMIT_END,
+    FLAG_HAS_CAUSATION,
+    FLAG_HAS_CORRELATION,
+    MIN_FRAME,
+    NEED_MORE,
+    ZERO_HASH,
+    ZERO_ID,
+    encode_frame,
+)
+from ._osio import DEFAULT_DISK, Disk
+from ._reader import Reader, View
+from ._recovery import ScannedFrame, scan_segment
+from ._signing import Signer
+from ._tables import (
+    DELTA_SLOT_SIZE,
+    ENTITY_BASE_MAGIC,
+    IDEM_BASE_MAGIC,
+    TABLE_HEADER_SIZE,
+    BaseTable,
+    delta_capacity_for,
+    delta_header,
+    delta_upsert,
+    encode_entity_base,
+    encode_idem_base,
+    verify_base,
+)
+from ._values import (
+    BatchItem,
+    Coordinate,
+    Event,
+    Kind,
+    Page,
+    Receipt,
+    SyncMode,
+    check_kind,
+)
+
+MiB = 1 << 20
+RECORDS_GROWTH = 1 << 16  # records.idx grows by this many records (4 MiB) at a time
+_SENTINEL_FOOTER_ROOM = L.FOOTER_HEAD.size + L.SEG_TRAILER_SIZE
+_u64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Tunables of an engine (the writer takes the same ones from the command line)."""
+
+    segment_max_bytes: int = 64 * MiB  # preallocated size of each segment file
+    sync: SyncMode = SyncMode.GROUP
+    sync_interval_ms: int = 100  # with SyncMode.INTERVAL: the longest a commit waits for fsync
+    max_payload_bytes: int = 16 * MiB  # per event, encoded
+    max_batch_events: int = 10_000
+    max_batch_bytes: int = 256 * MiB  # encoded payloads of one batch
+    signing_key: bytes | None = None  # raw 32-byte Ed25519 private key: receipts get signed
+
+    def __post_init__(self) -> None:
+        if not 1 * MiB <= self.segment_max_bytes <= 3 << 30:
+            raise InvalidArgument("segment_max_bytes", self.segment_max_bytes, "must be 1 MiB .. 3 GiB")
+        if not isinstance(self.sync, SyncMode):
+            object.__setattr__(self, "sync", parse_sync(self.sync))
+        if self.sync_interval_ms < 1:
+            raise InvalidArgument("sync_interval_ms", self.sync_interval_ms, "must be >= 1")
+        if not 1 <= self.max_payload_bytes <= 1 << 30:
+            raise InvalidArgument("max_payload_bytes", self.max_payload_bytes, "must be 1 .. 1 GiB")
+
+
+def parse_sync(value: object) -> SyncMode:
+    try:
+        return SyncMode(value)
+    except ValueError:
+        raise InvalidArgument("sync", value, "must be one of group, interval, none") from None
+
+
+class Prepared(NamedTuple):
+    """One event ready for the commit path (payload already msgpack-encoded)."""
+
+    entity: bytes
+    scope: bytes
+    kind: int
+    payload: bytes
+    payload_version: int
+    idem: bytes  # 16-byte idempotency hash
+    expected_clock: int | None
+    causation: bytes
+    correlation: bytes
+
+
+class _Entity(NamedTuple):
+    clock: int
+    head_hash: bytes
+    head_seq: int
+
+
+@dataclass
+class _Segment:
+    segment_id: int
+    first_seq: int
+    size: int
+    fd: int
+    path: str
+    end: int  # offset just past the last committed frame
+    count: int  # committed frames in it
+
+
+@dataclass
+class _Group:
+    """Frames of one commit group, not yet written."""
+
+    chunks: list[bytes] = field(default_factory=list)
+    nbytes: int = 0
+    count: int = 0
+    # per event: (record tuple without segment/offset parts filled, frame_len)
+    # per event: (seq, clock, kind, flags, frame_len, prev_seq, scope_hash, entity, idem, event_hash)
+    metas: list[tuple[Any, ...]] = field(default_factory=list)
+    entities: dict[bytes, _Entity] = field(default_factory=dict)
+    idem: dict[bytes, int] = field(default_factory=dict)
+    receipts: dict[int, Receipt] = field(default_factory=dict)
+
+
+def encode_payload(payload: Any, limit: int) -> bytes:
+    try:
+        raw: bytes = msgpack.packb(payload, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidPayload(str(exc)) from None
+    if len(raw) > limit:
+        raise PayloadTooLarge(len(raw), limit)
+    return raw
+
+
+def _check_id(name: str, value: object) -> bytes:
+    if value is None:
+        return ZERO_ID
+    if isinstance(value, (bytes, bytearray)) and len(value) == 16 and any(value):
+        return bytes(value)
+    raise InvalidArgument(name, value, "must be a 16-byte event id")
+
+
+def _check_clock(value: object) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise InvalidArgument("expected_clock", value, "must be an int >= 0")
+    return value
+
+
+def prepare(
+    coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None,
+    expected_clock: int | None, causation_id: bytes | None, correlation_id: bytes | None,
+    max_payload: int, allow_reserved: bool = False, payload_is_encoded: bool = False,
+    payload_version: int = 0,
+) -> Prepared:
+    """Validate caller input and encode it for the commit path (pure)."""
+    if not isinstance(coord, Coordinate):
+        raise InvalidArgument("coord", coord, "must be a bp.Coordinate")
+    packed_kind = check_kind(kind, allow_reserved=allow_reserved)
+    if payload_is_encoded:
+        raw = bytes(payload)
+        if len(raw) > max_payload:
+            raise PayloadTooLarge(len(raw), max_payload)
+    else:
+        raw = encode_payload(payload, max_payload)
+    if idempotency_key is None:
+        idem = secrets.token_bytes(16)
+    elif isinstance(idempotency_key, (str, bytes)) and 0 < len(idempotency_key) <= 1024:
+        idem = L.idem_hash(idempotency_key)
+    else:
+        raise InvalidArgument("idempotency_key", idempotency_key, "must be a non-empty str or bytes of at most 1024")
+    if not 0 <= payload_version <= 0xFFFF:
+        raise InvalidArgument("payload_version", payload_version, "must be 0..65535")
+    return Prepared(
+        coord._entity_bytes, coord._scope_bytes, packed_kind, raw, payload_version, idem,
+        _check_clock(expected_clock), _check_id("causation_id", causation_id),
+        _check_id("correlation_id", correlation_id),
+    )
+
+
+class Engine:
+    """Single-owner journal engine. Open with ``Engine.open(data_dir)``."""
+
+    def __init__(self) -> None:  # use Engine.open
+        raise TypeError("use Engine.open(data_dir, ...)")
+
+    # ------------------------------------------------------------------ open / close
+    @classmethod
+    def open(
+        cls, data_dir: str | os.PathLike[str], config: EngineConfig | None = None, *,
+        disk: Disk | None = None, clock_ms: Callable[[], int] | None = None,
+        durable_hint: int = 0,
+    ) -> Engine:
+        """Lock, recover and open ``data_dir`` (created 0700 when missing).
+
+        ``durable_hint``: a sequence known to have been durable (e.g. from the control
+        block): damage at or below it is corruption, never a torn tail."""
+        self = object.__new__(cls)
+        self._init(os.fspath(data_dir), config or EngineConfig(), disk or DEFAULT_DISK,
+                   clock_ms or (lambda: time.time_ns() // 1_000_000), durable_hint)
+        return self
+
+    def _init(self, data_dir: str, config: EngineConfig, disk: Disk,
+              clock_ms: Callable[[], int], durable_hint: int) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        self.config = config
+        self.disk = disk
+        self._clock_ms = clock_ms
+        self._closed = False
+        self._poison: StorePoisoned | None = None
+        self._lock_fd = -1
+        self._seg: _Segment | None = None
+        self._records_fd = -1
+        self._records_map: Any = None
+        self._delta_fd = -1
+        self._delta_map: Any = None
+        self._delta_cap = 0
+        self._delta_gen = 0
+        self._base_segment = 0
+        self._base_maps: list[Any] = []
+        self._entity_base: BaseTable | None = None
+        self._idem_base: BaseTable | None = None
+        self._entities: dict[bytes, _Entity] = {}
+        self._idem_active: dict[bytes, int] = {}
+        self.visible = 0
+        self.durable = 0
+        self._last_sync_ms = 0
+        self.signer = Signer(config.signing_key) if config.signing_key else None
+        self.recovery_report: dict[str, Any] = {}
+        self._seg_dir = os.path.join(self.data_dir, L.SEGMENT_DIR)
+        self._idx_dir = os.path.join(self.data_dir, L.INDEX_DIR)
+        try:
+            self._lock()
+            self._load_meta()
+            self._recover(durable_hint)
+        except BaseException:
+            self._release()
+            raise
+        self.reader = Reader(self.data_dir, self.view)
+        self.reader.refresh()
+
+    def _lock(self) -> None:
+        d = self.disk
+        d.makedirs(self.data_dir)
+        path = os.path.join(self.data_dir, L.LOCK_FILE)
+        fd = d.open(path, os.O_RDWR | os.O_CREAT)
+        if not d.try_lock(fd, path):
+            try:
+                holder = int(os.pread(fd, 32, 0).split(b"\n")[0] or 0)
+            except (OSError, ValueError):
+                holder = 0
+            d.close(fd, path)
+            raise StoreLocked(self.data_dir, holder or None)
+        self._lock_fd = fd
+        d.truncate(fd, 0, path)
+        d.pwrite(fd, f"{os.getpid()}\n".encode(), 0, path)
+        d.makedirs(self._seg_dir)
+        d.makedirs(self._idx_dir)
+
+    def _load_meta(self) -> None:
+        path = os.path.join(self.data_dir, L.META_FILE)
+        raw = self.disk.read_file(path)
+        if raw is None:
+            if self.disk.listdir(self._seg_dir):
+                raise CorruptSegment(path, 0, "store.meta is missing but segments exist")
+            self.store_id = secrets.token_bytes(16)
+            self.disk.write_file_atomic(path, L.encode_meta(self.store_id, self._clock_ms()))
+        else:
+            self.store_id = L.decode_meta(raw, path)
+        self.store_tag = int.from_bytes(self.store_id[:2], "big")
+
+    # ------------------------------------------------------------------ recovery
+    def _segment_ids(self) -> list[int]:
+        ids = []
+        for name in self.disk.listdir(self._seg_dir):
+            if name.endswith(".seg") and name[:-4].isdigit():
+                ids.append(int(name[:-4]))
+        return sorted(ids)
+
+    def _recover(self, durable_hint: int) -> None:
+        d = self.disk
+        started = time.perf_counter()
+        ckpt_raw = d.read_file(os.path.join(self.data_dir, L.CHECKPOINT_FILE))
+        ckpt = L.decode_checkpoint(ckpt_raw) if ckpt_raw else None
+        floor = max(durable_hint, ckpt[0] if ckpt else 0)
+        self._open_records()
+        ids = self._segment_ids()
+        next_seq = 1
+        sealed: list[int] = []
+        cut_bytes = 0
+        active: _Segment | None = None
+        scanned: list[ScannedFrame] = []
+        for pos, sid in enumerate(ids):
+            path = os.path.join(self._seg_dir, L.segment_name(sid))
+            fd = d.open(path, os.O_RDWR)
+            try:
+                size = os.fstat(fd).st_size
+                header = L.decode_segment_header(d.pread(fd, L.SEG_HEADER_SIZE, 0, path), path)
+                if header.store_id != self.store_id:
+                    raise CorruptSegment(path, 0, "segment belongs to another store")
+                if header.first_seq != next_seq:
+                    raise CorruptSegment(path, 0, f"segment starts at sequence {header.first_seq}, "
+                                         f"expected {next_seq}")
+                trailer = L.decode_trailer(d.pread(fd, L.SEG_TRAILER_SIZE, size - L.SEG_TRAILER_SIZE, path))
+                if trailer is not None:
+                    next_seq += self._adopt_sealed(fd, path, size, trailer, next_seq)
+                    sealed.append(sid)
+                    continue
+                # an unsealed segment: scan it (its first events link back into the base tables)
+                self._open_bases(sealed[-1] if sealed else 0, next_seq - 1)
+                mm = d.map_shared(fd, size, path, writable=False)
+                try:
+                    scan = scan_segment(mm, L.SEG_HEADER_SIZE, size - L.SEG_TRAILER_SIZE, next_seq)
+                finally:
+                    mm.close()
+                kept = scan.frames[: scan.committed]
+                last_kept = next_seq + len(kept) - 1
+                is_last = pos == len(ids) - 1
+                if scan.damage_mid_log or (scan.stop_status in (BAD, NEED_MORE) and last_kept < floor):
+                    raise CorruptSegment(path, scan.stop_offset, scan.stop_reason)
+                if last_kept < floor and not is_last:
+                    raise CorruptSegment(path, scan.commit_end, "log ends before the durable floor")
+                cut = scan.commit_end
+                # bytes past the last commit: a torn tail, or never written. Zero them without
+                # shrinking the file (it may be mapped), so stale frames can never come back.
+                d.zero_range(fd, cut, size - L.SEG_TRAILER_SIZE - cut, path)
+                cut_bytes += max(scan.stop_offset - cut, 0)
+                seg = _Segment(sid, header.first_seq, size, fd, path, cut, len(kept))
+                self._write_scanned_records(seg, kept)
+                next_seq += len(kept)
+                scanned = kept
+                if is_last:
+                    active = seg
+                    continue
+                # a crash between a segment's last commit and its seal: seal it now
+                d.fdatasync(fd, path)
+                self._seal(seg)
+                sealed.append(sid)
+                self._build_bases(sid, next_seq - 1)
+            finally:
+                if active is None or active.fd != fd:
+                    os.close(fd)
+        if next_seq - 1 < floor:
+            raise CorruptSegment(self._seg_dir, 0, f"log ends at sequence {next_seq - 1}, "
+                                 f"but sequence {floor} was durable")
+        self.visible = self.durable = next_seq - 1
+        self._next_seq = next_seq
+        self._open_bases(sealed[-1] if sealed else 0, next_seq - 1)
+        if active is None:
+            active = self._create_segment((ids[-1] + 1) if ids else 1, next_seq, self.config.segment_max_bytes)
+            scanned = []
+        else:
+            d.fdatasync(active.fd, active.path)  # what recovery keeps is now on disk
+        self._seg = active
+        self._new_delta(scanned)
+        self._write_checkpoint()
+        self.recovery_report = {
+            "sealed_segments": len(sealed), "active_segment": active.segment_id,
+            "last_sequence": self.visible, "torn_bytes_cut": cut_bytes,
+            "active_frames_scanned": len(scanned),
+            "elapsed_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+
+    def _adopt_sealed(self, fd: int, path: str, size: int, trailer: L.Trailer, first_seq: int) -> int:
+        """Check a sealed segment (whole-file checksum, footer) and make records.idx agree
+        with its footer. Returns how many events it holds. No frame is decoded."""
+        body = self.disk.map_shared(fd, size, path, writable=False)
+        try:
+            if zlib.crc32(memoryview(body)[: size - L.SEG_TRAILER_SIZE]) != trailer.segment_crc:
+                raise CorruptSegment(path, 0, "sealed segment checksum mismatch (a byte changed after sealing)")
+            foff, flen = trailer.footer_offset, trailer.footer_len
+            _, records = L.decode_footer(bytes(body[foff:foff + flen]), path, foff)
+        finally:
+            body.close()
+        count = len(records) // L.RECORD_SIZE
+        self._ensure_records(first_seq + count)
+        start = L.RECORDS_HEADER_SIZE + (first_seq - 1) * L.RECORD_SIZE
+        if self._records_map[start:start + len(records)] != records:
+            self._records_map[start:start + len(records)] = records
+        return count
+
+    def _write_scanned_records(self, seg: _Segment, frames: list[ScannedFrame]) -> None:
+        """Rebuild the index records of a scanned (unsealed) segment."""
+        if not frames:
+            return
+        self._ensure_records(frames[-1].seq)
+        last_in_entity: dict[bytes, int] = {}
+        pack = L.RECORD.pack_into
+        m = self._records_map
+        for f in frames:
+            prev = last_in_entity.get(f.entity)
+            if prev is None:
+                prev = self._head_before(f.entity, f.prev_hash, f.clock) if f.clock > 1 else 0
+            last_in_entity[f.entity] = f.seq
+            pack(m, L.RECORDS_HEADER_SIZE + (f.seq - 1) * L.RECORD_SIZE, f.clock, seg.segment_id,
+                 f.offset, f.frame_len, f.kind, f.flags, L.name_hash(f.entity), L.name_hash(f.scope),
+                 prev, f.idem_hash)
+
+    def _head_before(self, entity: bytes, prev_hash: bytes, clock: int) -> int:
+        """Sequence of an entity's newest event in the sealed segments, via the base table."""
+        h = L.name_hash(entity)
+        base = self._entity_base
+        if base is not None:
+            for seq in base.entity_candidates(h):
+                if self._records_clock_hash(seq) == (clock - 1, h):
+                    return seq
+        raise CorruptSegment(self._seg_dir, 0, f"predecessor of entity {entity!r} clock {clock} not found")
+
+    def _records_clock_hash(self, seq: int) -> tuple[int, int]:
+        rec = L.RECORD.unpack_from(self._records_map, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE)
+        return rec[0], rec[6]
+
+    # ------------------------------------------------------------------ index files
+    def _open_records(self) -> None:
+        path = os.path.join(self._idx_dir, L.RECORDS_FILE)
+        self._records_path = path
+        self._records_fd = self.disk.open(path, os.O_RDWR | os.O_CREAT)
+        size = os.fstat(self._records_fd).st_size
+        if size < L.RECORDS_HEADER_SIZE + RECORDS_GROWTH * L.RECORD_SIZE:
+            size = L.RECORDS_HEADER_SIZE + RECORDS_GROWTH * L.RECORD_SIZE
+            self.disk.truncate(self._records_fd, size, path)
+        self._records_map = self.disk.map_shared(self._records_fd, size, path, writable=True)
+
+    def _ensure_records(self, seq: int) -> None:
+        need = L.RECORDS_HEADER_SIZE + seq * L.RECORD_SIZE
+        if len(self._records_map) >= need:
+            return
+        size = len(self._records_map)
+        while size < need:
+            size += RECORDS_GROWTH * L.RECORD_SIZE
+        self.disk.truncate(self._records_fd, size, self._records_path)
+        old = self._records_map
+        self._records_map = self.disk.map_shared(self._records_fd, size, self._records_path, writable=True)
+        old.close()
+
+    def _open_bases(self, through_segment: int, through_seq: int) -> None:
+        """Map the base tables for sealed segments, rebuilding them when missing/bad."""
+        self._close_bases()
+        self._base_segment = through_segment
+        if not through_segment:
+            return
+        tables = []
+        for name, magic, cols in (
+            (L.entities_base_name(through_segment), ENTITY_BASE_MAGIC, 2),
+            (L.idem_base_name(through_segment), IDEM_BASE_MAGIC, 3),
+        ):
+            path = os.path.join(self._idx_dir, name)
+            table = self._map_base(path, name, magic, cols, through_seq)
+            if table is None:
+                self._build_bases(through_segment, through_seq)
+                table = self._map_base(path, name, magic, cols, through_seq)
+                if table is None:
+                    raise CorruptSegment(path, 0, "rebuilt index table does not verify")
+            tables.append(table)
+        self._entity_base, self._idem_base = tables
+        self._prune_index_files()
+
+    def _close_bases(self) -> None:
+        for table in (self._entity_base, self._idem_base):
+            if table is not None:
+                table.release()
+        self._entity_base = self._idem_base = None
+        for m in self._base_maps:
+            m.close()
+        self._base_maps = []
+
+    def _map_base(self, path: str, name: str, magic: bytes, cols: int, through_seq: int) -> BaseTable | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError("open", path, exc) from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size < TABLE_HEADER_SIZE:
+                return None
+            m = self.disk.map_shared(fd, size, path, writable=False)
+        finally:
+            os.close(fd)
+        try:
+            count, through = verify_base(m, magic, name, cols)
+        except CorruptSegment:
+            m.close()
+            return None
+        if through != through_seq:
+            m.close()
+            return None
+        self._base_maps.append(m)
+        return BaseTable(m, count, cols)
+
+    def _build_bases(self, through_segment: int, through_seq: int) -> None:
+        """Fold every record up to ``through_seq`` into fresh base tables (numpy)."""
+        import numpy as np
+
+        dtype = np.dtype([("clock", "<u8"), ("seg", "<u4"), ("off", "<u4"), ("len", "<u4"),
+                          ("kind", "<u2"), ("flags", "<u2"), ("ent", "<u8"), ("scope", "<u8"),
+                          ("prev", "<u8"), ("idem_lo", "<u8"), ("idem_hi", "<u8")])
+        recs = np.frombuffer(self._records_map, dtype=dtype, count=through_seq, offset=L.RECORDS_HEADER_SIZE)
+        seqs = np.arange(1, through_seq + 1, dtype="<u8")
+        # heads: sequences no later event of the same entity points back to (exact even
+        # when two entities share a 64-bit hash)
+        is_head = np.ones(through_seq + 1, dtype=bool)
+        prev = recs["prev"]
+        is_head[prev[prev > 0]] = False
+        heads = seqs[is_head[1:]]
+        ent = recs["ent"][heads - 1]
+        order = np.argsort(ent, kind="stable")
+        ent_body = encode_entity_base(ent[order].astype("<u8").tobytes(), heads[order].astype("<u8").tobytes(),
+                                      through_seq)
+        keyed = (recs["idem_lo"] != 0) | (recs["idem_hi"] != 0)
+        # idem hash bytes are stored as 16 bytes: compare as (hi, lo) of their u64 halves
+        lo = recs["idem_lo"][keyed]
+        hi = recs["idem_hi"][keyed]
+        kseq = seqs[keyed]
+        order = np.lexsort((lo, hi))
+        idem_body = encode_idem_base(hi[order].astype("<u8").tobytes(), lo[order].astype("<u8").tobytes(),
+                                     kseq[order].astype("<u8").tobytes(), through_seq)
+        self.disk.write_file_atomic(os.path.join(self._idx_dir, L.entities_base_name(through_segment)), ent_body)
+        self.disk.write_file_atomic(os.path.join(self._idx_dir, L.idem_base_name(through_segment)), idem_body)
+
+    def _prune_index_files(self) -> None:
+        keep = {L.entities_base_name(self._base_segment), L.idem_base_name(self._base_segment),
+                L.RECORDS_FILE}
+        if self._delta_gen:
+            keep.add(L.delta_name(self._delta_gen))
+        for name in self.disk.listdir(self._idx_dir):
+            if name not in keep and (name.endswith(".tbl") or name.endswith(".tmp")):
+                self.disk.unlink(os.path.join(self._idx_dir, name))  # mapped readers keep their inode
+
+    def _new_delta(self, frames: list[ScannedFrame]) -> None:
+        """A fresh delta table for the active segment (new generation), filled from
+        ``frames`` (the scan of that segment at recovery)."""
+        existing = [int(n[6:-4]) for n in self.disk.listdir(self._idx_dir)
+                    if n.startswith("delta-") and n.endswith(".tbl") and n[6:-4].isdigit()]
+        gen = max([*existing, self._delta_gen]) + 1
+        max_frames = self.config.segment_max_bytes // (MIN_FRAME + L.RECORD_SIZE) + 1
+        cap = delta_capacity_for(max_frames)
+        path = os.path.join(self._idx_dir, L.delta_name(gen))
+        fd = self.disk.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            self.disk.truncate(fd, TABLE_HEADER_SIZE + cap * DELTA_SLOT_SIZE, path)
+            self.disk.pwrite(fd, delta_header(cap, gen), 0, path)
+            m = self.disk.map_shared(fd, TABLE_HEADER_SIZE + cap * DELTA_SLOT_SIZE, path, writable=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._delta_map is not None:
+            self._delta_map.close()
+            os.close(self._delta_fd)
+        self._delta_fd, self._delta_map, self._delta_cap, self._delta_gen = fd, m, cap, gen
+        self._idem_active = {}
+        heads: dict[bytes, int] = {}
+        for f in frames:
+            prev = heads.get(f.entity, -1)
+            delta_upsert(m, cap, L.name_hash(f.entity), f.seq, prev)
+            heads[f.entity] = f.seq
+            self._idem_active[f.idem_hash] = f.seq
+        self._prune_index_files()
+
+    def view(self) -> View:
+        return View(self.visible, self._base_segment, self._delta_gen)
+
+    # ------------------------------------------------------------------ segments
+    def _create_segment(self, segment_id: int, first_seq: int, size: int) -> _Segment:
+        d = self.disk
+        path = os.path.join(self._seg_dir, L.segment_name(segment_id))
+        fd = d.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            d.allocate(fd, size, path)
+            d.pwrite(fd, L.encode_segment_header(segment_id, self.store_id, first_seq, size), 0, path)
+            d.fsync(fd, path)
+            d.fsync_dir(self._seg_dir)
+        except BaseException:
+            os.close(fd)
+            d.unlink(path)
+            raise
+        return _Segment(segment_id, first_seq, size, fd, path, L.SEG_HEADER_SIZE, 0)
+
+    def _seal(self, seg: _Segment) -> None:
+        """Write the index footer and trailer of a full segment and fsync it."""
+        start = L.RECORDS_HEADER_SIZE + (seg.first_seq - 1) * L.RECORD_SIZE
+        records = bytes(self._records_map[start:start + seg.count * L.RECORD_SIZE])
+        footer = L.encode_footer(seg.first_seq, records)
+        self.disk.pwrite(seg.fd, footer, seg.end, seg.path)
+        body = self.disk.map_shared(seg.fd, seg.size, seg.path, writable=False)
+        try:
+            crc = zlib.crc32(memoryview(body)[: seg.size - L.SEG_TRAILER_SIZE])
+        finally:
+            body.close()
+        self.disk.pwrite(seg.fd, L.encode_trailer(seg.end, len(footer), crc), seg.size - L.SEG_TRAILER_SIZE,
+                         seg.path)
+        self._fsync(seg.fd, seg.path)
+
+    def _rotate(self, need_bytes: int) -> None:
+        """Seal the active segment, fold it into the base tables, start the next one."""
+        seg = self._seg
+        assert seg is not None
+        self._seal(seg)
+        sid = seg.segment_id
+        next_first = seg.first_seq + seg.count
+        self._build_bases(sid, next_first - 1)
+        size = max(self.config.segment_max_bytes, need_bytes)
+        new = self._create_segment(sid + 1, next_first, size)
+        os.close(seg.fd)
+        self._seg = new
+        self._open_bases(sid, next_first - 1)
+        self._new_delta([])
+        self._write_checkpoint()
+        self.reader.refresh()
+
+    def _fsync(self, fd: int, path: str) -> None:
+        try:
+            self.disk.fdatasync(fd, path)
+        except StorageError as exc:
+            self._poison = StorePoisoned(exc.op, exc.path, exc.cause)
+            raise self._poison from exc
+
+    def _write_checkpoint(self) -> None:
+        seg = self._seg
+        if seg is None:
+            return
+        self.disk.write_file_atomic(os.path.join(self.data_dir, L.CHECKPOINT_FILE),
+                                    L.encode_checkpoint(self.durable, seg.segment_id, seg.end))
+
+    # ------------------------------------------------------------------ state checks
+    def _check_open(self) -> None:
+        if self._poison is not None:
+            raise self._poison
+        if self._closed:
+            raise StoreClosed("engine")
+
+    def _entity_state(self, entity: bytes, group: _Group) -> _Entity:
+        st = group.entities.get(entity)
+        if st is not None:
+            return st
+        st = self._entities.get(entity)
+        if st is not None:
+            return st
+        head = self.reader.head_of(entity)
+        if head:
+            f = self.reader.frame(head)
+            st = _Entity(f.entity_clock, f.event_hash, head)
+        else:
+            st = _Entity(0, ZERO_HASH, 0)
+        if len(self._entities) > 1_000_000:  # bound memory; it is only a cache
+            self._entities.clear()
+        self._entities[entity] = st
+        return st
+
+    def _idem_lookup(self, idem: bytes, group: _Group) -> int:
+        seq = group.idem.get(idem) or self._idem_active.get(idem)
+        if seq:
+            return seq
+        base = self._idem_base
+        if base is not None:
+            lo, hi = struct.unpack("<QQ", idem)
+            return base.idem_lookup(hi, lo)
+        return 0
+
+    def receipt_for(self, seq: int) -> Receipt:
+        f = self.reader.frame(seq)
+        return self._receipt(f.event_id, seq, f.entity, f.scope, f.entity_clock, f.event_hash,
+                             f.prev_hash, f.wall_ms, seq <= self.durable)
+
+    def _receipt(self, event_id: bytes, seq: int, entity: bytes, scope: bytes, clock: int,
+                 event_hash: bytes, prev_hash: bytes, wall_ms: int, durable: bool) -> Receipt:
+        sig = None
+        if self.signer is not None:
+            sig = self.signer.sign(event_id, seq, entity, scope, clock, event_hash, prev_hash, wall_ms)
+        return Receipt(event_id, seq, entity.decode(), scope.decode(), clock, event_hash, prev_hash,
+                       wall_ms, durable, sig)
+
+    # ------------------------------------------------------------------ commit path
+    def commit(self, requests: Sequence[Sequence[Prepared]]) -> list[list[Receipt] | BatpakError]:
+        """Commit several requests as one group: each request is all-or-nothing and is
+        answered on its own (a list of receipts, or the error that refused it). One
+        write and one fsync cover the whole group (more only when a segment fills)."""
+        self._check_open()
+        results: list[list[Receipt] | BatpakError] = [[] for _ in requests]
+        group = _Group()
+        placed: list[tuple[int, list[int]]] = []  # (request index, seqs or originals)
+        wall_ms = self._clock_ms()
+        seg = self._seg
+        assert seg is not None
+        for ri, items in enumerate(requests):
+            try:
+                if not items:
+                    raise InvalidArgument("items", [], "a batch needs at least one event")
+                if len(items) > self.config.max_batch_events:
+                    raise InvalidArgument("items", len(items), f"a batch holds at most {self.config.max_batch_events} events")
+                total = sum(len(p.payload) for p in items)
+                if total > self.config.max_batch_bytes:
+                    raise PayloadTooLarge(total, self.config.max_batch_bytes, "batch")
+                originals = [self._idem_lookup(p.idem, group) for p in items]
+                if all(originals):
+                    results[ri] = [group.receipts.get(s) or self.receipt_for(s) for s in originals]
+                    continue
+                if any(originals):
+                    raise InvalidArgument("idempotency_key", None,
+                                          "some keys of this batch were committed before and some not")
+                frames, nbytes = self._encode_request(items, group, wall_ms)
+            except BatpakError as exc:
+                results[ri] = exc
+                continue
+            end_after = seg.end + group.nbytes + _SENTINEL_FOOTER_ROOM + (seg.count + group.count) * L.RECORD_SIZE
+            if end_after > seg.size:
+                # undo this request's encoding, flush what fits, rotate, encode again
+                self._unencode(group, len(items))
+                if group.count:
+                    self._flush(group, results, placed)
+                    group = _Group()
+                self._rotate(L.SEG_HEADER_SIZE + nbytes + _SENTINEL_FOOTER_ROOM + len(items) * L.RECORD_SIZE)
+                seg = self._seg
+                assert seg is not None
+                try:
+                    frames, nbytes = self._encode_request(items, group, wall_ms)
+                except BatpakError as exc:
+                    results[ri] = exc
+                    continue
+            placed.append((ri, frames))
+        if group.count:
+            self._flush(group, results, placed)
+        return results
+
+    def _unencode(self, group: _Group, n: int) -> None:
+        """Forget the last request's frames (it goes to the next segment instead)."""
+        for _ in range(n):
+            chunk = group.chunks.pop()
+            group.nbytes -= len(chunk)
+            group.count -= 1
+            meta = group.metas.pop()
+            group.receipts.pop(meta[0], None)
+        self._next_seq -= n
+        # rebuild the group overlays from what is left
+        ents: dict[bytes, _Entity] = {}
+        idem: dict[bytes, int] = {}
+        for (seq, clock, _kind, _flags, _len, _prev, _sh, entity_key, idem_h, ehash) in group.metas:
+            ents[entity_key] = _Entity(clock, ehash, seq)
+            idem[idem_h] = seq
+        group.entities = ents
+        group.idem = idem
+
+    def _encode_request(self, items: Sequence[Prepared], group: _Group, wall_ms: int) -> tuple[list[int], int]:
+        """Validate guards and encode one request's frames into ``group``."""
+        local: dict[bytes, _Entity] = {}
+        for p in items:
+            st = local.get(p.entity) or self._entity_state(p.entity, group)
+            if p.expected_clock is not None and p.expected_clock != st.clock:
+                raise ConcurrencyConflict(p.entity.decode(), p.expected_clock, st.clock)
+            local[p.entity] = _Entity(st.clock + 1, b"", 0)  # placeholder, clocks only
+        seq = self._next_seq
+        seqs: list[int] = []
+        nbytes = 0
+        last = len(items) - 1
+        local.clear()
+        for i, p in enumerate(items):
+            st = local.get(p.entity) or self._entity_state(p.entity, group)
+            clock = st.clock + 1
+            flags = (FLAG_COMMIT_END if i == last else 0) | (FLAG_HAS_CAUSATION if p.causation != ZERO_ID else 0) \
+                | (FLAG_HAS_CORRELATION if p.correlation != ZERO_ID else 0)
+            event_id = L.make_event_id(wall_ms, self.store_tag, seq)
+            frame, ehash = encode_frame(
+                flags=flags, kind=p.kind, payload_version=p.payload_version, global_sequence=seq,
+                entity_clock=clock, wall_ms=wall_ms, event_id=event_id, causation_id=p.causation,
+                correlation_id=p.correlation, idem_hash=p.idem, prev_hash=st.head_hash,
+                entity=p.entity, scope=p.scope, payload=p.payload,
+            )
+            group.chunks.append(frame)
+            group.nbytes += len(frame)
+            group.count += 1
+            group.metas.append((seq, clock, p.kind, flags, len(frame), st.head_seq,
+                                L.name_hash(p.scope), p.entity, p.idem, ehash))
+            group.receipts[seq] = self._receipt(event_id, seq, p.entity, p.scope, clock, ehash, st.head_hash,
+                                                wall_ms, self.config.sync is SyncMode.GROUP)
+            new = _Entity(clock, ehash, seq)
+            local[p.entity] = new
+            group.entities[p.entity] = new
+            group.idem[p.idem] = seq
+            seqs.append(seq)
+            nbytes += len(frame)
+            seq += 1
+        self._next_seq = seq
+        return seqs, nbytes
+
+    def _flush(self, group: _Group, results: list[list[Receipt] | BatpakError],
+               placed: list[tuple[int, list[int]]]) -> None:
+        """Write the group, fsync (per sync mode), index it, publish, fill results."""
+        seg = self._seg
+        assert seg is not None
+        data = b"".join(group.chunks)
+        first_seq = group.metas[0][0]
+        try:
+            self.disk.pwrite(seg.fd, data, seg.end, seg.path)
+        except StorageError as exc:
+            self._abandon_write(seg, len(data), first_seq)
+            for ri, seqs in placed:
+                if seqs and seqs[0] >= first_seq:
+                    results[ri] = exc
+            placed.clear()
+            return
+        now = self._clock_ms()
+        synced = False
+        if self.config.sync is SyncMode.GROUP or (
+            self.config.sync is SyncMode.INTERVAL and now - self._last_sync_ms >= self.config.sync_interval_ms
+        ):
+            self._fsync(seg.fd, seg.path)
+            self._last_sync_ms = now
+            synced = True
+        # index: records, then delta slots (a reader that sees a slot finds its record)
+        last_seq = first_seq + group.count - 1
+        self._ensure_records(last_seq)
+        m = self._records_map
+        pack = L.RECORD.pack_into
+        off = seg.end
+        sid = seg.segment_id
+        for (seq, clock, kind, flags, flen, prev, scope_h, entity, idem, _eh) in group.metas:
+            ent_h = L.name_hash(entity)
+            pack(m, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE, clock, sid, off, flen, kind, flags,
+                 ent_h, scope_h, prev, idem)
+            delta_upsert(self._delta_map, self._delta_cap, ent_h, seq, prev)
+            self._idem_active[idem] = seq
+            off += flen
+        seg.end = off
+        seg.count += group.count
+        self._entities.update(group.entities)
+        self.visible = last_seq
+        if synced:
+            self.durable = last_seq
+        self.reader.view = self.view()
+        for ri, seqs in placed:
+            results[ri] = [group.receipts[s] for s in seqs]
+        placed.clear()
+
+    def _abandon_write(self, seg: _Segment, length: int, first_seq: int) -> None:
+        """A write failed: zero what may have landed and forget the group; if even that
+        fails, poison (the segment's tail is unknown)."""
+        try:
+            self.disk.zero_range(seg.fd, seg.end, length, seg.path)
+        except StorageError as exc:
+            self._poison = StorePoisoned(exc.op, exc.path, exc.cause)
+        self._next_seq = first_seq
+
+    def sync(self) -> int:
+        """fsync now; returns the durable frontier."""
+        self._check_open()
+        if self.durable < self.visible and self._seg is not None:
+            self._fsync(self._seg.fd, self._seg.path)
+            self._last_sync_ms = self._clock_ms()
+            self.durable = self.visible
+        return self.durable
+
+    def tick(self) -> None:
+        """Periodic duty for the interval sync mode: fsync when the interval passed."""
+        if (self.config.sync is SyncMode.INTERVAL and self.durable < self.visible
+                and self._clock_ms() - self._last_sync_ms >= self.config.sync_interval_ms):
+            self.sync()
+
+    def checkpoint(self) -> None:
+        """Persist the durable floor recovery will hold the log to."""
+        self._check_open()
+        self._write_checkpoint()
+
+    # ------------------------------------------------------------------ public-ish API
+    def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
+               expected_clock: int | None = None, causation_id: bytes | None = None,
+               correlation_id: bytes | None = None, payload_version: int = 0) -> Receipt:
+        self._check_open()
+        p = prepare(coord, kind, payload, idempotency_key=idempotency_key, expected_clock=expected_clock,
+                    causation_id=causation_id, correlation_id=correlation_id,
+                    max_payload=self.config.max_payload_bytes, payload_version=payload_version)
+        res = self.commit([[p]])[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res[0]
+
+    def append_system(self, entity: str, type_id: int, payload: Any) -> Receipt:
+        """Append an event of the reserved system category (the store's own lifecycle)."""
+        self._check_open()
+        p = prepare(Coordinate(entity, "system"), Kind(0, type_id), payload, idempotency_key=None,
+                    expected_clock=None, causation_id=None, correlation_id=None,
+                    max_payload=self.config.max_payload_bytes, allow_reserved=True)
+        res = self.commit([[p]])[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res[0]
+
+    def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
+        self._check_open()
+        prepared = [
+            prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
+                    expected_clock=it.expected_clock, causation_id=it.causation_id,
+                    correlation_id=it.correlation_id, max_payload=self.config.max_payload_bytes)
+            for it in items
+        ]
+        res = self.commit([prepared])[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res
+
+    def get(self, event_id: bytes) -> Event:
+        self._check_open()
+        return self.reader.get(event_id)
+
+    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None) -> list[Event]:
+        self._check_open()
+        return self.reader.history(entity, after_clock, limit)
+
+    def query_after(self, after: int = 0, *, limit: int = 1000, entity: str | None = None,
+                    scope: str | None = None, kind: Kind | None = None) -> Page:
+        self._check_open()
+        return self.reader.query_after(after, limit, entity, scope, kind)
+
+    def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[Event]:
+        self._check_open()
+        return self.reader.walk_ancestors(event_id, limit)
+
+    def verify_receipt(self, receipt: Receipt) -> bool:
+        self._check_open()
+        return receipt_matches(self.reader, receipt, self.signer)
+
+    # ------------------------------------------------------------------ close
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self._poison is None and self._seg is not None:
+                self.sync()
+                self._write_checkpoint()
+        finally:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        reader = getattr(self, "reader", None)
+        if reader is not None:
+            reader.close()
+        self._close_bases()
+        for name in ("_records_map", "_delta_map"):
+            m = getattr(self, name, None)
+            if m is not None:
+                m.close()
+                setattr(self, name, None)
+        for fd in (self._records_fd, self._delta_fd, self._seg.fd if self._seg else -1, self._lock_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._records_fd = self._delta_fd = self._lock_fd = -1
+        self._seg = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def receipt_matches(reader: Reader, receipt: Receipt, signer: Signer | None) -> bool:
+    """True when ``receipt`` describes the stored event exactly (and its signature, when
+    present, verifies). Shared by the engine and the client."""
+    try:
+        ev = reader.get(receipt.event_id)
+    except BatpakError:
+        return False
+    same = (
+        ev.global_sequence == receipt.global_sequence and ev.coordinate.entity == receipt.entity
+        and ev.coordinate.scope == receipt.scope and ev.entity_clock == receipt.entity_clock
+        and ev.event_hash == receipt.event_hash and ev.prev_hash == receipt.prev_hash
+        and ev.wall_ms == receipt.wall_ms
+    )
+    if not same:
+        return False
+    if receipt.signature is not None:
+        if signer is None:
+            return True  # nothing to check it against here; see bp.verify_receipt_signature
+        return signer.verify(receipt)
+    return True

@@ -1,0 +1,183 @@
+"""The error hierarchy of batpak-mp.
+
+Owns: every exception the public API raises. Each is rooted at ``BatpakError``, named
+by who is at fault, carries the data that explains it, and mixes in the built-in it
+resembles so ``except ValueError`` / ``except KeyError`` style handlers keep working.
+Invariant: an ``OSError`` never crosses the public API raw; I/O failures become
+``StorageError`` (which *is* an ``OSError`` subclass, with the path and operation).
+Must not import anything else from the package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BatpakError(Exception):
+    """Root of every error raised by batpak-mp."""
+
+
+class InvalidCoordinate(BatpakError, ValueError):
+    """The caller gave an entity or scope that is empty, too long or has control chars."""
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid {field} {value!r}: {reason}")
+
+
+class InvalidKind(BatpakError, ValueError):
+    """The caller gave a kind whose category or type id is out of range."""
+
+    def __init__(self, category: Any, type_id: Any, reason: str) -> None:
+        self.category = category
+        self.type_id = type_id
+        self.reason = reason
+        super().__init__(f"invalid kind ({category!r}, {type_id!r}): {reason}")
+
+
+class ReservedKind(InvalidKind):
+    """The caller used category 0x0 (system) or 0xD (effect), which the store reserves."""
+
+    def __init__(self, category: int, type_id: int) -> None:
+        super().__init__(category, type_id, f"category {category:#x} is reserved for the store")
+
+
+class PayloadTooLarge(BatpakError, ValueError):
+    """The encoded payload (or batch) is larger than the configured limit."""
+
+    def __init__(self, size: int, limit: int, what: str = "payload") -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"{what} of {size} bytes exceeds the limit of {limit} bytes")
+
+
+class InvalidPayload(BatpakError, ValueError):
+    """The payload cannot be encoded as msgpack."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"payload is not msgpack-encodable: {reason}")
+
+
+class InvalidArgument(BatpakError, ValueError):
+    """Some other argument is out of range (limit, timeout, id length, ...)."""
+
+    def __init__(self, name: str, value: Any, reason: str) -> None:
+        self.name = name
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid {name} {value!r}: {reason}")
+
+
+class ConcurrencyConflict(BatpakError):
+    """``expected_clock`` did not match the entity's clock (its number of events)."""
+
+    def __init__(self, entity: str, expected: int, actual: int) -> None:
+        self.entity = entity
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"entity {entity!r}: expected clock {expected}, actual clock {actual}"
+        )
+
+
+class NotFound(BatpakError, KeyError):
+    """No committed, visible event has that id (or sequence)."""
+
+    def __init__(self, what: str, key: Any) -> None:
+        self.what = what
+        self.key = key
+        super().__init__(f"{what} {key!r} not found")
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the plain sentence
+        return str(self.args[0])
+
+
+class StoreLocked(BatpakError):
+    """Another live process owns (holds the lock of) the data directory."""
+
+    def __init__(self, data_dir: str, holder_pid: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.holder_pid = holder_pid
+        who = f" (held by pid {holder_pid})" if holder_pid else ""
+        super().__init__(f"data directory {data_dir!r} is locked by another writer{who}")
+
+
+class WriterUnavailable(BatpakError, ConnectionError):
+    """The writer is down, failed closed, or the supervisor gave up restarting it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"writer unavailable: {reason}")
+
+
+class WriterTimeout(BatpakError, TimeoutError):
+    """The writer did not answer (or the frontier did not advance) before the deadline."""
+
+    def __init__(self, what: str, timeout_s: float) -> None:
+        self.what = what
+        self.timeout_s = timeout_s
+        super().__init__(f"timed out after {timeout_s:g}s waiting for {what}")
+
+
+class CorruptSegment(BatpakError):
+    """Stored bytes fail their checksum or structure below the durable end."""
+
+    def __init__(self, segment: str, offset: int, reason: str) -> None:
+        self.segment = segment
+        self.offset = offset
+        self.reason = reason
+        super().__init__(f"corrupt segment {segment} at offset {offset}: {reason}")
+
+
+class FutureFormat(BatpakError):
+    """A file was written by a newer format version than this code understands."""
+
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        self.path = path
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"{path}: format version {found} is newer than the supported version {supported}"
+        )
+
+
+class ProtocolError(BatpakError):
+    """A message on the IPC path is malformed, of an unknown version, or unexpected."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"protocol error: {reason}")
+
+
+class StoreClosed(BatpakError):
+    """The store (or engine) was closed; open or connect again."""
+
+    def __init__(self, what: str = "store") -> None:
+        super().__init__(f"{what} is closed")
+
+
+class StorageError(BatpakError, OSError):
+    """An operating-system call on the data directory failed (ENOSPC, EIO, EACCES...)."""
+
+    def __init__(self, op: str, path: str, cause: OSError) -> None:
+        self.op = op
+        self.path = path
+        self.cause = cause
+        OSError.__init__(self, cause.errno, f"{op} {path}: {cause.strerror or cause}")
+        self.filename = path
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.path} failed: [errno {self.errno}] {self.strerror}"
+
+
+class StorePoisoned(StorageError):
+    """A failed fsync (or an unrepairable write) stopped the engine for good.
+
+    Nothing is retried over pages the kernel may have dropped; restart the writer so it
+    recovers from what is really on disk."""
+
+    def __str__(self) -> str:
+        return f"store poisoned by failed {self.op} on {self.path}: [errno {self.errno}] {self.strerror}"

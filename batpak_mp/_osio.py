@@ -1,0 +1,218 @@
+"""The one seam through which the engine touches the operating system.
+
+Owns: every file-system call the engine and recovery make (open, pwrite, fsync,
+fallocate, hole punching, rename, unlink, flock, mmap). Each failure becomes a
+``StorageError`` naming the operation and the path, so no raw ``OSError`` escapes.
+Tests pass a ``Disk`` with a ``FaultPlan`` to make chosen calls fail (ENOSPC, EIO,
+short writes) without patching anything by string.
+Must not import the engine, the writer or the client.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import mmap
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from ._errors import StorageError
+
+T = TypeVar("T")
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_CHUNK = 1 << 20  # bytes written per call when hole punching is not supported
+
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+except (OSError, AttributeError):  # not glibc: fall back to writing zeros
+    _libc = None
+
+
+@dataclass
+class FaultPlan:
+    """Which calls fail: ``fail[op] = (countdown, errno)``; the call fails when its
+    countdown reaches zero (0 = the next call). ``short_write_at`` truncates the next
+    pwrite to that many bytes (then raises ENOSPC, as a full disk does)."""
+
+    fail: dict[str, tuple[int, int]] = field(default_factory=dict)
+    short_write_at: int | None = None
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def check(self, op: str) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+        spec = self.fail.get(op)
+        if spec is None:
+            return
+        countdown, err = spec
+        if countdown <= 0:
+            del self.fail[op]
+            raise OSError(err, os.strerror(err))
+        self.fail[op] = (countdown - 1, err)
+
+
+class Disk:
+    """File-system calls, each turned into ``StorageError`` on failure."""
+
+    def __init__(self, faults: FaultPlan | None = None) -> None:
+        self.faults = faults
+
+    def _do(self, op: str, path: str, fn: Callable[[], T]) -> T:
+        try:
+            if self.faults is not None:
+                self.faults.check(op)
+            return fn()
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(op, path, exc) from exc
+
+    # -- files --------------------------------------------------------------------------
+    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        return self._do("open", path, lambda: os.open(path, flags | os.O_CLOEXEC, mode))
+
+    def close(self, fd: int, path: str = "") -> None:
+        self._do("close", path, lambda: os.close(fd))
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int, path: str) -> None:
+        """Write all of ``data`` at ``offset`` (loops over short writes)."""
+        def run() -> None:
+            view = memoryview(data)
+            plan = self.faults
+            if plan is not None and plan.short_write_at is not None:
+                cut = plan.short_write_at
+                plan.short_write_at = None
+                os.pwrite(fd, view[:cut], offset)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            pos = 0
+            while pos < len(view):
+                n = os.pwrite(fd, view[pos:], offset + pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, "pwrite wrote nothing")
+                pos += n
+        self._do("pwrite", path, run)
+
+    def pread(self, fd: int, size: int, offset: int, path: str) -> bytes:
+        return self._do("pread", path, lambda: os.pread(fd, size, offset))
+
+    def fsync(self, fd: int, path: str) -> None:
+        self._do("fsync", path, lambda: os.fsync(fd))
+
+    def fdatasync(self, fd: int, path: str) -> None:
+        self._do("fsync", path, lambda: os.fdatasync(fd))
+
+    def fsync_dir(self, path: str) -> None:
+        def run() -> None:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._do("fsync", path, run)
+
+    def allocate(self, fd: int, size: int, path: str) -> None:
+        """Reserve ``size`` bytes so later writes cannot hit ENOSPC mid-frame."""
+        def run() -> None:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(fd, size)
+        self._do("fallocate", path, run)
+
+    def truncate(self, fd: int, size: int, path: str) -> None:
+        self._do("ftruncate", path, lambda: os.ftruncate(fd, size))
+
+    def zero_range(self, fd: int, offset: int, length: int, path: str) -> None:
+        """Make [offset, offset+length) read as zeros without changing the file size
+        (readers may have the file mapped: shrinking it would SIGBUS them)."""
+        def run() -> None:
+            if length <= 0:
+                return
+            if _libc is not None:
+                rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                if rc == 0:
+                    return
+                err = ctypes.get_errno()
+                if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise OSError(err, os.strerror(err))
+            zeros = bytes(min(_ZERO_CHUNK, length))
+            pos = 0
+            while pos < length:
+                n = min(len(zeros), length - pos)
+                os.pwrite(fd, zeros[:n], offset + pos)
+                pos += n
+        self._do("zero_range", path, run)
+
+    def write_file_atomic(self, path: str, data: bytes) -> None:
+        """Write a small file by temp + fsync + rename + directory fsync."""
+        tmp = path + ".tmp"
+        def run() -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        self._do("write", path, run)
+        self.fsync_dir(os.path.dirname(path) or ".")
+
+    def read_file(self, path: str) -> bytes | None:
+        """The whole file, or None when it does not exist."""
+        def run() -> bytes | None:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+        return self._do("read", path, run)
+
+    def file_size(self, path: str) -> int:
+        return self._do("stat", path, lambda: os.stat(path).st_size)
+
+    def listdir(self, path: str) -> list[str]:
+        return self._do("listdir", path, lambda: sorted(os.listdir(path)))
+
+    def makedirs(self, path: str, mode: int = 0o700) -> None:
+        def run() -> None:
+            os.makedirs(path, mode=mode, exist_ok=True)
+            os.chmod(path, mode)
+        self._do("mkdir", path, run)
+
+    def replace(self, src: str, dst: str) -> None:
+        self._do("rename", dst, lambda: os.replace(src, dst))
+
+    def unlink(self, path: str) -> None:
+        def run() -> None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._do("unlink", path, run)
+
+    # -- locking and mapping ------------------------------------------------------------
+    def try_lock(self, fd: int, path: str) -> bool:
+        """Take an exclusive flock; False when someone else holds it."""
+        def run() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+        return self._do("flock", path, run)
+
+    def map_shared(self, fd: int, size: int, path: str, *, writable: bool) -> mmap.mmap:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return self._do("mmap", path, lambda: mmap.mmap(fd, size, mmap.MAP_SHARED, prot))
+
+
+DEFAULT_DISK = Disk()

@@ -1,0 +1,330 @@
+"""Reads committed events straight from the mapped files, without the writer.
+
+Owns: mapping segments, ``records.idx`` and the lookup tables read-only, and answering
+``get``, ``history``, ``query_after`` and ``walk_ancestors`` bounded by a visible
+frontier. The same code serves the in-process engine and every client process.
+Invariants: never returns a frame beyond the visible frontier; every record and table
+slot is validated against the frame it names (sequence, entity, checksum); a file is
+never mapped writable here. Must not import the engine, writer or client.
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from ._errors import CorruptSegment, InvalidArgument, NotFound, StorageError
+from ._frame import OK, Frame, scan_frame
+from ._layout import (
+    INDEX_DIR,
+    RECORD,
+    RECORD_SIZE,
+    RECORDS_FILE,
+    RECORDS_HEADER_SIZE,
+    SEGMENT_DIR,
+    delta_name,
+    entities_base_name,
+    event_id_sequence,
+    name_hash,
+    segment_name,
+)
+from ._tables import (
+    DELTA_MAGIC,
+    ENTITY_BASE_MAGIC,
+    BaseTable,
+    check_header,
+    delta_candidates,
+)
+from ._values import Coordinate, Event, Kind, Page, check_name
+
+_rec_unpack = RECORD.unpack_from
+_q_unpack = struct.Struct("<Q").unpack_from
+NO_ID = bytes(16)
+
+
+class View(NamedTuple):
+    """What a reader may see: the visible frontier and which index files are current."""
+
+    visible: int
+    base_segment: int  # newest sealed segment folded into the base tables (0: none)
+    delta_gen: int  # generation of the active segment's delta table (0: none)
+
+
+class StaleView(Exception):
+    """A record or slot did not match its frame: the index moved under us; refresh."""
+
+
+def frame_to_event(f: Frame) -> Event:
+    return Event(
+        f.event_id, f.global_sequence, Coordinate._trusted(f.entity, f.scope),
+        Kind.unpack(f.kind), f.entity_clock, f.wall_ms, f.payload, f.payload_version,
+        f.event_hash, f.prev_hash,
+        None if f.causation_id == NO_ID else f.causation_id,
+        None if f.correlation_id == NO_ID else f.correlation_id,
+    )
+
+
+def _map_readonly(path: str) -> mmap.mmap | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError("open", path, exc) from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return None
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except OSError as exc:
+        raise StorageError("mmap", path, exc) from exc
+    finally:
+        os.close(fd)
+
+
+class Reader:
+    """Lock-free reads over the data directory, bounded by ``view_fn()``."""
+
+    def __init__(self, data_dir: str, view_fn: Callable[[], View]) -> None:
+        self.data_dir = data_dir
+        self._view_fn = view_fn
+        self._seg_dir = os.path.join(data_dir, SEGMENT_DIR)
+        self._idx_dir = os.path.join(data_dir, INDEX_DIR)
+        self._segments: dict[int, mmap.mmap] = {}
+        self._records: mmap.mmap | None = None
+        self._base: BaseTable | None = None
+        self._base_map: mmap.mmap | None = None
+        self._base_segment = -1
+        self._delta: mmap.mmap | None = None
+        self._delta_cap = 0
+        self._delta_gen = -1
+        self.view = View(0, 0, 0)
+
+    # -- mapping ------------------------------------------------------------------------
+    def refresh(self) -> View:
+        view = self._view_fn()
+        if view.base_segment != self._base_segment:
+            self._map_base(view.base_segment)
+        if view.delta_gen != self._delta_gen:
+            self._map_delta(view.delta_gen)
+        self.view = view
+        return view
+
+    def _map_base(self, through_segment: int) -> None:
+        if self._base is not None:
+            self._base.release()
+        if self._base_map is not None:
+            self._base_map.close()
+        self._base = None
+        self._base_map = None
+        if through_segment:
+            name = entities_base_name(through_segment)
+            m = _map_readonly(os.path.join(self._idx_dir, name))
+            if m is None:
+                raise StaleView(name)
+            count, _, _, _ = check_header(m, ENTITY_BASE_MAGIC, name)
+            self._base_map = m
+            self._base = BaseTable(m, count, 2)
+        self._base_segment = through_segment
+
+    def _map_delta(self, generation: int) -> None:
+        if self._delta is not None:
+            self._delta.close()
+        self._delta = None
+        self._delta_cap = 0
+        if generation:
+            name = delta_name(generation)
+            m = _map_readonly(os.path.join(self._idx_dir, name))
+            if m is None:
+                raise StaleView(name)
+            self._delta_cap, _, _, _ = check_header(m, DELTA_MAGIC, name)
+            self._delta = m
+        self._delta_gen = generation
+
+    def _records_map(self, seq: int) -> mmap.mmap:
+        m = self._records
+        end = RECORDS_HEADER_SIZE + seq * RECORD_SIZE
+        if m is None or len(m) < end:
+            if m is not None:
+                m.close()
+            m = _map_readonly(os.path.join(self._idx_dir, RECORDS_FILE))
+            if m is None or len(m) < end:
+                raise StaleView(RECORDS_FILE)
+            self._records = m
+        return m
+
+    def _segment(self, segment_id: int) -> mmap.mmap:
+        m = self._segments.get(segment_id)
+        if m is None:
+            m = _map_readonly(os.path.join(self._seg_dir, segment_name(segment_id)))
+            if m is None:
+                raise StaleView(segment_name(segment_id))
+            self._segments[segment_id] = m
+        return m
+
+    def close(self) -> None:
+        self._map_base(0)
+        self._map_delta(0)
+        for m in self._segments.values():
+            m.close()
+        self._segments.clear()
+        if self._records is not None:
+            self._records.close()
+            self._records = None
+
+    # -- primitive reads ----------------------------------------------------------------
+    def record(self, seq: int) -> tuple[Any, ...]:
+        m = self._records_map(seq)
+        return _rec_unpack(m, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)
+
+    def frame(self, seq: int) -> Frame:
+        """The frame of a visible sequence, validated against its record."""
+        rec = self.record(seq)
+        seg = self._segment(rec[1])
+        off, length = rec[2], rec[3]
+        status, value = scan_frame(seg, off, min(off + length, len(seg)))
+        if status != OK or not isinstance(value, Frame) or value.global_sequence != seq:
+            raise StaleView(f"sequence {seq}")
+        return value
+
+    def _retrying(self, fn: Callable[[], Any]) -> Any:
+        """Run a read; on a stale index refresh the view once, then call it corruption."""
+        try:
+            return fn()
+        except StaleView:
+            self.refresh()
+            try:
+                return fn()
+            except StaleView as exc:
+                raise CorruptSegment(self.data_dir, 0, f"index does not match the log at {exc}") from None
+
+    def head_of(self, entity_raw: bytes) -> int:
+        """Newest visible sequence of an entity, or 0."""
+        h = name_hash(entity_raw)
+        visible = self.view.visible
+        candidates: list[int] = []
+        if self._delta is not None:
+            candidates.extend(delta_candidates(self._delta, self._delta_cap, h))
+        if not candidates and self._base is not None:
+            candidates = self._base.entity_candidates(h)
+        for seq in candidates:
+            # walk back past events not yet visible (written, not published)
+            while seq > visible:
+                seq = self.record(seq)[8]
+            if seq and self.frame(seq).entity == entity_raw:
+                return seq
+        return 0
+
+    # -- the read API -------------------------------------------------------------------
+    def get_seq(self, seq: int) -> Event:
+        if not 0 < seq <= self.view.visible:
+            self.refresh()
+            if not 0 < seq <= self.view.visible:
+                raise NotFound("sequence", seq)
+        return frame_to_event(self._retrying(lambda: self.frame(seq)))
+
+    def get(self, event_id: bytes) -> Event:
+        if not isinstance(event_id, (bytes, bytearray)) or len(event_id) != 16:
+            raise InvalidArgument("event_id", event_id, "must be 16 bytes")
+        seq = event_id_sequence(event_id)
+        if not 0 < seq <= self.view.visible:
+            self.refresh()
+            if not 0 < seq <= self.view.visible:
+                raise NotFound("event", bytes(event_id).hex())
+        f = self._retrying(lambda: self.frame(seq))
+        if f.event_id != event_id:
+            raise NotFound("event", bytes(event_id).hex())
+        return frame_to_event(f)
+
+    def history(self, entity: str, after_clock: int | None = None, limit: int | None = None) -> list[Event]:
+        raw = check_name("entity", entity)
+        if after_clock is not None and (type(after_clock) is not int or after_clock < 0):
+            raise InvalidArgument("after_clock", after_clock, "must be an int >= 0")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise InvalidArgument("limit", limit, "must be an int >= 0")
+        self.refresh()
+
+        def run() -> list[Event]:
+            seq = self.head_of(raw)
+            floor = after_clock or 0
+            seqs: list[int] = []
+            while seq:
+                rec = self.record(seq)
+                if rec[0] <= floor:
+                    break
+                seqs.append(seq)
+                seq = rec[8]
+            seqs.reverse()
+            if limit is not None:
+                seqs = seqs[:limit]
+            out = [frame_to_event(self.frame(s)) for s in seqs]
+            for ev in out:
+                if ev.coordinate.entity != entity:
+                    raise StaleView(f"entity chain of {entity!r}")
+            return out
+
+        result: list[Event] = self._retrying(run)
+        return result
+
+    def query_after(
+        self, after: int = 0, limit: int = 1000, entity: str | None = None,
+        scope: str | None = None, kind: Any = None,
+    ) -> Page:
+        if type(after) is not int or after < 0:
+            raise InvalidArgument("after", after, "must be an int >= 0")
+        if type(limit) is not int or limit < 1:
+            raise InvalidArgument("limit", limit, "must be an int >= 1")
+        ent_h = name_hash(check_name("entity", entity)) if entity is not None else 0
+        scope_h = name_hash(check_name("scope", scope)) if scope is not None else 0
+        kind_packed = -1
+        if kind is not None:
+            if not isinstance(kind, tuple) or len(kind) != 2:
+                raise InvalidArgument("kind", kind, "must be a bp.Kind")
+            kind_packed = (kind[0] << 12) | kind[1]
+        view = self.refresh()
+        visible = view.visible
+
+        def run() -> Page:
+            events: list[Event] = []
+            seq = after
+            m = self._records_map(visible) if visible > after else None
+            while seq < visible and len(events) < limit:
+                seq += 1
+                assert m is not None
+                rec = _rec_unpack(m, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)
+                if ent_h and rec[6] != ent_h:
+                    continue
+                if scope_h and rec[7] != scope_h:
+                    continue
+                if kind_packed >= 0 and rec[4] != kind_packed:
+                    continue
+                ev = frame_to_event(self.frame(seq))
+                if entity is not None and ev.coordinate.entity != entity:
+                    continue
+                if scope is not None and ev.coordinate.scope != scope:
+                    continue
+                events.append(ev)
+            return Page(events, seq)
+
+        page: Page = self._retrying(run)
+        return page
+
+    def walk_ancestors(self, event_id: bytes, limit: int | None = None) -> Iterator[Event]:
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise InvalidArgument("limit", limit, "must be an int >= 0")
+        ev = self.get(event_id)
+        count = 0
+        seq = ev.global_sequence
+        expect_hash: bytes | None = None
+        while seq and (limit is None or count < limit):
+            frame = self._retrying(functools.partial(self.frame, seq))
+            if expect_hash is not None and frame.event_hash != expect_hash:
+                raise CorruptSegment(self.data_dir, 0, f"hash chain broken at sequence {seq}")
+            yield frame_to_event(frame)
+            expect_hash = frame.prev_hash
+            count += 1
+            seq = self._retrying(functools.partial(self.record, seq))[8]

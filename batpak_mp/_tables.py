@@ -1,0 +1,161 @@
+"""Lock-free lookup tables that the writer maintains and every reader maps.
+
+Owns: the byte layout and the probe logic of
+- the *delta* table: open addressing, entity hash -> newest sequence, for events of the
+  active segment (written in place by the writer, read concurrently by clients);
+- the *base* tables: sorted arrays built at sealing, immutable once published
+  (entity hash -> head sequence; idempotency hash -> sequence).
+Readers never trust a slot: every candidate sequence is checked against the visible
+frontier and the frame it names (see ``_reader``). Pure over buffers: callers pass the
+mmap; no file I/O here. Must not import the engine, writer or client.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from ._errors import CorruptSegment, FutureFormat
+from ._layout import FORMAT_VERSION
+
+TABLE_HEADER = struct.Struct("<8sIIQQQ32s")  # magic, version, reserved, count/capacity, through_seq, aux, digest
+TABLE_HEADER_SIZE = 128
+
+DELTA_MAGIC = b"BPMPDLTA"
+DELTA_SLOT = struct.Struct("<QQ")  # entity hash (0 = empty), head sequence
+DELTA_SLOT_SIZE = 16
+DELTA_MAX_LOAD = 0.5  # a delta past half full is not allowed: the writer rotates first
+
+ENTITY_BASE_MAGIC = b"BPMPENTB"
+IDEM_BASE_MAGIC = b"BPMPIDMB"
+
+
+def delta_capacity_for(max_frames: int) -> int:
+    """A power of two at least twice the most frames one segment can hold."""
+    cap = 1024
+    while cap < 2 * max_frames:
+        cap *= 2
+    return cap
+
+
+def delta_header(capacity: int, generation: int) -> bytes:
+    return TABLE_HEADER.pack(DELTA_MAGIC, FORMAT_VERSION, 0, capacity, 0, generation, bytes(32)).ljust(
+        TABLE_HEADER_SIZE, b"\0")
+
+
+def check_header(buf: Any, magic: bytes, name: str) -> tuple[int, int, int, bytes]:
+    """(count_or_capacity, through_seq, aux, digest) of a table; typed errors otherwise."""
+    if len(buf) < TABLE_HEADER_SIZE:
+        raise CorruptSegment(name, 0, "index table shorter than its header")
+    got_magic, version, _, count, through, aux, digest = TABLE_HEADER.unpack_from(buf, 0)
+    if got_magic != magic:
+        raise CorruptSegment(name, 0, "index table has a bad magic")
+    if version > FORMAT_VERSION:
+        raise FutureFormat(name, version, FORMAT_VERSION)
+    return count, through, aux, digest
+
+
+def delta_candidates(buf: Any, capacity: int, h: int) -> Iterator[int]:
+    """Head sequences stored under entity hash ``h`` (several only on a hash collision)."""
+    mask = capacity - 1
+    i = h & mask
+    unpack = DELTA_SLOT.unpack_from
+    for _ in range(capacity):
+        slot_h, seq = unpack(buf, TABLE_HEADER_SIZE + i * DELTA_SLOT_SIZE)
+        if slot_h == 0:
+            return
+        if slot_h == h and seq:
+            yield seq
+        i = (i + 1) & mask
+
+
+def delta_upsert(buf: Any, capacity: int, h: int, seq: int, prev_seq: int) -> bool:
+    """Point entity hash ``h`` at ``seq``. The entity's slot is the one with hash ``h``
+    holding ``prev_seq`` (its previous event); another entity with the same 64-bit hash
+    holds another sequence. Writes the sequence before the hash, so a reader that sees
+    the hash always sees a sequence. True if a slot was new."""
+    mask = capacity - 1
+    i = h & mask
+    unpack = DELTA_SLOT.unpack_from
+    for _ in range(capacity):
+        off = TABLE_HEADER_SIZE + i * DELTA_SLOT_SIZE
+        slot_h, old = unpack(buf, off)
+        if slot_h == 0:
+            struct.pack_into("<Q", buf, off + 8, seq)
+            struct.pack_into("<Q", buf, off, h)
+            return True
+        if slot_h == h and old == prev_seq:
+            struct.pack_into("<Q", buf, off + 8, seq)
+            return False
+        i = (i + 1) & mask
+    raise RuntimeError("delta table full")  # the writer rotates long before this
+
+
+# ---- base tables: sorted arrays, built by the writer at sealing -----------------------
+def _digest(body: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(body, digest_size=32).digest()
+
+
+def encode_entity_base(hashes: bytes, seqs: bytes, through_seq: int) -> bytes:
+    """Header + sorted u64 hashes + u64 head sequences (same order)."""
+    count = len(hashes) // 8
+    body = hashes + seqs
+    head = TABLE_HEADER.pack(ENTITY_BASE_MAGIC, FORMAT_VERSION, 0, count, through_seq, 0, _digest(body))
+    return head.ljust(TABLE_HEADER_SIZE, b"\0") + body
+
+
+def encode_idem_base(his: bytes, los: bytes, seqs: bytes, through_seq: int) -> bytes:
+    """Header + sorted u64 high halves + u64 low halves + u64 sequences."""
+    count = len(his) // 8
+    body = his + los + seqs
+    head = TABLE_HEADER.pack(IDEM_BASE_MAGIC, FORMAT_VERSION, 0, count, through_seq, 0, _digest(body))
+    return head.ljust(TABLE_HEADER_SIZE, b"\0") + body
+
+
+def verify_base(buf: Any, magic: bytes, name: str, columns: int) -> tuple[int, int]:
+    """Check a base table's length and digest; return (count, through_seq)."""
+    count, through, _, digest = check_header(buf, magic, name)
+    body = memoryview(buf)[TABLE_HEADER_SIZE:]
+    if len(body) != count * 8 * columns:
+        raise CorruptSegment(name, 0, "index table length does not match its count")
+    if _digest(body) != digest:
+        raise CorruptSegment(name, 0, "index table checksum mismatch")
+    return count, through
+
+
+class BaseTable:
+    """Read side of a base table over a mapped buffer: O(log n) C-speed bisect."""
+
+    def __init__(self, buf: Any, count: int, columns: int) -> None:
+        self.count = count
+        mv = memoryview(buf)
+        self.cols = [
+            mv[TABLE_HEADER_SIZE + c * count * 8: TABLE_HEADER_SIZE + (c + 1) * count * 8].cast("Q")
+            for c in range(columns)
+        ]
+
+    def release(self) -> None:
+        for col in self.cols:
+            col.release()
+        self.cols = []
+
+    def entity_candidates(self, h: int) -> list[int]:
+        keys, seqs = self.cols[0], self.cols[1]
+        i = bisect.bisect_left(keys, h)
+        out = []
+        while i < self.count and keys[i] == h:
+            out.append(seqs[i])
+            i += 1
+        return out
+
+    def idem_lookup(self, hi: int, lo: int) -> int:
+        his, los, seqs = self.cols
+        i = bisect.bisect_left(his, hi)
+        while i < self.count and his[i] == hi:
+            if los[i] == lo:
+                return int(seqs[i])
+            i += 1
+        return 0

@@ -1,0 +1,284 @@
+"""Plain values of the public API: coordinates, kinds, receipts, events, pages.
+
+Owns: construction-time validation of caller input (coordinates, kinds) and the shapes
+the store hands back. Pure: no I/O, no clock, no randomness. Must not import any other
+module of the package except ``_errors``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import msgpack
+
+from ._errors import InvalidCoordinate, InvalidKind, ReservedKind
+
+MAX_NAME_BYTES = 1024  # entity/scope limit in UTF-8 bytes: keeps frame headers small
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+CATEGORY_SYSTEM = 0x0  # reserved: the writer's own lifecycle events
+CATEGORY_EFFECT = 0xD  # reserved: store-generated effects (denials, reactions' bookkeeping)
+RESERVED_CATEGORIES = frozenset({CATEGORY_SYSTEM, CATEGORY_EFFECT})
+
+
+def check_name(field_name: str, value: object) -> bytes:
+    """Validate an entity or scope name; return its UTF-8 bytes."""
+    if not isinstance(value, str):
+        raise InvalidCoordinate(field_name, value, "must be a str")
+    if not value:
+        raise InvalidCoordinate(field_name, value, "must not be empty")
+    raw = value.encode("utf-8", "surrogatepass")
+    if len(raw) > MAX_NAME_BYTES:
+        raise InvalidCoordinate(
+            field_name, value, f"is {len(raw)} UTF-8 bytes, the limit is {MAX_NAME_BYTES}"
+        )
+    if _CONTROL.search(value):
+        raise InvalidCoordinate(field_name, value, "contains a control character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidCoordinate(field_name, value, "contains a lone surrogate") from None
+    return raw
+
+
+class Coordinate:
+    """Where an event belongs: its ``entity`` (the hash chain) and its ``scope``."""
+
+    __slots__ = ("_entity_bytes", "_scope_bytes", "entity", "scope")
+
+    entity: str
+    scope: str
+
+    def __init__(self, entity: str, scope: str) -> None:
+        self._entity_bytes = check_name("entity", entity)
+        self._scope_bytes = check_name("scope", scope)
+        self.entity = entity
+        self.scope = scope
+
+    @classmethod
+    def _trusted(cls, entity_bytes: bytes, scope_bytes: bytes) -> Coordinate:
+        """Build from bytes already validated on the way into the log."""
+        self = object.__new__(cls)
+        self._entity_bytes = entity_bytes
+        self._scope_bytes = scope_bytes
+        self.entity = entity_bytes.decode("utf-8")
+        self.scope = scope_bytes.decode("utf-8")
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Coordinate)
+            and self.entity == other.entity
+            and self.scope == other.scope
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.entity, self.scope))
+
+    def __repr__(self) -> str:
+        return f"Coordinate({self.entity!r}, {self.scope!r})"
+
+
+class Kind(NamedTuple):
+    """An event kind: ``category`` 0..15 (0x0 and 0xD reserved) and ``type_id`` 0..4095."""
+
+    category: int
+    type_id: int
+
+    def packed(self) -> int:
+        return (self.category << 12) | self.type_id
+
+    @classmethod
+    def unpack(cls, value: int) -> Kind:
+        return cls(value >> 12, value & 0xFFF)
+
+
+def check_kind(kind: object, *, allow_reserved: bool = False) -> int:
+    """Validate a caller's kind; return its packed 16-bit form."""
+    if not isinstance(kind, tuple) or len(kind) != 2:
+        raise InvalidKind(kind, None, "must be a bp.Kind(category, type_id)")
+    category, type_id = kind
+    if type(category) is not int or not 0 <= category <= 15:
+        raise InvalidKind(category, type_id, "category must be an int in 0..15")
+    if type(type_id) is not int or not 0 <= type_id <= 4095:
+        raise InvalidKind(category, type_id, "type_id must be an int in 0..4095")
+    if category in RESERVED_CATEGORIES and not allow_reserved:
+        raise ReservedKind(category, type_id)
+    return (category << 12) | type_id
+
+
+class Receipt(NamedTuple):
+    """Proof that an event was committed; returned by ``append``."""
+
+    event_id: bytes
+    global_sequence: int
+    entity: str
+    scope: str
+    entity_clock: int
+    event_hash: bytes
+    prev_hash: bytes
+    wall_ms: int
+    durable: bool
+    signature: bytes | None = None
+
+
+class Event:
+    """One committed event, as read from the log. ``payload`` is decoded on first use."""
+
+    __slots__ = (
+        "_payload",
+        "causation_id",
+        "coordinate",
+        "correlation_id",
+        "entity_clock",
+        "event_hash",
+        "event_id",
+        "global_sequence",
+        "kind",
+        "payload_bytes",
+        "payload_version",
+        "prev_hash",
+        "wall_ms",
+    )
+
+    def __init__(
+        self,
+        event_id: bytes,
+        global_sequence: int,
+        coordinate: Coordinate,
+        kind: Kind,
+        entity_clock: int,
+        wall_ms: int,
+        payload_bytes: bytes,
+        payload_version: int,
+        event_hash: bytes,
+        prev_hash: bytes,
+        causation_id: bytes | None,
+        correlation_id: bytes | None,
+    ) -> None:
+        self.event_id = event_id
+        self.global_sequence = global_sequence
+        self.coordinate = coordinate
+        self.kind = kind
+        self.entity_clock = entity_clock
+        self.wall_ms = wall_ms
+        self.payload_bytes = payload_bytes
+        self.payload_version = payload_version
+        self.event_hash = event_hash
+        self.prev_hash = prev_hash
+        self.causation_id = causation_id
+        self.correlation_id = correlation_id
+        self._payload: Any = _UNDECODED
+
+    @property
+    def payload(self) -> Any:
+        if self._payload is _UNDECODED:
+            self._payload = msgpack.unpackb(self.payload_bytes, raw=False, strict_map_key=False)
+        return self._payload
+
+    @property
+    def entity(self) -> str:
+        return self.coordinate.entity
+
+    @property
+    def scope(self) -> str:
+        return self.coordinate.scope
+
+    def __repr__(self) -> str:
+        return (
+            f"Event(seq={self.global_sequence}, id={self.event_id.hex()}, "
+            f"entity={self.coordinate.entity!r}, kind={tuple(self.kind)}, "
+            f"clock={self.entity_clock})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and (
+            self.event_id == other.event_id and self.event_hash == other.event_hash
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.event_id)
+
+
+_UNDECODED: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One event of an ``append_batch`` call."""
+
+    coord: Coordinate
+    kind: Kind
+    payload: Any
+    idempotency_key: str | bytes | None = None
+    expected_clock: int | None = None
+    causation_id: bytes | None = None
+    correlation_id: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of ``query_after``: ``events`` ascending, resume with ``next_after``."""
+
+    events: list[Event]
+    next_after: int
+
+
+class WriterState(enum.IntEnum):
+    """Life stages of the writer, as published in the control block."""
+
+    ABSENT = 0
+    STARTING = 1
+    READY = 2
+    DRAINING = 3
+    STOPPED = 4
+    FAILED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Frontier:
+    """How far the log is visible and durable, and who is writing it."""
+
+    visible: int
+    durable: int
+    writer_epoch: int
+    writer_state: WriterState
+    writer_pid: int = 0
+
+
+class SyncMode(enum.Enum):
+    """When the writer fsyncs. ``GROUP`` (default) fsyncs every commit group before
+    acknowledging; ``INTERVAL`` acknowledges at once and fsyncs on a timer; ``NONE``
+    leaves it to the kernel. The weaker two say ``durable=False`` in receipts."""
+
+    GROUP = "group"
+    INTERVAL = "interval"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding of ``verify``: where, and what is wrong."""
+
+    segment: str
+    offset: int
+    what: str
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """The outcome of ``bp.verify(data_dir)``."""
+
+    events_checked: int = 0
+    segments_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __bool__(self) -> bool:
+        return self.ok
