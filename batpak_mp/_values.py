@@ -282,3 +282,44 @@ class VerifyReport:
 
     def __bool__(self) -> bool:
         return self.ok
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """How the supervisor restarts a writer that died. Exactly two policies exist:
+    ``RestartPolicy.once()`` (one restart in the supervisor's life) and
+    ``RestartPolicy.bounded(max_restarts, within_ms)`` (at most ``max_restarts`` restarts
+    within any rolling window of ``within_ms``)."""
+
+    kind: str  # "once" or "bounded"
+    max_restarts: int = 1
+    within_ms: int = 0
+
+    @classmethod
+    def once(cls) -> RestartPolicy:
+        return cls("once", 1, 0)
+
+    @classmethod
+    def bounded(cls, max_restarts: int, within_ms: int) -> RestartPolicy:
+        from ._errors import InvalidArgument
+
+        if type(max_restarts) is not int or max_restarts < 0:
+            raise InvalidArgument("max_restarts", max_restarts, "must be an int >= 0")
+        if type(within_ms) is not int or within_ms < 1:
+            raise InvalidArgument("within_ms", within_ms, "must be an int >= 1 (milliseconds)")
+        return cls("bounded", max_restarts, within_ms)
+
+    def spec(self) -> str:
+        """The command-line form: ``once`` or ``bounded:N:MS``."""
+        return "once" if self.kind == "once" else f"bounded:{self.max_restarts}:{self.within_ms}"
+
+    @classmethod
+    def parse(cls, text: str) -> RestartPolicy:
+        from ._errors import InvalidArgument
+
+        if text == "once":
+            return cls.once()
+        parts = text.split(":")
+        if len(parts) == 3 and parts[0] == "bounded" and parts[1].isdigit() and parts[2].isdigit():
+            return cls.bounded(int(parts[1]), int(parts[2]))
+        raise InvalidArgument("restart", text, "must be 'once' or 'bounded:MAX_RESTARTS:WITHIN_MS'")

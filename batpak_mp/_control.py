@@ -1,0 +1,194 @@
+"""The control block: a small shared-memory record of the service's state.
+
+Owns: its byte layout (docs/PROTOCOL.md §Control block), the seqlock that lets one
+writer update it while any number of readers read it without locks, and the IPC names
+derived from a data directory. Written by the writer (frontiers, state, heartbeat) and
+by the supervisor (state after it reaps a writer, restart count, failure reason); read
+by clients. Must not import the engine, the writer or the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import struct
+import time
+from typing import NamedTuple
+
+import posix_ipc
+
+from ._errors import FutureFormat, ProtocolError, WriterUnavailable
+from ._values import WriterState
+
+CONTROL_MAGIC = 0x4C54435F504D5042  # "BPMP_CTL" little-endian
+CONTROL_VERSION = 1
+CONTROL_SIZE = 4096  # one page
+REASON_MAX = 512  # bytes of the failure reason text
+
+# u64 fields after the 16-byte head (magic u64, version u32, pad u32); seq is the seqlock
+_FIELDS = (
+    "seq", "writer_epoch", "writer_pid", "state", "heartbeat_ns", "visible", "durable",
+    "base_segment", "delta_gen", "supervisor_pid", "restarts", "store_tag", "clients",
+    "dropped_messages", "started_ns",
+)
+_FIELD_FMT = struct.Struct("<" + "Q" * len(_FIELDS))
+_HEAD = struct.Struct("<QII")
+_FIELDS_AT = 16
+_REASON_AT = _FIELDS_AT + _FIELD_FMT.size
+_REASON_LEN = struct.Struct("<I")
+_SEQ = struct.Struct("<Q")
+
+
+class ControlSnapshot(NamedTuple):
+    seq: int
+    writer_epoch: int
+    writer_pid: int
+    state: int
+    heartbeat_ns: int
+    visible: int
+    durable: int
+    base_segment: int
+    delta_gen: int
+    supervisor_pid: int
+    restarts: int
+    store_tag: int
+    clients: int
+    dropped_messages: int
+    started_ns: int
+    reason: str
+
+
+def ipc_prefix(data_dir: str) -> str:
+    """The name prefix of every IPC object of a data directory (unique per path)."""
+    real = os.path.realpath(data_dir)
+    return "/bpmp-" + hashlib.blake2b(real.encode(), digest_size=6).hexdigest()
+
+
+def control_name(data_dir: str) -> str:
+    return ipc_prefix(data_dir) + "-ctl"
+
+
+def request_queue_name(data_dir: str) -> str:
+    return ipc_prefix(data_dir) + "-req"
+
+
+class ControlBlock:
+    """A mapped control block. ``create`` makes (or adopts) it; ``attach`` only opens."""
+
+    def __init__(self, name: str, mm: mmap.mmap, owner: bool) -> None:
+        self.name = name
+        self._mm = mm
+        self.owner = owner
+
+    @classmethod
+    def create(cls, data_dir: str) -> ControlBlock:
+        """Open or create the block of ``data_dir`` (0600). An existing block keeps its
+        contents (a new writer continues the epoch count of the old one)."""
+        name = control_name(data_dir)
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, mode=0o600, size=0)
+        try:
+            if os.fstat(shm.fd).st_size < CONTROL_SIZE:
+                os.ftruncate(shm.fd, CONTROL_SIZE)
+            mm = mmap.mmap(shm.fd, CONTROL_SIZE)
+        finally:
+            shm.close_fd()
+        block = cls(name, mm, True)
+        magic, version, _ = _HEAD.unpack_from(mm, 0)
+        if magic != CONTROL_MAGIC:
+            mm[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
+            _HEAD.pack_into(mm, 0, CONTROL_MAGIC, CONTROL_VERSION, 0)
+        elif version > CONTROL_VERSION:
+            raise FutureFormat(name, version, CONTROL_VERSION)
+        return block
+
+    @classmethod
+    def attach(cls, data_dir: str) -> ControlBlock:
+        """Open an existing block read-only; WriterUnavailable when none is served."""
+        name = control_name(data_dir)
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError:
+            raise WriterUnavailable(f"no service is running for {data_dir!r} (start it with bp.serve or "
+                                    "`batpak-mp serve`)") from None
+        try:
+            if os.fstat(shm.fd).st_size < CONTROL_SIZE:
+                raise ProtocolError(f"control block {name} is too small")
+            mm = mmap.mmap(shm.fd, CONTROL_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            shm.close_fd()
+        magic, version, _ = _HEAD.unpack_from(mm, 0)
+        if magic != CONTROL_MAGIC:
+            mm.close()
+            raise ProtocolError(f"control block {name} has a bad magic")
+        if version > CONTROL_VERSION:
+            mm.close()
+            raise FutureFormat(name, version, CONTROL_VERSION)
+        return cls(name, mm, False)
+
+    # -- reading (lock-free) -----------------------------------------------------------
+    def read(self) -> ControlSnapshot:
+        mm = self._mm
+        for _ in range(10_000):
+            s1 = _SEQ.unpack_from(mm, _FIELDS_AT)[0]
+            if s1 & 1:
+                continue
+            values = _FIELD_FMT.unpack_from(mm, _FIELDS_AT)
+            (n,) = _REASON_LEN.unpack_from(mm, _REASON_AT)
+            reason = bytes(mm[_REASON_AT + 4:_REASON_AT + 4 + min(n, REASON_MAX)])
+            if _SEQ.unpack_from(mm, _FIELDS_AT)[0] == s1:
+                return ControlSnapshot(*values, reason.decode("utf-8", "replace"))
+        raise ProtocolError("control block seqlock never settled (a writer died mid-update?)")
+
+    def frontier(self) -> tuple[int, int, int, int]:
+        """(visible, base_segment, delta_gen, state) — the hot read of every client call."""
+        mm = self._mm
+        while True:
+            s1 = _SEQ.unpack_from(mm, _FIELDS_AT)[0]
+            if s1 & 1:
+                continue
+            vis, _dur, base, delta = struct.unpack_from("<QQQQ", mm, _FIELDS_AT + 5 * 8)
+            state = _SEQ.unpack_from(mm, _FIELDS_AT + 3 * 8)[0]
+            if _SEQ.unpack_from(mm, _FIELDS_AT)[0] == s1:
+                return vis, base, delta, state
+
+    # -- writing (one writer at a time: the writer, or the supervisor after a reap) ------
+    def update(self, **fields: int | str) -> None:
+        mm = self._mm
+        values = dict(zip(_FIELDS, _FIELD_FMT.unpack_from(mm, _FIELDS_AT), strict=True))
+        seq = values["seq"]
+        if seq & 1:  # a previous updater died mid-update: finish its odd count
+            seq += 1
+        _SEQ.pack_into(mm, _FIELDS_AT, seq + 1)
+        reason = fields.pop("reason", None)
+        for key, value in fields.items():
+            if key not in values or key == "seq":
+                raise KeyError(key)
+            values[key] = int(value)
+        values["seq"] = seq + 1
+        _FIELD_FMT.pack_into(mm, _FIELDS_AT, *values.values())
+        if reason is not None:
+            raw = str(reason).encode()[:REASON_MAX]
+            _REASON_LEN.pack_into(mm, _REASON_AT, len(raw))
+            mm[_REASON_AT + 4:_REASON_AT + 4 + len(raw)] = raw
+        _SEQ.pack_into(mm, _FIELDS_AT, seq + 2)
+
+    def heartbeat(self) -> None:
+        self.update(heartbeat_ns=time.monotonic_ns())
+
+    def close(self) -> None:
+        self._mm.close()
+
+    @staticmethod
+    def unlink(data_dir: str) -> None:
+        try:
+            posix_ipc.unlink_shared_memory(control_name(data_dir))
+        except posix_ipc.ExistentialError:
+            pass
+
+
+def state_name(state: int) -> str:
+    try:
+        return WriterState(state).name.lower()
+    except ValueError:
+        return f"unknown({state})"
