@@ -6,6 +6,7 @@ The public face: everything a caller needs is importable from here (see ``__all_
 
 from __future__ import annotations
 
+from ._client import Store, connect
 from ._engine import Engine, EngineConfig
 from ._errors import (
     BatpakError,
@@ -27,6 +28,7 @@ from ._errors import (
     WriterTimeout,
     WriterUnavailable,
 )
+from ._service import Service, serve
 from ._signing import verify_receipt_signature
 from ._values import (
     BatchItem,
@@ -70,7 +72,9 @@ __all__ = [
     "Receipt",
     "ReservedKind",
     "RestartPolicy",
+    "Service",
     "StorageError",
+    "Store",
     "StoreClosed",
     "StoreLocked",
     "StorePoisoned",
@@ -80,6 +84,8 @@ __all__ = [
     "WriterTimeout",
     "WriterUnavailable",
     "__version__",
+    "connect",
+    "serve",
     "verify",
     "verify_receipt_signature",
 ]

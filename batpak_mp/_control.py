@@ -137,7 +137,7 @@ class ControlBlock:
             (n,) = _REASON_LEN.unpack_from(mm, _REASON_AT)
             reason = bytes(mm[_REASON_AT + 4:_REASON_AT + 4 + min(n, REASON_MAX)])
             if _SEQ.unpack_from(mm, _FIELDS_AT)[0] == s1:
-                return ControlSnapshot(*values, reason.decode("utf-8", "replace"))
+                return ControlSnapshot._make((*values, reason.decode("utf-8", "replace")))
         raise ProtocolError("control block seqlock never settled (a writer died mid-update?)")
 
     def frontier(self) -> tuple[int, int, int, int]:

@@ -226,19 +226,20 @@ class Engine:
     def open(
         cls, data_dir: str | os.PathLike[str], config: EngineConfig | None = None, *,
         disk: Disk | None = None, clock_ms: Callable[[], int] | None = None,
-        durable_hint: int = 0,
+        durable_hint: tuple[int, int] | None = None,
     ) -> Engine:
         """Lock, recover and open ``data_dir`` (created 0700 when missing).
 
-        ``durable_hint``: a sequence known to have been durable (e.g. from the control
-        block): damage at or below it is corruption, never a torn tail."""
+        ``durable_hint``: (store key, sequence) known to have been durable, e.g. from the
+        control block; applied only when the key is this store's. Damage at or below that
+        sequence is corruption, never a torn tail."""
         self = object.__new__(cls)
         self._init(os.fspath(data_dir), config or EngineConfig(), disk or DEFAULT_DISK,
                    clock_ms or (lambda: time.time_ns() // 1_000_000), durable_hint)
         return self
 
     def _init(self, data_dir: str, config: EngineConfig, disk: Disk,
-              clock_ms: Callable[[], int], durable_hint: int) -> None:
+              clock_ms: Callable[[], int], durable_hint: tuple[int, int] | None) -> None:
         self.data_dir = os.path.abspath(data_dir)
         self.config = config
         self.disk = disk
@@ -304,7 +305,8 @@ class Engine:
             self.disk.write_file_atomic(path, L.encode_meta(self.store_id, self._clock_ms()))
         else:
             self.store_id = L.decode_meta(raw, path)
-        self.store_tag = int.from_bytes(self.store_id[:2], "big")
+        self.store_tag = int.from_bytes(self.store_id[:2], "big")  # in every event id
+        self.store_key = int.from_bytes(self.store_id[:8], "little") or 1  # in the control block
 
     # ------------------------------------------------------------------ recovery
     def _segment_ids(self) -> list[int]:
@@ -314,12 +316,13 @@ class Engine:
                 ids.append(int(name[:-4]))
         return sorted(ids)
 
-    def _recover(self, durable_hint: int) -> None:
+    def _recover(self, durable_hint: tuple[int, int] | None) -> None:
         d = self.disk
         started = time.perf_counter()
         ckpt_raw = d.read_file(os.path.join(self.data_dir, L.CHECKPOINT_FILE))
         ckpt = L.decode_checkpoint(ckpt_raw) if ckpt_raw else None
-        floor = max(durable_hint, ckpt[0] if ckpt else 0)
+        hint = durable_hint[1] if durable_hint and durable_hint[0] == self.store_key else 0
+        floor = max(hint, ckpt[0] if ckpt else 0)
         self._open_records()
         ids = self._segment_ids()
         next_seq = 1

@@ -1,0 +1,417 @@
+"""The client: ``bp.connect(data_dir)`` -> ``Store``, usable from any number of processes.
+
+Owns: the client's shared-memory area and doorbell semaphore, sending requests on the
+store's queue, waiting for replies, riding through writer restarts (re-sending the same
+request, same idempotency keys, through a fresh area), fork safety (a child re-attaches
+on first use), and the lock-free read path (``Reader`` bounded by the control block).
+Invariants: every append carries idempotency keys (generated when the caller gives
+none), so a re-send is applied at most once; a call ends in a receipt or a typed error,
+never a hang past its timeout. Must not import the writer, the engine's commit path or
+the supervisor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import posix_ipc
+
+from . import _wire as W
+from ._control import ControlBlock, ipc_prefix, request_queue_name
+from ._engine import Prepared, prepare, receipt_matches
+from ._errors import (
+    BatpakError,
+    InvalidArgument,
+    ProtocolError,
+    StoreClosed,
+    WriterTimeout,
+    WriterUnavailable,
+)
+from ._reader import Reader, View
+from ._values import BatchItem, Coordinate, Event, Frontier, Kind, Page, Receipt, WriterState
+
+DEFAULT_TIMEOUT_S = 30.0
+AREA_MIN = 64 * 1024  # a client's area: 64 KiB (200 clients fit Docker's 64 MiB /dev/shm)
+AREA_MAX = 1 << 30
+POLL_S = 0.05  # while waiting for a reply, the control block is checked this often
+MAX_PAYLOAD = 16 * 1024 * 1024
+_PER_ITEM_OVERHEAD = 64  # msgpack framing of one item beyond its variable fields
+_SHM_DIR = "/dev/shm"
+
+_live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_live_stores):
+        store._forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Area:
+    """This process's shared-memory area plus its doorbell semaphore (owned: unlinked
+    on close, and only by the process that created it)."""
+
+    def __init__(self, prefix: str, size: int) -> None:
+        pid = os.getpid()
+        for _ in range(100):
+            name = f"{prefix}-c{pid}-{secrets.token_hex(4)}"
+            try:
+                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+                break
+            except posix_ipc.ExistentialError:
+                continue
+            except (posix_ipc.Error, OSError, ValueError) as exc:
+                raise WriterUnavailable(_shm_hint(size, exc)) from None
+        else:  # pragma: no cover - 100 random collisions
+            raise WriterUnavailable("could not name a client area")
+        try:
+            self.mm = mmap.mmap(shm.fd, size)
+            # touch every page now: a too-small /dev/shm fails here with a clear error,
+            # not with SIGBUS in the middle of a request
+            self.mm.write(bytes(size))
+        except (OSError, ValueError) as exc:
+            shm.close_fd()
+            posix_ipc.unlink_shared_memory(name)
+            raise WriterUnavailable(_shm_hint(size, exc)) from None
+        shm.close_fd()
+        try:
+            self.sem = posix_ipc.Semaphore(name + "s", posix_ipc.O_CREX, mode=0o600, initial_value=0)
+        except posix_ipc.Error as exc:
+            self.mm.close()
+            posix_ipc.unlink_shared_memory(name)
+            raise WriterUnavailable(f"cannot create the client semaphore: {exc}") from None
+        self.name = name
+        self.size = size
+        self.pid = pid
+
+    def close(self) -> None:
+        """Unmap and unlink (only in the process that created the area)."""
+        if self.pid != os.getpid():
+            return
+        try:
+            self.mm.close()
+        except (BufferError, ValueError):
+            pass
+        self.sem.close()
+        for unlink, name in ((posix_ipc.unlink_shared_memory, self.name), (posix_ipc.unlink_semaphore, self.name + "s")):
+            try:
+                unlink(name)
+            except posix_ipc.ExistentialError:
+                pass
+
+
+def _shm_hint(size: int, exc: BaseException) -> str:
+    try:
+        st = os.statvfs(_SHM_DIR)
+        free = st.f_bavail * st.f_frsize
+        where = f"{_SHM_DIR} has {free // 1024} KiB free"
+    except OSError:
+        where = f"{_SHM_DIR} is not available"
+    return (f"cannot allocate a {size // 1024} KiB client area in shared memory ({exc}); {where}. "
+            "Enlarge it (docker run --shm-size=256m) or use smaller batches/payloads.")
+
+
+class Store:
+    """A connection to a served data directory. Thread-safe; fork-safe."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise InvalidArgument("timeout", timeout, "must be a positive number of seconds")
+        self.data_dir = os.path.abspath(os.fspath(data_dir))
+        self.timeout = float(timeout)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._forked = False
+        self._prefix = ipc_prefix(self.data_dir)
+        self._control = ControlBlock.attach(self.data_dir)
+        self._check_state(self._control.read())
+        try:
+            self._queue = posix_ipc.MessageQueue(request_queue_name(self.data_dir), read=False, write=True)
+        except posix_ipc.ExistentialError:
+            self._control.close()
+            raise WriterUnavailable(f"the request queue of {self.data_dir!r} does not exist (is the service up?)") from None
+        self._area: _Area | None = None
+        self._request_ids = itertools.count(1)
+        self._reader = Reader(self.data_dir, self._view)
+        self._public_key = self._load_public_key()
+        _live_stores.add(self)
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _view(self) -> View:
+        vis, base, delta, _state = self._control.frontier()
+        return View(vis, base, delta)
+
+    def _load_public_key(self) -> bytes | None:
+        try:
+            with open(os.path.join(self.data_dir, "receipt.pub")) as f:
+                return bytes.fromhex(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _check_state(snap: Any) -> None:
+        if snap.state == WriterState.FAILED:
+            raise WriterUnavailable(snap.reason or "the service failed")
+        if snap.state == WriterState.STOPPED:
+            raise WriterUnavailable("the service was stopped")
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise StoreClosed()
+        if self._forked:
+            # a child of a fork: the parent's area is not ours; get our own
+            self._forked = False
+            self._area = None
+            self._lock = threading.RLock()
+            self._reader = Reader(self.data_dir, self._view)
+
+    def _area_for(self, need: int) -> _Area:
+        area = self._area
+        if area is None or area.size < need or area.pid != os.getpid():
+            size = AREA_MIN
+            while size < need:
+                size *= 2
+            if size > AREA_MAX:
+                raise InvalidArgument("request", need, f"is larger than the {AREA_MAX} byte limit of one request")
+            if area is not None:
+                area.close()
+            self._area = None
+            area = self._area = _Area(self._prefix, size)
+        return area
+
+    def _fresh_area(self) -> None:
+        """Drop the current area (a writer may still answer into it) and start anew."""
+        if self._area is not None:
+            self._area.close()
+            self._area = None
+
+    def _call(self, op: int, body: Any, reply_room: int = 0, timeout: float | None = None) -> W.Reply:
+        """Send one request and wait for its reply, riding through writer restarts."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        request_id = next(self._request_ids)
+        snap = self._control.read()
+        self._check_state(snap)
+        epoch = snap.writer_epoch
+        encoded = W.encode_request(W.Request(op, request_id, epoch, body))
+        need = max(len(encoded), reply_room)
+        sent = self._send(encoded, need, request_id, deadline, timeout)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._fresh_area()
+                raise WriterTimeout("the writer's reply", timeout)
+            try:
+                sent.sem.acquire(min(POLL_S, remaining))
+            except posix_ipc.BusyError:
+                snap = self._control.read()
+                self._check_state(snap)
+                if snap.writer_epoch != epoch and snap.state == WriterState.READY:
+                    # a new writer: our request may be lost with the old one. Re-send the
+                    # same request (same keys) through a fresh area; duplicates are no-ops.
+                    epoch = snap.writer_epoch
+                    self._fresh_area()
+                    sent = self._send(encoded, need, request_id, deadline, timeout)
+                continue
+            reply = W.decode_reply(sent.mm)
+            if reply.request_id != request_id:
+                continue  # a late answer to an earlier request: keep waiting
+            if reply.status == W.STATUS_ERROR and isinstance(reply.data, list) and reply.data[:1] == ["ReplyTooLarge"]:
+                need = int(reply.data[1][0]) + 1024
+                self._fresh_area()
+                sent = self._send(encoded, need, request_id, deadline, timeout)
+                continue
+            return reply
+
+    def _send(self, encoded: bytes, need: int, request_id: int, deadline: float, timeout: float) -> _Area:
+        area = self._area_for(need)
+        area.mm[:len(encoded)] = encoded
+        msg = W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, request_id))
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WriterTimeout("room in the request queue", timeout)
+            try:
+                self._queue.send(msg, min(POLL_S, remaining))
+                return area
+            except posix_ipc.BusyError:
+                self._check_state(self._control.read())
+            except posix_ipc.SignalError:
+                continue
+
+    # -- writes ----------------------------------------------------------------------------
+    def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
+               expected_clock: int | None = None, causation_id: bytes | None = None,
+               correlation_id: bytes | None = None, payload_version: int = 0) -> Receipt:
+        """Append one event; returns once it is durable (in the default sync mode)."""
+        p = prepare(coord, kind, payload, idempotency_key=idempotency_key, expected_clock=expected_clock,
+                    causation_id=causation_id, correlation_id=correlation_id, max_payload=MAX_PAYLOAD,
+                    payload_version=payload_version)
+        return self._append([p])[0]
+
+    def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
+        """Append events all-or-nothing (across entities)."""
+        if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+            raise InvalidArgument("items", items, "must be a sequence of bp.BatchItem")
+        if not items:
+            raise InvalidArgument("items", [], "a batch needs at least one event")
+        batch_key = secrets.token_hex(16)
+        prepared = []
+        for i, it in enumerate(items):
+            if not isinstance(it, BatchItem):
+                raise InvalidArgument(f"items[{i}]", it, "must be a bp.BatchItem")
+            key = it.idempotency_key if it.idempotency_key is not None else f"{batch_key}/{i}"
+            prepared.append(prepare(it.coord, it.kind, it.payload, idempotency_key=key,
+                                    expected_clock=it.expected_clock, causation_id=it.causation_id,
+                                    correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD))
+        return self._append(prepared)
+
+    def _append(self, prepared: list[Prepared]) -> list[Receipt]:
+        items = [[p.entity, p.scope, p.kind, p.payload, p.payload_version, p.idem, p.expected_clock,
+                  p.causation if any(p.causation) else None, p.correlation if any(p.correlation) else None]
+                 for p in prepared]
+        room = sum(len(p.payload) + len(p.entity) + len(p.scope) + W.RECEIPT_WIRE_MAX + _PER_ITEM_OVERHEAD
+                   for p in prepared) + 1024
+        with self._lock:
+            self._ensure_open()
+            reply = self._call(W.OP_APPEND, items, room)
+        if reply.status != W.STATUS_OK:
+            raise W.error_from_wire(reply.data)
+        data = reply.data
+        if not isinstance(data, list) or len(data) != len(prepared):
+            raise ProtocolError("append reply does not hold one receipt per event")
+        out = []
+        for p, f in zip(prepared, data, strict=True):
+            try:
+                event_id, seq, clock, ehash, prev, wall, durable, sig = f
+                out.append(Receipt(event_id, seq, p.entity.decode(), p.scope.decode(), clock, ehash, prev, wall,
+                                   bool(durable), sig))
+            except (TypeError, ValueError):
+                raise ProtocolError("malformed receipt in reply") from None
+        return out
+
+    # -- reads (no round trip) -------------------------------------------------------------
+    def get(self, event_id: bytes) -> Event:
+        with self._lock:
+            self._ensure_open()
+            return self._reader.get(event_id)
+
+    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None) -> list[Event]:
+        with self._lock:
+            self._ensure_open()
+            return self._reader.history(entity, after_clock, limit)
+
+    def query_after(self, after: int = 0, *, limit: int = 1000, entity: str | None = None,
+                    scope: str | None = None, kind: Kind | None = None) -> Page:
+        with self._lock:
+            self._ensure_open()
+            return self._reader.query_after(after, limit, entity, scope, kind)
+
+    def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[Event]:
+        with self._lock:
+            self._ensure_open()
+            return iter(list(self._reader.walk_ancestors(event_id, limit)))
+
+    def verify_receipt(self, receipt: Receipt) -> bool:
+        with self._lock:
+            self._ensure_open()
+            if not receipt_matches(self._reader, receipt, None):
+                return False
+        if receipt.signature is not None and self._public_key is not None:
+            from ._signing import verify_receipt_signature
+
+            return verify_receipt_signature(receipt, self._public_key)
+        return True
+
+    # -- frontier --------------------------------------------------------------------------
+    def frontier(self) -> Frontier:
+        self._ensure_open()
+        s = self._control.read()
+        try:
+            state = WriterState(s.state)
+        except ValueError:
+            state = WriterState.ABSENT
+        return Frontier(s.visible, s.durable, s.writer_epoch, state, s.writer_pid)
+
+    def sync(self, timeout: float | None = None) -> int:
+        """Ask the writer to fsync now; returns the durable frontier."""
+        with self._lock:
+            self._ensure_open()
+            reply = self._call(W.OP_SYNC, None, timeout=timeout)
+        if reply.status != W.STATUS_OK:
+            raise W.error_from_wire(reply.data)
+        return int(reply.data[1])
+
+    def wait_for_durable(self, sequence: int, timeout: float) -> None:
+        """Return once ``sequence`` is on disk; ``WriterTimeout`` otherwise."""
+        if type(sequence) is not int or sequence < 0:
+            raise InvalidArgument("sequence", sequence, "must be an int >= 0")
+        self._ensure_open()
+        deadline = time.monotonic() + timeout
+        asked = False
+        delay = 0.0002
+        while True:
+            snap = self._control.read()
+            if snap.durable >= sequence:
+                return
+            self._check_state(snap)
+            if not asked and snap.visible >= sequence:
+                asked = True  # weaker sync modes: ask for the fsync instead of waiting for it
+                try:
+                    self.sync(timeout=max(deadline - time.monotonic(), 0.001))
+                    continue
+                except WriterTimeout:
+                    pass
+            if time.monotonic() >= deadline:
+                raise WriterTimeout(f"sequence {sequence} to become durable", timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _live_stores.discard(self)
+        area = self._area
+        if area is not None and area.pid == os.getpid():
+            try:
+                msg = W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, 0))
+                bye = W.encode_request(W.Request(W.OP_BYE, 0, 0, None))
+                area.mm[:len(bye)] = bye
+                self._queue.send(msg, 0)
+            except (posix_ipc.Error, ValueError, BatpakError):
+                pass
+            area.close()
+        self._area = None
+        self._reader.close()
+        self._queue.close()
+        self._control.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed and self._area is not None:
+                self._area.close()
+        except Exception:
+            pass
+
+
+def connect(data_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> Store:
+    """Attach to a served data directory. Cheap: maps files lazily, scans nothing."""
+    return Store(data_dir, timeout=timeout)

@@ -1,0 +1,446 @@
+"""The writer process: the one owner of a data directory while the service runs.
+
+Run as ``python -m batpak_mp.writer DATA_DIR [options]`` (the supervisor does this).
+Owns: taking the lock and recovering (through the engine), the request queue, the
+client areas it maps, the group-commit loop (drain the queue, validate, one write, one
+fsync, publish, reply), the control block's writer fields (epoch, state, heartbeat,
+frontiers), lifecycle events in the log, reclaiming IPC objects of dead clients, and a
+graceful drain on SIGTERM/SIGINT.
+Exit codes (the supervisor relies on them): 0 clean stop; 70 fail-closed (a failed
+fsync poisoned the store); 71 corruption or a newer format found at recovery; 72 the
+store is locked by another process; 2 bad usage.
+Must not import the client or the supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import mmap
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import posix_ipc
+
+from . import _wire as W
+from ._control import ControlBlock, ipc_prefix, request_queue_name
+from ._engine import Engine, EngineConfig, Prepared, parse_sync, prepare
+from ._errors import (
+    BatpakError,
+    CorruptSegment,
+    FutureFormat,
+    InvalidKind,
+    InvalidPayload,
+    ProtocolError,
+    StoreLocked,
+    StorePoisoned,
+)
+from ._values import Coordinate, Kind, Receipt, WriterState
+
+EXIT_OK, EXIT_USAGE, EXIT_POISONED, EXIT_CORRUPT, EXIT_LOCKED = 0, 2, 70, 71, 72
+
+QUEUE_DEPTH = 10  # the kernel default msg_max: must work without raising limits
+HEARTBEAT_EVERY_NS = 50_000_000  # 50 ms: the supervisor's hang detection reads this
+RECEIVE_TIMEOUT_S = 0.05  # how long the loop sleeps in the kernel when idle
+CHECKPOINT_EVERY_NS = 1_000_000_000  # durable floor persisted at most once a second
+SWEEP_EVERY_NS = 5_000_000_000  # dead clients' IPC objects reclaimed every 5 s
+MAX_AREAS = 1024  # client areas kept mapped at once (LRU beyond)
+DRAIN_MAX = 64  # messages taken per group beyond the first (the queue holds 10)
+SYSTEM_WRITER_STARTED = 1
+SYSTEM_WRITER_STOPPED = 2
+SHM_DIR = "/dev/shm"
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"batpak-mp writer[{os.getpid()}]: {msg}\n")
+    sys.stderr.flush()
+
+
+def semaphore_name(area: str) -> str:
+    return area + "s"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prepare_from_wire(item: list[Any], max_payload: int) -> Prepared:
+    """Validate one append item as it came off the wire (shape checked by _wire)."""
+    entity, scope, kind, payload, pv, idem, clock, causation, correlation = item
+    try:
+        coord = Coordinate(entity.decode("utf-8"), scope.decode("utf-8"))
+    except UnicodeDecodeError:
+        from ._errors import InvalidCoordinate
+
+        raise InvalidCoordinate("entity", entity[:64], "is not valid UTF-8") from None
+    if not 0 <= kind <= 0xFFFF:
+        raise InvalidKind(kind, None, "packed kind out of range")
+    try:
+        msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise InvalidPayload(f"payload bytes are not msgpack: {type(exc).__name__}") from None
+    p = prepare(coord, Kind.unpack(kind), payload, idempotency_key=None, expected_clock=clock,
+                causation_id=causation, correlation_id=correlation, max_payload=max_payload,
+                payload_is_encoded=True, payload_version=pv)
+    return p._replace(idem=idem)
+
+
+class _Area:
+    """A client's shared-memory area and doorbell semaphore, as the writer maps them."""
+
+    __slots__ = ("mm", "name", "pid", "sem")
+
+    def __init__(self, name: str, pid: int) -> None:
+        shm = posix_ipc.SharedMemory(name)
+        try:
+            size = os.fstat(shm.fd).st_size
+            if size < W.LEN.size:
+                raise ProtocolError(f"area {name} is empty")
+            self.mm = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()
+        try:
+            self.sem = posix_ipc.Semaphore(semaphore_name(name))
+        except BaseException:
+            self.mm.close()
+            raise
+        self.name = name
+        self.pid = pid
+
+    def close(self) -> None:
+        self.mm.close()
+        self.sem.close()
+
+
+class Writer:
+    """The service loop around one Engine."""
+
+    def __init__(self, data_dir: str, config: EngineConfig, supervisor_pid: int = 0) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        self.config = config
+        self.supervisor_pid = supervisor_pid
+        self.prefix = ipc_prefix(self.data_dir)
+        self.area_prefix = self.prefix + "-c"
+        self.stopping = False
+        self.dropped = 0
+        self._areas: OrderedDict[str, _Area] = OrderedDict()
+        self._last_beat = self._last_ckpt = self._last_sweep = 0
+        self.control = ControlBlock.create(self.data_dir)
+        prev = self.control.read()
+        self.epoch = prev.writer_epoch + 1
+        self.control.update(writer_epoch=self.epoch, writer_pid=os.getpid(), state=WriterState.STARTING,
+                            heartbeat_ns=time.monotonic_ns(), started_ns=time.monotonic_ns(), reason="")
+        self.engine = Engine.open(self.data_dir, config, durable_hint=(prev.store_tag, prev.durable))
+        self.queue = posix_ipc.MessageQueue(
+            request_queue_name(self.data_dir), posix_ipc.O_CREAT, mode=0o600,
+            max_messages=QUEUE_DEPTH, max_message_size=W.MAX_MESSAGE, read=True, write=False,
+        )
+        if self.engine.signer is not None:
+            self._publish_public_key(self.engine.signer.public_key)
+        report = self.engine.recovery_report
+        self.engine.append_system("writer", SYSTEM_WRITER_STARTED, {
+            "epoch": self.epoch, "pid": os.getpid(), "recovered_through": report.get("last_sequence", 0),
+            "torn_bytes_cut": report.get("torn_bytes_cut", 0), "recovery_ms": report.get("elapsed_ms", 0),
+        })
+        self.sweep_dead_clients()
+        self.publish(state=WriterState.READY, store_tag=self.engine.store_key)
+
+    def _publish_public_key(self, key: bytes) -> None:
+        self.engine.disk.write_file_atomic(os.path.join(self.data_dir, "receipt.pub"), key.hex().encode() + b"\n")
+
+    # -- control block -------------------------------------------------------------------
+    def publish(self, **extra: int | str) -> None:
+        e = self.engine
+        self.control.update(visible=e.visible, durable=e.durable, base_segment=e._base_segment,
+                            delta_gen=e._delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self._areas),
+                            dropped_messages=self.dropped, **extra)
+
+    # -- the loop ------------------------------------------------------------------------
+    def serve(self) -> None:
+        receive = self.queue.receive
+        while not self.stopping:
+            try:
+                first, _ = receive(RECEIVE_TIMEOUT_S)
+            except posix_ipc.BusyError:
+                self.tick()
+                continue
+            except posix_ipc.SignalError:
+                continue
+            batch = [first]
+            while len(batch) < DRAIN_MAX:
+                try:
+                    batch.append(receive(0)[0])
+                except (posix_ipc.BusyError, posix_ipc.SignalError):
+                    break
+            self.handle(batch)
+            self.tick()
+
+    def drain(self) -> None:
+        """Answer whatever is queued now, then stop taking work."""
+        self.control.update(state=WriterState.DRAINING)
+        while True:
+            batch: list[bytes] = []
+            while len(batch) < DRAIN_MAX:
+                try:
+                    batch.append(self.queue.receive(0)[0])
+                except (posix_ipc.BusyError, posix_ipc.SignalError):
+                    break
+            if not batch:
+                break
+            self.handle(batch)
+
+    def tick(self) -> None:
+        now = time.monotonic_ns()
+        if self.config.sync.value == "interval":
+            self.engine.tick()
+        if now - self._last_beat >= HEARTBEAT_EVERY_NS:
+            self._last_beat = now
+            self.publish()
+            if self.supervisor_pid and os.getppid() != self.supervisor_pid:
+                _log("supervisor is gone: stopping")
+                self.stopping = True
+        if now - self._last_ckpt >= CHECKPOINT_EVERY_NS:
+            self._last_ckpt = now
+            self.engine.checkpoint()
+        if now - self._last_sweep >= SWEEP_EVERY_NS:
+            self._last_sweep = now
+            self.sweep_dead_clients()
+
+    def _area(self, name: str, pid: int) -> _Area | None:
+        area = self._areas.get(name)
+        if area is not None:
+            self._areas.move_to_end(name)
+            return area
+        try:
+            area = _Area(name, pid)
+        except (posix_ipc.Error, OSError, ProtocolError):
+            return None
+        self._areas[name] = area
+        if len(self._areas) > MAX_AREAS:
+            _, old = self._areas.popitem(last=False)
+            old.close()
+        return area
+
+    def handle(self, raw_messages: list[bytes]) -> None:
+        """One commit group: parse every message, commit every append together, reply."""
+        appends: list[tuple[_Area, W.Request, list[Prepared]]] = []
+        others: list[tuple[_Area, W.Request]] = []
+        max_payload = self.config.max_payload_bytes
+        for raw in raw_messages:
+            try:
+                msg = W.decode_message(raw, self.area_prefix)
+            except ProtocolError:
+                self.dropped += 1
+                continue
+            area = self._area(msg.area, msg.client_pid)
+            if area is None:
+                self.dropped += 1  # the client is gone (or re-sent through a new area)
+                continue
+            try:
+                req = W.decode_request(area.mm, len(area.mm))
+            except ProtocolError as exc:
+                self.reply_error(area, msg.request_id, exc)
+                continue
+            if req.request_id != msg.request_id:
+                self.dropped += 1  # a stale message: the area already holds a newer request
+                continue
+            if req.op == W.OP_APPEND:
+                try:
+                    prepared = [prepare_from_wire(item, max_payload) for item in req.body]
+                except BatpakError as exc:
+                    self.reply_error(area, req.request_id, exc)
+                    continue
+                appends.append((area, req, prepared))
+            elif req.op == W.OP_BYE:
+                self._areas.pop(area.name, None)
+                area.close()
+            else:
+                others.append((area, req))
+        if appends:
+            results = self.engine.commit([p for _, _, p in appends])
+            self.publish()
+            for (area, req, _), res in zip(appends, results, strict=True):
+                if isinstance(res, BaseException):
+                    self.reply_error(area, req.request_id, res)
+                else:
+                    self.reply_receipts(area, req.request_id, res)
+        for area, req in others:
+            if req.op == W.OP_SYNC:
+                self.engine.sync()
+                self.publish()
+            self.reply(area, W.Reply(req.request_id, self.epoch, W.STATUS_OK,
+                                     [self.engine.visible, self.engine.durable]))
+        if self.engine._poison is not None:
+            raise self.engine._poison
+
+    def reply(self, area: _Area, reply: W.Reply) -> None:
+        body = W.encode_reply(reply)
+        if len(body) > len(area.mm):
+            body = W.encode_reply(W.Reply(reply.request_id, self.epoch, W.STATUS_ERROR,
+                                          ["ReplyTooLarge", [len(body)]]))
+        try:
+            area.mm[:len(body)] = body
+            area.sem.release()
+        except (posix_ipc.Error, ValueError, OSError):
+            self.dropped += 1
+
+    def reply_receipts(self, area: _Area, request_id: int, receipts: list[Receipt]) -> None:
+        self.reply(area, W.Reply(request_id, self.epoch, W.STATUS_OK, [W.receipt_fields(r) for r in receipts]))
+
+    def reply_error(self, area: _Area, request_id: int, exc: BaseException) -> None:
+        self.reply(area, W.Reply(request_id, self.epoch, W.STATUS_ERROR, W.error_to_wire(exc)))
+
+    # -- housekeeping --------------------------------------------------------------------
+    def sweep_dead_clients(self) -> None:
+        """Unlink the areas and semaphores of client processes that no longer exist."""
+        for name, area in list(self._areas.items()):
+            if not pid_alive(area.pid):
+                del self._areas[name]
+                area.close()
+        base = self.area_prefix[1:]
+        try:
+            entries = os.listdir(SHM_DIR)
+        except OSError:
+            return
+        for entry in entries:
+            shm_name = entry[4:] if entry.startswith("sem.") else entry
+            if not shm_name.startswith(base):
+                continue
+            pid_text = shm_name[len(base):].split("-", 1)[0]
+            if not pid_text.isdigit() or pid_alive(int(pid_text)):
+                continue
+            try:
+                if entry.startswith("sem."):
+                    posix_ipc.unlink_semaphore("/" + shm_name)
+                else:
+                    posix_ipc.unlink_shared_memory("/" + shm_name)
+            except posix_ipc.ExistentialError:
+                pass
+
+    def close(self, clean: bool) -> None:
+        if clean:
+            try:
+                self.engine.append_system("writer", SYSTEM_WRITER_STOPPED, {"epoch": self.epoch, "pid": os.getpid()})
+            except BatpakError:
+                pass
+        self.engine.close()
+        if clean:
+            self.publish(state=WriterState.STOPPED)
+        for area in self._areas.values():
+            area.close()
+        self._areas.clear()
+        self.queue.close()
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM us when the supervisor dies (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m batpak_mp.writer", description=__doc__.split("\n")[0])
+    p.add_argument("data_dir")
+    p.add_argument("--segment-max-bytes", type=int, default=EngineConfig.segment_max_bytes)
+    p.add_argument("--sync", default="group", choices=["group", "interval", "none"])
+    p.add_argument("--sync-interval-ms", type=int, default=EngineConfig.sync_interval_ms)
+    p.add_argument("--max-payload-bytes", type=int, default=EngineConfig.max_payload_bytes)
+    p.add_argument("--signing-key-file", default=None, help="file holding a hex Ed25519 private key")
+    p.add_argument("--ready-fd", type=int, default=-1)
+    p.add_argument("--supervisor-pid", type=int, default=0)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    key = None
+    if args.signing_key_file:
+        with open(args.signing_key_file) as f:
+            key = bytes.fromhex(f.read().strip())
+    return EngineConfig(segment_max_bytes=args.segment_max_bytes, sync=parse_sync(args.sync),
+                        sync_interval_ms=args.sync_interval_ms, max_payload_bytes=args.max_payload_bytes,
+                        signing_key=key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.supervisor_pid:
+        _die_with_parent()
+        if os.getppid() != args.supervisor_pid:
+            return EXIT_OK
+    try:
+        config = config_from_args(args)
+    except (BatpakError, OSError, ValueError) as exc:
+        _log(f"bad configuration: {exc}")
+        return EXIT_USAGE
+    stop_requested: list[bool] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop_requested.append(True)
+        if writer_ref:
+            writer_ref[0].stopping = True
+
+    writer_ref: list[Writer] = []
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    fail: Callable[[str], None] = lambda reason: _mark_failed(args.data_dir, reason)  # noqa: E731
+    try:
+        writer = Writer(args.data_dir, config, args.supervisor_pid)
+    except StoreLocked as exc:
+        _log(str(exc))
+        return EXIT_LOCKED
+    except (CorruptSegment, FutureFormat) as exc:
+        _log(f"recovery refused the store: {exc}")
+        fail(str(exc))
+        return EXIT_CORRUPT
+    except StorePoisoned as exc:
+        _log(str(exc))
+        fail(str(exc))
+        return EXIT_POISONED
+    writer_ref.append(writer)
+    writer.stopping = bool(stop_requested)
+    if args.ready_fd >= 0:
+        try:
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
+        except OSError:
+            pass
+    _log(f"ready: epoch {writer.epoch}, last sequence {writer.engine.visible}, "
+         f"recovery {writer.engine.recovery_report.get('elapsed_ms')} ms")
+    try:
+        writer.serve()
+        writer.drain()
+    except StorePoisoned as exc:
+        _log(f"failed closed: {exc}")
+        writer.control.update(state=WriterState.FAILED, reason=f"failed closed: {exc}")
+        return EXIT_POISONED
+    writer.close(clean=True)
+    _log("stopped")
+    return EXIT_OK
+
+
+def _mark_failed(data_dir: str, reason: str) -> None:
+    try:
+        block = ControlBlock.create(data_dir)
+        block.update(state=WriterState.FAILED, reason=reason)
+        block.close()
+    except Exception:  # best effort: the exit code says it too
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
