@@ -45,6 +45,7 @@ POLL_S = 0.05  # while waiting for a reply, the control block is checked this of
 MAX_PAYLOAD = 16 * 1024 * 1024
 _PER_ITEM_OVERHEAD = 64  # msgpack framing of one item beyond its variable fields
 _SHM_DIR = "/dev/shm"
+_MASK128 = (1 << 128) - 1
 
 _live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
@@ -257,6 +258,8 @@ class Store:
         p = prepare(coord, kind, payload, idempotency_key=idempotency_key, expected_clock=expected_clock,
                     causation_id=causation_id, correlation_id=correlation_id, max_payload=MAX_PAYLOAD,
                     payload_version=payload_version)
+        if idempotency_key is None:
+            p = p._replace(idem=secrets.token_bytes(16))  # every request is re-sendable
         return self._append([p])[0]
 
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
@@ -265,15 +268,17 @@ class Store:
             raise InvalidArgument("items", items, "must be a sequence of bp.BatchItem")
         if not items:
             raise InvalidArgument("items", [], "a batch needs at least one event")
-        batch_key = secrets.token_hex(16)
+        base = int.from_bytes(secrets.token_bytes(16), "little")  # generated keys: base + index
         prepared = []
         for i, it in enumerate(items):
             if not isinstance(it, BatchItem):
                 raise InvalidArgument(f"items[{i}]", it, "must be a bp.BatchItem")
-            key = it.idempotency_key if it.idempotency_key is not None else f"{batch_key}/{i}"
-            prepared.append(prepare(it.coord, it.kind, it.payload, idempotency_key=key,
-                                    expected_clock=it.expected_clock, causation_id=it.causation_id,
-                                    correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD))
+            p = prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
+                        expected_clock=it.expected_clock, causation_id=it.causation_id,
+                        correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD)
+            if it.idempotency_key is None:
+                p = p._replace(idem=((base + i) & _MASK128).to_bytes(16, "little"))
+            prepared.append(p)
         return self._append(prepared)
 
     def _append(self, prepared: list[Prepared]) -> list[Receipt]:

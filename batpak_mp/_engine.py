@@ -13,6 +13,7 @@ Must not import the writer, the client, the supervisor or posix_ipc.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import struct
@@ -42,11 +43,12 @@ from ._frame import (
     FLAG_COMMIT_END,
     FLAG_HAS_CAUSATION,
     FLAG_HAS_CORRELATION,
+    FRAME_VERSION,
+    HEADER_SIZE,
     MIN_FRAME,
     NEED_MORE,
     ZERO_HASH,
     ZERO_ID,
-    encode_frame,
 )
 from ._osio import DEFAULT_DISK, Disk
 from ._reader import Reader, View
@@ -80,6 +82,9 @@ MiB = 1 << 20
 RECORDS_GROWTH = 1 << 16  # records.idx grows by this many records (4 MiB) at a time
 _SENTINEL_FOOTER_ROOM = L.FOOTER_HEAD.size + L.SEG_TRAILER_SIZE
 _u64 = struct.Struct("<Q")
+_two_u64 = struct.Struct("<QQ")
+HASHED_HEADER = struct.Struct("<HHHHHHIQQQ16s16s16s16s32s")  # the frame header from version to prev_hash
+LEN_CRC = struct.Struct("<II")
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ class _Entity(NamedTuple):
     clock: int
     head_hash: bytes
     head_seq: int
+    name_hash: int  # cached: the index needs it for every event of the entity
 
 
 @dataclass
@@ -147,15 +153,17 @@ class _Segment:
 class _Group:
     """Frames of one commit group, not yet written."""
 
-    chunks: list[bytes] = field(default_factory=list)
+    parts: list[bytes] = field(default_factory=list)  # frame pieces, joined once at write
     nbytes: int = 0
-    count: int = 0
-    # per event: (record tuple without segment/offset parts filled, frame_len)
-    # per event: (seq, clock, kind, flags, frame_len, prev_seq, scope_hash, entity, idem, event_hash)
+    # per event: (seq, clock, kind, flags, frame_len, prev_seq, entity_hash, scope_hash, entity, idem)
     metas: list[tuple[Any, ...]] = field(default_factory=list)
+    receipts: list[Receipt] = field(default_factory=list)
     entities: dict[bytes, _Entity] = field(default_factory=dict)
     idem: dict[bytes, int] = field(default_factory=dict)
-    receipts: dict[int, Receipt] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.metas)
 
 
 def encode_payload(payload: Any, limit: int) -> bytes:
@@ -201,7 +209,7 @@ def prepare(
     else:
         raw = encode_payload(payload, max_payload)
     if idempotency_key is None:
-        idem = secrets.token_bytes(16)
+        idem = ZERO_ID  # no key: nothing to deduplicate (clients always send one, see _client)
     elif isinstance(idempotency_key, (str, bytes)) and 0 < len(idempotency_key) <= 1024:
         idem = L.idem_hash(idempotency_key)
     else:
@@ -260,6 +268,8 @@ class Engine:
         self._idem_base: BaseTable | None = None
         self._entities: dict[bytes, _Entity] = {}
         self._idem_active: dict[bytes, int] = {}
+        self._delta_slots: dict[bytes, int] = {}  # entity -> its slot offset in the delta table
+        self._scope_hashes: dict[bytes, int] = {}
         self.visible = 0
         self.durable = 0
         self._last_sync_ms = 0
@@ -590,12 +600,14 @@ class Engine:
             os.close(self._delta_fd)
         self._delta_fd, self._delta_map, self._delta_cap, self._delta_gen = fd, m, cap, gen
         self._idem_active = {}
+        self._delta_slots = {}
         heads: dict[bytes, int] = {}
         for f in frames:
             prev = heads.get(f.entity, -1)
-            delta_upsert(m, cap, L.name_hash(f.entity), f.seq, prev)
+            self._delta_slots[f.entity] = delta_upsert(m, cap, L.name_hash(f.entity), f.seq, prev)
             heads[f.entity] = f.seq
-            self._idem_active[f.idem_hash] = f.seq
+            if f.idem_hash != ZERO_ID:
+                self._idem_active[f.idem_hash] = f.seq
         self._prune_index_files()
 
     def view(self) -> View:
@@ -670,31 +682,40 @@ class Engine:
         if self._closed:
             raise StoreClosed("engine")
 
-    def _entity_state(self, entity: bytes, group: _Group) -> _Entity:
-        st = group.entities.get(entity)
-        if st is not None:
-            return st
+    def _entity_state(self, entity: bytes) -> _Entity:
+        """An entity's clock and head outside the current group (cache, then index)."""
         st = self._entities.get(entity)
         if st is not None:
             return st
         head = self.reader.head_of(entity)
+        h = L.name_hash(entity)
         if head:
             f = self.reader.frame(head)
-            st = _Entity(f.entity_clock, f.event_hash, head)
+            st = _Entity(f.entity_clock, f.event_hash, head, h)
         else:
-            st = _Entity(0, ZERO_HASH, 0)
+            st = _Entity(0, ZERO_HASH, 0, h)
         if len(self._entities) > 1_000_000:  # bound memory; it is only a cache
             self._entities.clear()
         self._entities[entity] = st
         return st
 
+    def _scope_hash(self, scope: bytes) -> int:
+        h = self._scope_hashes.get(scope)
+        if h is None:
+            if len(self._scope_hashes) > 100_000:
+                self._scope_hashes.clear()
+            h = self._scope_hashes[scope] = L.name_hash(scope)
+        return h
+
     def _idem_lookup(self, idem: bytes, group: _Group) -> int:
+        if idem == ZERO_ID:
+            return 0  # an in-process append without a key: nothing to deduplicate
         seq = group.idem.get(idem) or self._idem_active.get(idem)
         if seq:
             return seq
         base = self._idem_base
         if base is not None:
-            lo, hi = struct.unpack("<QQ", idem)
+            lo, hi = _two_u64.unpack(idem)
             return base.idem_lookup(hi, lo)
         return 0
 
@@ -719,124 +740,151 @@ class Engine:
         self._check_open()
         results: list[list[Receipt] | BatpakError] = [[] for _ in requests]
         group = _Group()
-        placed: list[tuple[int, list[int]]] = []  # (request index, seqs or originals)
+        placed: list[tuple[int, int, int]] = []  # (request index, first index in group, count)
         wall_ms = self._clock_ms()
+        id_prefix = (wall_ms & 0xFFFFFFFFFFFF).to_bytes(6, "big") + self.store_tag.to_bytes(2, "big")
         seg = self._seg
         assert seg is not None
+        cfg = self.config
         for ri, items in enumerate(requests):
             try:
                 if not items:
                     raise InvalidArgument("items", [], "a batch needs at least one event")
-                if len(items) > self.config.max_batch_events:
-                    raise InvalidArgument("items", len(items), f"a batch holds at most {self.config.max_batch_events} events")
+                if len(items) > cfg.max_batch_events:
+                    raise InvalidArgument("items", len(items), f"a batch holds at most {cfg.max_batch_events} events")
                 total = sum(len(p.payload) for p in items)
-                if total > self.config.max_batch_bytes:
-                    raise PayloadTooLarge(total, self.config.max_batch_bytes, "batch")
+                if total > cfg.max_batch_bytes:
+                    raise PayloadTooLarge(total, cfg.max_batch_bytes, "batch")
                 originals = [self._idem_lookup(p.idem, group) for p in items]
-                if all(originals):
-                    results[ri] = [group.receipts.get(s) or self.receipt_for(s) for s in originals]
-                    continue
                 if any(originals):
-                    raise InvalidArgument("idempotency_key", None,
-                                          "some keys of this batch were committed before and some not")
-                frames, nbytes = self._encode_request(items, group, wall_ms)
+                    if not all(originals):
+                        raise InvalidArgument("idempotency_key", None,
+                                              "some keys of this batch were committed before and some not")
+                    results[ri] = [self._original(s, group) for s in originals]
+                    continue
+                start = group.count
+                nbytes = self._encode_request(items, group, wall_ms, id_prefix)
             except BatpakError as exc:
                 results[ri] = exc
                 continue
             end_after = seg.end + group.nbytes + _SENTINEL_FOOTER_ROOM + (seg.count + group.count) * L.RECORD_SIZE
             if end_after > seg.size:
-                # undo this request's encoding, flush what fits, rotate, encode again
-                self._unencode(group, len(items))
+                # it does not fit: take it back out, write what fits, rotate, encode again
+                self._truncate_group(group, start)
                 if group.count:
                     self._flush(group, results, placed)
                     group = _Group()
                 self._rotate(L.SEG_HEADER_SIZE + nbytes + _SENTINEL_FOOTER_ROOM + len(items) * L.RECORD_SIZE)
                 seg = self._seg
                 assert seg is not None
+                start = 0
                 try:
-                    frames, nbytes = self._encode_request(items, group, wall_ms)
+                    self._encode_request(items, group, wall_ms, id_prefix)
                 except BatpakError as exc:
                     results[ri] = exc
                     continue
-            placed.append((ri, frames))
+            placed.append((ri, start, len(items)))
         if group.count:
             self._flush(group, results, placed)
         return results
 
-    def _unencode(self, group: _Group, n: int) -> None:
-        """Forget the last request's frames (it goes to the next segment instead)."""
-        for _ in range(n):
-            chunk = group.chunks.pop()
-            group.nbytes -= len(chunk)
-            group.count -= 1
-            meta = group.metas.pop()
-            group.receipts.pop(meta[0], None)
-        self._next_seq -= n
-        # rebuild the group overlays from what is left
-        ents: dict[bytes, _Entity] = {}
-        idem: dict[bytes, int] = {}
-        for (seq, clock, _kind, _flags, _len, _prev, _sh, entity_key, idem_h, ehash) in group.metas:
-            ents[entity_key] = _Entity(clock, ehash, seq)
-            idem[idem_h] = seq
-        group.entities = ents
-        group.idem = idem
+    def _original(self, seq: int, group: _Group) -> Receipt:
+        """The receipt of an already committed (or already in this group) event."""
+        first = self._next_seq - group.count
+        if seq >= first:
+            return group.receipts[seq - first]
+        return self.receipt_for(seq)
 
-    def _encode_request(self, items: Sequence[Prepared], group: _Group, wall_ms: int) -> tuple[list[int], int]:
-        """Validate guards and encode one request's frames into ``group``."""
-        local: dict[bytes, _Entity] = {}
-        for p in items:
-            st = local.get(p.entity) or self._entity_state(p.entity, group)
-            if p.expected_clock is not None and p.expected_clock != st.clock:
-                raise ConcurrencyConflict(p.entity.decode(), p.expected_clock, st.clock)
-            local[p.entity] = _Entity(st.clock + 1, b"", 0)  # placeholder, clocks only
+    def _truncate_group(self, group: _Group, keep: int) -> None:
+        """Forget the group's events from index ``keep`` on (one request's worth)."""
+        dropped = group.metas[keep:]
+        if not dropped:
+            return
+        del group.metas[keep:]
+        del group.receipts[keep:]
+        del group.parts[keep * 4:]
+        group.nbytes = sum(m[4] for m in group.metas)
+        self._next_seq -= len(dropped)
+        for m in dropped:
+            group.idem.pop(m[9], None)
+        # entity states in the group: recompute from what is left
+        group.entities = {}
+        for m in group.metas:
+            entity = m[8]
+            group.entities[entity] = _Entity(m[1], group.receipts[m[0] - group.metas[0][0]].event_hash, m[0], m[6])
+
+    def _encode_request(self, items: Sequence[Prepared], group: _Group, wall_ms: int, id_prefix: bytes) -> int:
+        """Check one request's guards and encode its frames into ``group`` (all or
+        nothing: on a conflict the group is left as it was). Returns its byte size."""
+        start = group.count
         seq = self._next_seq
-        seqs: list[int] = []
-        nbytes = 0
+        ents = group.entities
+        parts = group.parts
+        metas = group.metas
+        receipts = group.receipts
         last = len(items) - 1
-        local.clear()
-        for i, p in enumerate(items):
-            st = local.get(p.entity) or self._entity_state(p.entity, group)
-            clock = st.clock + 1
-            flags = (FLAG_COMMIT_END if i == last else 0) | (FLAG_HAS_CAUSATION if p.causation != ZERO_ID else 0) \
-                | (FLAG_HAS_CORRELATION if p.correlation != ZERO_ID else 0)
-            event_id = L.make_event_id(wall_ms, self.store_tag, seq)
-            frame, ehash = encode_frame(
-                flags=flags, kind=p.kind, payload_version=p.payload_version, global_sequence=seq,
-                entity_clock=clock, wall_ms=wall_ms, event_id=event_id, causation_id=p.causation,
-                correlation_id=p.correlation, idem_hash=p.idem, prev_hash=st.head_hash,
-                entity=p.entity, scope=p.scope, payload=p.payload,
-            )
-            group.chunks.append(frame)
-            group.nbytes += len(frame)
-            group.count += 1
-            group.metas.append((seq, clock, p.kind, flags, len(frame), st.head_seq,
-                                L.name_hash(p.scope), p.entity, p.idem, ehash))
-            group.receipts[seq] = self._receipt(event_id, seq, p.entity, p.scope, clock, ehash, st.head_hash,
-                                                wall_ms, self.config.sync is SyncMode.GROUP)
-            new = _Entity(clock, ehash, seq)
-            local[p.entity] = new
-            group.entities[p.entity] = new
-            group.idem[p.idem] = seq
-            seqs.append(seq)
-            nbytes += len(frame)
-            seq += 1
+        durable = self.config.sync is SyncMode.GROUP
+        signer = self.signer
+        nbytes = 0
+        pack_hashed = HASHED_HEADER.pack
+        pack_lencrc = LEN_CRC.pack
+        blake = hashlib.blake2b
+        crc32 = zlib.crc32
+        try:
+            for i, p in enumerate(items):
+                entity = p.entity
+                st = ents.get(entity) or self._entity_state(entity)
+                if p.expected_clock is not None and p.expected_clock != st.clock:
+                    raise ConcurrencyConflict(entity.decode(), p.expected_clock, st.clock)
+                clock = st.clock + 1
+                flags = FLAG_COMMIT_END if i == last else 0
+                if p.causation != ZERO_ID:
+                    flags |= FLAG_HAS_CAUSATION
+                if p.correlation != ZERO_ID:
+                    flags |= FLAG_HAS_CORRELATION
+                event_id = id_prefix + seq.to_bytes(8, "big")
+                scope, payload = p.scope, p.payload
+                hashed = pack_hashed(FRAME_VERSION, flags, p.kind, len(entity), len(scope), p.payload_version,
+                                     len(payload), seq, clock, wall_ms, event_id, p.causation, p.correlation,
+                                     p.idem, st.head_hash)
+                body = entity + scope + payload
+                h = blake(hashed, digest_size=32)
+                h.update(body)
+                ehash = h.digest()
+                frame_len = HEADER_SIZE + len(body)
+                crc = crc32(body, crc32(ehash, crc32(hashed)))
+                parts += (pack_lencrc(frame_len, crc), hashed, ehash, body)
+                nbytes += frame_len
+                metas.append((seq, clock, p.kind, flags, frame_len, st.head_seq, st.name_hash,
+                               self._scope_hash(scope), entity, p.idem))
+                sig = signer.sign(event_id, seq, entity, scope, clock, ehash, st.head_hash, wall_ms) if signer else None
+                receipts.append(Receipt(event_id, seq, entity.decode(), scope.decode(), clock, ehash, st.head_hash,
+                                        wall_ms, durable, sig))
+                ents[entity] = _Entity(clock, ehash, seq, st.name_hash)
+                if p.idem != ZERO_ID:
+                    group.idem[p.idem] = seq
+                seq += 1
+        except BatpakError:
+            self._next_seq = seq
+            self._truncate_group(group, start)
+            raise
+        group.nbytes += nbytes
         self._next_seq = seq
-        return seqs, nbytes
+        return nbytes
 
     def _flush(self, group: _Group, results: list[list[Receipt] | BatpakError],
-               placed: list[tuple[int, list[int]]]) -> None:
+               placed: list[tuple[int, int, int]]) -> None:
         """Write the group, fsync (per sync mode), index it, publish, fill results."""
         seg = self._seg
         assert seg is not None
-        data = b"".join(group.chunks)
+        data = b"".join(group.parts)
         first_seq = group.metas[0][0]
         try:
             self.disk.pwrite(seg.fd, data, seg.end, seg.path)
         except StorageError as exc:
             self._abandon_write(seg, len(data), first_seq)
-            for ri, seqs in placed:
-                if seqs and seqs[0] >= first_seq:
-                    results[ri] = exc
+            for ri, _, _ in placed:
+                results[ri] = exc
             placed.clear()
             return
         now = self._clock_ms()
@@ -854,12 +902,19 @@ class Engine:
         pack = L.RECORD.pack_into
         off = seg.end
         sid = seg.segment_id
-        for (seq, clock, kind, flags, flen, prev, scope_h, entity, idem, _eh) in group.metas:
-            ent_h = L.name_hash(entity)
+        slots = self._delta_slots
+        delta, cap = self._delta_map, self._delta_cap
+        idem_active = self._idem_active
+        for (seq, clock, kind, flags, flen, prev, ent_h, scope_h, entity, idem) in group.metas:
             pack(m, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE, clock, sid, off, flen, kind, flags,
                  ent_h, scope_h, prev, idem)
-            delta_upsert(self._delta_map, self._delta_cap, ent_h, seq, prev)
-            self._idem_active[idem] = seq
+            slot = slots.get(entity)
+            if slot is None:
+                slot = slots[entity] = delta_upsert(delta, cap, ent_h, seq, prev)
+            else:
+                _u64.pack_into(delta, slot + 8, seq)
+            if idem != ZERO_ID:
+                idem_active[idem] = seq
             off += flen
         seg.end = off
         seg.count += group.count
@@ -868,8 +923,8 @@ class Engine:
         if synced:
             self.durable = last_seq
         self.reader.view = self.view()
-        for ri, seqs in placed:
-            results[ri] = [group.receipts[s] for s in seqs]
+        for ri, start, n in placed:
+            results[ri] = group.receipts[start:start + n]
         placed.clear()
 
     def _abandon_write(self, seg: _Segment, length: int, first_seq: int) -> None:

@@ -76,6 +76,8 @@ def decode_segment_header(data: bytes, name: str) -> SegmentHeader:
         raise CorruptSegment(name, 0, "segment header checksum mismatch")
     if version > FORMAT_VERSION:
         raise FutureFormat(name, version, FORMAT_VERSION)
+    if any(data[SEG_HEADER.size:SEG_HEADER_SIZE]):  # not under the header CRC: must stay zero
+        raise CorruptSegment(name, SEG_HEADER.size, "segment header padding is not zero")
     return SegmentHeader(segment_id, store_id, first_seq, size)
 
 
@@ -149,7 +151,9 @@ def name_hash(raw: bytes) -> int:
 
 def idem_hash(key: str | bytes) -> bytes:
     """The 128-bit hash an idempotency key is stored and matched under."""
-    raw = b"s" + key.encode("utf-8") if isinstance(key, str) else b"b" + bytes(key)
+    # surrogatepass: a str with a lone surrogate still gets its own hash (valid UTF-8
+    # never contains an encoded surrogate, so no other key can collide with it)
+    raw = b"s" + key.encode("utf-8", "surrogatepass") if isinstance(key, str) else b"b" + bytes(key)
     return hashlib.blake2b(raw, digest_size=16, person=b"bp-idem").digest()
 
 

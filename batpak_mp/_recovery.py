@@ -73,6 +73,10 @@ def scan_segment(
     seq_next = expect_seq
     hash_errors: list[tuple[int, str]] = []
     mv = memoryview(buf)
+    if start < 0 or start > len(mv):
+        return SegmentScan(frames, 0, start, start, BAD, f"start {start} outside buffer of {len(mv)} bytes",
+                           False, hash_errors)
+    limit = min(limit, len(mv))  # never read past the buffer, whatever the caller says
     unpack = HEADER.unpack_from
     crc32 = zlib.crc32
     status, reason = EMPTY, "end of data"

@@ -72,11 +72,12 @@ def delta_candidates(buf: Any, capacity: int, h: int) -> Iterator[int]:
         i = (i + 1) & mask
 
 
-def delta_upsert(buf: Any, capacity: int, h: int, seq: int, prev_seq: int) -> bool:
+def delta_upsert(buf: Any, capacity: int, h: int, seq: int, prev_seq: int) -> int:
     """Point entity hash ``h`` at ``seq``. The entity's slot is the one with hash ``h``
     holding ``prev_seq`` (its previous event); another entity with the same 64-bit hash
     holds another sequence. Writes the sequence before the hash, so a reader that sees
-    the hash always sees a sequence. True if a slot was new."""
+    the hash always sees a sequence. Returns the slot's byte offset (the writer caches
+    it and updates the slot in place from then on)."""
     mask = capacity - 1
     i = h & mask
     unpack = DELTA_SLOT.unpack_from
@@ -86,10 +87,10 @@ def delta_upsert(buf: Any, capacity: int, h: int, seq: int, prev_seq: int) -> bo
         if slot_h == 0:
             struct.pack_into("<Q", buf, off + 8, seq)
             struct.pack_into("<Q", buf, off, h)
-            return True
+            return off
         if slot_h == h and old == prev_seq:
             struct.pack_into("<Q", buf, off + 8, seq)
-            return False
+            return off
         i = (i + 1) & mask
     raise RuntimeError("delta table full")  # the writer rotates long before this
 

@@ -320,6 +320,6 @@ class RestartPolicy:
         if text == "once":
             return cls.once()
         parts = text.split(":")
-        if len(parts) == 3 and parts[0] == "bounded" and parts[1].isdigit() and parts[2].isdigit():
+        if len(parts) == 3 and parts[0] == "bounded" and all(x.isascii() and x.isdigit() for x in parts[1:]):
             return cls.bounded(int(parts[1]), int(parts[2]))
         raise InvalidArgument("restart", text, "must be 'once' or 'bounded:MAX_RESTARTS:WITHIN_MS'")

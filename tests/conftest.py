@@ -24,3 +24,16 @@ def assert_verified(path: str) -> bp.VerifyReport:
 
 
 SMALL = bp.EngineConfig(segment_max_bytes=1 << 20)
+
+
+@pytest.fixture
+def service(data_dir: str) -> Iterator[tuple[bp.Service, str]]:
+    """A served data directory (supervisor + writer, real processes and queues); at the
+    end the service is stopped and the directory must verify."""
+    svc = bp.serve(data_dir, restart=bp.RestartPolicy.bounded(10, 60_000), segment_max_bytes=1 << 20)
+    try:
+        yield svc, data_dir
+    finally:
+        code = svc.stop()
+    assert code == 0
+    assert_verified(data_dir)

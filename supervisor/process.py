@@ -1,0 +1,447 @@
+"""The supervisor process: starts the writer, watches it, restarts it per the policy.
+
+Owns: the writer child process (spawn, readiness pipe, reaping, SIGTERM/SIGKILL), hang
+detection from the control block's heartbeat, the supervisor's own signals, its lock
+(``supervisor.lock`` in the data directory: one supervisor per directory), the fields of
+the control block the supervisor writes (``supervisor_pid``, ``restarts``, ``state`` and
+``reason`` between writers) and its exit codes. Every decision about restarting is asked
+of ``policy.decide``; this module only does the I/O around it.
+
+Invariants:
+- The control block has one updater at a time: the supervisor writes it only while no
+  writer of its own is alive (before the first spawn, after a reap), and never when the
+  store turned out to be held by another live process (writer exit 72).
+- Readiness is explicit: the writer writes ``b"ready\\n"`` on a pipe; nothing is ever
+  "up because it ran for N seconds".
+- A writer is always reaped before it is replaced; the supervisor never leaves a child
+  behind on a normal exit, and the child gets SIGTERM from the kernel if the supervisor
+  dies (PR_SET_PDEATHSIG on Linux; the writer also watches ``--supervisor-pid`` itself).
+
+Must not import the writer, the client or the engine (roles never import each other);
+uses only ``batpak_mp._values``, ``batpak_mp._control`` and ``batpak_mp._errors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+from batpak_mp._control import ControlBlock
+from batpak_mp._errors import ProtocolError
+from batpak_mp._values import RestartPolicy, WriterState
+
+from . import policy as P
+
+# Exit codes of the supervisor process.
+EXIT_STOPPED = 0  # stopped on request; the writer drained and is gone
+EXIT_USAGE = 2  # bad command line
+EXIT_FAILED = 3  # the service failed: policy exhausted, fail-closed writer exit, never ready
+EXIT_IN_USE = 4  # another supervisor or a live writer already serves this data directory
+
+WRITER_MODULE = "batpak_mp.writer"
+LOCK_FILE = "supervisor.lock"  # flock'ed for the supervisor's life, holds its pid
+WRITER_LOCK_FILE = "writer.lock"  # batpak_mp._layout.LOCK_FILE: probed, never held
+WRITER_LOCK_WAIT_MS = 5_000  # an orphaned writer of a dead supervisor notices and exits within this
+POLL_MS = 100  # how often the heartbeat is checked; exits and signals wake the loop at once
+READY_LINE_MAX = 256  # bytes of readiness chatter accepted before the writer is judged broken
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    data_dir: str
+    policy: RestartPolicy
+    writer_args: tuple[str, ...] = ()
+    hang_timeout_ms: int = 3_000
+    restart_delay_ms: int = 0
+    ready_timeout_ms: int = 30_000
+    stop_timeout_ms: int = 10_000
+    ready_fd: int | None = None
+
+
+def _log(msg: str) -> None:
+    try:
+        sys.stderr.write(f"batpak-supervisor[{os.getpid()}]: {msg}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def _set_pdeathsig() -> None:
+    """In the forked child, before exec: SIGTERM when the supervisor dies (Linux)."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+
+
+class _Writer:
+    """One writer child: its process, its readiness pipe and what it has said so far."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], ready_r: int) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.ready_r: int | None = ready_r
+        self.buf = b""
+        self.ready = False
+        self.started_ns = time.monotonic_ns()
+        self.ready_ns = 0
+        self.last_alive_ns = 0
+
+    def close_pipe(self) -> None:
+        if self.ready_r is not None:
+            os.close(self.ready_r)
+            self.ready_r = None
+
+    def read_ready(self) -> None:
+        """Read what the writer wrote on the readiness pipe (non-blocking)."""
+        assert self.ready_r is not None
+        try:
+            chunk = os.read(self.ready_r, 4096)
+        except BlockingIOError:
+            return
+        if not chunk:  # the writer closed it (or died): its exit will be seen by poll()
+            self.close_pipe()
+            return
+        self.buf += chunk
+        if b"\n" in self.buf:
+            line = self.buf.split(b"\n", 1)[0].strip()
+            if line == b"ready":
+                self.ready = True
+                self.ready_ns = self.last_alive_ns = time.monotonic_ns()
+            else:
+                _log(f"writer pid {self.pid} wrote {line[:80]!r} on the readiness pipe; ignored")
+            self.close_pipe()
+        elif len(self.buf) > READY_LINE_MAX:
+            _log(f"writer pid {self.pid} wrote {len(self.buf)} bytes without a newline on the readiness pipe")
+            self.close_pipe()
+
+    def exit_event(self) -> P.WriterExited:
+        rc = self.proc.returncode
+        assert rc is not None
+        if rc < 0:
+            return P.WriterExited(None, -rc, self.ready)
+        return P.WriterExited(rc, None, self.ready)
+
+
+class Supervisor:
+    """Run with ``run()``, which returns the process exit code."""
+
+    def __init__(self, config: Config) -> None:
+        self.cfg = config
+        self.state = P.initial(config.policy)
+        self.block: ControlBlock | None = None
+        self.writer: _Writer | None = None
+        self.stop_signals = 0
+        self._lock_fd = -1
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._ready_fd = config.ready_fd
+        self._old_handlers: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
+
+    # -- signals --------------------------------------------------------------------------
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_signals += 1
+
+    def _on_child(self, signum: int, frame: FrameType | None) -> None:
+        pass  # the wakeup fd already woke the loop
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, self._on_stop_signal)
+        self._old_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_child)
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+
+    def _sleep(self, seconds: float, fds: tuple[int, ...] = ()) -> list[int]:
+        """Wait up to ``seconds`` for one of ``fds`` or any signal; return readable fds."""
+        try:
+            readable, _, _ = select.select([self._wake_r, *fds], [], [], max(0.0, seconds))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
+            return []
+        if self._wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wake_r, 512):
+                    pass
+        return [fd for fd in readable if fd != self._wake_r]
+
+    # -- the supervisor's ready fd ----------------------------------------------------------
+    def _announce(self, line: str) -> None:
+        fd = self._ready_fd
+        if fd is None:
+            return
+        self._ready_fd = None
+        try:
+            os.write(fd, line.encode("utf-8", "replace")[:4000] + b"\n")
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    # -- ownership of the data directory ------------------------------------------------------
+    def _take_dir(self) -> str | None:
+        """Take the supervisor lock and wait for any writer lock holder to go; a reason
+        when the directory is served by someone else."""
+        d = self.cfg.data_dir
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(d, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 32, 0).split(b"\n")[0].decode() or "?"
+            except (OSError, UnicodeDecodeError):
+                holder = "?"
+            os.close(fd)
+            return f"{d} is already supervised (supervisor pid {holder})"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        deadline = time.monotonic() + WRITER_LOCK_WAIT_MS / 1000
+        path = os.path.join(d, WRITER_LOCK_FILE)
+        while True:
+            try:
+                probe = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            try:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None
+            except BlockingIOError:
+                holder = os.pread(probe, 32, 0).split(b"\n")[0].decode(errors="replace") or "?"
+            finally:
+                os.close(probe)
+            if time.monotonic() >= deadline or self.stop_signals:
+                return f"{d} is served by a live writer (pid {holder}) that this supervisor did not start"
+            self._sleep(0.05)
+
+    def _release_dir(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # -- the control block (only while no writer of ours is alive) --------------------------
+    def _mark(self, **fields: int | str) -> None:
+        if self.block is not None:
+            self.block.update(**fields)
+
+    # -- the writer -------------------------------------------------------------------------
+    def _spawn(self) -> None:
+        cfg = self.cfg
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        argv = [sys.executable, "-m", WRITER_MODULE, cfg.data_dir, *cfg.writer_args,
+                "--ready-fd", str(w), "--supervisor-pid", str(os.getpid())]
+        try:
+            proc = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.DEVNULL,
+                                    preexec_fn=_set_pdeathsig,  # safe: the supervisor has one thread
+                                    process_group=0)  # a terminal's Ctrl-C reaches only us; we drain it
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self.writer = _Writer(proc, r)
+        _log(f"started writer pid {proc.pid}")
+
+    def _reap(self, timeout_s: float | None = None) -> bool:
+        """Wait for the writer to end (up to ``timeout_s``, forever if None)."""
+        wr = self.writer
+        assert wr is not None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while wr.proc.poll() is None:
+            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            self._sleep(left)
+        wr.close_pipe()
+        return True
+
+    def _kill(self) -> None:
+        wr = self.writer
+        assert wr is not None
+        with contextlib.suppress(ProcessLookupError):
+            wr.proc.send_signal(signal.SIGKILL)
+        self._reap()
+
+    def _log_exit(self) -> None:
+        wr = self.writer
+        assert wr is not None and wr.proc.returncode is not None
+        rc = wr.proc.returncode
+        how = f"killed by {_signal_name(-rc)}" if rc < 0 else f"exited with code {rc}"
+        _log(f"writer pid {wr.pid} {how}{'' if wr.ready else ' before it was ready'}")
+
+    def _hung_ms(self, now_ns: int) -> int:
+        """How long a ready writer has been silent past the hang timeout (0: it is fine)."""
+        wr = self.writer
+        assert wr is not None and self.block is not None
+        try:
+            snap = self.block.read()
+        except ProtocolError:  # seqlock stuck odd: the writer stopped mid-update; judge it
+            snap = None
+        if snap is not None:
+            if snap.state != WriterState.READY:
+                wr.last_alive_ns = now_ns  # starting/draining: not judged on heartbeats
+            elif snap.heartbeat_ns > wr.last_alive_ns:
+                wr.last_alive_ns = snap.heartbeat_ns
+        silent_ms = (now_ns - wr.last_alive_ns) // 1_000_000
+        return silent_ms if silent_ms > self.cfg.hang_timeout_ms else 0
+
+    def _watch(self) -> P.Event:
+        """Wait until the writer ends, hangs, never gets ready, or we are told to stop."""
+        wr = self.writer
+        assert wr is not None
+        cfg = self.cfg
+        while True:
+            if self.stop_signals:
+                return P.StopRequested()
+            if wr.proc.poll() is not None:
+                self._reap()
+                self._log_exit()
+                return wr.exit_event()
+            now = time.monotonic_ns()
+            if not wr.ready:
+                if (now - wr.started_ns) // 1_000_000 > cfg.ready_timeout_ms:
+                    _log(f"writer pid {wr.pid} not ready within {cfg.ready_timeout_ms} ms; killing it")
+                    self._kill()
+                    return P.ReadyTimedOut(cfg.ready_timeout_ms)
+            else:
+                silent = self._hung_ms(now)
+                if silent:
+                    _log(f"writer pid {wr.pid} hung (no heartbeat for {silent} ms); killing it")
+                    self._kill()
+                    return P.WriterHung(silent)
+            fds = (wr.ready_r,) if wr.ready_r is not None else ()
+            if self._sleep(POLL_MS / 1000, fds):
+                was_ready = wr.ready
+                wr.read_ready()
+                if wr.ready and not was_ready:
+                    self._on_ready()
+
+    def _on_ready(self) -> None:
+        wr = self.writer
+        assert wr is not None and self.block is not None
+        try:
+            epoch = f" (epoch {self.block.read().writer_epoch})"
+        except ProtocolError:
+            epoch = ""
+        _log(f"writer pid {wr.pid} ready{epoch}")
+        self._announce(f"ready {wr.pid}")
+
+    def _drain(self) -> P.Event:
+        """Stop requested: SIGTERM the writer, wait, SIGKILL after the timeout (or at a
+        second stop signal), reap. The writer's exit is the event."""
+        wr = self.writer
+        assert wr is not None
+        if wr.proc.poll() is None:
+            _log(f"stopping: SIGTERM to writer pid {wr.pid}")
+            with contextlib.suppress(ProcessLookupError):
+                wr.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.cfg.stop_timeout_ms / 1000
+            seen = self.stop_signals
+            while wr.proc.poll() is None:
+                if time.monotonic() >= deadline or self.stop_signals > seen:
+                    _log(f"writer pid {wr.pid} still running; SIGKILL")
+                    self._kill()
+                    break
+                self._sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        self._reap()
+        self._log_exit()
+        return wr.exit_event()
+
+    # -- the main loop ----------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        self._install_signals()
+        try:
+            busy = self._take_dir()
+            if busy is not None:
+                _log(f"failed: {busy}")
+                self._announce(f"failed {busy}")
+                return EXIT_IN_USE
+            self.block = ControlBlock.create(cfg.data_dir)
+            self._mark(supervisor_pid=os.getpid(), restarts=0, writer_pid=0,
+                       state=int(WriterState.STARTING), reason="")
+            _log(f"supervising {cfg.data_dir} (restart policy {cfg.policy.spec()})")
+            return self._loop()
+        finally:
+            if self.writer is not None and self.writer.proc.poll() is None:  # only on a crash of ours
+                self._kill()
+            if self.block is not None:
+                self.block.close()
+            self._release_dir()
+            self._restore_signals()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+
+    def _loop(self) -> int:
+        while True:
+            if self.stop_signals:  # asked to stop while no writer runs (restart delay)
+                self.state, action = P.decide(self.state, P.StopRequested(), _now_ms())
+                return self._finish(action)
+            self._spawn()
+            event = self._watch()
+            if isinstance(event, P.StopRequested):
+                self.state, _ = P.decide(self.state, event, _now_ms())
+                event = self._drain()
+            self.state, action = P.decide(self.state, event, _now_ms())
+            if isinstance(action, P.Restart):
+                self._mark(state=int(WriterState.STARTING), writer_pid=0, restarts=action.restarts,
+                           reason=action.cause)
+                _log(f"restarting writer: {action.describe(self.cfg.policy)}")
+                if self.cfg.restart_delay_ms:
+                    end = time.monotonic() + self.cfg.restart_delay_ms / 1000
+                    while not self.stop_signals and time.monotonic() < end:
+                        self._sleep(end - time.monotonic())
+                continue
+            return self._finish(action)
+
+    def _finish(self, action: P.Action) -> int:
+        if isinstance(action, P.Stop):
+            self._mark(state=int(WriterState.STOPPED), writer_pid=0)
+            _log("stopped")
+            self._announce("failed stopped before the writer was ready")
+            return EXIT_STOPPED
+        assert isinstance(action, P.Fail)
+        if action.store_locked:  # the control block belongs to the live lock holder
+            _log(f"failed: {action.reason}")
+            self._announce(f"failed {action.reason}")
+            return EXIT_IN_USE
+        self._mark(state=int(WriterState.FAILED), writer_pid=0, reason=action.reason)
+        _log(f"failed: {action.reason}")
+        self._announce(f"failed {action.reason}")
+        return EXIT_FAILED
+
+
+def run(config: Config) -> int:
+    return Supervisor(config).run()
