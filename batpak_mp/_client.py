@@ -307,8 +307,9 @@ class Store:
 
     # -- reads (no round trip) -------------------------------------------------------------
     def get(self, event_id: bytes) -> Event:
-        with self._lock:
+        if self._closed or self._forked:
             self._ensure_open()
+        with self._lock:
             return self._reader.get(event_id)
 
     def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None) -> list[Event]:

@@ -14,7 +14,7 @@ import mmap
 import os
 import struct
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import posix_ipc
 
@@ -38,6 +38,7 @@ _FIELDS_AT = 16
 _REASON_AT = _FIELDS_AT + _FIELD_FMT.size
 _REASON_LEN = struct.Struct("<I")
 _SEQ = struct.Struct("<Q")
+_FRONTIER = struct.Struct("<QQQQ")  # visible, durable, base_segment, delta_gen
 
 
 class ControlSnapshot(NamedTuple):
@@ -127,30 +128,46 @@ class ControlBlock:
         return cls(name, mm, False)
 
     # -- reading (lock-free) -----------------------------------------------------------
-    def read(self) -> ControlSnapshot:
+    def _settled(self, read_fields: Any) -> Any:
+        """Run ``read_fields`` until it saw no update in flight (seqlock). Spins briefly,
+        then yields the CPU: on a busy machine the writer may be descheduled mid-update.
+        An update that never finishes means its writer died in it; the supervisor
+        repairs the count when it reaps the writer, so a reader waits up to 2 s."""
         mm = self._mm
-        for _ in range(10_000):
+        deadline = 0.0
+        spins = 0
+        while True:
             s1 = _SEQ.unpack_from(mm, _FIELDS_AT)[0]
-            if s1 & 1:
-                continue
+            if not s1 & 1:
+                value = read_fields(mm)
+                if _SEQ.unpack_from(mm, _FIELDS_AT)[0] == s1:
+                    return value
+            spins += 1
+            if spins > 100:
+                if not deadline:
+                    deadline = time.monotonic() + 2.0
+                elif time.monotonic() > deadline:
+                    raise WriterUnavailable("the control block stayed mid-update for 2 s (its writer died in it)")
+                time.sleep(0.0001 if spins < 1000 else 0.001)
+
+    def read(self) -> ControlSnapshot:
+        def fields(mm: mmap.mmap) -> ControlSnapshot:
             values = _FIELD_FMT.unpack_from(mm, _FIELDS_AT)
             (n,) = _REASON_LEN.unpack_from(mm, _REASON_AT)
             reason = bytes(mm[_REASON_AT + 4:_REASON_AT + 4 + min(n, REASON_MAX)])
-            if _SEQ.unpack_from(mm, _FIELDS_AT)[0] == s1:
-                return ControlSnapshot._make((*values, reason.decode("utf-8", "replace")))
-        raise ProtocolError("control block seqlock never settled (a writer died mid-update?)")
+            return ControlSnapshot._make((*values, reason.decode("utf-8", "replace")))
+
+        snap: ControlSnapshot = self._settled(fields)
+        return snap
 
     def frontier(self) -> tuple[int, int, int, int]:
         """(visible, base_segment, delta_gen, state) — the hot read of every client call."""
-        mm = self._mm
-        while True:
-            s1 = _SEQ.unpack_from(mm, _FIELDS_AT)[0]
-            if s1 & 1:
-                continue
-            vis, _dur, base, delta = struct.unpack_from("<QQQQ", mm, _FIELDS_AT + 5 * 8)
-            state = _SEQ.unpack_from(mm, _FIELDS_AT + 3 * 8)[0]
-            if _SEQ.unpack_from(mm, _FIELDS_AT)[0] == s1:
-                return vis, base, delta, state
+        def fields(mm: mmap.mmap) -> tuple[int, int, int, int]:
+            vis, _dur, base, delta = _FRONTIER.unpack_from(mm, _FIELDS_AT + 5 * 8)
+            return vis, base, delta, _SEQ.unpack_from(mm, _FIELDS_AT + 3 * 8)[0]
+
+        result: tuple[int, int, int, int] = self._settled(fields)
+        return result
 
     # -- writing (one writer at a time: the writer, or the supervisor after a reap) ------
     def update(self, **fields: int | str) -> None:

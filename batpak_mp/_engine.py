@@ -147,6 +147,7 @@ class _Segment:
     path: str
     end: int  # offset just past the last committed frame
     count: int  # committed frames in it
+    sealed: bool = False  # footer and trailer written: nothing more may go in (a failed rotation retries)
 
 
 @dataclass
@@ -335,6 +336,8 @@ class Engine:
         floor = max(hint, ckpt[0] if ckpt else 0)
         self._open_records()
         ids = self._segment_ids()
+        if ids and self._drop_unborn(ids[-1]):
+            ids.pop()
         next_seq = 1
         sealed: list[int] = []
         cut_bytes = 0
@@ -395,7 +398,8 @@ class Engine:
                                  f"but sequence {floor} was durable")
         self.visible = self.durable = next_seq - 1
         self._next_seq = next_seq
-        self._open_bases(sealed[-1] if sealed else 0, next_seq - 1)
+        # the base tables cover the sealed segments only (the active one is in the delta)
+        self._open_bases(sealed[-1] if sealed else 0, active.first_seq - 1 if active else next_seq - 1)
         if active is None:
             active = self._create_segment((ids[-1] + 1) if ids else 1, next_seq, self.config.segment_max_bytes)
             scanned = []
@@ -410,6 +414,29 @@ class Engine:
             "active_frames_scanned": len(scanned),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 2),
         }
+
+    def _drop_unborn(self, sid: int) -> bool:
+        """A kill while a segment was being created (rotation) can leave the newest file
+        empty or all zeros: its header is fsynced before any frame goes in, so it holds no
+        event. Remove it (True); a file with any non-zero byte is left to the checks."""
+        d = self.disk
+        path = os.path.join(self._seg_dir, L.segment_name(sid))
+        fd = d.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            off = 0
+            while off < size:
+                chunk = d.pread(fd, min(MiB, size - off), off, path)
+                if not chunk:
+                    break
+                if chunk.count(0) != len(chunk):
+                    return False
+                off += len(chunk)
+        finally:
+            os.close(fd)
+        d.unlink(path)
+        d.fsync_dir(self._seg_dir)
+        return True
 
     def _adopt_sealed(self, fd: int, path: str, size: int, trailer: L.Trailer, first_seq: int) -> int:
         """Check a sealed segment (whole-file checksum, footer) and make records.idx agree
@@ -643,12 +670,14 @@ class Engine:
         self.disk.pwrite(seg.fd, L.encode_trailer(seg.end, len(footer), crc), seg.size - L.SEG_TRAILER_SIZE,
                          seg.path)
         self._fsync(seg.fd, seg.path)
+        seg.sealed = True
 
     def _rotate(self, need_bytes: int) -> None:
         """Seal the active segment, fold it into the base tables, start the next one."""
         seg = self._seg
         assert seg is not None
-        self._seal(seg)
+        if not seg.sealed:  # sealed already when a previous rotation failed after sealing
+            self._seal(seg)
         sid = seg.segment_id
         next_first = seg.first_seq + seg.count
         self._build_bases(sid, next_first - 1)
@@ -768,7 +797,7 @@ class Engine:
                 results[ri] = exc
                 continue
             end_after = seg.end + group.nbytes + _SENTINEL_FOOTER_ROOM + (seg.count + group.count) * L.RECORD_SIZE
-            if end_after > seg.size:
+            if end_after > seg.size or seg.sealed:
                 # it does not fit: take it back out, write what fits, rotate, encode again
                 self._truncate_group(group, start)
                 if group.count:
@@ -892,7 +921,15 @@ class Engine:
         if self.config.sync is SyncMode.GROUP or (
             self.config.sync is SyncMode.INTERVAL and now - self._last_sync_ms >= self.config.sync_interval_ms
         ):
-            self._fsync(seg.fd, seg.path)
+            try:
+                self._fsync(seg.fd, seg.path)
+            except StorePoisoned:
+                # never acknowledged: best effort to keep these frames from coming back at recovery
+                try:
+                    self.disk.zero_range(seg.fd, seg.end, len(data), seg.path)
+                except StorageError:
+                    pass
+                raise
             self._last_sync_ms = now
             synced = True
         # index: records, then delta slots (a reader that sees a slot finds its record)

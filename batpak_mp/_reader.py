@@ -41,7 +41,6 @@ from ._layout import (
     SEGMENT_DIR,
     delta_name,
     entities_base_name,
-    event_id_sequence,
     name_hash,
     segment_name,
 )
@@ -55,6 +54,10 @@ from ._tables import (
 from ._values import Coordinate, Event, Kind, Page, check_name
 
 _rec_unpack = RECORD.unpack_from
+_len_crc = struct.Struct("<II").unpack_from
+_hdr_unpack = struct.Struct("<HHHHHHIQQQ16s16s16s16s32s32s").unpack_from  # header after length+crc
+_crc32 = zlib.crc32
+_KINDS: dict[int, Kind] = {}  # packed kind -> Kind, filled as kinds are met
 _q_unpack = struct.Struct("<Q").unpack_from
 _header_unpack = HEADER.unpack_from
 NO_ID = bytes(16)
@@ -117,6 +120,7 @@ class Reader:
         self._delta_cap = 0
         self._delta_gen = -1
         self.view = View(0, 0, 0)
+        self._coords: dict[tuple[bytes, int], Coordinate] = {}  # decoded names, reused across events
 
     # -- mapping ------------------------------------------------------------------------
     def refresh(self) -> View:
@@ -205,6 +209,39 @@ class Reader:
             raise StaleView(f"sequence {seq}")
         return value
 
+    def event(self, seq: int) -> Event:
+        """The Event of a visible sequence: the hot path of every read. Checks the
+        record against the frame (length, checksum, sequence) and builds the Event
+        straight from the mapped bytes; ``StaleView`` when they disagree."""
+        m = self._records
+        rec_off = RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE
+        if m is None or len(m) < rec_off + RECORD_SIZE:
+            m = self._records_map(seq)
+        rec = _rec_unpack(m, rec_off)
+        seg = self._segments.get(rec[1]) or self._segment(rec[1])
+        off = rec[2]
+        end = off + rec[3]
+        if end > len(seg) or _len_crc(seg, off) != (rec[3], _crc32(memoryview(seg)[off + 8:end])):
+            raise StaleView(f"sequence {seq}")
+        (version, _flags, kind, elen, slen, pv, _plen, gseq, clock, wall, event_id, causation, correlation,
+         _idem, prev, ehash) = _hdr_unpack(seg, off + 8)
+        if gseq != seq or version != FRAME_VERSION:
+            raise StaleView(f"sequence {seq}")
+        e0 = off + HEADER_SIZE
+        s0 = e0 + elen
+        p0 = s0 + slen
+        key = seg[e0:p0]
+        coord = self._coords.get((key, elen))
+        if coord is None:
+            if len(self._coords) > 10_000:
+                self._coords.clear()
+            coord = self._coords[(key, elen)] = Coordinate._trusted(key[:elen], key[elen:])
+        k = _KINDS.get(kind)
+        if k is None:
+            k = _KINDS[kind] = Kind.unpack(kind)
+        return Event(event_id, seq, coord, k, clock, wall, seg[p0:end], pv, ehash, prev,
+                     None if causation == NO_ID else causation, None if correlation == NO_ID else correlation)
+
     def _retrying(self, fn: Callable[[], Any]) -> Any:
         """Run a read; on a stale index refresh the view once, then call it corruption."""
         try:
@@ -239,20 +276,24 @@ class Reader:
             self.refresh()
             if not 0 < seq <= self.view.visible:
                 raise NotFound("sequence", seq)
-        return frame_to_event(self._retrying(lambda: self.frame(seq)))
+        ev: Event = self._retrying(functools.partial(self.event, seq))
+        return ev
 
     def get(self, event_id: bytes) -> Event:
         if not isinstance(event_id, (bytes, bytearray)) or len(event_id) != 16:
             raise InvalidArgument("event_id", event_id, "must be 16 bytes")
-        seq = event_id_sequence(event_id)
+        seq = int.from_bytes(event_id[8:], "big")
         if not 0 < seq <= self.view.visible:
             self.refresh()
             if not 0 < seq <= self.view.visible:
                 raise NotFound("event", bytes(event_id).hex())
-        f = self._retrying(lambda: self.frame(seq))
-        if f.event_id != event_id:
+        try:
+            ev = self.event(seq)
+        except StaleView:
+            ev = self._retrying(functools.partial(self.event, seq))
+        if ev.event_id != event_id:
             raise NotFound("event", bytes(event_id).hex())
-        return frame_to_event(f)
+        return ev
 
     def history(self, entity: str, after_clock: int | None = None, limit: int | None = None) -> list[Event]:
         raw = check_name("entity", entity)
@@ -275,7 +316,7 @@ class Reader:
             seqs.reverse()
             if limit is not None:
                 seqs = seqs[:limit]
-            out = [frame_to_event(self.frame(s)) for s in seqs]
+            out = [self.event(s) for s in seqs]
             for ev in out:
                 if ev.coordinate.entity != entity:
                     raise StaleView(f"entity chain of {entity!r}")
@@ -316,7 +357,7 @@ class Reader:
                     continue
                 if kind_packed >= 0 and rec[4] != kind_packed:
                     continue
-                ev = frame_to_event(self.frame(seq))
+                ev = self.event(seq)
                 if entity is not None and ev.coordinate.entity != entity:
                     continue
                 if scope is not None and ev.coordinate.scope != scope:

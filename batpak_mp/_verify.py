@@ -41,6 +41,8 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
     except BatpakError as exc:
         report.problems.append(Problem(L.META_FILE, 0, str(exc)))
         return report
+    # the durable floor, read before the segments: a live writer only moves it forward
+    durable = _checkpoint_seq(os.path.join(root, L.CHECKPOINT_FILE))
     seg_dir = os.path.join(root, L.SEGMENT_DIR)
     try:
         names = sorted(n for n in os.listdir(seg_dir) if n.endswith(".seg"))
@@ -49,6 +51,9 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
     records = _map(os.path.join(root, L.INDEX_DIR, L.RECORDS_FILE))
     heads: dict[bytes, _Head] = {}
     next_seq = 1
+    end_name, end_offset = L.CHECKPOINT_FILE, 0  # where the log ends
+    if names and _unborn(os.path.join(seg_dir, names[-1])):
+        names.pop()  # being created (or a crash cut its creation short): it holds no event
     for pos, name in enumerate(names):
         path = os.path.join(seg_dir, name)
         report.segments_checked += 1
@@ -57,15 +62,44 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
             report.problems.append(Problem(name, 0, "segment is empty"))
             continue
         try:
-            next_seq = _verify_segment(name, m, store_id, next_seq, pos == len(names) - 1,
-                                       heads, records, report)
+            next_seq, end_offset = _verify_segment(name, m, store_id, next_seq, pos == len(names) - 1,
+                                                   heads, records, report)
+            end_name = name
         except BatpakError as exc:
             report.problems.append(Problem(name, getattr(exc, "offset", 0), str(exc)))
         finally:
             m.close()
     if records is not None:
         records.close()
+    if next_seq - 1 < durable:
+        report.problems.append(Problem(end_name, end_offset, f"log ends at sequence {next_seq - 1}, but the "
+                                       f"checkpoint says sequence {durable} was durable"))
     return report
+
+
+def _checkpoint_seq(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            ckpt = L.decode_checkpoint(f.read())
+    except FileNotFoundError:
+        return 0
+    return ckpt[0] if ckpt else 0
+
+
+def _unborn(path: str) -> bool:
+    """A segment file that is empty or all zeros: its header was never written, so no
+    frame was either (the engine removes such a file when it opens the directory)."""
+    m = _map(path)
+    if m is None:
+        return True
+    try:
+        if any(m[: L.SEG_HEADER_SIZE + 8]):
+            return False
+        size = len(m)
+        step = 1 << 20
+        return all(m[i:i + step].count(0) == min(step, size - i) for i in range(0, size, step))
+    finally:
+        m.close()
 
 
 def _map(path: str) -> mmap.mmap | None:
@@ -82,7 +116,9 @@ def _map(path: str) -> mmap.mmap | None:
 def _verify_segment(
     name: str, m: mmap.mmap, store_id: bytes, next_seq: int, is_last: bool,
     heads: dict[bytes, _Head], records: mmap.mmap | None, report: VerifyReport,
-) -> int:
+) -> tuple[int, int]:
+    """Check one segment; return the next sequence and the offset where its committed
+    frames end."""
     size = len(m)
     header = L.decode_segment_header(m[: L.SEG_HEADER_SIZE], name)
     if header.store_id != store_id:
@@ -142,4 +178,5 @@ def _verify_segment(
         start = L.RECORDS_HEADER_SIZE + (next_seq - 1) * L.RECORD_SIZE
         if records[start:start + len(derived)] != bytes(derived):
             report.problems.append(Problem(L.RECORDS_FILE, start, f"index records of {name} do not match the log"))
-    return next_seq + len(frames)
+    end = frames[-1].offset + frames[-1].frame_len if frames else L.SEG_HEADER_SIZE
+    return next_seq + len(frames), end

@@ -20,8 +20,9 @@ import mmap
 import os
 import signal
 import sys
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,18 +31,23 @@ import posix_ipc
 
 from . import _wire as W
 from ._control import ControlBlock, ipc_prefix, request_queue_name
-from ._engine import Engine, EngineConfig, Prepared, parse_sync, prepare
+from ._engine import Engine, EngineConfig, Prepared, parse_sync
 from ._errors import (
     BatpakError,
     CorruptSegment,
     FutureFormat,
+    InvalidArgument,
+    InvalidCoordinate,
     InvalidKind,
     InvalidPayload,
+    PayloadTooLarge,
     ProtocolError,
+    ReservedKind,
     StoreLocked,
     StorePoisoned,
 )
-from ._values import Coordinate, Kind, Receipt, WriterState
+from ._frame import ZERO_ID
+from ._values import RESERVED_CATEGORIES, Receipt, WriterState, check_name
 
 EXIT_OK, EXIT_USAGE, EXIT_POISONED, EXIT_CORRUPT, EXIT_LOCKED = 0, 2, 70, 71, 72
 
@@ -51,7 +57,9 @@ RECEIVE_TIMEOUT_S = 0.05  # how long the loop sleeps in the kernel when idle
 CHECKPOINT_EVERY_NS = 1_000_000_000  # durable floor persisted at most once a second
 SWEEP_EVERY_NS = 5_000_000_000  # dead clients' IPC objects reclaimed every 5 s
 MAX_AREAS = 1024  # client areas kept mapped at once (LRU beyond)
-DRAIN_MAX = 64  # messages taken per group beyond the first (the queue holds 10)
+DRAIN_MAX = 64  # messages taken per group while draining at stop
+GROUP_MAX = 256  # requests in one commit group at most (one write, one fsync)
+INBOX_MAX = 1024  # messages the receiver thread holds before leaving the rest queued
 SYSTEM_WRITER_STARTED = 1
 SYSTEM_WRITER_STOPPED = 2
 SHM_DIR = "/dev/shm"
@@ -76,25 +84,52 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def prepare_from_wire(item: list[Any], max_payload: int) -> Prepared:
-    """Validate one append item as it came off the wire (shape checked by _wire)."""
-    entity, scope, kind, payload, pv, idem, clock, causation, correlation = item
-    try:
-        coord = Coordinate(entity.decode("utf-8"), scope.decode("utf-8"))
-    except UnicodeDecodeError:
-        from ._errors import InvalidCoordinate
+class WireItems:
+    """Validates append items as they come off the wire (shape checked by ``_wire``)
+    and turns them into ``Prepared`` events. Names already seen valid are remembered,
+    so the common case costs a dict lookup instead of a UTF-8 and control-char scan."""
 
-        raise InvalidCoordinate("entity", entity[:64], "is not valid UTF-8") from None
-    if not 0 <= kind <= 0xFFFF:
-        raise InvalidKind(kind, None, "packed kind out of range")
-    try:
-        msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except Exception as exc:
-        raise InvalidPayload(f"payload bytes are not msgpack: {type(exc).__name__}") from None
-    p = prepare(coord, Kind.unpack(kind), payload, idempotency_key=None, expected_clock=clock,
-                causation_id=causation, correlation_id=correlation, max_payload=max_payload,
-                payload_is_encoded=True, payload_version=pv)
-    return p._replace(idem=idem)
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self._names: set[bytes] = set()
+
+    def _name(self, field: str, raw: bytes) -> None:
+        if raw in self._names:
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidCoordinate(field, raw[:64], "is not valid UTF-8") from None
+        check_name(field, text)
+        if len(self._names) > 100_000:
+            self._names.clear()
+        self._names.add(raw)
+
+    def prepare(self, items: list[list[Any]]) -> list[Prepared]:
+        out = []
+        name = self._name
+        unpack = msgpack.unpackb
+        for entity, scope, kind, payload, pv, idem, clock, causation, correlation in items:
+            name("entity", entity)
+            name("scope", scope)
+            if not 0 <= kind <= 0xFFFF:
+                raise InvalidKind(kind, None, "packed kind out of range")
+            if (kind >> 12) in RESERVED_CATEGORIES:
+                raise ReservedKind(kind >> 12, kind & 0xFFF)
+            if len(payload) > self.max_payload:
+                raise PayloadTooLarge(len(payload), self.max_payload)
+            if not 0 <= pv <= 0xFFFF:
+                raise InvalidArgument("payload_version", pv, "must be 0..65535")
+            if clock is not None and clock < 0:
+                raise InvalidArgument("expected_clock", clock, "must be an int >= 0")
+            try:
+                unpack(payload)
+            except Exception as exc:
+                raise InvalidPayload(f"payload bytes are not msgpack: {type(exc).__name__}") from None
+            out.append(Prepared(entity, scope, kind, payload, pv, idem, clock,
+                                causation if causation and any(causation) else ZERO_ID,
+                                correlation if correlation and any(correlation) else ZERO_ID))
+        return out
 
 
 class _Area:
@@ -136,13 +171,20 @@ class Writer:
         self.stopping = False
         self.dropped = 0
         self._areas: OrderedDict[str, _Area] = OrderedDict()
+        self._inbox: deque[bytes] = deque()
+        self._wake = threading.Event()
+        self._receiver_stop = False
         self._last_beat = self._last_ckpt = self._last_sweep = 0
+        self.items = WireItems(config.max_payload_bytes)
+        self._control_lock = threading.Lock()  # the loop and the receiver thread both beat
         self.control = ControlBlock.create(self.data_dir)
         prev = self.control.read()
-        self.epoch = prev.writer_epoch + 1
+        # the engine takes the data directory's lock first: a writer that loses the race
+        # for it (StoreLocked) must not touch the live service's control block
+        self.engine = Engine.open(self.data_dir, config, durable_hint=(prev.store_tag, prev.durable))
+        self.epoch = self.control.read().writer_epoch + 1
         self.control.update(writer_epoch=self.epoch, writer_pid=os.getpid(), state=WriterState.STARTING,
                             heartbeat_ns=time.monotonic_ns(), started_ns=time.monotonic_ns(), reason="")
-        self.engine = Engine.open(self.data_dir, config, durable_hint=(prev.store_tag, prev.durable))
         self.queue = posix_ipc.MessageQueue(
             request_queue_name(self.data_dir), posix_ipc.O_CREAT, mode=0o600,
             max_messages=QUEUE_DEPTH, max_message_size=W.MAX_MESSAGE, read=True, write=False,
@@ -163,33 +205,72 @@ class Writer:
     # -- control block -------------------------------------------------------------------
     def publish(self, **extra: int | str) -> None:
         e = self.engine
-        self.control.update(visible=e.visible, durable=e.durable, base_segment=e._base_segment,
-                            delta_gen=e._delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self._areas),
-                            dropped_messages=self.dropped, **extra)
+        with self._control_lock:
+            self.control.update(visible=e.visible, durable=e.durable, base_segment=e._base_segment,
+                                delta_gen=e._delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self._areas),
+                                dropped_messages=self.dropped, **extra)
+
+    def _beat_from_receiver(self) -> None:
+        """The receiver thread keeps the heartbeat going while the loop is busy in a long
+        commit (a 10,000-event batch, a slow fsync): busy is not hung."""
+        now = time.monotonic_ns()
+        if now - self._last_beat >= HEARTBEAT_EVERY_NS:
+            self._last_beat = now
+            with self._control_lock:
+                self.control.update(heartbeat_ns=now)
 
     # -- the loop ------------------------------------------------------------------------
-    def serve(self) -> None:
+    def _receive_loop(self) -> None:
+        """Receiver thread: empties the kernel queue into the inbox, also while the
+        commit loop sits in fsync (which releases the GIL). The kernel queue holds only
+        10 messages; this lets one commit group carry a request from every client."""
         receive = self.queue.receive
-        while not self.stopping:
+        inbox = self._inbox
+        wake = self._wake
+        while not self._receiver_stop:
             try:
-                first, _ = receive(RECEIVE_TIMEOUT_S)
-            except posix_ipc.BusyError:
-                self.tick()
+                msg, _ = receive(RECEIVE_TIMEOUT_S)
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                self._beat_from_receiver()
                 continue
-            except posix_ipc.SignalError:
-                continue
-            batch = [first]
-            while len(batch) < DRAIN_MAX:
+            except posix_ipc.ExistentialError:
+                break
+            inbox.append(msg)
+            while len(inbox) < INBOX_MAX:
                 try:
-                    batch.append(receive(0)[0])
+                    inbox.append(receive(0)[0])
                 except (posix_ipc.BusyError, posix_ipc.SignalError):
                     break
-            self.handle(batch)
-            self.tick()
+            wake.set()
+            self._beat_from_receiver()
+
+    def serve(self) -> None:
+        inbox = self._inbox
+        wake = self._wake
+        self._receiver = threading.Thread(target=self._receive_loop, name="batpak-receiver", daemon=True)
+        self._receiver.start()
+        try:
+            while not self.stopping:
+                if not inbox:
+                    wake.wait(RECEIVE_TIMEOUT_S)
+                    wake.clear()
+                    if not inbox:
+                        self.tick()
+                        continue
+                batch = [inbox.popleft() for _ in range(min(len(inbox), GROUP_MAX))]
+                self.handle(batch)
+                self.tick()
+        finally:
+            self._receiver_stop = True
+            self._receiver.join()
+        if inbox:  # taken off the kernel queue but not served yet: serve before stopping
+            self.handle(list(inbox))
+            inbox.clear()
 
     def drain(self) -> None:
         """Answer whatever is queued now, then stop taking work."""
-        self.control.update(state=WriterState.DRAINING)
+        with self._control_lock:
+            self.control.update(state=WriterState.DRAINING)
         while True:
             batch: list[bytes] = []
             while len(batch) < DRAIN_MAX:
@@ -237,7 +318,6 @@ class Writer:
         """One commit group: parse every message, commit every append together, reply."""
         appends: list[tuple[_Area, W.Request, list[Prepared]]] = []
         others: list[tuple[_Area, W.Request]] = []
-        max_payload = self.config.max_payload_bytes
         for raw in raw_messages:
             try:
                 msg = W.decode_message(raw, self.area_prefix)
@@ -258,7 +338,7 @@ class Writer:
                 continue
             if req.op == W.OP_APPEND:
                 try:
-                    prepared = [prepare_from_wire(item, max_payload) for item in req.body]
+                    prepared = self.items.prepare(req.body)
                 except BatpakError as exc:
                     self.reply_error(area, req.request_id, exc)
                     continue
@@ -395,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             writer_ref[0].stopping = True
 
     writer_ref: list[Writer] = []
+    sys.setswitchinterval(0.0005)  # hand the GIL to the receiver thread quickly
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     fail: Callable[[str], None] = lambda reason: _mark_failed(args.data_dir, reason)  # noqa: E731
