@@ -30,6 +30,7 @@ from ._errors import (
     BatpakError,
     ConcurrencyConflict,
     CorruptSegment,
+    FutureFormat,
     InvalidArgument,
     InvalidPayload,
     PayloadTooLarge,
@@ -369,6 +370,9 @@ class Engine:
                 kept = scan.frames[: scan.committed]
                 last_kept = next_seq + len(kept) - 1
                 is_last = pos == len(ids) - 1
+                if scan.stop_status == BAD and scan.stop_reason.startswith("future frame version"):
+                    # a whole frame from a newer writer: never cut what we cannot read
+                    raise FutureFormat(path, int(scan.stop_reason.rsplit(" ", 1)[1]), FRAME_VERSION)
                 if scan.damage_mid_log or (scan.stop_status in (BAD, NEED_MORE) and last_kept < floor):
                     raise CorruptSegment(path, scan.stop_offset, scan.stop_reason)
                 if last_kept < floor and not is_last:

@@ -76,6 +76,8 @@ def decode_segment_header(data: bytes, name: str) -> SegmentHeader:
         raise CorruptSegment(name, 0, "segment header checksum mismatch")
     if version > FORMAT_VERSION:
         raise FutureFormat(name, version, FORMAT_VERSION)
+    if version < 1:
+        raise CorruptSegment(name, 8, f"segment format version {version} does not exist")
     if any(data[SEG_HEADER.size:SEG_HEADER_SIZE]):  # not under the header CRC: must stay zero
         raise CorruptSegment(name, SEG_HEADER.size, "segment header padding is not zero")
     return SegmentHeader(segment_id, store_id, first_seq, size)

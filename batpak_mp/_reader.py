@@ -257,18 +257,19 @@ class Reader:
         """Newest visible sequence of an entity, or 0."""
         h = name_hash(entity_raw)
         visible = self.view.visible
-        candidates: list[int] = []
-        if self._delta is not None:
-            candidates.extend(delta_candidates(self._delta, self._delta_cap, h))
-        if not candidates and self._base is not None:
-            candidates = self._base.entity_candidates(h)
-        for seq in candidates:
-            # walk back past events not yet visible (written, not published)
-            while seq > visible:
-                seq = self.record(seq)[8]
-            if seq and self.frame(seq).entity == entity_raw:
-                return seq
+        # the active segment's delta first (newest), then the sealed segments' base table;
+        # a candidate counts only when its frame names this entity (64-bit hash collisions)
+        for source in (self._delta_candidates(h), self._base.entity_candidates(h) if self._base else ()):
+            for candidate in source:
+                seq = candidate
+                while seq > visible:  # walk back past events written but not yet published
+                    seq = self.record(seq)[8]
+                if seq and self.frame(seq).entity == entity_raw:
+                    return seq
         return 0
+
+    def _delta_candidates(self, h: int) -> list[int]:
+        return list(delta_candidates(self._delta, self._delta_cap, h)) if self._delta is not None else []
 
     # -- the read API -------------------------------------------------------------------
     def get_seq(self, seq: int) -> Event:

@@ -102,7 +102,8 @@ def scan_segment(
         (_, _, version, flags, kind, elen, slen, _pv, plen, seq, clock, _wall, _eid, _c, _r,
          idem, prev, ehash) = unpack(mv, off)
         if version != FRAME_VERSION or HEADER_SIZE + elen + slen + plen != frame_len or not elen or not slen:
-            status, reason = BAD, f"bad frame structure (version {version})"
+            status, reason = BAD, (f"future frame version {version}" if version > FRAME_VERSION
+                                   else f"bad frame structure (version {version})")
             break
         if seq != seq_next:
             status, reason = OK, f"sequence {seq} where {seq_next} was expected"

@@ -75,6 +75,7 @@ def parse(argv: list[str]) -> Config:
     else:
         own, writer_args = argv, []
     p = _Parser(prog="python -m batpak_supervisor",
+                usage="%(prog)s DATA_DIR [--restart once|bounded:N:MS] [options] [-- WRITER_ARGS...]",
                 description="Run the batpak-mp writer for DATA_DIR and restart it under a policy.",
                 epilog="Arguments after -- are passed to the writer (e.g. --segment-max-bytes N --sync group).")
     p.add_argument("data_dir", metavar="DATA_DIR")

@@ -9,8 +9,9 @@ of ``policy.decide``; this module only does the I/O around it.
 
 Invariants:
 - The control block has one updater at a time: the supervisor writes it only while no
-  writer of its own is alive (before the first spawn, after a reap), and never when the
-  store turned out to be held by another live process (writer exit 72).
+  writer of its own is alive (before the first spawn, after a reap). Before its first
+  write it makes sure the directory is not someone else's (its own lock, then a probe of
+  the writer's lock); a writer exit 72 leaves the block alone (it is the lock holder's).
 - Readiness is explicit: the writer writes ``b"ready\\n"`` on a pipe; nothing is ever
   "up because it ran for N seconds".
 - A writer is always reaped before it is replaced; the supervisor never leaves a child
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from batpak_mp._control import ControlBlock
-from batpak_mp._errors import ProtocolError
+from batpak_mp._errors import BatpakError, ProtocolError
 from batpak_mp._values import RestartPolicy, WriterState
 
 from . import policy as P
@@ -274,18 +275,13 @@ class Supervisor:
         self.writer = _Writer(proc, r)
         _log(f"started writer pid {proc.pid}")
 
-    def _reap(self, timeout_s: float | None = None) -> bool:
-        """Wait for the writer to end (up to ``timeout_s``, forever if None)."""
+    def _reap(self) -> None:
+        """Wait for the writer to end; signals keep being noted meanwhile."""
         wr = self.writer
         assert wr is not None
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while wr.proc.poll() is None:
-            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
-            if left <= 0:
-                return False
-            self._sleep(left)
+            self._sleep(0.05)
         wr.close_pipe()
-        return True
 
     def _kill(self) -> None:
         wr = self.writer
@@ -326,6 +322,8 @@ class Supervisor:
             if self.stop_signals:
                 return P.StopRequested()
             if wr.proc.poll() is not None:
+                if wr.ready_r is not None and not wr.ready:
+                    wr.read_ready()  # it may have said "ready" just before it died
                 self._reap()
                 self._log_exit()
                 return wr.exit_event()
@@ -394,6 +392,10 @@ class Supervisor:
                        state=int(WriterState.STARTING), reason="")
             _log(f"supervising {cfg.data_dir} (restart policy {cfg.policy.spec()})")
             return self._loop()
+        except (BatpakError, OSError) as exc:  # no control block, no pipe, no fork: say so, once
+            _log(f"failed: {exc}")
+            self._announce(f"failed {exc}")
+            return EXIT_FAILED
         finally:
             if self.writer is not None and self.writer.proc.poll() is None:  # only on a crash of ours
                 self._kill()

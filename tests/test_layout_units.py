@@ -1,0 +1,422 @@
+"""Unit tests of the pure pieces: the directory layout codecs (segment header, trailer,
+seal footer, checkpoint, store.meta, event ids), the lookup tables and RestartPolicy."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import batpak_mp as bp
+from batpak_mp import _layout as L
+from batpak_mp._tables import (
+    DELTA_MAGIC,
+    DELTA_SLOT_SIZE,
+    ENTITY_BASE_MAGIC,
+    IDEM_BASE_MAGIC,
+    TABLE_HEADER,
+    TABLE_HEADER_SIZE,
+    BaseTable,
+    check_header,
+    delta_candidates,
+    delta_capacity_for,
+    delta_header,
+    delta_upsert,
+    encode_entity_base,
+    encode_idem_base,
+    verify_base,
+)
+from batpak_mp._values import RestartPolicy
+
+u32 = st.integers(0, (1 << 32) - 1)
+u64 = st.integers(0, (1 << 64) - 1)
+store_ids = st.binary(min_size=16, max_size=16)
+
+
+# ---- segment header ------------------------------------------------------------------
+@given(u32, store_ids, u64, u64)
+def test_segment_header_round_trip(segment_id: int, store_id: bytes, first_seq: int, size: int) -> None:
+    raw = L.encode_segment_header(segment_id, store_id, first_seq, size)
+    assert len(raw) == L.SEG_HEADER_SIZE and raw.startswith(L.SEGMENT_MAGIC)
+    assert not any(raw[L.SEG_HEADER.size:])
+    assert L.decode_segment_header(raw, "x.seg") == (segment_id, store_id, first_seq, size)
+
+
+@settings(max_examples=60)
+@given(store_ids, st.integers(0, L.SEG_HEADER.size * 8 - 1))
+def test_segment_header_any_flipped_bit_is_corrupt(store_id: bytes, bit: int) -> None:
+    raw = bytearray(L.encode_segment_header(3, store_id, 100, 1 << 20))
+    raw[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(bp.CorruptSegment) as ei:
+        L.decode_segment_header(bytes(raw), "x.seg")
+    assert ei.value.segment == "x.seg" and ei.value.offset == 0
+
+
+def test_segment_header_errors() -> None:
+    raw = L.encode_segment_header(1, b"s" * 16, 1, 1 << 20)
+    with pytest.raises(bp.CorruptSegment, match="header is 10 bytes"):
+        L.decode_segment_header(raw[:10], "x.seg")
+    with pytest.raises(bp.CorruptSegment, match="magic"):
+        L.decode_segment_header(b"NOTASEG\0" + raw[8:], "x.seg")
+    # a newer version with a correct checksum: FutureFormat, not corruption
+    body = bytearray(raw)
+    struct.pack_into("<I", body, 8, L.FORMAT_VERSION + 1)
+    struct.pack_into("<I", body, L.SEG_HEADER.size - 4, zlib.crc32(body[: L.SEG_HEADER.size - 4]))
+    with pytest.raises(bp.FutureFormat) as ei:
+        L.decode_segment_header(bytes(body), "x.seg")
+    assert (ei.value.found, ei.value.supported) == (L.FORMAT_VERSION + 1, L.FORMAT_VERSION)
+    # the padding after the checksummed part must stay zero
+    padded = bytearray(raw)
+    padded[L.SEG_HEADER_SIZE - 1] = 1
+    with pytest.raises(bp.CorruptSegment, match="padding"):
+        L.decode_segment_header(bytes(padded), "x.seg")
+
+
+# ---- trailer and seal footer ---------------------------------------------------------
+@given(u64, u64, u32)
+def test_trailer_round_trip(footer_offset: int, footer_len: int, crc: int) -> None:
+    raw = L.encode_trailer(footer_offset, footer_len, crc)
+    assert len(raw) == L.SEG_TRAILER_SIZE
+    assert L.decode_trailer(raw) == (footer_offset, footer_len, crc)
+    for bit in range(0, L.SEG_TRAILER_SIZE * 8, 7):
+        bad = bytearray(raw)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        assert L.decode_trailer(bytes(bad)) is None
+
+
+def test_trailer_absent() -> None:
+    assert L.decode_trailer(b"") is None
+    assert L.decode_trailer(bytes(L.SEG_TRAILER_SIZE)) is None
+    assert L.decode_trailer(L.encode_trailer(1, 2, 3)[:-1]) is None
+
+
+@given(u64, st.lists(st.binary(min_size=L.RECORD_SIZE, max_size=L.RECORD_SIZE), max_size=8))
+def test_footer_round_trip(first_seq: int, recs: list[bytes]) -> None:
+    records = b"".join(recs)
+    raw = L.encode_footer(first_seq, records)
+    assert L.decode_footer(raw, "x.seg", 77) == (first_seq, records)
+
+
+def test_footer_errors() -> None:
+    records = L.RECORD.pack(1, 1, 64, 200, 0x1007, 1, 5, 6, 0, b"i" * 16) * 3
+    raw = L.encode_footer(1, records)
+    cases = {
+        "truncated": raw[: L.FOOTER_HEAD.size - 1],
+        "bad magic": b"X" + raw[1:],
+        "does not match its count": raw[:-1],
+        "checksum mismatch": raw[:-1] + bytes([raw[-1] ^ 1]),
+    }
+    for what, bad in cases.items():
+        with pytest.raises(bp.CorruptSegment, match=what) as ei:
+            L.decode_footer(bad, "x.seg", 77)
+        assert ei.value.offset == 77
+
+
+# ---- checkpoint, meta ----------------------------------------------------------------
+@given(u64, u64, u64)
+def test_checkpoint_round_trip(seq: int, segment_id: int, end: int) -> None:
+    raw = L.encode_checkpoint(seq, segment_id, end)
+    assert len(raw) == L.CHECKPOINT.size
+    assert L.decode_checkpoint(raw) == (seq, segment_id, end)
+
+
+def test_checkpoint_rejects_damage() -> None:
+    raw = L.encode_checkpoint(10, 2, 4096)
+    assert L.decode_checkpoint(raw[:-1]) is None
+    assert L.decode_checkpoint(raw + b"\0") is None
+    assert L.decode_checkpoint(b"") is None
+    for i in range(len(raw)):
+        bad = bytearray(raw)
+        bad[i] ^= 0x40
+        assert L.decode_checkpoint(bytes(bad)) is None
+
+
+@given(store_ids, st.integers(0, 1 << 50))
+def test_meta_round_trip(store_id: bytes, created_ms: int) -> None:
+    raw = L.encode_meta(store_id, created_ms)
+    doc = json.loads(raw)
+    assert doc["format_version"] == L.FORMAT_VERSION and doc["created_ms"] == created_ms
+    assert L.decode_meta(raw, "store.meta") == store_id
+
+
+def _meta(**changes: object) -> bytes:
+    doc: dict[str, object] = {"format": "batpak-mp", "format_version": L.FORMAT_VERSION,
+                              "store_id": "ab" * 16, "created_ms": 1}
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(("raw", "match"), [
+    (b"", "unreadable"),
+    (b"{not json", "unreadable"),
+    (b"[1, 2]", "unreadable"),
+    (b"\xff\xfe", "unreadable"),
+    (_meta(store_id="zz"), "unreadable"),
+    (_meta(store_id="ab"), "16 bytes"),
+    (_meta(format_version="x"), "unreadable"),
+    (_meta(format_version=None), "unreadable"),
+    (_meta(format="sqlite"), "not a batpak-mp store"),
+])
+def test_meta_errors(raw: bytes, match: str) -> None:
+    with pytest.raises(bp.CorruptSegment, match=match):
+        L.decode_meta(raw, "store.meta")
+
+
+def test_meta_future_version() -> None:
+    with pytest.raises(bp.FutureFormat) as ei:
+        L.decode_meta(_meta(format_version=L.FORMAT_VERSION + 1), "store.meta")
+    assert ei.value.found == L.FORMAT_VERSION + 1 and ei.value.path == "store.meta"
+
+
+@given(st.binary(max_size=200))
+def test_meta_decoder_is_total(raw: bytes) -> None:
+    try:
+        L.decode_meta(raw, "store.meta")
+    except (bp.CorruptSegment, bp.FutureFormat):
+        pass
+
+
+# ---- event ids and hashes ------------------------------------------------------------
+@given(st.integers(0, (1 << 48) - 1), st.integers(0, 0xFFFF), u64)
+def test_event_id_round_trip(wall_ms: int, tag: int, seq: int) -> None:
+    eid = L.make_event_id(wall_ms, tag, seq)
+    assert len(eid) == 16
+    assert L.event_id_sequence(eid) == seq
+    assert int.from_bytes(eid[:6], "big") == wall_ms and int.from_bytes(eid[6:8], "big") == tag
+
+
+@given(st.lists(st.tuples(st.integers(0, (1 << 48) - 1), st.integers(1, 1 << 40)), min_size=2, max_size=20))
+def test_event_ids_sort_by_time_then_sequence(pairs: list[tuple[int, int]]) -> None:
+    ids = {L.make_event_id(ms, 7, seq): (ms, seq) for ms, seq in pairs}
+    assert [ids[i] for i in sorted(ids)] == sorted(ids.values())
+
+
+def test_event_id_wall_clock_wraps_to_48_bits() -> None:
+    eid = L.make_event_id((1 << 48) + 5, 1, 9)
+    assert int.from_bytes(eid[:6], "big") == 5 and L.event_id_sequence(eid) == 9
+
+
+@given(st.binary(max_size=64))
+def test_name_hash_is_never_zero(raw: bytes) -> None:
+    h = L.name_hash(raw)
+    assert 0 < h < 1 << 64  # 0 marks an empty table slot
+
+
+def test_idem_hash_separates_str_and_bytes() -> None:
+    assert L.idem_hash("k") != L.idem_hash(b"k")
+    assert L.idem_hash("k") == L.idem_hash("k") and len(L.idem_hash("k")) == 16
+    assert L.idem_hash("é") != L.idem_hash("é".encode())
+
+
+def test_idem_hash_of_a_lone_surrogate_is_typed_not_raw() -> None:
+    """A str key that is not valid UTF-8 (a lone surrogate) still hashes, distinctly."""
+    h = L.idem_hash("\ud800")
+    assert len(h) == 16
+    assert h not in {L.idem_hash("\ud801"), L.idem_hash(b"\xed\xa0\x80"), L.idem_hash("?")}
+
+
+# ---- delta table ---------------------------------------------------------------------
+def _delta(capacity: int) -> bytearray:
+    buf = bytearray(delta_header(capacity, 1))
+    buf += bytes(capacity * DELTA_SLOT_SIZE)
+    return buf
+
+
+def test_delta_capacity_is_a_power_of_two_with_room() -> None:
+    for frames in (0, 1, 511, 512, 513, 4333, 100_000):
+        cap = delta_capacity_for(frames)
+        assert cap >= 1024 and cap & (cap - 1) == 0 and cap >= 2 * frames
+
+
+def test_delta_header_checks() -> None:
+    buf = _delta(1024)
+    assert check_header(buf, DELTA_MAGIC, "d") == (1024, 0, 1, bytes(32))
+    with pytest.raises(bp.CorruptSegment, match="magic"):
+        check_header(buf, ENTITY_BASE_MAGIC, "d")
+    with pytest.raises(bp.CorruptSegment, match="shorter"):
+        check_header(buf[:10], DELTA_MAGIC, "d")
+    future = bytearray(buf)
+    struct.pack_into("<I", future, 8, L.FORMAT_VERSION + 1)
+    with pytest.raises(bp.FutureFormat):
+        check_header(future, DELTA_MAGIC, "d")
+
+
+def _slot(cap: int, h: int) -> int:
+    return TABLE_HEADER_SIZE + (h & (cap - 1)) * DELTA_SLOT_SIZE
+
+
+def test_delta_upsert_and_candidates() -> None:
+    cap = 1024
+    buf = _delta(cap)
+    assert list(delta_candidates(buf, cap, 99)) == []
+    assert delta_upsert(buf, cap, 99, 1, 0) == _slot(cap, 99)  # the slot's byte offset
+    assert delta_upsert(buf, cap, 99, 5, 1) == _slot(cap, 99)  # the entity's next event: same slot
+    assert list(delta_candidates(buf, cap, 99)) == [5]
+    assert struct.unpack_from("<QQ", buf, _slot(cap, 99)) == (99, 5)
+    assert list(delta_candidates(buf, cap, 99 + cap)) == []  # same slot index, other hash
+
+
+def test_delta_two_entities_with_the_same_hash() -> None:
+    """A 64-bit collision: each entity keeps its own slot, told apart by its head."""
+    cap = 1024
+    buf = _delta(cap)
+    h = 0xDEAD_BEEF
+    slot_a = delta_upsert(buf, cap, h, 1, 0)  # entity A, first event
+    slot_b = delta_upsert(buf, cap, h, 2, 0)  # entity B, first event: another slot
+    assert slot_a == _slot(cap, h) and slot_b == slot_a + DELTA_SLOT_SIZE
+    assert sorted(delta_candidates(buf, cap, h)) == [1, 2]
+    assert delta_upsert(buf, cap, h, 3, 1) == slot_a  # A again: follows its own head (1)
+    assert delta_upsert(buf, cap, h, 4, 2) == slot_b  # B again
+    assert delta_upsert(buf, cap, h, 6, 3) == slot_a  # A again
+    assert sorted(delta_candidates(buf, cap, h)) == [4, 6]
+    # an entity whose previous event is in a sealed segment (prev not in the delta)
+    assert delta_upsert(buf, cap, h, 7, 77) not in (slot_a, slot_b)
+    assert sorted(delta_candidates(buf, cap, h)) == [4, 6, 7]
+
+
+def test_delta_probing_wraps_around_and_skips_other_hashes() -> None:
+    cap = 1024
+    buf = _delta(cap)
+    hashes = [cap - 1, 2 * cap - 1, 3 * cap - 1]  # all start at the last slot
+    offsets = [delta_upsert(buf, cap, h, seq, 0) for seq, h in enumerate(hashes, 1)]
+    assert offsets == [_slot(cap, cap - 1), _slot(cap, 0), _slot(cap, 1)]
+    for seq, h in enumerate(hashes, 1):
+        assert list(delta_candidates(buf, cap, h)) == [seq]
+    # the second and third went to slots 0 and 1
+    assert struct.unpack_from("<QQ", buf, TABLE_HEADER_SIZE)[0] == hashes[1]
+    assert struct.unpack_from("<QQ", buf, TABLE_HEADER_SIZE + DELTA_SLOT_SIZE)[0] == hashes[2]
+
+
+def test_delta_full_table_raises() -> None:
+    cap = 4
+    buf = _delta(cap)
+    for seq in range(1, cap + 1):
+        delta_upsert(buf, cap, seq * 8 + 1, seq, 0)
+    with pytest.raises(RuntimeError, match="full"):
+        delta_upsert(buf, cap, 1000, 9, 0)
+    assert list(delta_candidates(buf, cap, 12345)) == []  # a full table still terminates
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 3)), max_size=200))
+def test_delta_tracks_the_head_of_every_entity(ops: list[tuple[int, int]]) -> None:
+    """Model check: entities (some sharing a hash) append events; the candidates for a
+    hash are exactly the heads of the entities with that hash."""
+    cap = 1024
+    buf = _delta(cap)
+    hash_of = {e: 1 + e % 3 for e in range(6)}  # entities 0/3, 1/4, 2/5 collide
+    heads: dict[int, int] = {}
+    seq = 0
+    for entity, n in ops:
+        for _ in range(n):
+            seq += 1
+            delta_upsert(buf, cap, hash_of[entity], seq, heads.get(entity, 0))
+            heads[entity] = seq
+    for h in set(hash_of.values()):
+        want = sorted(s for e, s in heads.items() if hash_of[e] == h)
+        assert sorted(delta_candidates(buf, cap, h)) == want
+
+
+# ---- base tables ---------------------------------------------------------------------
+def _q(values: list[int]) -> bytes:
+    return struct.pack(f"<{len(values)}Q", *values)
+
+
+def test_entity_base_lookup_with_duplicates() -> None:
+    hashes = [3, 7, 7, 7, 20, 1 << 63]
+    seqs = [10, 11, 12, 13, 14, 15]
+    raw = encode_entity_base(_q(hashes), _q(seqs), through_seq=15)
+    count, through = verify_base(raw, ENTITY_BASE_MAGIC, "e.tbl", 2)
+    assert (count, through) == (6, 15)
+    table = BaseTable(raw, count, 2)
+    try:
+        assert table.entity_candidates(7) == [11, 12, 13]
+        assert table.entity_candidates(3) == [10]
+        assert table.entity_candidates(1 << 63) == [15]
+        assert table.entity_candidates(0) == [] and table.entity_candidates(8) == []
+        assert table.entity_candidates((1 << 64) - 1) == []
+    finally:
+        table.release()
+
+
+def test_empty_base_tables() -> None:
+    raw = encode_entity_base(b"", b"", through_seq=0)
+    assert verify_base(raw, ENTITY_BASE_MAGIC, "e.tbl", 2) == (0, 0)
+    table = BaseTable(raw, 0, 2)
+    assert table.entity_candidates(5) == []
+    raw = encode_idem_base(b"", b"", b"", through_seq=0)
+    table = BaseTable(raw, *verify_base(raw, IDEM_BASE_MAGIC, "i.tbl", 3)[:1], 3)
+    assert table.idem_lookup(1, 2) == 0
+
+
+def test_idem_base_lookup() -> None:
+    his = [1, 5, 5, 5, 9]
+    los = [0, 2, 4, 8, 1]
+    seqs = [100, 101, 102, 103, 104]
+    raw = encode_idem_base(_q(his), _q(los), _q(seqs), through_seq=104)
+    count, _ = verify_base(raw, IDEM_BASE_MAGIC, "i.tbl", 3)
+    table = BaseTable(raw, count, 3)
+    assert [table.idem_lookup(h, lo) for h, lo in zip(his, los, strict=True)] == seqs
+    assert table.idem_lookup(5, 3) == 0 and table.idem_lookup(2, 0) == 0 and table.idem_lookup(10, 1) == 0
+
+
+def test_base_table_damage_is_detected() -> None:
+    raw = encode_entity_base(_q([1, 2]), _q([3, 4]), through_seq=4)
+    digest_at = TABLE_HEADER.size - 32
+    covered = [*range(0, 12), *range(16, 24), *range(digest_at, TABLE_HEADER.size), *range(TABLE_HEADER_SIZE, len(raw))]
+    for i in covered:  # magic, version, count, digest and every byte of the body
+        bad = bytearray(raw)
+        bad[i] ^= 0x10
+        with pytest.raises((bp.CorruptSegment, bp.FutureFormat)):
+            verify_base(bytes(bad), ENTITY_BASE_MAGIC, "e.tbl", 2)
+    with pytest.raises(bp.CorruptSegment, match="length"):
+        verify_base(raw[:-8], ENTITY_BASE_MAGIC, "e.tbl", 2)
+    with pytest.raises(bp.CorruptSegment, match="length"):
+        verify_base(raw, ENTITY_BASE_MAGIC, "e.tbl", 3)  # wrong column count
+    with pytest.raises(bp.CorruptSegment, match="magic"):
+        verify_base(raw, IDEM_BASE_MAGIC, "e.tbl", 2)
+
+
+# ---- restart policy ------------------------------------------------------------------
+def test_restart_policy_values_and_specs() -> None:
+    once = RestartPolicy.once()
+    assert (once.kind, once.max_restarts) == ("once", 1) and once.spec() == "once"
+    b = RestartPolicy.bounded(5, 60_000)
+    assert (b.kind, b.max_restarts, b.within_ms) == ("bounded", 5, 60_000)
+    assert b.spec() == "bounded:5:60000"
+    assert RestartPolicy.parse("once") == once
+    assert RestartPolicy.parse("bounded:5:60000") == b
+    assert RestartPolicy.parse("bounded:0:1") == RestartPolicy.bounded(0, 1)
+    assert RestartPolicy.parse("bounded:007:10") == RestartPolicy.bounded(7, 10)
+    assert bp.RestartPolicy is RestartPolicy
+
+
+@given(st.integers(0, 10**9), st.integers(1, 10**12))
+def test_restart_policy_spec_round_trips(n: int, ms: int) -> None:
+    p = RestartPolicy.bounded(n, ms)
+    assert RestartPolicy.parse(p.spec()) == p
+
+
+@pytest.mark.parametrize("text", [
+    "", "ONCE", "once ", "bounded", "bounded:5", "bounded:5:", "bounded::5", "bounded:5:0",
+    "bounded:-1:5", "bounded:5:-1", "bounded:a:b", "bounded:1:2:3", "bounded:1.5:2",
+    "bounded: 1:2", "exponential:1:2", "bounded:²:5", "bounded:5:٣", "bounded:5:1_000",
+])
+def test_restart_policy_parse_errors(text: str) -> None:
+    with pytest.raises(bp.InvalidArgument) as ei:
+        RestartPolicy.parse(text)
+    assert isinstance(ei.value, ValueError) and ei.value.name in ("restart", "within_ms", "max_restarts")
+
+
+@pytest.mark.parametrize(("n", "ms", "name"), [
+    (-1, 5, "max_restarts"), (True, 5, "max_restarts"), (1.0, 5, "max_restarts"), ("3", 5, "max_restarts"),
+    (1, 0, "within_ms"), (1, -5, "within_ms"), (1, 2.5, "within_ms"), (1, None, "within_ms"),
+])
+def test_restart_policy_bounded_errors(n: object, ms: object, name: str) -> None:
+    with pytest.raises(bp.InvalidArgument) as ei:
+        RestartPolicy.bounded(n, ms)  # type: ignore[arg-type]
+    assert ei.value.name == name
