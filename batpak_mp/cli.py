@@ -109,6 +109,17 @@ def drill(data_dir: str | None, clients: int, kills: int, seconds: float, seed: 
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
 
+@cli.command()
+@click.argument("data_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--workers", type=int, default=4, show_default=True, help="Worker processes.")
+@click.option("--seconds", type=float, default=8.0, show_default=True, help="How long they run.")
+def demo(data_dir: str | None, workers: int, seconds: float) -> None:
+    """Serve a store, run workers appending and reading, SIGKILL the writer once, verify."""
+    from ._demo import run_demo
+
+    sys.exit(EXIT_OK if run_demo(data_dir, workers=workers, seconds=seconds) else EXIT_PROBLEMS)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
