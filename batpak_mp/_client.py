@@ -53,6 +53,9 @@ _live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for store in list(_live_stores):
         store._forked = True
+        # another thread of the parent may have held the lock at the fork: it would
+        # never be released in the child
+        store._lock = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -29,7 +29,7 @@ REASON_MAX = 512  # bytes of the failure reason text
 # u64 fields after the 16-byte head (magic u64, version u32, pad u32); seq is the seqlock
 _FIELDS = (
     "seq", "writer_epoch", "writer_pid", "state", "heartbeat_ns", "visible", "durable",
-    "base_segment", "delta_gen", "supervisor_pid", "restarts", "store_tag", "clients",
+    "base_segment", "delta_gen", "supervisor_pid", "restarts", "store_key", "clients",
     "dropped_messages", "started_ns",
 )
 _FIELD_FMT = struct.Struct("<" + "Q" * len(_FIELDS))
@@ -53,7 +53,7 @@ class ControlSnapshot(NamedTuple):
     delta_gen: int
     supervisor_pid: int
     restarts: int
-    store_tag: int
+    store_key: int  # 64 bits of the store id: a durable hint applies to this store only
     clients: int
     dropped_messages: int
     started_ns: int

@@ -277,6 +277,7 @@ class Engine:
         self._last_sync_ms = 0
         self.signer = Signer(config.signing_key) if config.signing_key else None
         self.recovery_report: dict[str, Any] = {}
+        self.on_index_change: Callable[[], None] = lambda: None  # set by the writer: publish now
         self._seg_dir = os.path.join(self.data_dir, L.SEGMENT_DIR)
         self._idx_dir = os.path.join(self.data_dir, L.INDEX_DIR)
         try:
@@ -332,7 +333,10 @@ class Engine:
         d = self.disk
         started = time.perf_counter()
         ckpt_raw = d.read_file(os.path.join(self.data_dir, L.CHECKPOINT_FILE))
-        ckpt = L.decode_checkpoint(ckpt_raw) if ckpt_raw else None
+        ckpt = L.decode_checkpoint(ckpt_raw) if ckpt_raw is not None else None
+        if ckpt_raw is not None and ckpt is None:
+            raise CorruptSegment(os.path.join(self.data_dir, L.CHECKPOINT_FILE), 0,
+                                 "the durable checkpoint is damaged (it is written whole, by rename)")
         hint = durable_hint[1] if durable_hint and durable_hint[0] == self.store_key else 0
         floor = max(hint, ckpt[0] if ckpt else 0)
         self._open_records()
@@ -375,8 +379,9 @@ class Engine:
                     raise FutureFormat(path, int(scan.stop_reason.rsplit(" ", 1)[1]), FRAME_VERSION)
                 if scan.damage_mid_log or (scan.stop_status in (BAD, NEED_MORE) and last_kept < floor):
                     raise CorruptSegment(path, scan.stop_offset, scan.stop_reason)
-                if last_kept < floor and not is_last:
-                    raise CorruptSegment(path, scan.commit_end, "log ends before the durable floor")
+                if last_kept < floor:  # checked before anything is zeroed: keep the evidence
+                    raise CorruptSegment(path, scan.commit_end, f"log ends at sequence {last_kept}, "
+                                         f"but sequence {floor} was durable")
                 cut = scan.commit_end
                 # bytes past the last commit: a torn tail, or never written. Zero them without
                 # shrinking the file (it may be mapped), so stale frames can never come back.
@@ -411,6 +416,7 @@ class Engine:
             d.fdatasync(active.fd, active.path)  # what recovery keeps is now on disk
         self._seg = active
         self._new_delta(scanned)
+        self._prune_index_files()
         self._write_checkpoint()
         self.recovery_report = {
             "sealed_segments": len(sealed), "active_segment": active.segment_id,
@@ -501,6 +507,9 @@ class Engine:
             size = L.RECORDS_HEADER_SIZE + RECORDS_GROWTH * L.RECORD_SIZE
             self.disk.truncate(self._records_fd, size, path)
         self._records_map = self.disk.map_shared(self._records_fd, size, path, writable=True)
+        if not L.records_header_matches(self._records_map[:L.RECORDS_HEADER_SIZE], self.store_key):
+            # another store's or an unlabelled file: its records are rewritten by recovery
+            self._records_map[:L.RECORDS_HEADER_SIZE] = L.encode_records_header(self.store_key)
 
     def _ensure_records(self, seq: int) -> None:
         need = L.RECORDS_HEADER_SIZE + seq * L.RECORD_SIZE
@@ -534,7 +543,6 @@ class Engine:
                     raise CorruptSegment(path, 0, "rebuilt index table does not verify")
             tables.append(table)
         self._entity_base, self._idem_base = tables
-        self._prune_index_files()
 
     def _close_bases(self) -> None:
         for table in (self._entity_base, self._idem_base):
@@ -615,7 +623,8 @@ class Engine:
         existing = [int(n[6:-4]) for n in self.disk.listdir(self._idx_dir)
                     if n.startswith("delta-") and n.endswith(".tbl") and n[6:-4].isdigit()]
         gen = max([*existing, self._delta_gen]) + 1
-        max_frames = self.config.segment_max_bytes // (MIN_FRAME + L.RECORD_SIZE) + 1
+        seg_size = max(self.config.segment_max_bytes, self._seg.size if self._seg else 0)
+        max_frames = seg_size // (MIN_FRAME + L.RECORD_SIZE) + 1  # the delta never passes half full
         cap = delta_capacity_for(max_frames)
         path = os.path.join(self._idx_dir, L.delta_name(gen))
         fd = self.disk.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
@@ -639,7 +648,6 @@ class Engine:
             heads[f.entity] = f.seq
             if f.idem_hash != ZERO_ID:
                 self._idem_active[f.idem_hash] = f.seq
-        self._prune_index_files()
 
     def view(self) -> View:
         return View(self.visible, self._base_segment, self._delta_gen)
@@ -693,6 +701,8 @@ class Engine:
         self._new_delta([])
         self._write_checkpoint()
         self.reader.refresh()
+        self.on_index_change()  # the writer publishes the new tables before the old go
+        self._prune_index_files()
 
     def _fsync(self, fd: int, path: str) -> None:
         try:
@@ -788,6 +798,10 @@ class Engine:
                 total = sum(len(p.payload) for p in items)
                 if total > cfg.max_batch_bytes:
                     raise PayloadTooLarge(total, cfg.max_batch_bytes, "batch")
+                if len(items) > 1:
+                    keyed = [p.idem for p in items if p.idem != ZERO_ID]
+                    if len(set(keyed)) != len(keyed):
+                        raise InvalidArgument("idempotency_key", None, "the same key appears twice in one batch")
                 originals = [self._idem_lookup(p.idem, group) for p in items]
                 if any(originals):
                     if not all(originals):

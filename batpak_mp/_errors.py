@@ -50,6 +50,7 @@ class PayloadTooLarge(BatpakError, ValueError):
     def __init__(self, size: int, limit: int, what: str = "payload") -> None:
         self.size = size
         self.limit = limit
+        self.what = what
         super().__init__(f"{what} of {size} bytes exceeds the limit of {limit} bytes")
 
 

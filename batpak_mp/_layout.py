@@ -171,22 +171,44 @@ def event_id_sequence(event_id: bytes) -> int:
 
 
 # ---- checkpoint: a durable floor for recovery ---------------------------------------
-CHECKPOINT = struct.Struct("<8sQQQI")  # magic, seq, segment_id, end_offset, crc
+CHECKPOINT = struct.Struct("<8sIQQQI")  # magic, version, seq, segment_id, end_offset, crc
 CHECKPOINT_MAGIC = b"BPMPCKPT"
 
 
 def encode_checkpoint(seq: int, segment_id: int, end_offset: int) -> bytes:
-    head = struct.pack("<8sQQQ", CHECKPOINT_MAGIC, seq, segment_id, end_offset)
+    head = struct.pack("<8sIQQQ", CHECKPOINT_MAGIC, FORMAT_VERSION, seq, segment_id, end_offset)
     return head + struct.pack("<I", zlib.crc32(head))
 
 
 def decode_checkpoint(data: bytes) -> tuple[int, int, int] | None:
+    """(seq, segment_id, end_offset), or None when the bytes are not a whole checkpoint
+    (the engine refuses to open over a damaged one: it would lower the durable floor)."""
     if len(data) != CHECKPOINT.size:
         return None
-    magic, seq, segment_id, end_offset, crc = CHECKPOINT.unpack(data)
+    magic, version, seq, segment_id, end_offset, crc = CHECKPOINT.unpack(data)
     if magic != CHECKPOINT_MAGIC or zlib.crc32(data[:-4]) != crc:
         return None
+    if version > FORMAT_VERSION:
+        raise FutureFormat(CHECKPOINT_FILE, version, FORMAT_VERSION)
     return seq, segment_id, end_offset
+
+
+# ---- records.idx header -----------------------------------------------------------------
+RECORDS_HEADER = struct.Struct("<8sIIQ")  # magic, version, reserved, store key
+RECORDS_MAGIC = b"BPMPRECS"
+
+
+def encode_records_header(store_key: int) -> bytes:
+    return RECORDS_HEADER.pack(RECORDS_MAGIC, FORMAT_VERSION, 0, store_key).ljust(RECORDS_HEADER_SIZE, b"\0")
+
+
+def records_header_matches(data: bytes, store_key: int) -> bool:
+    """True when records.idx belongs to this store and version; FutureFormat when newer.
+    (records.idx is derived data: a mismatch means rebuild, never trust.)"""
+    magic, version, _, key = RECORDS_HEADER.unpack_from(data, 0)
+    if magic == RECORDS_MAGIC and version > FORMAT_VERSION:
+        raise FutureFormat(RECORDS_FILE, version, FORMAT_VERSION)
+    return bool(magic == RECORDS_MAGIC and version == FORMAT_VERSION and key == store_key)
 
 
 # ---- store.meta ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ import functools
 import mmap
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -124,13 +125,26 @@ class Reader:
 
     # -- mapping ------------------------------------------------------------------------
     def refresh(self) -> View:
-        view = self._view_fn()
-        if view.base_segment != self._base_segment:
-            self._map_base(view.base_segment)
-        if view.delta_gen != self._delta_gen:
-            self._map_delta(view.delta_gen)
-        self.view = view
-        return view
+        """Take the current view and map the index files it names. The writer replaces
+        those files at a rotation and removes the old ones once it has published the
+        new names: a reader that read the old names just before retries with a fresh
+        view (a few ms at most) before it calls the index damaged."""
+        for attempt in range(200):
+            view = self._view_fn()
+            try:
+                if view.base_segment != self._base_segment:
+                    self._map_base(view.base_segment)
+                if view.delta_gen != self._delta_gen:
+                    self._map_delta(view.delta_gen)
+            except StaleView as exc:
+                self._base_segment = self._delta_gen = -1  # remap both next time
+                if attempt == 199:
+                    raise CorruptSegment(self.data_dir, 0, f"index file {exc} is missing") from None
+                time.sleep(0.001)
+                continue
+            self.view = view
+            return view
+        raise AssertionError("unreachable")
 
     def _map_base(self, through_segment: int) -> None:
         if self._base is not None:

@@ -22,6 +22,7 @@ from ._frame import (
     HASHED_START,
     HEADER,
     HEADER_SIZE,
+    KNOWN_FLAGS,
     MAX_FRAME,
     MIN_FRAME,
     NEED_MORE,
@@ -101,7 +102,8 @@ def scan_segment(
             break
         (_, _, version, flags, kind, elen, slen, _pv, plen, seq, clock, _wall, _eid, _c, _r,
          idem, prev, ehash) = unpack(mv, off)
-        if version != FRAME_VERSION or HEADER_SIZE + elen + slen + plen != frame_len or not elen or not slen:
+        if (version != FRAME_VERSION or HEADER_SIZE + elen + slen + plen != frame_len or not elen or not slen
+                or flags & ~KNOWN_FLAGS):
             status, reason = BAD, (f"future frame version {version}" if version > FRAME_VERSION
                                    else f"bad frame structure (version {version})")
             break

@@ -8,6 +8,7 @@ never pickle. Must not import os, mmap, posix_ipc or any clock.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any, NamedTuple
 
@@ -28,6 +29,7 @@ STATUS_OK = 0
 STATUS_ERROR = 1
 
 LEN = struct.Struct("<I")  # every body in a shared area is prefixed by its length
+_AREA_NAME = re.compile(r"/bpmp-[0-9a-f]{12}-c[0-9]{1,10}-[0-9a-f]{1,32}")  # nothing else is ever opened
 
 
 class Message(NamedTuple):
@@ -85,7 +87,7 @@ def decode_message(data: bytes, area_prefix: str) -> Message:
         raise E.ProtocolError(f"wire version {version!r}, this writer speaks {WIRE_VERSION}")
     if type(pid) is not int or not 0 < pid < 1 << 31:
         raise E.ProtocolError(f"bad client pid {pid!r}")
-    if not isinstance(area, str) or not area.startswith(area_prefix) or len(area) > 200 or "/" in area[1:]:
+    if not isinstance(area, str) or not area.startswith(area_prefix) or not _AREA_NAME.fullmatch(area):
         raise E.ProtocolError(f"area {area!r} is not one of this store's client areas")
     if type(request_id) is not int or not 0 <= request_id < 1 << 63:
         raise E.ProtocolError(f"bad request id {request_id!r}")
@@ -170,7 +172,7 @@ def error_to_wire(exc: BaseException) -> list[Any]:
     if isinstance(exc, E.ConcurrencyConflict):
         return ["ConcurrencyConflict", [exc.entity, exc.expected, exc.actual]]
     if isinstance(exc, E.PayloadTooLarge):
-        return ["PayloadTooLarge", [exc.size, exc.limit]]
+        return ["PayloadTooLarge", [exc.size, exc.limit, exc.what]]
     if isinstance(exc, E.ReservedKind):
         return ["ReservedKind", [exc.category, exc.type_id]]
     if isinstance(exc, E.InvalidKind):

@@ -51,6 +51,7 @@ from ._values import RESERVED_CATEGORIES, Receipt, WriterState, check_name
 
 EXIT_OK, EXIT_USAGE, EXIT_POISONED, EXIT_CORRUPT, EXIT_LOCKED = 0, 2, 70, 71, 72
 
+MIN_AREA = 4096  # bytes: a client area smaller than this is refused (the client makes 64 KiB)
 QUEUE_DEPTH = 10  # the kernel default msg_max: must work without raising limits
 HEARTBEAT_EVERY_NS = 50_000_000  # 50 ms: the supervisor's hang detection reads this
 RECEIVE_TIMEOUT_S = 0.05  # how long the loop sleeps in the kernel when idle
@@ -141,8 +142,8 @@ class _Area:
         shm = posix_ipc.SharedMemory(name)
         try:
             size = os.fstat(shm.fd).st_size
-            if size < W.LEN.size:
-                raise ProtocolError(f"area {name} is empty")
+            if size < MIN_AREA:
+                raise ProtocolError(f"area {name} is {size} bytes, under the {MIN_AREA}-byte minimum")
             self.mm = mmap.mmap(shm.fd, size)
         finally:
             shm.close_fd()
@@ -181,7 +182,8 @@ class Writer:
         prev = self.control.read()
         # the engine takes the data directory's lock first: a writer that loses the race
         # for it (StoreLocked) must not touch the live service's control block
-        self.engine = Engine.open(self.data_dir, config, durable_hint=(prev.store_tag, prev.durable))
+        self.engine = Engine.open(self.data_dir, config, durable_hint=(prev.store_key, prev.durable))
+        self.engine.on_index_change = self.publish  # new index files are named before old ones go
         self.epoch = self.control.read().writer_epoch + 1
         self.control.update(writer_epoch=self.epoch, writer_pid=os.getpid(), state=WriterState.STARTING,
                             heartbeat_ns=time.monotonic_ns(), started_ns=time.monotonic_ns(), reason="")
@@ -197,7 +199,7 @@ class Writer:
             "torn_bytes_cut": report.get("torn_bytes_cut", 0), "recovery_ms": report.get("elapsed_ms", 0),
         })
         self.sweep_dead_clients()
-        self.publish(state=WriterState.READY, store_tag=self.engine.store_key)
+        self.publish(state=WriterState.READY, store_key=self.engine.store_key)
 
     def _publish_public_key(self, key: bytes) -> None:
         self.engine.disk.write_file_atomic(os.path.join(self.data_dir, "receipt.pub"), key.hex().encode() + b"\n")
@@ -228,6 +230,10 @@ class Writer:
         inbox = self._inbox
         wake = self._wake
         while not self._receiver_stop:
+            if len(inbox) >= INBOX_MAX:
+                time.sleep(0.0005)  # the loop is behind; the kernel queue holds the rest
+                self._beat_from_receiver()
+                continue
             try:
                 msg, _ = receive(RECEIVE_TIMEOUT_S)
             except (posix_ipc.BusyError, posix_ipc.SignalError):
@@ -371,9 +377,11 @@ class Writer:
             body = W.encode_reply(W.Reply(reply.request_id, self.epoch, W.STATUS_ERROR,
                                           ["ReplyTooLarge", [len(body)]]))
         try:
+            if len(body) > len(area.mm):
+                raise ValueError("area too small even for an error reply")
             area.mm[:len(body)] = body
             area.sem.release()
-        except (posix_ipc.Error, ValueError, OSError):
+        except (posix_ipc.Error, ValueError, IndexError, OSError):
             self.dropped += 1
 
     def reply_receipts(self, area: _Area, request_id: int, receipts: list[Receipt]) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from batpak_mp._control import ControlBlock
-from batpak_mp._errors import BatpakError, ProtocolError
+from batpak_mp._errors import BatpakError
 from batpak_mp._values import RestartPolicy, WriterState
 
 from . import policy as P
@@ -303,7 +303,7 @@ class Supervisor:
         assert wr is not None and self.block is not None
         try:
             snap = self.block.read()
-        except ProtocolError:  # seqlock stuck odd: the writer stopped mid-update; judge it
+        except BatpakError:  # seqlock stuck odd: the writer stopped mid-update; judge it
             snap = None
         if snap is not None:
             if snap.state != WriterState.READY:
@@ -351,7 +351,7 @@ class Supervisor:
         assert wr is not None and self.block is not None
         try:
             epoch = f" (epoch {self.block.read().writer_epoch})"
-        except ProtocolError:
+        except BatpakError:
             epoch = ""
         _log(f"writer pid {wr.pid} ready{epoch}")
         self._announce(f"ready {wr.pid}")
