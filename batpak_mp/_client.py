@@ -19,6 +19,7 @@ import secrets
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -31,12 +32,24 @@ from ._errors import (
     BatpakError,
     InvalidArgument,
     ProtocolError,
+    ReservedKind,
     StoreClosed,
     WriterTimeout,
     WriterUnavailable,
 )
 from ._reader import Reader, View
-from ._values import BatchItem, Coordinate, Event, Frontier, Kind, Page, Receipt, WriterState
+from ._values import (
+    RESERVED_CATEGORIES,
+    STORE_KINDS,
+    BatchItem,
+    Coordinate,
+    Event,
+    Frontier,
+    Kind,
+    Page,
+    Receipt,
+    WriterState,
+)
 
 DEFAULT_TIMEOUT_S = 30.0
 AREA_MIN = 64 * 1024  # a client's area: 64 KiB (200 clients fit Docker's 64 MiB /dev/shm)
@@ -284,6 +297,25 @@ class Store:
             prepared.append(p)
         return self._append(prepared)
 
+    def _append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
+        """Append events of the store's own allowlisted reserved kinds (cursor positions,
+        gate audit records) together with ordinary ones, all or nothing. Used by the
+        cursor, reactor and gate layers; the writer checks the allowlist again."""
+        base = int.from_bytes(secrets.token_bytes(16), "little")
+        prepared = []
+        for i, it in enumerate(items):
+            packed = (it.kind[0] << 12) | it.kind[1]
+            reserved = it.kind[0] in RESERVED_CATEGORIES
+            if reserved and packed not in STORE_KINDS:
+                raise ReservedKind(it.kind[0], it.kind[1])
+            p = prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
+                        expected_clock=it.expected_clock, causation_id=it.causation_id,
+                        correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD, allow_reserved=reserved)
+            if it.idempotency_key is None:
+                p = p._replace(idem=((base + i) & _MASK128).to_bytes(16, "little"))
+            prepared.append(p)
+        return self._append(prepared)
+
     def _append(self, prepared: list[Prepared]) -> list[Receipt]:
         items = [[p.entity, p.scope, p.kind, p.payload, p.payload_version, p.idem, p.expected_clock,
                   p.causation if any(p.causation) else None, p.correlation if any(p.correlation) else None]
@@ -341,6 +373,19 @@ class Store:
 
             return verify_receipt_signature(receipt, self._public_key)
         return True
+
+    def subscribe(self, after: int | None = None, *, entity: str | None = None, scope: str | None = None,
+                  kind: Kind | None = None, timeout: float | None = None) -> Subscription:
+        """New events matching the filters, as they become visible (``after``: a
+        sequence to start after; default: the current frontier, i.e. only new events).
+        Iterating blocks in the kernel until the writer publishes (no polling); with
+        ``timeout`` the iteration ends after that many idle seconds."""
+        self._ensure_open()
+        if after is None:
+            after = self._control.frontier()[0]
+        elif type(after) is not int or after < 0:
+            raise InvalidArgument("after", after, "must be an int >= 0")
+        return Subscription(self, after, entity, scope, kind, timeout)
 
     # -- frontier --------------------------------------------------------------------------
     def frontier(self) -> Frontier:
@@ -419,6 +464,73 @@ class Store:
                 self._area.close()
         except Exception:
             pass
+
+
+class Subscription:
+    """An iterator of events from a ``Store``, woken by the writer through a futex on the
+    control block. Holds no state in the writer: a subscriber that dies leaves nothing
+    behind, and a slow one never slows the writer (it reads the files itself)."""
+
+    PAGE = 1000
+    STATE_CHECK_S = 1.0  # while idle, the writer's state is looked at this often
+
+    def __init__(self, store: Store, after: int, entity: str | None, scope: str | None, kind: Kind | None,
+                 timeout: float | None) -> None:
+        self._store = store
+        self.position = after  # the last sequence looked at (events delivered or filtered out)
+        self._entity, self._scope, self._kind = entity, scope, kind
+        self._timeout = timeout
+        self._buffer: deque[Event] = deque()
+        self._closed = False
+        # validate the filters now (query_after raises typed errors for bad ones)
+        store.query_after(after, limit=1, entity=entity, scope=scope, kind=kind)
+
+    def __iter__(self) -> Subscription:
+        return self
+
+    def __next__(self) -> Event:
+        ev = self.next(self._timeout)
+        if ev is None:
+            raise StopIteration
+        return ev
+
+    def next(self, timeout: float | None = None) -> Event | None:
+        """The next matching event; None after ``timeout`` idle seconds or when closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        store = self._store
+        while not self._closed:
+            if self._buffer:
+                return self._buffer.popleft()
+            bell = store._control.bell
+            if bell is None:
+                raise StoreClosed()
+            seen = bell.value  # read before looking: a publish after this wakes the wait
+            page = store.query_after(self.position, limit=self.PAGE, entity=self._entity, scope=self._scope,
+                                     kind=self._kind)
+            self.position = page.next_after
+            if page.events:
+                self._buffer.extend(page.events)
+                continue
+            if store._control.frontier()[0] > self.position:
+                continue  # more to look at (a page of non-matching events)
+            Store._check_state(store._control.read())
+            wait = self.STATE_CHECK_S
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return None
+            bell.wait(seen, wait)
+        return None
+
+    def close(self) -> None:
+        self._closed = True
+        self._buffer.clear()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def connect(data_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> Store:

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import posix_ipc
 
 from ._errors import FutureFormat, ProtocolError, WriterUnavailable
+from ._futex import ReadOnlyMapping, Word, word_in_writable
 from ._values import WriterState
 
 CONTROL_MAGIC = 0x4C54435F504D5042  # "BPMP_CTL" little-endian
@@ -38,6 +39,7 @@ _FIELDS_AT = 16
 _REASON_AT = _FIELDS_AT + _FIELD_FMT.size
 _REASON_LEN = struct.Struct("<I")
 _SEQ = struct.Struct("<Q")
+NOTIFY_AT = 2048  # a u32 the writer bumps after every publish; subscribers futex-wait on it
 _FRONTIER = struct.Struct("<QQQQ")  # visible, durable, base_segment, delta_gen
 
 
@@ -77,10 +79,11 @@ def request_queue_name(data_dir: str) -> str:
 class ControlBlock:
     """A mapped control block. ``create`` makes (or adopts) it; ``attach`` only opens."""
 
-    def __init__(self, name: str, mm: mmap.mmap, owner: bool) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, owner: bool, bell: Word) -> None:
         self.name = name
         self._mm = mm
         self.owner = owner
+        self.bell: Word | None = bell  # the futex word (writable only for the owner)
 
     @classmethod
     def create(cls, data_dir: str) -> ControlBlock:
@@ -94,7 +97,7 @@ class ControlBlock:
             mm = mmap.mmap(shm.fd, CONTROL_SIZE)
         finally:
             shm.close_fd()
-        block = cls(name, mm, True)
+        block = cls(name, mm, True, word_in_writable(mm, NOTIFY_AT))
         magic, version, _ = _HEAD.unpack_from(mm, 0)
         if magic != CONTROL_MAGIC:
             mm[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
@@ -116,6 +119,7 @@ class ControlBlock:
             if os.fstat(shm.fd).st_size < CONTROL_SIZE:
                 raise ProtocolError(f"control block {name} is too small")
             mm = mmap.mmap(shm.fd, CONTROL_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+            bell = ReadOnlyMapping(shm.fd, CONTROL_SIZE).word(NOTIFY_AT)
         finally:
             shm.close_fd()
         magic, version, _ = _HEAD.unpack_from(mm, 0)
@@ -125,7 +129,7 @@ class ControlBlock:
         if version > CONTROL_VERSION:
             mm.close()
             raise FutureFormat(name, version, CONTROL_VERSION)
-        return cls(name, mm, False)
+        return cls(name, mm, False, bell)
 
     # -- reading (lock-free) -----------------------------------------------------------
     def _settled(self, read_fields: Any) -> Any:
@@ -193,7 +197,18 @@ class ControlBlock:
     def heartbeat(self) -> None:
         self.update(heartbeat_ns=time.monotonic_ns())
 
+    def ring(self) -> None:
+        """Wake every subscriber (after a publish)."""
+        if self.bell is not None:
+            self.bell.ring()
+
     def close(self) -> None:
+        bell, self.bell = self.bell, None
+        if bell is not None and not self.owner:
+            owner = bell._owner
+            if isinstance(owner, ReadOnlyMapping):
+                owner.close()
+        del bell  # releases the ctypes view of a writable mapping before it is closed
         self._mm.close()
 
     @staticmethod

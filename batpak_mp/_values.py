@@ -23,6 +23,20 @@ CATEGORY_SYSTEM = 0x0  # reserved: the writer's own lifecycle events
 CATEGORY_EFFECT = 0xD  # reserved: store-generated effects (denials, reactions' bookkeeping)
 RESERVED_CATEGORIES = frozenset({CATEGORY_SYSTEM, CATEGORY_EFFECT})
 
+# Reserved kinds a client may ask the writer to append on the store's behalf (cursor
+# positions, gate audit records), each with the payload keys it must carry. Every other
+# reserved kind is refused with ReservedKind.
+SYSTEM_WRITER_STARTED = 0x001
+SYSTEM_WRITER_STOPPED = 0x002
+SYSTEM_CURSOR_ACK = 0x010
+EFFECT_DENIAL = 0x001
+EFFECT_BYPASS = 0x002
+STORE_KINDS: dict[int, frozenset[str]] = {
+    (CATEGORY_SYSTEM << 12) | SYSTEM_CURSOR_ACK: frozenset({"cursor", "through"}),
+    (CATEGORY_EFFECT << 12) | EFFECT_DENIAL: frozenset({"gate", "code", "message"}),
+    (CATEGORY_EFFECT << 12) | EFFECT_BYPASS: frozenset({"reason"}),
+}
+
 
 def check_name(field_name: str, value: object) -> bytes:
     """Validate an entity or scope name; return its UTF-8 bytes."""

@@ -47,7 +47,15 @@ from ._errors import (
     StorePoisoned,
 )
 from ._frame import ZERO_ID
-from ._values import RESERVED_CATEGORIES, Receipt, WriterState, check_name
+from ._values import (
+    RESERVED_CATEGORIES,
+    STORE_KINDS,
+    SYSTEM_WRITER_STARTED,
+    SYSTEM_WRITER_STOPPED,
+    Receipt,
+    WriterState,
+    check_name,
+)
 
 EXIT_OK, EXIT_USAGE, EXIT_POISONED, EXIT_CORRUPT, EXIT_LOCKED = 0, 2, 70, 71, 72
 
@@ -61,8 +69,6 @@ MAX_AREAS = 1024  # client areas kept mapped at once (LRU beyond)
 DRAIN_MAX = 64  # messages taken per group while draining at stop
 GROUP_MAX = 256  # requests in one commit group at most (one write, one fsync)
 INBOX_MAX = 1024  # messages the receiver thread holds before leaving the rest queued
-SYSTEM_WRITER_STARTED = 1
-SYSTEM_WRITER_STOPPED = 2
 SHM_DIR = "/dev/shm"
 
 
@@ -106,6 +112,19 @@ class WireItems:
             self._names.clear()
         self._names.add(raw)
 
+    @staticmethod
+    def _store_kind(kind: int, payload: bytes) -> None:
+        """A reserved kind is accepted only from the allowlist, with its payload keys."""
+        required = STORE_KINDS.get(kind)
+        if required is None:
+            raise ReservedKind(kind >> 12, kind & 0xFFF)
+        try:
+            doc = msgpack.unpackb(payload, raw=False)
+        except Exception:
+            doc = None
+        if not isinstance(doc, dict) or not required <= doc.keys():
+            raise InvalidPayload(f"kind {kind >> 12:#x}:{kind & 0xFFF:#x} needs a map with keys {sorted(required)}")
+
     def prepare(self, items: list[list[Any]]) -> list[Prepared]:
         out = []
         name = self._name
@@ -116,7 +135,7 @@ class WireItems:
             if not 0 <= kind <= 0xFFFF:
                 raise InvalidKind(kind, None, "packed kind out of range")
             if (kind >> 12) in RESERVED_CATEGORIES:
-                raise ReservedKind(kind >> 12, kind & 0xFFF)
+                self._store_kind(kind, payload)
             if len(payload) > self.max_payload:
                 raise PayloadTooLarge(len(payload), self.max_payload)
             if not 0 <= pv <= 0xFFFF:
@@ -175,6 +194,7 @@ class Writer:
         self._inbox: deque[bytes] = deque()
         self._wake = threading.Event()
         self._receiver_stop = False
+        self._rung_at = -1
         self._last_beat = self._last_ckpt = self._last_sweep = 0
         self.items = WireItems(config.max_payload_bytes)
         self._control_lock = threading.Lock()  # the loop and the receiver thread both beat
@@ -211,6 +231,9 @@ class Writer:
             self.control.update(visible=e.visible, durable=e.durable, base_segment=e._base_segment,
                                 delta_gen=e._delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self._areas),
                                 dropped_messages=self.dropped, **extra)
+            if e.visible != self._rung_at or "state" in extra:
+                self._rung_at = e.visible
+                self.control.ring()  # subscribers in every process wake up
 
     def _beat_from_receiver(self) -> None:
         """The receiver thread keeps the heartbeat going while the loop is busy in a long
