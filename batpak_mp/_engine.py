@@ -48,19 +48,26 @@ from ._frame import (
     HEADER_SIZE,
     MIN_FRAME,
     NEED_MORE,
+    OK,
     ZERO_HASH,
     ZERO_ID,
+    Frame,
+    scan_frame,
 )
+from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from ._osio import DEFAULT_DISK, Disk
 from ._reader import Reader, View
 from ._recovery import ScannedFrame, scan_segment
 from ._signing import Signer
 from ._tables import (
+    DELTA_MAGIC,
     DELTA_SLOT_SIZE,
     ENTITY_BASE_MAGIC,
     IDEM_BASE_MAGIC,
     TABLE_HEADER_SIZE,
     BaseTable,
+    check_header,
+    delta_candidates,
     delta_capacity_for,
     delta_header,
     delta_upsert,
@@ -69,6 +76,7 @@ from ._tables import (
     verify_base,
 )
 from ._values import (
+    EFFECT_DENIAL,
     BatchItem,
     Coordinate,
     Event,
@@ -84,6 +92,7 @@ RECORDS_GROWTH = 1 << 16  # records.idx grows by this many records (4 MiB) at a 
 _SENTINEL_FOOTER_ROOM = L.FOOTER_HEAD.size + L.SEG_TRAILER_SIZE
 _u64 = struct.Struct("<Q")
 _two_u64 = struct.Struct("<QQ")
+_IDEM_OF_RECORD = struct.Struct("<48x16s")  # the idempotency hash at the end of an index record
 HASHED_HEADER = struct.Struct("<HHHHHHIQQQ16s16s16s16s32s")  # the frame header from version to prev_hash
 LEN_CRC = struct.Struct("<II")
 
@@ -148,6 +157,7 @@ class _Segment:
     path: str
     end: int  # offset just past the last committed frame
     count: int  # committed frames in it
+    crc: int = 0  # crc32 of the bytes [64, end): the checkpoint carries it (same-boot restarts)
     sealed: bool = False  # footer and trailer written: nothing more may go in (a failed rotation retries)
 
 
@@ -277,6 +287,7 @@ class Engine:
         self._last_sync_ms = 0
         self.signer = Signer(config.signing_key) if config.signing_key else None
         self.recovery_report: dict[str, Any] = {}
+        self._boot_id = bytes(16)
         self.on_index_change: Callable[[], None] = lambda: None  # set by the writer: publish now
         self._seg_dir = os.path.join(self.data_dir, L.SEGMENT_DIR)
         self._idx_dir = os.path.join(self.data_dir, L.INDEX_DIR)
@@ -340,6 +351,15 @@ class Engine:
         hint = durable_hint[1] if durable_hint and durable_hint[0] == self.store_key else 0
         floor = max(hint, ckpt[0] if ckpt else 0)
         self._open_records()
+        self._boot_id = self.disk.boot_id()
+        if ckpt is not None and any(self._boot_id) and ckpt.boot_id == self._boot_id:
+            try:
+                if self._recover_same_boot(ckpt, floor, started):
+                    return
+            except CorruptSegment:
+                pass  # anything unexpected: the full recovery decides, and reports
+            self._seg = None
+            self.visible = self.durable = 0
         ids = self._segment_ids()
         if ids and self._drop_unborn(ids[-1]):
             ids.pop()
@@ -388,6 +408,7 @@ class Engine:
                 d.zero_range(fd, cut, size - L.SEG_TRAILER_SIZE - cut, path)
                 cut_bytes += max(scan.stop_offset - cut, 0)
                 seg = _Segment(sid, header.first_seq, size, fd, path, cut, len(kept))
+                seg.crc = self._frames_crc(fd, path, cut)
                 self._write_scanned_records(seg, kept)
                 next_seq += len(kept)
                 scanned = kept
@@ -424,6 +445,148 @@ class Engine:
             "active_frames_scanned": len(scanned),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 2),
         }
+
+    def _recover_same_boot(self, ckpt: L.Checkpoint, floor: int, started: float) -> bool:
+        """Restart after a process crash in the same boot: the page cache still holds what
+        the last writer wrote, and it wrote records and table slots only for frames that
+        were whole (after their write returned). So trust the index files through the
+        checkpoint's visible sequence and scan only the active segment's tail. Sealed
+        segments are still checksummed whole (a flipped bit in one is always reported
+        by open); their footers and the base tables are not re-read. Returns False when
+        anything does not line up: the full recovery then runs."""
+        d = self.disk
+        ids = self._segment_ids()
+        if not ids or ids[-1] != ckpt.segment_id or ckpt.visible < ckpt.seq:
+            return False
+        sealed = ids[:-1]
+        if ckpt.base_segment != (sealed[-1] if sealed else 0) or not ckpt.delta_gen:
+            return False
+        for sid in sealed:
+            self._check_sealed_checksum(sid)
+        path = os.path.join(self._seg_dir, L.segment_name(ckpt.segment_id))
+        fd = d.open(path, os.O_RDWR)
+        adopted = False
+        try:
+            size = os.fstat(fd).st_size
+            header = L.decode_segment_header(d.pread(fd, L.SEG_HEADER_SIZE, 0, path), path)
+            if (header.store_id != self.store_id or ckpt.end_offset > size - L.SEG_TRAILER_SIZE
+                    or L.decode_trailer(d.pread(fd, L.SEG_TRAILER_SIZE, size - L.SEG_TRAILER_SIZE, path)) is not None):
+                return False
+            first, trusted = header.first_seq, ckpt.visible
+            if trusted < first - 1 or len(self._records_map) < L.RECORDS_HEADER_SIZE + trusted * L.RECORD_SIZE:
+                return False
+            if not self._map_delta_file(ckpt.delta_gen):
+                return False
+            through = first - 1
+            try:
+                self._open_bases(ckpt.base_segment, through, verify=False)
+            except CorruptSegment:
+                return False
+            mm = d.map_shared(fd, size, path, writable=False)
+            try:
+                if zlib.crc32(memoryview(mm)[L.SEG_HEADER_SIZE:ckpt.end_offset]) != ckpt.frames_crc:
+                    raise CorruptSegment(path, L.SEG_HEADER_SIZE, "a byte below the checkpoint changed (frames "
+                                         "checksum mismatch)")
+                if trusted >= first and not self._record_matches_frame(mm, trusted, ckpt.segment_id):
+                    return False
+                scan = scan_segment(mm, ckpt.end_offset, size - L.SEG_TRAILER_SIZE, trusted + 1)
+                tail_crc = zlib.crc32(memoryview(mm)[ckpt.end_offset:scan.commit_end], ckpt.frames_crc)
+            finally:
+                mm.close()
+            kept = scan.frames[: scan.committed]
+            last = trusted + len(kept)
+            if scan.stop_status == BAD and scan.stop_reason.startswith("future frame version"):
+                raise FutureFormat(path, int(scan.stop_reason.rsplit(" ", 1)[1]), FRAME_VERSION)
+            if scan.damage_mid_log or last < floor:
+                return False  # let the full recovery judge it (and report it)
+            d.zero_range(fd, scan.commit_end, size - L.SEG_TRAILER_SIZE - scan.commit_end, path)
+            count = last - first + 1
+            seg = _Segment(ckpt.segment_id, first, size, fd, path, scan.commit_end, count, tail_crc)
+            self._next_seq = last + 1
+            self.visible = self.durable = trusted  # the tail's records need heads below it
+            self._write_scanned_records(seg, kept)
+            # the writer's in-memory view of the active segment: keys and table slots
+            start = L.RECORDS_HEADER_SIZE + (first - 1) * L.RECORD_SIZE
+            keys = self._records_map[start:start + (trusted - first + 1) * L.RECORD_SIZE]
+            self._idem_active = {k: first + i for i, (k,) in enumerate(_IDEM_OF_RECORD.iter_unpack(keys))
+                                 if k != ZERO_ID}
+            self._delta_slots = {}
+            for f in kept:
+                prev = L.RECORD.unpack_from(self._records_map, L.RECORDS_HEADER_SIZE + (f.seq - 1) * L.RECORD_SIZE)[8]
+                delta_upsert(self._delta_map, self._delta_cap, L.name_hash(f.entity), f.seq, prev)
+                if f.idem_hash != ZERO_ID:
+                    self._idem_active[f.idem_hash] = f.seq
+            d.fdatasync(fd, path)
+            self._seg = seg
+            self.visible = self.durable = last
+            adopted = True
+        finally:
+            if not adopted:
+                os.close(fd)
+        self._write_checkpoint()
+        self.recovery_report = {
+            "sealed_segments": len(sealed), "active_segment": seg.segment_id, "last_sequence": self.visible,
+            "torn_bytes_cut": max(scan.stop_offset - scan.commit_end, 0), "active_frames_scanned": len(kept),
+            "same_boot": True, "elapsed_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+        return True
+
+    def _check_sealed_checksum(self, sid: int) -> None:
+        path = os.path.join(self._seg_dir, L.segment_name(sid))
+        fd = self.disk.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            header = L.decode_segment_header(self.disk.pread(fd, L.SEG_HEADER_SIZE, 0, path), path)
+            if header.store_id != self.store_id:
+                raise CorruptSegment(path, 0, "segment belongs to another store")
+            trailer = L.decode_trailer(self.disk.pread(fd, L.SEG_TRAILER_SIZE, size - L.SEG_TRAILER_SIZE, path))
+            if trailer is None:
+                raise CorruptSegment(path, size - L.SEG_TRAILER_SIZE, "segment before the last is not sealed")
+            body = self.disk.map_shared(fd, size, path, writable=False)
+            try:
+                if zlib.crc32(memoryview(body)[: size - L.SEG_TRAILER_SIZE]) != trailer.segment_crc:
+                    raise CorruptSegment(path, 0, "sealed segment checksum mismatch (a byte changed after sealing)")
+            finally:
+                body.close()
+        finally:
+            os.close(fd)
+
+    def _frames_crc(self, fd: int, path: str, end: int) -> int:
+        if end <= L.SEG_HEADER_SIZE:
+            return 0
+        mm = self.disk.map_shared(fd, end, path, writable=False)
+        try:
+            return zlib.crc32(memoryview(mm)[L.SEG_HEADER_SIZE:end])
+        finally:
+            mm.close()
+
+    def _record_matches_frame(self, mm: Any, seq: int, segment_id: int) -> bool:
+        rec = L.RECORD.unpack_from(self._records_map, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE)
+        if rec[1] != segment_id:
+            return False
+        status, frame = scan_frame(mm, rec[2], rec[2] + rec[3])
+        return status == OK and isinstance(frame, Frame) and frame.global_sequence == seq
+
+    def _map_delta_file(self, generation: int) -> bool:
+        """Map an existing delta table for writing (the same-boot restart path)."""
+        path = os.path.join(self._idx_dir, L.delta_name(generation))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            m = self.disk.map_shared(fd, size, path, writable=True)
+            cap, _, gen, _ = check_header(m, DELTA_MAGIC, path)
+            if gen != generation or size != TABLE_HEADER_SIZE + cap * DELTA_SLOT_SIZE:
+                m.close()
+                os.close(fd)
+                return False
+        except (BatpakError, ValueError):
+            os.close(fd)
+            return False
+        self._delta_fd, self._delta_map, self._delta_cap, self._delta_gen = fd, m, cap, generation
+        return True
 
     def _drop_unborn(self, sid: int) -> bool:
         """A kill while a segment was being created (rotation) can leave the newest file
@@ -484,18 +647,24 @@ class Engine:
                  prev, f.idem_hash)
 
     def _head_before(self, entity: bytes, prev_hash: bytes, clock: int) -> int:
-        """Sequence of an entity's newest event in the sealed segments, via the base table."""
+        """Sequence of an entity's event with clock ``clock - 1``, found through the lookup
+        tables (the delta, when recovery kept it, then the base) and the records' back
+        links. The index records below the scanned frames are trusted here."""
         h = L.name_hash(entity)
-        base = self._entity_base
-        if base is not None:
-            for seq in base.entity_candidates(h):
-                if self._records_clock_hash(seq) == (clock - 1, h):
+        candidates: list[int] = []
+        if self._delta_map is not None:
+            candidates += delta_candidates(self._delta_map, self._delta_cap, h)
+        if self._entity_base is not None:
+            candidates += self._entity_base.entity_candidates(h)
+        for seq in candidates:
+            while seq:
+                rec = L.RECORD.unpack_from(self._records_map, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE)
+                if rec[6] != h or rec[0] < clock - 1:
+                    break
+                if rec[0] == clock - 1:
                     return seq
+                seq = rec[8]
         raise CorruptSegment(self._seg_dir, 0, f"predecessor of entity {entity!r} clock {clock} not found")
-
-    def _records_clock_hash(self, seq: int) -> tuple[int, int]:
-        rec = L.RECORD.unpack_from(self._records_map, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE)
-        return rec[0], rec[6]
 
     # ------------------------------------------------------------------ index files
     def _open_records(self) -> None:
@@ -523,8 +692,9 @@ class Engine:
         self._records_map = self.disk.map_shared(self._records_fd, size, self._records_path, writable=True)
         old.close()
 
-    def _open_bases(self, through_segment: int, through_seq: int) -> None:
-        """Map the base tables for sealed segments, rebuilding them when missing/bad."""
+    def _open_bases(self, through_segment: int, through_seq: int, *, verify: bool = True) -> None:
+        """Map the base tables for sealed segments, rebuilding them when missing/bad
+        (with ``verify`` off: a same-boot restart; missing or bad is CorruptSegment)."""
         self._close_bases()
         self._base_segment = through_segment
         if not through_segment:
@@ -535,7 +705,9 @@ class Engine:
             (L.idem_base_name(through_segment), IDEM_BASE_MAGIC, 3),
         ):
             path = os.path.join(self._idx_dir, name)
-            table = self._map_base(path, name, magic, cols, through_seq)
+            table = self._map_base(path, name, magic, cols, through_seq, verify)
+            if table is None and not verify:
+                raise CorruptSegment(path, 0, "index table missing or not for this log")
             if table is None:
                 self._build_bases(through_segment, through_seq)
                 table = self._map_base(path, name, magic, cols, through_seq)
@@ -553,7 +725,8 @@ class Engine:
             m.close()
         self._base_maps = []
 
-    def _map_base(self, path: str, name: str, magic: bytes, cols: int, through_seq: int) -> BaseTable | None:
+    def _map_base(self, path: str, name: str, magic: bytes, cols: int, through_seq: int,
+                  verify: bool = True) -> BaseTable | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -568,7 +741,7 @@ class Engine:
         finally:
             os.close(fd)
         try:
-            count, through = verify_base(m, magic, name, cols)
+            count, through = verify_base(m, magic, name, cols, digest=verify)
         except CorruptSegment:
             m.close()
             return None
@@ -715,8 +888,9 @@ class Engine:
         seg = self._seg
         if seg is None:
             return
-        self.disk.write_file_atomic(os.path.join(self.data_dir, L.CHECKPOINT_FILE),
-                                    L.encode_checkpoint(self.durable, seg.segment_id, seg.end))
+        self.disk.write_file_atomic(os.path.join(self.data_dir, L.CHECKPOINT_FILE), L.encode_checkpoint(
+            self.durable, seg.segment_id, seg.end, self.visible, self._boot_id, self._delta_gen, self._base_segment,
+            seg.crc))
 
     # ------------------------------------------------------------------ state checks
     def _check_open(self) -> None:
@@ -973,6 +1147,7 @@ class Engine:
             off += flen
         seg.end = off
         seg.count += group.count
+        seg.crc = zlib.crc32(data, seg.crc)
         self._entities.update(group.entities)
         self.visible = last_seq
         if synced:
@@ -1034,6 +1209,39 @@ class Engine:
         if isinstance(res, BaseException):
             raise res
         return res[0]
+
+    def append_effect(self, coord: Coordinate, type_id: int, payload: Any, *, causation_id: bytes | None = None,
+                      idempotency_key: str | bytes | None = None) -> Receipt:
+        """Append a store-recorded effect (reserved category 0xD): only an allowlisted
+        type id (``EFFECT_DENIAL``, ``EFFECT_BYPASS``) with a payload of its shape."""
+        item = effect_item(coord, type_id, payload, causation_id=causation_id, idempotency_key=idempotency_key)
+        return self._append_items([(item, True)])[0]
+
+    def append_denial(self, coord: Coordinate, denial: Denial, *, proposal_kind: Kind | None = None,
+                      causation_id: bytes | None = None) -> Receipt:
+        """Persist a gate's denial in the entity's chain, so refusals are auditable."""
+        return self.append_effect(coord, EFFECT_DENIAL, denial_payload(denial, proposal_kind), causation_id=causation_id)
+
+    def append_bypass(self, item: BatchItem, reason: str, *, gates: Sequence[str] = ()) -> tuple[Receipt, Receipt]:
+        """Append ``item`` past the gates together with its bypass audit record, all or
+        nothing (the record is chained right after the event)."""
+        event, audit = self._append_items([(item, False), (bypass_audit_item(item, reason, gates), True)])
+        return event, audit
+
+    def _append_items(self, items: Sequence[tuple[BatchItem, bool]]) -> list[Receipt]:
+        """Append (item, allow_reserved) pairs as one all-or-nothing request."""
+        self._check_open()
+        prepared = [
+            prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
+                    expected_clock=it.expected_clock, causation_id=it.causation_id,
+                    correlation_id=it.correlation_id, max_payload=self.config.max_payload_bytes,
+                    allow_reserved=reserved)
+            for it, reserved in items
+        ]
+        res = self.commit([prepared])[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res
 
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         self._check_open()

@@ -171,26 +171,46 @@ def event_id_sequence(event_id: bytes) -> int:
 
 
 # ---- checkpoint: a durable floor for recovery ---------------------------------------
-CHECKPOINT = struct.Struct("<8sIQQQI")  # magic, version, seq, segment_id, end_offset, crc
+# magic, version, durable seq, active segment, end offset of the visible log, visible seq,
+# boot id, delta generation, base segment, crc32 of the active segment's frames, crc
+CHECKPOINT = struct.Struct("<8sIQQQQ16sQQII")
 CHECKPOINT_MAGIC = b"BPMPCKPT"
 
 
-def encode_checkpoint(seq: int, segment_id: int, end_offset: int) -> bytes:
-    head = struct.pack("<8sIQQQ", CHECKPOINT_MAGIC, FORMAT_VERSION, seq, segment_id, end_offset)
+class Checkpoint(NamedTuple):
+    """What the writer last persisted about its state. ``seq`` is the durable floor
+    recovery holds the log to; the rest lets a restart in the same boot (page cache
+    intact) trust the index files through ``visible`` and scan only the tail."""
+
+    seq: int
+    segment_id: int
+    end_offset: int
+    visible: int = 0
+    boot_id: bytes = bytes(16)
+    delta_gen: int = 0
+    base_segment: int = 0
+    frames_crc: int = 0  # crc32 of the active segment's bytes [64, end_offset)
+
+
+def encode_checkpoint(seq: int, segment_id: int, end_offset: int, visible: int = 0, boot_id: bytes = bytes(16),
+                      delta_gen: int = 0, base_segment: int = 0, frames_crc: int = 0) -> bytes:
+    head = CHECKPOINT.pack(CHECKPOINT_MAGIC, FORMAT_VERSION, seq, segment_id, end_offset, visible, boot_id,
+                           delta_gen, base_segment, frames_crc, 0)[:-4]
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def decode_checkpoint(data: bytes) -> tuple[int, int, int] | None:
-    """(seq, segment_id, end_offset), or None when the bytes are not a whole checkpoint
-    (the engine refuses to open over a damaged one: it would lower the durable floor)."""
+def decode_checkpoint(data: bytes) -> Checkpoint | None:
+    """The checkpoint, or None when the bytes are not a whole checkpoint (the engine
+    refuses to open over a damaged one: it would lower the durable floor)."""
     if len(data) != CHECKPOINT.size:
         return None
-    magic, version, seq, segment_id, end_offset, crc = CHECKPOINT.unpack(data)
+    magic, version, seq, segment_id, end_offset, visible, boot_id, delta_gen, base_segment, frames_crc, crc = \
+        CHECKPOINT.unpack(data)
     if magic != CHECKPOINT_MAGIC or zlib.crc32(data[:-4]) != crc:
         return None
     if version > FORMAT_VERSION:
         raise FutureFormat(CHECKPOINT_FILE, version, FORMAT_VERSION)
-    return seq, segment_id, end_offset
+    return Checkpoint(seq, segment_id, end_offset, visible, boot_id, delta_gen, base_segment, frames_crc)
 
 
 # ---- records.idx header -----------------------------------------------------------------

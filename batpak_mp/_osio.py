@@ -44,6 +44,7 @@ class FaultPlan:
 
     fail: dict[str, tuple[int, int]] = field(default_factory=dict)
     short_write_at: int | None = None
+    boot_id: bytes | None = None  # pretend another boot (tests of the cold recovery path)
     calls: dict[str, int] = field(default_factory=dict)
 
     def check(self, op: str) -> None:
@@ -198,6 +199,17 @@ class Disk:
             except FileNotFoundError:
                 pass
         self._do("unlink", path, run)
+
+    def boot_id(self) -> bytes:
+        """16 bytes naming this boot of the kernel (zeros when unknown). Data written in
+        the same boot is still in the page cache after a process crash."""
+        if self.faults is not None and self.faults.boot_id is not None:
+            return self.faults.boot_id
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                return bytes.fromhex(f.read().strip().replace("-", ""))[:16].ljust(16, b"\0")
+        except (OSError, ValueError):
+            return bytes(16)
 
     # -- locking and mapping ------------------------------------------------------------
     def try_lock(self, fd: int, path: str) -> bool:

@@ -116,14 +116,18 @@ def encode_idem_base(his: bytes, los: bytes, seqs: bytes, through_seq: int) -> b
     return head.ljust(TABLE_HEADER_SIZE, b"\0") + body
 
 
-def verify_base(buf: Any, magic: bytes, name: str, columns: int) -> tuple[int, int]:
-    """Check a base table's length and digest; return (count, through_seq)."""
-    count, through, _, digest = check_header(buf, magic, name)
+def verify_base(buf: Any, magic: bytes, name: str, columns: int, *, digest: bool = True) -> tuple[int, int]:
+    """Check a base table's length and (unless ``digest`` is off: a same-boot restart
+    whose tables were verified in this boot) its digest; return (count, through_seq)."""
+    count, through, _, stored = check_header(buf, magic, name)
     body = memoryview(buf)[TABLE_HEADER_SIZE:]
-    if len(body) != count * 8 * columns:
-        raise CorruptSegment(name, 0, "index table length does not match its count")
-    if _digest(body) != digest:
-        raise CorruptSegment(name, 0, "index table checksum mismatch")
+    try:
+        if len(body) != count * 8 * columns:
+            raise CorruptSegment(name, 0, "index table length does not match its count")
+        if digest and _digest(body) != stored:
+            raise CorruptSegment(name, 0, "index table checksum mismatch")
+    finally:
+        body.release()
     return count, through
 
 
