@@ -6,13 +6,15 @@ The public face: everything a caller needs is importable from here (see ``__all_
 
 from __future__ import annotations
 
-from ._client import Store, connect
+from ._client import Store, Subscription, connect
 from ._engine import Engine, EngineConfig
 from ._errors import (
+    ApprovalError,
     BatpakError,
     ConcurrencyConflict,
     CorruptSegment,
     FutureFormat,
+    FutureVersion,
     InvalidArgument,
     InvalidCoordinate,
     InvalidKind,
@@ -20,6 +22,7 @@ from ._errors import (
     NotFound,
     PayloadTooLarge,
     ProtocolError,
+    ReactorError,
     ReservedKind,
     StorageError,
     StoreClosed,
@@ -28,6 +31,8 @@ from ._errors import (
     WriterTimeout,
     WriterUnavailable,
 )
+from ._gates import Approval, Denial, Denied, Evaluation, Gate, GateSet, Pipeline, Proposal
+from ._replay import Cursor, Projection, Reactor, ReactorFailure
 from ._service import Service, serve
 from ._signing import verify_receipt_signature
 from ._values import (
@@ -43,22 +48,33 @@ from ._values import (
     SyncMode,
     VerifyReport,
     WriterState,
+    register_payload,
+    unregister_payload,
 )
 from ._verify import verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Approval",
+    "ApprovalError",
     "BatchItem",
     "BatpakError",
     "ConcurrencyConflict",
     "Coordinate",
     "CorruptSegment",
+    "Cursor",
+    "Denial",
+    "Denied",
     "Engine",
     "EngineConfig",
+    "Evaluation",
     "Event",
     "Frontier",
     "FutureFormat",
+    "FutureVersion",
+    "Gate",
+    "GateSet",
     "InvalidArgument",
     "InvalidCoordinate",
     "InvalidKind",
@@ -67,8 +83,14 @@ __all__ = [
     "NotFound",
     "Page",
     "PayloadTooLarge",
+    "Pipeline",
     "Problem",
+    "Projection",
+    "Proposal",
     "ProtocolError",
+    "Reactor",
+    "ReactorError",
+    "ReactorFailure",
     "Receipt",
     "ReservedKind",
     "RestartPolicy",
@@ -78,6 +100,7 @@ __all__ = [
     "StoreClosed",
     "StoreLocked",
     "StorePoisoned",
+    "Subscription",
     "SyncMode",
     "VerifyReport",
     "WriterState",
@@ -85,7 +108,9 @@ __all__ = [
     "WriterUnavailable",
     "__version__",
     "connect",
+    "register_payload",
     "serve",
+    "unregister_payload",
     "verify",
     "verify_receipt_signature",
 ]

@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import posix_ipc
@@ -37,8 +37,14 @@ from ._errors import (
     WriterTimeout,
     WriterUnavailable,
 )
+from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from ._reader import Reader, View
+from ._replay import Cursor, EventFilter, Handler, Projection, Reactor
+from ._replay import caused_by as _caused_by
+from ._replay import project as _project
+from ._replay import project_if_changed as _project_if_changed
 from ._values import (
+    EFFECT_DENIAL,
     RESERVED_CATEGORIES,
     STORE_KINDS,
     BatchItem,
@@ -49,6 +55,8 @@ from ._values import (
     Page,
     Receipt,
     WriterState,
+    check_name,
+    payload_version_for,
 )
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -69,6 +77,8 @@ def _after_fork_in_child() -> None:
         # another thread of the parent may have held the lock at the fork: it would
         # never be released in the child
         store._lock = threading.RLock()
+        store._projections_lock = threading.Lock()
+        store._projections = {}
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -161,6 +171,8 @@ class Store:
         self._request_ids = itertools.count(1)
         self._reader = Reader(self.data_dir, self._view)
         self._public_key = self._load_public_key()
+        self._projections: dict[Any, Any] = {}  # project_if_changed's cache (see _replay)
+        self._projections_lock = threading.Lock()
         _live_stores.add(self)
 
     # -- plumbing --------------------------------------------------------------------------
@@ -269,11 +281,13 @@ class Store:
     # -- writes ----------------------------------------------------------------------------
     def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
                expected_clock: int | None = None, causation_id: bytes | None = None,
-               correlation_id: bytes | None = None, payload_version: int = 0) -> Receipt:
-        """Append one event; returns once it is durable (in the default sync mode)."""
+               correlation_id: bytes | None = None, payload_version: int | None = None) -> Receipt:
+        """Append one event; returns once it is durable (in the default sync mode).
+        ``payload_version`` defaults to the version registered for ``kind``
+        (``bp.register_payload``), else 0."""
         p = prepare(coord, kind, payload, idempotency_key=idempotency_key, expected_clock=expected_clock,
                     causation_id=causation_id, correlation_id=correlation_id, max_payload=MAX_PAYLOAD,
-                    payload_version=payload_version)
+                    payload_version=payload_version_for(kind) if payload_version is None else payload_version)
         if idempotency_key is None:
             p = p._replace(idem=secrets.token_bytes(16))  # every request is re-sendable
         return self._append([p])[0]
@@ -291,7 +305,8 @@ class Store:
                 raise InvalidArgument(f"items[{i}]", it, "must be a bp.BatchItem")
             p = prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
                         expected_clock=it.expected_clock, causation_id=it.causation_id,
-                        correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD)
+                        correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD,
+                        payload_version=payload_version_for(it.kind) if it.payload_version is None else it.payload_version)
             if it.idempotency_key is None:
                 p = p._replace(idem=((base + i) & _MASK128).to_bytes(16, "little"))
             prepared.append(p)
@@ -310,11 +325,30 @@ class Store:
                 raise ReservedKind(it.kind[0], it.kind[1])
             p = prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
                         expected_clock=it.expected_clock, causation_id=it.causation_id,
-                        correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD, allow_reserved=reserved)
+                        correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD, allow_reserved=reserved,
+                        payload_version=payload_version_for(it.kind) if it.payload_version is None else it.payload_version)
             if it.idempotency_key is None:
                 p = p._replace(idem=((base + i) & _MASK128).to_bytes(16, "little"))
             prepared.append(p)
         return self._append(prepared)
+
+    def append_effect(self, coord: Coordinate, type_id: int, payload: Any, *, causation_id: bytes | None = None,
+                      idempotency_key: str | bytes | None = None) -> Receipt:
+        """Append a store-recorded effect (reserved category 0xD): only an allowlisted
+        type id with a payload of its shape (the writer checks both again)."""
+        item = effect_item(coord, type_id, payload, causation_id=causation_id, idempotency_key=idempotency_key)
+        return self._append_store_kinds([item])[0]
+
+    def append_denial(self, coord: Coordinate, denial: Denial, *, proposal_kind: Kind | None = None,
+                      causation_id: bytes | None = None) -> Receipt:
+        """Persist a gate's denial in the entity's chain, so refusals are auditable."""
+        return self.append_effect(coord, EFFECT_DENIAL, denial_payload(denial, proposal_kind), causation_id=causation_id)
+
+    def append_bypass(self, item: BatchItem, reason: str, *, gates: Sequence[str] = ()) -> tuple[Receipt, Receipt]:
+        """Append ``item`` past the gates together with its bypass audit record, all or
+        nothing (the record is chained right after the event)."""
+        event, audit = self._append_store_kinds([item, bypass_audit_item(item, reason, gates)])
+        return event, audit
 
     def _append(self, prepared: list[Prepared]) -> list[Receipt]:
         items = [[p.entity, p.scope, p.kind, p.payload, p.payload_version, p.idem, p.expected_clock,
@@ -386,6 +420,62 @@ class Store:
         elif type(after) is not int or after < 0:
             raise InvalidArgument("after", after, "must be an int >= 0")
         return Subscription(self, after, entity, scope, kind, timeout)
+
+    def _entity_head(self, entity: str) -> Event | None:
+        """The newest visible event of ``entity``, or None: one table lookup (a cursor
+        reads its position with it)."""
+        raw = check_name("entity", entity)
+        with self._lock:
+            self._ensure_open()
+            reader = self._reader
+            reader.refresh()
+            seq: int = reader._retrying(lambda: reader.head_of(raw))
+            return reader.get_seq(seq) if seq else None
+
+    # -- replay: cursors, reactors, causal links, projections (see _replay) -----------------
+    def cursor(self, name: str, *, entity: str | None = None, scope: str | None = None, kind: Kind | None = None,
+               include_system: bool = False, start_after: int | None = 0, timeout: float | None = None) -> Cursor:
+        """A durable named consumer of the matching events: resumes after its last
+        ``ack`` (kept in the journal), at-least-once. ``start_after`` (a sequence, or None
+        for the current frontier) applies only to a cursor that has never acknowledged.
+        ``timeout``: iteration ends after that many idle seconds."""
+        self._ensure_open()
+        return Cursor(self, name, EventFilter(entity, scope, kind, include_system), start_after=start_after,
+                      timeout=timeout)
+
+    def react(self, name: str, handler: Handler, *, entity: str | None = None, scope: str | None = None,
+              kind: Kind | None = None, include_system: bool = False, start_after: int | None = 0,
+              max_failures: int = 5, backoff: float = 0.1, max_backoff: float = 5.0, ack_every: int = 100,
+              on_error: Callable[[Event, BaseException], None] | None = None) -> Reactor:
+        """A reactor: ``handler(event)`` returns reactions, appended with the event as
+        their cause, idempotently, together with the event's ack. Drive it with
+        ``run(timeout, max_events)``, ``run_once()`` or ``step()``."""
+        self._ensure_open()
+        return Reactor(self, name, handler, EventFilter(entity, scope, kind, include_system), start_after=start_after,
+                       max_failures=max_failures, backoff=backoff, max_backoff=max_backoff, ack_every=ack_every,
+                       on_error=on_error)
+
+    def caused_by(self, event_id: bytes, *, limit: int = 100, within: int = 100_000) -> list[Event]:
+        """The events whose ``causation_id`` is ``event_id`` (a forward scan of at most
+        ``within`` events after the cause; stops at ``limit`` matches)."""
+        return _caused_by(self, event_id, limit=limit, within=within)
+
+    def project(self, projection: Projection, *, entity: str | None = None, scope: str | None = None,
+                kind: Kind | None = None, include_system: bool = False, snapshot: bool = False,
+                snapshot_every: int = 1000) -> Any:
+        """Fold the matching events into ``projection``'s state. With ``snapshot``, start
+        from its snapshot file (when it matches exactly) and rewrite it once at least
+        ``snapshot_every`` sequences have passed since."""
+        return _project(self, projection, EventFilter(entity, scope, kind, include_system), snapshot=snapshot,
+                        snapshot_every=snapshot_every)
+
+    def project_if_changed(self, projection: Projection, *, entity: str | None = None, scope: str | None = None,
+                           kind: Kind | None = None, include_system: bool = False, snapshot: bool = False,
+                           snapshot_every: int = 1000) -> Any:
+        """``project`` through this Store's cache: the cached state when nothing relevant
+        was appended since, else the cached state with only the new events folded in."""
+        return _project_if_changed(self, projection, EventFilter(entity, scope, kind, include_system),
+                                   snapshot=snapshot, snapshot_every=snapshot_every)
 
     # -- frontier --------------------------------------------------------------------------
     def frontier(self) -> Frontier:

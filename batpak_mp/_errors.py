@@ -182,3 +182,40 @@ class StorePoisoned(StorageError):
 
     def __str__(self) -> str:
         return f"store poisoned by failed {self.op} on {self.path}: [errno {self.errno}] {self.strerror}"
+
+
+class ApprovalError(BatpakError, ValueError):
+    """An approval cannot be committed: it was already ``used``, was minted by another
+    pipeline (``foreign``), its proposal ``changed`` after approval, or it ``expired``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"approval refused ({reason}): {detail}")
+
+
+class FutureVersion(BatpakError):
+    """An event's payload was stored at a newer payload version than this process has
+    registered for its kind (``bp.register_payload``): it is refused, never guessed at."""
+
+    def __init__(self, kind: Any, stored: int, known: int) -> None:
+        self.kind = kind
+        self.stored = stored
+        self.known = known
+        super().__init__(
+            f"payload of kind {tuple(kind)!r} is at version {stored}, newer than the registered version {known}"
+        )
+
+
+class ReactorError(BatpakError):
+    """A reactor's handler failed on the same event ``failures`` times in a row; the
+    event was not acknowledged (the reactor retries it when run again)."""
+
+    def __init__(self, reactor: str, sequence: int, failures: int, cause: BaseException) -> None:
+        self.reactor = reactor
+        self.sequence = sequence
+        self.failures = failures
+        self.cause = cause
+        super().__init__(
+            f"reactor {reactor!r} failed {failures} times in a row on the event at sequence {sequence}: {cause!r}"
+        )

@@ -47,7 +47,9 @@ from ._errors import (
     StorePoisoned,
 )
 from ._frame import ZERO_ID
+from ._gates import check_effect
 from ._values import (
+    CATEGORY_EFFECT,
     RESERVED_CATEGORIES,
     STORE_KINDS,
     SYSTEM_WRITER_STARTED,
@@ -63,7 +65,8 @@ MIN_AREA = 4096  # bytes: a client area smaller than this is refused (the client
 QUEUE_DEPTH = 10  # the kernel default msg_max: must work without raising limits
 HEARTBEAT_EVERY_NS = 50_000_000  # 50 ms: the supervisor's hang detection reads this
 RECEIVE_TIMEOUT_S = 0.05  # how long the loop sleeps in the kernel when idle
-CHECKPOINT_EVERY_NS = 1_000_000_000  # durable floor persisted at most once a second
+CHECKPOINT_EVERY_NS = 1_000_000_000  # durable floor persisted at least once a second...
+CHECKPOINT_EVERY_EVENTS = 20_000  # ...and every 20k events: bounds the tail a restart scans
 SWEEP_EVERY_NS = 5_000_000_000  # dead clients' IPC objects reclaimed every 5 s
 MAX_AREAS = 1024  # client areas kept mapped at once (LRU beyond)
 DRAIN_MAX = 64  # messages taken per group while draining at stop
@@ -114,7 +117,8 @@ class WireItems:
 
     @staticmethod
     def _store_kind(kind: int, payload: bytes) -> None:
-        """A reserved kind is accepted only from the allowlist, with its payload keys."""
+        """A reserved kind is accepted only from the allowlist, with its payload keys
+        (an effect record: exactly the shape the engine accepts, ``_gates.check_effect``)."""
         required = STORE_KINDS.get(kind)
         if required is None:
             raise ReservedKind(kind >> 12, kind & 0xFFF)
@@ -122,6 +126,9 @@ class WireItems:
             doc = msgpack.unpackb(payload, raw=False)
         except Exception:
             doc = None
+        if kind >> 12 == CATEGORY_EFFECT:
+            check_effect(kind & 0xFFF, doc)
+            return
         if not isinstance(doc, dict) or not required <= doc.keys():
             raise InvalidPayload(f"kind {kind >> 12:#x}:{kind & 0xFFF:#x} needs a map with keys {sorted(required)}")
 
@@ -195,6 +202,7 @@ class Writer:
         self._wake = threading.Event()
         self._receiver_stop = False
         self._rung_at = -1
+        self._ckpt_seq = 0
         self._last_beat = self._last_ckpt = self._last_sweep = 0
         self.items = WireItems(config.max_payload_bytes)
         self._control_lock = threading.Lock()  # the loop and the receiver thread both beat
@@ -321,8 +329,9 @@ class Writer:
             if self.supervisor_pid and os.getppid() != self.supervisor_pid:
                 _log("supervisor is gone: stopping")
                 self.stopping = True
-        if now - self._last_ckpt >= CHECKPOINT_EVERY_NS:
+        if now - self._last_ckpt >= CHECKPOINT_EVERY_NS or self.engine.visible - self._ckpt_seq >= CHECKPOINT_EVERY_EVENTS:
             self._last_ckpt = now
+            self._ckpt_seq = self.engine.visible
             self.engine.checkpoint()
         if now - self._last_sweep >= SWEEP_EVERY_NS:
             self._last_sweep = now
