@@ -17,6 +17,7 @@ import hashlib
 import os
 import secrets
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -77,6 +78,7 @@ from ._tables import (
 )
 from ._values import (
     EFFECT_DENIAL,
+    RESERVED_CATEGORIES,
     BatchItem,
     Coordinate,
     Event,
@@ -178,10 +180,18 @@ class _Group:
         return len(self.metas)
 
 
+_tls = threading.local()  # one msgpack Packer per thread (a Packer is not thread-safe)
+_checked_kinds: dict[Any, int] = {}  # caller kinds already validated (never reserved ones)
+
+
 def encode_payload(payload: Any, limit: int) -> bytes:
+    packer = getattr(_tls, "packer", None)
+    if packer is None:
+        packer = _tls.packer = msgpack.Packer(use_bin_type=True)
     try:
-        raw: bytes = msgpack.packb(payload, use_bin_type=True)
+        raw: bytes = packer.pack(payload)
     except (TypeError, ValueError, OverflowError) as exc:
+        _tls.packer = None  # a failed pack may leave the packer's buffer dirty
         raise InvalidPayload(str(exc)) from None
     if len(raw) > limit:
         raise PayloadTooLarge(len(raw), limit)
@@ -213,7 +223,11 @@ def prepare(
     """Validate caller input and encode it for the commit path (pure)."""
     if not isinstance(coord, Coordinate):
         raise InvalidArgument("coord", coord, "must be a bp.Coordinate")
-    packed_kind = check_kind(kind, allow_reserved=allow_reserved)
+    packed_kind = _checked_kinds.get(kind) if type(kind) is Kind else None
+    if packed_kind is None:
+        packed_kind = check_kind(kind, allow_reserved=allow_reserved)
+        if type(kind) is Kind and (packed_kind >> 12) not in RESERVED_CATEGORIES and len(_checked_kinds) < 65536:
+            _checked_kinds[kind] = packed_kind
     if payload_is_encoded:
         raw = bytes(payload)
         if len(raw) > max_payload:
@@ -230,8 +244,9 @@ def prepare(
         raise InvalidArgument("payload_version", payload_version, "must be 0..65535")
     return Prepared(
         coord._entity_bytes, coord._scope_bytes, packed_kind, raw, payload_version, idem,
-        _check_clock(expected_clock), _check_id("causation_id", causation_id),
-        _check_id("correlation_id", correlation_id),
+        None if expected_clock is None else _check_clock(expected_clock),
+        ZERO_ID if causation_id is None else _check_id("causation_id", causation_id),
+        ZERO_ID if correlation_id is None else _check_id("correlation_id", correlation_id),
     )
 
 
