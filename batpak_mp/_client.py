@@ -102,10 +102,10 @@ class _Area:
         else:  # pragma: no cover - 100 random collisions
             raise WriterUnavailable("could not name a client area")
         try:
+            # reserve every page now: a too-small /dev/shm fails here with ENOSPC and a
+            # clear error, never with SIGBUS in the middle of a request
+            os.posix_fallocate(shm.fd, 0, size)
             self.mm = mmap.mmap(shm.fd, size)
-            # touch every page now: a too-small /dev/shm fails here with a clear error,
-            # not with SIGBUS in the middle of a request
-            self.mm.write(bytes(size))
         except (OSError, ValueError) as exc:
             shm.close_fd()
             posix_ipc.unlink_shared_memory(name)
