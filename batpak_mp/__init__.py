@@ -6,13 +6,14 @@ The public face: everything a caller needs is importable from here (see ``__all_
 
 from __future__ import annotations
 
-from ._client import Store, Subscription, connect
+from ._client import Fence, Store, Subscription, connect
 from ._engine import Engine, EngineConfig
 from ._errors import (
     ApprovalError,
     BatpakError,
     ConcurrencyConflict,
     CorruptSegment,
+    FenceLost,
     FutureFormat,
     FutureVersion,
     InvalidArgument,
@@ -70,6 +71,8 @@ __all__ = [
     "EngineConfig",
     "Evaluation",
     "Event",
+    "Fence",
+    "FenceLost",
     "Frontier",
     "FutureFormat",
     "FutureVersion",

@@ -30,6 +30,7 @@ from ._control import ControlBlock, ipc_prefix, request_queue_name
 from ._engine import Prepared, prepare, receipt_matches
 from ._errors import (
     BatpakError,
+    FenceLost,
     InvalidArgument,
     ProtocolError,
     ReservedKind,
@@ -177,8 +178,8 @@ class Store:
 
     # -- plumbing --------------------------------------------------------------------------
     def _view(self) -> View:
-        vis, base, delta, _state = self._control.frontier()
-        return View(vis, base, delta)
+        vis, base, delta, _state, revealed = self._control.frontier()
+        return View(vis, base, delta, revealed)
 
     def _load_public_key(self) -> bytes | None:
         try:
@@ -294,6 +295,9 @@ class Store:
 
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events all-or-nothing (across entities)."""
+        return self._append(self._prepare_batch(items))
+
+    def _prepare_batch(self, items: Sequence[BatchItem]) -> list[Prepared]:
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
             raise InvalidArgument("items", items, "must be a sequence of bp.BatchItem")
         if not items:
@@ -310,7 +314,7 @@ class Store:
             if it.idempotency_key is None:
                 p = p._replace(idem=((base + i) & _MASK128).to_bytes(16, "little"))
             prepared.append(p)
-        return self._append(prepared)
+        return prepared
 
     def _append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events of the store's own allowlisted reserved kinds (cursor positions,
@@ -350,7 +354,7 @@ class Store:
         event, audit = self._append_store_kinds([item, bypass_audit_item(item, reason, gates)])
         return event, audit
 
-    def _append(self, prepared: list[Prepared]) -> list[Receipt]:
+    def _append(self, prepared: list[Prepared], fence: bytes | None = None) -> list[Receipt]:
         items = [[p.entity, p.scope, p.kind, p.payload, p.payload_version, p.idem, p.expected_clock,
                   p.causation if any(p.causation) else None, p.correlation if any(p.correlation) else None]
                  for p in prepared]
@@ -358,7 +362,10 @@ class Store:
                    for p in prepared) + 1024
         with self._lock:
             self._ensure_open()
-            reply = self._call(W.OP_APPEND, items, room)
+            if fence is None:
+                reply = self._call(W.OP_APPEND, items, room)
+            else:
+                reply = self._call(W.OP_APPEND_FENCED, [fence, items], room + 64)
         if reply.status != W.STATUS_OK:
             raise W.error_from_wire(reply.data)
         data = reply.data
@@ -407,6 +414,10 @@ class Store:
 
             return verify_receipt_signature(receipt, self._public_key)
         return True
+
+    def fence(self) -> Fence:
+        """Open a visibility fence: ``with store.fence() as f: f.append(...)``."""
+        return Fence(self)
 
     def subscribe(self, after: int | None = None, *, entity: str | None = None, scope: str | None = None,
                   kind: Kind | None = None, timeout: float | None = None) -> Subscription:
@@ -554,6 +565,64 @@ class Store:
                 self._area.close()
         except Exception:
             pass
+
+
+class Fence:
+    """A visibility fence (``with store.fence() as f:``): events appended through it are
+    written and durable but invisible to every reader and subscriber until ``commit``;
+    ``cancel`` (or an exception in the ``with`` block, the death of this process, or a
+    writer restart) leaves them invisible for good. ``bp.verify`` still checks them."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        with store._lock:
+            store._ensure_open()
+            reply = store._call(W.OP_FENCE_BEGIN, None)
+        if reply.status != W.STATUS_OK:
+            raise W.error_from_wire(reply.data)
+        self.token: bytes = reply.data[0]
+        self.done = False
+
+    def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
+               expected_clock: int | None = None, causation_id: bytes | None = None,
+               correlation_id: bytes | None = None) -> Receipt:
+        return self.append_batch([BatchItem(coord, kind, payload, idempotency_key, expected_clock, causation_id,
+                                            correlation_id)])[0]
+
+    def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
+        if self.done:
+            raise FenceLost(self.token, "the fence was already committed or cancelled")
+        return self._store._append(self._store._prepare_batch(items), fence=self.token)
+
+    def _finish(self, op: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        with self._store._lock:
+            self._store._ensure_open()
+            reply = self._store._call(op, self.token)
+        if reply.status != W.STATUS_OK:
+            raise W.error_from_wire(reply.data)
+
+    def commit(self) -> None:
+        """Reveal every event written through this fence, at once."""
+        self._finish(W.OP_FENCE_COMMIT)
+
+    def cancel(self) -> None:
+        """Leave this fence's events invisible for good."""
+        self._finish(W.OP_FENCE_CANCEL)
+
+    def __enter__(self) -> Fence:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            try:
+                self.cancel()
+            except BatpakError:
+                pass  # the original exception matters more; the fence stays hidden anyway
 
 
 class Subscription:

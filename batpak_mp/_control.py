@@ -31,7 +31,7 @@ REASON_MAX = 512  # bytes of the failure reason text
 _FIELDS = (
     "seq", "writer_epoch", "writer_pid", "state", "heartbeat_ns", "visible", "durable",
     "base_segment", "delta_gen", "supervisor_pid", "restarts", "store_key", "clients",
-    "dropped_messages", "started_ns",
+    "dropped_messages", "started_ns", "revealed",
 )
 _FIELD_FMT = struct.Struct("<" + "Q" * len(_FIELDS))
 _HEAD = struct.Struct("<QII")
@@ -41,6 +41,7 @@ _REASON_LEN = struct.Struct("<I")
 _SEQ = struct.Struct("<Q")
 NOTIFY_AT = 2048  # a u32 the writer bumps after every publish; subscribers futex-wait on it
 _FRONTIER = struct.Struct("<QQQQ")  # visible, durable, base_segment, delta_gen
+_REVEALED = _FIELDS.index("revealed")
 
 
 class ControlSnapshot(NamedTuple):
@@ -59,6 +60,7 @@ class ControlSnapshot(NamedTuple):
     clients: int
     dropped_messages: int
     started_ns: int
+    revealed: int  # ranges in fences.tbl (committed visibility fences)
     reason: str
 
 
@@ -164,13 +166,15 @@ class ControlBlock:
         snap: ControlSnapshot = self._settled(fields)
         return snap
 
-    def frontier(self) -> tuple[int, int, int, int]:
-        """(visible, base_segment, delta_gen, state) — the hot read of every client call."""
-        def fields(mm: mmap.mmap) -> tuple[int, int, int, int]:
+    def frontier(self) -> tuple[int, int, int, int, int]:
+        """(visible, base_segment, delta_gen, state, revealed) — the hot read of every
+        client call."""
+        def fields(mm: mmap.mmap) -> tuple[int, int, int, int, int]:
             vis, _dur, base, delta = _FRONTIER.unpack_from(mm, _FIELDS_AT + 5 * 8)
-            return vis, base, delta, _SEQ.unpack_from(mm, _FIELDS_AT + 3 * 8)[0]
+            return (vis, base, delta, _SEQ.unpack_from(mm, _FIELDS_AT + 3 * 8)[0],
+                    _SEQ.unpack_from(mm, _FIELDS_AT + _REVEALED * 8)[0])
 
-        result: tuple[int, int, int, int] = self._settled(fields)
+        result: tuple[int, int, int, int, int] = self._settled(fields)
         return result
 
     # -- writing (one writer at a time: the writer, or the supervisor after a reap) ------

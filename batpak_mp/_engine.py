@@ -43,6 +43,7 @@ from ._errors import (
 from ._frame import (
     BAD,
     FLAG_COMMIT_END,
+    FLAG_FENCED,
     FLAG_HAS_CAUSATION,
     FLAG_HAS_CORRELATION,
     FRAME_VERSION,
@@ -77,8 +78,11 @@ from ._tables import (
     verify_base,
 )
 from ._values import (
+    CATEGORY_SYSTEM,
     EFFECT_DENIAL,
+    FENCE_ENTITY,
     RESERVED_CATEGORIES,
+    SYSTEM_FENCE_COMMIT,
     BatchItem,
     Coordinate,
     Event,
@@ -303,6 +307,7 @@ class Engine:
         self.signer = Signer(config.signing_key) if config.signing_key else None
         self.recovery_report: dict[str, Any] = {}
         self._boot_id = bytes(16)
+        self.revealed: list[tuple[int, int]] = []  # committed fences' sequence ranges
         self.on_index_change: Callable[[], None] = lambda: None  # set by the writer: publish now
         self._seg_dir = os.path.join(self.data_dir, L.SEGMENT_DIR)
         self._idx_dir = os.path.join(self.data_dir, L.INDEX_DIR)
@@ -315,6 +320,7 @@ class Engine:
             raise
         self.reader = Reader(self.data_dir, self.view)
         self.reader.refresh()
+        self._rebuild_fences()
 
     def _lock(self) -> None:
         d = self.disk
@@ -838,7 +844,36 @@ class Engine:
                 self._idem_active[f.idem_hash] = f.seq
 
     def view(self) -> View:
-        return View(self.visible, self._base_segment, self._delta_gen)
+        return View(self.visible, self._base_segment, self._delta_gen, len(self.revealed))
+
+    # ------------------------------------------------------------------ visibility fences
+    def _rebuild_fences(self) -> None:
+        """The revealed ranges are derived data: rebuild them from the fence chain of the
+        log (every FENCE_COMMIT event) into a fresh fences.tbl, replaced by rename."""
+        ranges: list[tuple[int, int]] = []
+        for ev in self.reader.history(FENCE_ENTITY):
+            if ev.kind == (CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT):
+                ranges += [(int(a), int(b)) for a, b in ev.payload["ranges"]]
+        self.revealed = ranges
+        body = b"".join(L.FENCE_RANGE.pack(a, b) for a, b in ranges)
+        head = L.FENCES_HEADER.pack(L.FENCES_MAGIC, L.FORMAT_VERSION, 0, len(ranges))
+        self.disk.write_file_atomic(os.path.join(self._idx_dir, L.FENCES_FILE), head + body)
+        self.reader.view = self.view()
+
+    def reveal(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Make fenced events visible: call after their FENCE_COMMIT event is committed
+        (the event is the authority; this file only lets readers find out fast)."""
+        path = os.path.join(self._idx_dir, L.FENCES_FILE)
+        fd = self.disk.open(path, os.O_RDWR)
+        try:
+            body = b"".join(L.FENCE_RANGE.pack(a, b) for a, b in ranges)
+            self.disk.pwrite(fd, body, L.FENCES_HEADER.size + len(self.revealed) * L.FENCE_RANGE.size, path)
+            self.revealed = self.revealed + [(int(a), int(b)) for a, b in ranges]
+            self.disk.pwrite(fd, L.FENCES_HEADER.pack(L.FENCES_MAGIC, L.FORMAT_VERSION, 0, len(self.revealed)),
+                             0, path)
+        finally:
+            os.close(fd)
+        self.reader.view = self.view()
 
     # ------------------------------------------------------------------ segments
     def _create_segment(self, segment_id: int, first_seq: int, size: int) -> _Segment:
@@ -965,10 +1000,13 @@ class Engine:
                        wall_ms, durable, sig)
 
     # ------------------------------------------------------------------ commit path
-    def commit(self, requests: Sequence[Sequence[Prepared]]) -> list[list[Receipt] | BatpakError]:
+    def commit(self, requests: Sequence[Sequence[Prepared]],
+               fenced: Sequence[bool] | None = None) -> list[list[Receipt] | BatpakError]:
         """Commit several requests as one group: each request is all-or-nothing and is
         answered on its own (a list of receipts, or the error that refused it). One
-        write and one fsync cover the whole group (more only when a segment fills)."""
+        write and one fsync cover the whole group (more only when a segment fills).
+        ``fenced[i]``: request i is written inside a visibility fence (hidden until a
+        FENCE_COMMIT event reveals it; see ``reveal``)."""
         self._check_open()
         results: list[list[Receipt] | BatpakError] = [[] for _ in requests]
         group = _Group()
@@ -999,7 +1037,8 @@ class Engine:
                     results[ri] = [self._original(s, group) for s in originals]
                     continue
                 start = group.count
-                nbytes = self._encode_request(items, group, wall_ms, id_prefix)
+                fence_flag = FLAG_FENCED if fenced is not None and fenced[ri] else 0
+                nbytes = self._encode_request(items, group, wall_ms, id_prefix, fence_flag)
             except BatpakError as exc:
                 results[ri] = exc
                 continue
@@ -1015,7 +1054,7 @@ class Engine:
                 assert seg is not None
                 start = 0
                 try:
-                    self._encode_request(items, group, wall_ms, id_prefix)
+                    self._encode_request(items, group, wall_ms, id_prefix, fence_flag)
                 except BatpakError as exc:
                     results[ri] = exc
                     continue
@@ -1049,7 +1088,8 @@ class Engine:
             entity = m[8]
             group.entities[entity] = _Entity(m[1], group.receipts[m[0] - group.metas[0][0]].event_hash, m[0], m[6])
 
-    def _encode_request(self, items: Sequence[Prepared], group: _Group, wall_ms: int, id_prefix: bytes) -> int:
+    def _encode_request(self, items: Sequence[Prepared], group: _Group, wall_ms: int, id_prefix: bytes,
+                        fence_flag: int = 0) -> int:
         """Check one request's guards and encode its frames into ``group`` (all or
         nothing: on a conflict the group is left as it was). Returns its byte size."""
         start = group.count
@@ -1073,7 +1113,7 @@ class Engine:
                 if p.expected_clock is not None and p.expected_clock != st.clock:
                     raise ConcurrencyConflict(entity.decode(), p.expected_clock, st.clock)
                 clock = st.clock + 1
-                flags = FLAG_COMMIT_END if i == last else 0
+                flags = (FLAG_COMMIT_END if i == last else 0) | fence_flag
                 if p.causation != ZERO_ID:
                     flags |= FLAG_HAS_CAUSATION
                 if p.correlation != ZERO_ID:

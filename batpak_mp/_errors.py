@@ -153,6 +153,16 @@ class ProtocolError(BatpakError):
         super().__init__(f"protocol error: {reason}")
 
 
+class FenceLost(BatpakError):
+    """The visibility fence is gone (cancelled, or the writer restarted): its events stay
+    invisible for good. Open a new fence and write them again."""
+
+    def __init__(self, token: bytes, reason: str) -> None:
+        self.token = token
+        self.reason = reason
+        super().__init__(f"fence {token.hex()} is lost: {reason}")
+
+
 class StoreClosed(BatpakError):
     """The store (or engine) was closed; open or connect again."""
 

@@ -38,7 +38,8 @@ MAX_FRAME = 1 << 31  # a frame length beyond this is garbage, not a frame
 FLAG_COMMIT_END = 0x1  # last frame of one request: recovery cuts after the last of these
 FLAG_HAS_CAUSATION = 0x2
 FLAG_HAS_CORRELATION = 0x4
-KNOWN_FLAGS = FLAG_COMMIT_END | FLAG_HAS_CAUSATION | FLAG_HAS_CORRELATION
+FLAG_FENCED = 0x8  # written inside a visibility fence: hidden until a FENCE_COMMIT event reveals it
+KNOWN_FLAGS = FLAG_COMMIT_END | FLAG_HAS_CAUSATION | FLAG_HAS_CORRELATION | FLAG_FENCED
 
 ZERO_HASH = bytes(32)
 ZERO_ID = bytes(16)

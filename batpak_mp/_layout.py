@@ -23,6 +23,10 @@ CHECKPOINT_FILE = "durable.ckpt"
 SEGMENT_DIR = "segments"
 INDEX_DIR = "index"
 RECORDS_FILE = "records.idx"
+FENCES_FILE = "fences.tbl"  # revealed sequence ranges of committed fences (derived from the log)
+FENCES_HEADER = struct.Struct("<8sIIQ")  # magic, version, reserved, count of ranges
+FENCES_MAGIC = b"BPMPFNCS"
+FENCE_RANGE = struct.Struct("<QQ")  # first, last (inclusive)
 
 
 def segment_name(segment_id: int) -> str:

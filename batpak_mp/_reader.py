@@ -10,6 +10,7 @@ never mapped writable here. Must not import the engine, writer or client.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import mmap
 import os
@@ -21,6 +22,7 @@ from typing import Any, NamedTuple
 
 from ._errors import CorruptSegment, InvalidArgument, NotFound, StorageError
 from ._frame import (
+    FLAG_FENCED,
     FLAG_HAS_CAUSATION,
     FLAG_HAS_CORRELATION,
     FRAME_VERSION,
@@ -34,6 +36,9 @@ from ._frame import (
     scan_frame,
 )
 from ._layout import (
+    FENCE_RANGE,
+    FENCES_FILE,
+    FENCES_HEADER,
     INDEX_DIR,
     RECORD,
     RECORD_SIZE,
@@ -70,6 +75,11 @@ class View(NamedTuple):
     visible: int
     base_segment: int  # newest sealed segment folded into the base tables (0: none)
     delta_gen: int  # generation of the active segment's delta table (0: none)
+    revealed: int = 0  # how many ranges fences.tbl holds (committed visibility fences)
+
+
+class Hidden(Exception):
+    """The event was written inside a visibility fence that has not been committed."""
 
 
 class StaleView(Exception):
@@ -122,6 +132,8 @@ class Reader:
         self._delta_gen = -1
         self.view = View(0, 0, 0)
         self._coords: dict[tuple[bytes, int], Coordinate] = {}  # decoded names, reused across events
+        self._revealed_first: list[int] = []  # committed fences' ranges, sorted by first sequence
+        self._revealed_last: list[int] = []
 
     # -- mapping ------------------------------------------------------------------------
     def refresh(self) -> View:
@@ -136,6 +148,8 @@ class Reader:
                     self._map_base(view.base_segment)
                 if view.delta_gen != self._delta_gen:
                     self._map_delta(view.delta_gen)
+                if view.revealed != len(self._revealed_first):
+                    self._load_fences(view.revealed)
             except StaleView as exc:
                 self._base_segment = self._delta_gen = -1  # remap both next time
                 if attempt == 199:
@@ -176,6 +190,26 @@ class Reader:
             self._delta_cap, _, _, _ = check_header(m, DELTA_MAGIC, name)
             self._delta = m
         self._delta_gen = generation
+
+    def _load_fences(self, count: int) -> None:
+        path = os.path.join(self._idx_dir, FENCES_FILE)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(FENCES_HEADER.size + count * FENCE_RANGE.size)
+        except FileNotFoundError:
+            data = b""
+        if len(data) < FENCES_HEADER.size + count * FENCE_RANGE.size:
+            raise StaleView(FENCES_FILE)
+        ranges = sorted(FENCE_RANGE.iter_unpack(data[FENCES_HEADER.size:]))
+        self._revealed_first = [a for a, _ in ranges]
+        self._revealed_last = [b for _, b in ranges]
+
+    def hidden(self, seq: int, flags: int) -> bool:
+        """True for an event written inside a fence that was never committed."""
+        if not flags & FLAG_FENCED:
+            return False
+        i = bisect.bisect_right(self._revealed_first, seq) - 1
+        return i < 0 or self._revealed_last[i] < seq
 
     def _records_map(self, seq: int) -> mmap.mmap:
         m = self._records
@@ -232,6 +266,8 @@ class Reader:
         if m is None or len(m) < rec_off + RECORD_SIZE:
             m = self._records_map(seq)
         rec = _rec_unpack(m, rec_off)
+        if rec[5] & FLAG_FENCED and self.hidden(seq, rec[5]):
+            raise Hidden(seq)
         seg = self._segments.get(rec[1]) or self._segment(rec[1])
         off = rec[2]
         end = off + rec[3]
@@ -291,7 +327,14 @@ class Reader:
             self.refresh()
             if not 0 < seq <= self.view.visible:
                 raise NotFound("sequence", seq)
-        ev: Event = self._retrying(functools.partial(self.event, seq))
+        try:
+            ev: Event = self._retrying(functools.partial(self.event, seq))
+        except Hidden:
+            self.refresh()  # a fence may have been committed since the last look
+            try:
+                ev = self._retrying(functools.partial(self.event, seq))
+            except Hidden:
+                raise NotFound("sequence", seq) from None
         return ev
 
     def get(self, event_id: bytes) -> Event:
@@ -304,8 +347,12 @@ class Reader:
                 raise NotFound("event", bytes(event_id).hex())
         try:
             ev = self.event(seq)
-        except StaleView:
-            ev = self._retrying(functools.partial(self.event, seq))
+        except (StaleView, Hidden):
+            try:
+                self.refresh()
+                ev = self._retrying(functools.partial(self.event, seq))
+            except Hidden:
+                raise NotFound("event", bytes(event_id).hex()) from None
         if ev.event_id != event_id:
             raise NotFound("event", bytes(event_id).hex())
         return ev
@@ -326,7 +373,8 @@ class Reader:
                 rec = self.record(seq)
                 if rec[0] <= floor:
                     break
-                seqs.append(seq)
+                if not (rec[5] & FLAG_FENCED and self.hidden(seq, rec[5])):
+                    seqs.append(seq)
                 seq = rec[8]
             seqs.reverse()
             if limit is not None:
@@ -372,6 +420,8 @@ class Reader:
                     continue
                 if kind_packed >= 0 and rec[4] != kind_packed:
                     continue
+                if rec[5] & FLAG_FENCED and self.hidden(seq, rec[5]):
+                    continue
                 ev = self.event(seq)
                 if entity is not None and ev.coordinate.entity != entity:
                     continue
@@ -394,9 +444,10 @@ class Reader:
             frame = self._retrying(functools.partial(self.frame, seq))
             if expect_hash is not None and frame.event_hash != expect_hash:
                 raise CorruptSegment(self.data_dir, 0, f"hash chain broken at sequence {seq}")
-            yield frame_to_event(frame)
+            if not self.hidden(seq, frame.flags):  # a never-committed fence's event: walked, not shown
+                yield frame_to_event(frame)
+                count += 1
             expect_hash = frame.prev_hash
-            count += 1
             seq = self._retrying(functools.partial(self.record, seq))[8]
 
     def _run_start(self, seq: int) -> tuple[mmap.mmap, int]:
@@ -439,6 +490,10 @@ class Reader:
                 k = kinds.get(kind)
                 if k is None:
                     k = kinds[kind] = Kind.unpack(kind)
+                if flags & FLAG_FENCED and self.hidden(fseq, flags):
+                    seq = fseq
+                    off = end
+                    continue
                 yield Event(
                     event_id, fseq, coord, k, clock, wall_ms, m[names_end:end], pver, event_hash, prev_hash,
                     causation if flags & FLAG_HAS_CAUSATION else None,

@@ -1,20 +1,22 @@
 """Plain values of the public API: coordinates, kinds, receipts, events, pages.
 
-Owns: construction-time validation of caller input (coordinates, kinds) and the shapes
-the store hands back. Pure: no I/O, no clock, no randomness. Must not import any other
-module of the package except ``_errors``.
+Owns: construction-time validation of caller input (coordinates, kinds), the shapes
+the store hands back, and this process's registry of payload versions and upcasters
+(``register_payload``: ``Event.payload`` upcasts with it). Pure: no I/O, no clock, no
+randomness. Must not import any other module of the package except ``_errors``.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
 
-from ._errors import InvalidCoordinate, InvalidKind, ReservedKind
+from ._errors import FutureVersion, InvalidArgument, InvalidCoordinate, InvalidKind, ReservedKind
 
 MAX_NAME_BYTES = 1024  # entity/scope limit in UTF-8 bytes: keeps frame headers small
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -29,6 +31,9 @@ RESERVED_CATEGORIES = frozenset({CATEGORY_SYSTEM, CATEGORY_EFFECT})
 SYSTEM_WRITER_STARTED = 0x001
 SYSTEM_WRITER_STOPPED = 0x002
 SYSTEM_CURSOR_ACK = 0x010
+SYSTEM_FENCE_COMMIT = 0x020  # payload {"fence": token, "ranges": [[first, last], ...]}: those become visible
+SYSTEM_FENCE_CANCEL = 0x021  # payload {"fence": token, "ranges": [...], "why": str}: they stay hidden for good
+FENCE_ENTITY = "fences"  # the chain holding every fence commit and cancel (scope "system")
 EFFECT_DENIAL = 0x001
 EFFECT_BYPASS = 0x002
 STORE_KINDS: dict[int, frozenset[str]] = {
@@ -189,8 +194,15 @@ class Event:
 
     @property
     def payload(self) -> Any:
+        """The decoded payload, upcast in memory to the registered version of its kind
+        (``register_payload``); ``FutureVersion`` if it was stored at a newer one."""
         if self._payload is _UNDECODED:
-            self._payload = msgpack.unpackb(self.payload_bytes, raw=False, strict_map_key=False)
+            value = msgpack.unpackb(self.payload_bytes, raw=False, strict_map_key=False)
+            if _PAYLOAD_VERSIONS:
+                registered = _PAYLOAD_VERSIONS.get((self.kind[0] << 12) | self.kind[1])
+                if registered is not None:
+                    value = _upcast(self.kind, self.payload_version, value, registered)
+            self._payload = value
         return self._payload
 
     @property
@@ -219,6 +231,63 @@ class Event:
 
 _UNDECODED: Any = object()
 
+# -- payload versions ------------------------------------------------------------------------
+# packed kind -> (current version, upcasters): upcasters[n - 1] turns a version-n payload
+# into version n + 1. Per process: each process registers the kinds it reads and writes.
+_PAYLOAD_VERSIONS: dict[int, tuple[int, tuple[Callable[[Any], Any], ...]]] = {}
+
+
+def register_payload(kind: Kind, version: int, upcasters: Mapping[int, Callable[[Any], Any]] | None = None) -> None:
+    """Declare that payloads of ``kind`` are at ``version`` (1..65535) in this process.
+
+    ``upcasters[n]`` turns a version-``n`` payload into version ``n + 1``; one is needed
+    for every ``n`` in ``1 .. version - 1`` (checked here, so a read never meets a gap).
+    From then on, appends of ``kind`` from this process are stamped with ``version``
+    (unless the caller passes ``payload_version``) and ``Event.payload`` upcasts older
+    payloads in memory; stored bytes are never rewritten. Version 0 (what an append of an
+    unregistered kind records) is read as version 1. A payload stored at a version newer
+    than ``version`` raises ``FutureVersion`` when read. Registering again replaces the
+    earlier registration. Reserved kinds cannot be registered."""
+    packed = check_kind(kind)
+    if type(version) is not int or not 1 <= version <= 0xFFFF:
+        raise InvalidArgument("version", version, "must be an int in 1..65535")
+    given = dict(upcasters or {})
+    if set(given) != set(range(1, version)):
+        raise InvalidArgument("upcasters", sorted(given, key=repr),
+                              f"needs exactly one upcaster for each version in 1..{version - 1}")
+    for n, fn in given.items():
+        if not callable(fn):
+            raise InvalidArgument(f"upcasters[{n}]", fn, "must be callable")
+    _PAYLOAD_VERSIONS[packed] = (version, tuple(given[n] for n in range(1, version)))
+
+
+def unregister_payload(kind: Kind) -> None:
+    """Forget the registration of ``kind`` (its events read as stored again)."""
+    _PAYLOAD_VERSIONS.pop(check_kind(kind), None)
+
+
+def payload_version_for(kind: object) -> int:
+    """The version an append of ``kind`` is stamped with when the caller gives none: the
+    registered version, else 0. Never raises (the append validates the kind itself)."""
+    if not _PAYLOAD_VERSIONS:
+        return 0
+    try:
+        packed = (kind[0] << 12) | kind[1]  # type: ignore[index]
+        registered = _PAYLOAD_VERSIONS.get(packed)
+    except (TypeError, IndexError, KeyError):
+        return 0
+    return registered[0] if registered is not None else 0
+
+
+def _upcast(kind: Kind, stored: int, value: Any, registered: tuple[int, tuple[Callable[[Any], Any], ...]]) -> Any:
+    current, upcasters = registered
+    stored = max(stored, 1)
+    if stored > current:
+        raise FutureVersion(kind, stored, current)
+    for n in range(stored, current):
+        value = upcasters[n - 1](value)
+    return value
+
 
 @dataclass(frozen=True, slots=True)
 class BatchItem:
@@ -231,6 +300,7 @@ class BatchItem:
     expected_clock: int | None = None
     causation_id: bytes | None = None
     correlation_id: bytes | None = None
+    payload_version: int | None = None  # None: the registered version of the kind (else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +358,7 @@ class VerifyReport:
 
     events_checked: int = 0
     segments_checked: int = 0
+    events_fenced: int = 0  # written inside visibility fences (checked like every other event)
     problems: list[Problem] = field(default_factory=list)
 
     @property

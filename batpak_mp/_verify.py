@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from . import _layout as L
 from ._errors import BatpakError
-from ._frame import BAD, NEED_MORE, OK, ZERO_HASH
+from ._frame import BAD, FLAG_FENCED, NEED_MORE, OK, ZERO_HASH
 from ._recovery import scan_segment
 from ._values import Problem, VerifyReport
 
@@ -172,6 +172,7 @@ def _verify_segment(
         derived += L.RECORD.pack(f.clock, header.segment_id, f.offset, f.frame_len, f.kind, f.flags,
                                  L.name_hash(f.entity), L.name_hash(f.scope), prev_seq, f.idem_hash)
     report.events_checked += len(frames)
+    report.events_fenced += sum(1 for f in frames if f.flags & FLAG_FENCED)
     if footer_records is not None and footer_records != bytes(derived):
         report.problems.append(Problem(name, limit, "seal footer does not match the segment's frames"))
     if records is not None and frames:

@@ -24,6 +24,11 @@ OP_APPEND = 1  # body: [item, ...]; all-or-nothing
 OP_SYNC = 2  # body: None; fsync now, reply the durable frontier
 OP_PING = 3  # body: None; reply the frontier
 OP_BYE = 4  # body: None; the client is leaving (the writer drops its area); no reply
+OP_FENCE_BEGIN = 5  # body: None; reply: [fence token (16 bytes)]
+OP_APPEND_FENCED = 6  # body: [token, [item, ...]]; written hidden inside the fence; reply: receipts
+OP_FENCE_COMMIT = 7  # body: token; the fence's events become visible; reply: [visible, durable]
+OP_FENCE_CANCEL = 8  # body: token; its events stay hidden for good; reply: [visible, durable]
+FENCE_OPS = (OP_FENCE_BEGIN, OP_APPEND_FENCED, OP_FENCE_COMMIT, OP_FENCE_CANCEL)
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -110,16 +115,30 @@ def decode_request(area: Buffer, max_len: int) -> Request:
     if not isinstance(doc, list) or len(doc) != 4:
         raise E.ProtocolError("request is not a 4-element array")
     op, request_id, epoch_seen, body = doc
-    if op not in (OP_APPEND, OP_SYNC, OP_PING, OP_BYE):
+    if op not in (OP_APPEND, OP_SYNC, OP_PING, OP_BYE, *FENCE_OPS):
         raise E.ProtocolError(f"unknown op {op!r}")
     if type(request_id) is not int or type(epoch_seen) is not int:
         raise E.ProtocolError("request id and epoch must be ints")
-    if op == OP_APPEND:
-        if not isinstance(body, list) or not body:
-            raise E.ProtocolError("append body must be a non-empty array of items")
-        for item in body:
-            check_item(item)
+    if op == OP_APPEND_FENCED:
+        if not isinstance(body, list) or len(body) != 2 or not _is_token(body[0]):
+            raise E.ProtocolError("fenced append body must be [token, items]")
+        _check_items(body[1])
+    elif op == OP_APPEND:
+        _check_items(body)
+    elif op in (OP_FENCE_COMMIT, OP_FENCE_CANCEL) and not _is_token(body):
+        raise E.ProtocolError("fence commit/cancel body must be a 16-byte token")
     return Request(op, request_id, epoch_seen, body)
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == 16
+
+
+def _check_items(body: Any) -> None:
+    if not isinstance(body, list) or not body:
+        raise E.ProtocolError("append body must be a non-empty array of items")
+    for item in body:
+        check_item(item)
 
 
 def check_item(item: Any) -> None:
@@ -185,6 +204,8 @@ def error_to_wire(exc: BaseException) -> list[Any]:
         return ["InvalidPayload", [exc.reason]]
     if isinstance(exc, E.ProtocolError):
         return ["ProtocolError", [exc.reason]]
+    if isinstance(exc, E.FenceLost):
+        return ["FenceLost", [exc.token, exc.reason]]
     if isinstance(exc, E.StorageError):
         return ["WriterUnavailable", [f"the writer failed closed: {exc}"]]
     return ["WriterUnavailable", [f"{type(exc).__name__}: {exc}"]]
@@ -209,6 +230,8 @@ def error_from_wire(data: Any) -> E.BatpakError:
             return E.InvalidPayload(*args)
         if name == "ProtocolError":
             return E.ProtocolError(*args)
+        if name == "FenceLost":
+            return E.FenceLost(*args)
         if name == "WriterUnavailable":
             return E.WriterUnavailable(*args)
     except (TypeError, ValueError):

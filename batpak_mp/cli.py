@@ -1,43 +1,355 @@
 """The ``batpak-mp`` command line.
 
-Owns: argument parsing, exit codes and human/JSON output of every command. Errors are
-one clear line on stderr (``--debug`` shows the traceback). Exit codes: 0 ok,
-1 a check found problems, 2 bad usage or input, 3 the store could not be used.
-Must not import the supervisor package (it starts it as a process).
+Owns: argument parsing, exit codes and the human/JSON output of every command (serve,
+status, append, get, history, tail, verify, inspect, drill, demo, bench). Errors are one
+clear line on stderr; ``--debug`` (before the command) shows the traceback instead.
+
+Exit codes (also in ``batpak-mp --help`` and the README): 0 ok; 1 a check found
+problems (verify, drill), an ``--expected-clock`` conflict (append) or a benchmark
+program failed (bench); 2 bad usage or input (options, JSON, kind, names, an event id
+that is malformed or not in the store, a directory that is not a store); 3 the store
+could not be used (service down or failed, directory locked by a writer, corruption,
+I/O error).
+
+Reads (get, history, tail) go through a running service (``connect``) and, when none
+runs, open the directory in-process (``Engine.open``: takes the writer lock, recovers);
+``tail --follow`` needs the service. ``status`` and ``inspect`` never take the lock.
+Must not import the supervisor package (``serve`` starts it as a process) or the writer.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
+import shlex
+import signal
+import subprocess
 import sys
-from typing import Any
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
+import psutil
 
-from ._errors import BatpakError
+from ._client import Store, connect
+from ._control import ControlBlock, ControlSnapshot, state_name
+from ._engine import Engine
+from ._errors import BatpakError, ConcurrencyConflict, NotFound, StoreLocked, WriterUnavailable
+from ._inspect import checkpoint_seq, frames_at, is_data_dir, jsonable, payload_preview, segment_ids, summary
+from ._values import Coordinate, Event, Kind, Receipt, VerifyReport, WriterState
 from ._verify import verify as verify_dir
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
+PAGE = 1000  # events per query_after call of tail
+TAIL_DEFAULT = 10  # tail without --after shows this many of the newest events
+FOLLOW_POLL_S = 0.05  # tail --follow without Store.subscribe: how often the frontier is read
+PROGRESS_AFTER_S = 0.5  # verify shows its progress bar only when it runs longer than this
+
+EPILOG = """\b
+Exit codes:
+  0  ok
+  1  a check found problems (verify, drill), an --expected-clock
+     conflict (append), or a benchmark program failed (bench)
+  2  bad usage or input: an option, JSON, kind or name that is wrong,
+     an event id that is malformed or not in the store, a directory
+     that is not a batpak-mp store
+  3  the store could not be used: no service running (status, append,
+     tail --follow) or it failed, the directory is locked by a writer,
+     corruption, an I/O error
+\b
+Errors are one line on stderr; put --debug before the command to get
+the traceback. Every read command takes --json.
+"""
+
+
+class CliError(Exception):
+    """An error the CLI reports as one line with its own exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    raise CliError(code, message)
+
+
+# ---- parameter types ------------------------------------------------------------------
+class KindType(click.ParamType[Kind]):
+    """``CAT:TYPE`` -> ``Kind`` (decimal or 0x hex; ranges checked, reserved ones are
+    refused by ``append`` itself, and allowed as filters)."""
+
+    name = "CAT:TYPE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Kind:
+        if isinstance(value, Kind):
+            return value
+        parts = str(value).split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            category, type_id = int(parts[0], 0), int(parts[1], 0)
+        except ValueError:
+            self.fail(f"{value!r} is not CAT:TYPE (two integers, for example 1:7)", param, ctx)
+        if not 0 <= category <= 15 or not 0 <= type_id <= 4095:
+            self.fail(f"{value!r}: category must be 0..15 and type 0..4095", param, ctx)
+        return Kind(category, type_id)
+
+
+class OffsetType(click.ParamType[int]):
+    """A byte offset >= 0, decimal or 0x hex."""
+
+    name = "BYTES"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            number = int(str(value), 0)
+        except ValueError:
+            self.fail(f"{value!r} is not a byte offset (decimal or 0x hex)", param, ctx)
+        if number < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return number
+
+
+KIND = KindType()
+OFFSET = OffsetType()
+DATA_DIR = click.Path(file_okay=False)
+POSITIVE = click.IntRange(min=1)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+# ---- output ---------------------------------------------------------------------------
+def _print_json(doc: Any) -> None:
+    click.echo(json.dumps(jsonable(doc), indent=2, ensure_ascii=False))
 
 
 def _emit(as_json: bool, doc: dict[str, Any], text: str) -> None:
-    click.echo(json.dumps(doc, indent=2, default=str) if as_json else text)
+    if as_json:
+        _print_json(doc)
+    else:
+        click.echo(text)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def _iso(wall_ms: int) -> str:
+    try:
+        when = dt.datetime.fromtimestamp(wall_ms / 1000, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{wall_ms} ms"
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _hex(value: bytes | None) -> str | None:
+    return None if value is None else bytes(value).hex()
+
+
+def _kind_text(kind: tuple[int, int]) -> str:
+    return f"{kind[0]}:{kind[1]}"
+
+
+def _event_doc(ev: Event) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "global_sequence": ev.global_sequence, "event_id": ev.event_id.hex(), "entity": ev.entity,
+        "scope": ev.scope, "kind": _kind_text(ev.kind), "entity_clock": ev.entity_clock, "wall_ms": ev.wall_ms,
+        "time": _iso(ev.wall_ms),
+    }
+    try:
+        doc["payload"] = jsonable(ev.payload)
+    except Exception as exc:  # a payload that is not msgpack: show its bytes instead
+        doc["payload"] = None
+        doc["payload_error"] = f"{type(exc).__name__}: {exc}"
+        doc["payload_hex"] = bytes(ev.payload_bytes).hex()
+    doc.update({
+        "payload_version": ev.payload_version, "payload_size": len(ev.payload_bytes),
+        "event_hash": ev.event_hash.hex(), "prev_hash": ev.prev_hash.hex(),
+        "causation_id": _hex(ev.causation_id), "correlation_id": _hex(ev.correlation_id),
+    })
+    return doc
+
+
+def _event_line(ev: Event) -> str:
+    """One event on one line: the sequence first (resume with ``tail --after``)."""
+    return (f"{ev.global_sequence:>8}  {_iso(ev.wall_ms)}  {_kind_text(ev.kind):>7}  {ev.entity} @ {ev.scope}"
+            f"  #{ev.entity_clock}  {payload_preview(bytes(ev.payload_bytes))}")
+
+
+def _event_text(ev: Event) -> str:
+    lines = [
+        f"event {ev.event_id.hex()}",
+        f"  sequence        {ev.global_sequence}",
+        f"  entity          {ev.entity}   (clock {ev.entity_clock})",
+        f"  scope           {ev.scope}",
+        f"  kind            {_kind_text(ev.kind)}",
+        f"  time            {_iso(ev.wall_ms)}   ({ev.wall_ms} ms)",
+        f"  event hash      {ev.event_hash.hex()}",
+        f"  prev hash       {ev.prev_hash.hex()}",
+    ]
+    if ev.causation_id is not None:
+        lines.append(f"  causation       {ev.causation_id.hex()}")
+    if ev.correlation_id is not None:
+        lines.append(f"  correlation     {ev.correlation_id.hex()}")
+    lines.append(f"  payload         ({len(ev.payload_bytes)} bytes, version {ev.payload_version})")
+    try:
+        body = json.dumps(jsonable(ev.payload), indent=2, ensure_ascii=False)
+    except Exception:
+        body = payload_preview(bytes(ev.payload_bytes), 10_000)
+    lines += ["    " + line for line in body.splitlines()]
+    return "\n".join(lines)
+
+
+def _receipt_doc(r: Receipt) -> dict[str, Any]:
+    return {
+        "event_id": r.event_id.hex(), "global_sequence": r.global_sequence, "entity": r.entity, "scope": r.scope,
+        "entity_clock": r.entity_clock, "event_hash": r.event_hash.hex(), "prev_hash": r.prev_hash.hex(),
+        "wall_ms": r.wall_ms, "durable": r.durable, "signature": _hex(r.signature),
+    }
+
+
+# ---- the service, and reading with or without it --------------------------------------
+def _snapshot(path: str) -> ControlSnapshot | None:
+    """The control block of ``path``'s service, or None when no service ever ran."""
+    try:
+        block = ControlBlock.attach(path)
+    except WriterUnavailable:
+        return None
+    try:
+        return block.read()
+    finally:
+        block.close()
+
+
+def _alive(pid: int) -> bool:
+    return bool(pid) and psutil.pid_exists(pid)
+
+
+def _down_reason(snap: ControlSnapshot) -> str | None:
+    """Why the service behind ``snap`` cannot serve, or None when it can (or is
+    restarting its writer: clients wait for that)."""
+    if snap.state == WriterState.FAILED:
+        return f"the service failed: {snap.reason or 'no reason recorded'}"
+    if snap.state == WriterState.STOPPED:
+        return "the service was stopped"
+    if not (_alive(snap.supervisor_pid) or _alive(snap.writer_pid)):
+        who = f"supervisor pid {snap.supervisor_pid}" if snap.supervisor_pid else f"writer pid {snap.writer_pid}"
+        return f"the service is gone ({who} is not running; its control block is stale)"
+    return None
+
+
+def _durable_hint(path: str) -> tuple[int, int] | None:
+    """(store key, durable frontier) from a stale control block: recovery must not cut
+    what the last writer acknowledged as durable."""
+    try:
+        snap = _snapshot(path)
+    except BatpakError:
+        return None
+    return (snap.store_key, snap.durable) if snap is not None and snap.store_key else None
+
+
+def _open_offline(path: str, why: WriterUnavailable) -> Engine:
+    if not is_data_dir(path):
+        _fail(EXIT_USAGE, f"{path!r} is not a batpak-mp data directory (no store.meta), and no service runs for it")
+    try:
+        engine = Engine.open(path, durable_hint=_durable_hint(path))
+    except StoreLocked as exc:
+        holder = f" by pid {exc.holder_pid}" if exc.holder_pid else ""
+        _fail(EXIT_STORE, f"no service answers for {path!r} ({why.reason}) and the directory is locked{holder} "
+                          "(a writer starting or stopping?); try again")
+    if sys.stderr.isatty():  # for people; scripts get clean stderr (errors stay one line)
+        click.echo(f"note: no service is running for {path!r}; reading it in-process", err=True)
+    return engine
+
+
+@contextmanager
+def _reader(data_dir: str, *, offline_ok: bool = True) -> Iterator[Store | Engine]:
+    """A running service's store, or (``offline_ok``, no service) the engine in-process."""
+    path = os.path.abspath(data_dir)
+    source: Store | Engine
+    try:
+        source = connect(path)
+    except WriterUnavailable as exc:
+        if not offline_ok:
+            raise
+        source = _open_offline(path, exc)
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+def _visible(source: Store | Engine) -> int:
+    return source.frontier().visible if isinstance(source, Store) else source.visible
+
+
+# ---- the group ---------------------------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors (give it before the command).")
+@click.version_option(package_name="batpak-mp", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """batpak-mp: a durable, hash-chained event store for multiprocess Python apps."""
     ctx.obj = {"debug": debug}
 
 
+# ---- verify ------------------------------------------------------------------------------
+def _verify_with_progress(path: str, delay: float) -> VerifyReport:
+    """``verify`` that shows a rich progress bar on stderr when it runs longer than
+    ``delay`` seconds and stderr is a terminal (stdout, and so ``--json``, stays clean).
+    The bar pulses: ``bp.verify`` reports no per-segment progress."""
+    if not sys.stderr.isatty():
+        return verify_dir(path)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    done: list[VerifyReport] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            done.append(verify_dir(path))
+        except BaseException as exc:  # handed to the main thread below
+            failed.append(exc)
+
+    worker = threading.Thread(target=run, name="verify", daemon=True)
+    worker.start()
+    if delay > 0:
+        worker.join(delay)
+    if delay <= 0 or worker.is_alive():
+        seg_dir = os.path.join(path, "segments")
+        ids = segment_ids(path)
+        total = 0
+        for sid in ids:
+            try:
+                total += os.stat(os.path.join(seg_dir, f"{sid:012d}.seg")).st_size
+            except OSError:
+                pass
+        what = f"verifying {len(ids)} segment(s), {total / 2**20:,.1f} MiB"
+        columns = (SpinnerColumn(), TextColumn(what), BarColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+            progress.add_task(what, total=None)
+            while worker.is_alive():
+                worker.join(0.1)
+    worker.join()
+    if failed:
+        raise failed[0]
+    return done[0]
+
+
 @cli.command()
-@click.argument("data_dir", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(data_dir: str, as_json: bool) -> None:
-    """Check every checksum, hash chain, sequence and index of DATA_DIR (offline)."""
-    report = verify_dir(data_dir)
+@click.argument("data_dir", type=DATA_DIR)
+@json_option
+@click.option("--progress-after", type=click.FloatRange(min=0), default=PROGRESS_AFTER_S, hidden=True)
+def verify(data_dir: str, as_json: bool, progress_after: float) -> None:
+    """Check every checksum, hash chain, sequence and index of DATA_DIR (offline,
+    read-only, safe beside a live writer). Exits 1 when it finds any problem."""
+    report = _verify_with_progress(os.path.abspath(data_dir), progress_after)
     doc = {
         "ok": report.ok, "events_checked": report.events_checked,
         "segments_checked": report.segments_checked,
@@ -50,8 +362,9 @@ def verify(data_dir: str, as_json: bool) -> None:
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
 
+# ---- serve -------------------------------------------------------------------------------
 @cli.command()
-@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.argument("data_dir", type=DATA_DIR)
 @click.option("--restart", "restart", default="once", show_default=True, metavar="once|bounded:N:MS",
               help="Restart policy of the supervisor.")
 @click.option("--sync", type=click.Choice(["group", "interval", "none"]), default="group", show_default=True,
@@ -61,10 +374,6 @@ def verify(data_dir: str, as_json: bool) -> None:
               help="A writer whose heartbeat is older than this is killed and restarted.")
 def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None, hang_timeout_ms: int) -> None:
     """Run the service for DATA_DIR in the foreground until SIGTERM/SIGINT (graceful drain)."""
-    import os
-    import signal
-    import subprocess
-
     from ._service import cleanup_ipc, writer_args
     from ._values import RestartPolicy
 
@@ -86,6 +395,355 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
     sys.exit(code)
 
 
+# ---- status ------------------------------------------------------------------------------
+@cli.command()
+@click.argument("data_dir", type=DATA_DIR)
+@json_option
+def status(data_dir: str, as_json: bool) -> None:
+    """Show the service of DATA_DIR: writer state, epoch and pid, frontier, restarts,
+    clients, dropped messages, failure reason. Exits 3 when no service is running (or it
+    failed, or was stopped); never takes the writer lock."""
+    path = os.path.abspath(data_dir)
+    snap = _snapshot(path)
+    if snap is None:
+        if not is_data_dir(path):
+            _fail(EXIT_USAGE, f"{path!r} is not a batpak-mp data directory (no store.meta), and no service runs for it")
+        ckpt = checkpoint_seq(path)
+        if as_json:
+            _print_json({"data_dir": path, "running": False, "state": "absent", "checkpoint_seq": ckpt})
+        last = f" (last checkpoint: sequence {ckpt})" if ckpt is not None else ""
+        _fail(EXIT_STORE, f"no service is running for {path!r}{last}")
+    now = time.monotonic_ns()
+    down = _down_reason(snap)
+    doc: dict[str, Any] = {
+        "data_dir": path, "running": down is None, "state": state_name(snap.state),
+        "visible": snap.visible, "durable": snap.durable, "writer_epoch": snap.writer_epoch,
+        "writer_pid": snap.writer_pid or None, "writer_alive": _alive(snap.writer_pid),
+        "supervisor_pid": snap.supervisor_pid or None, "supervisor_alive": _alive(snap.supervisor_pid),
+        "restarts": snap.restarts, "clients": snap.clients, "dropped_messages": snap.dropped_messages,
+        "reason": snap.reason or None,
+        "heartbeat_age_s": round((now - snap.heartbeat_ns) / 1e9, 3) if snap.heartbeat_ns else None,
+        "writer_uptime_s": round((now - snap.started_ns) / 1e9, 3) if snap.started_ns and snap.writer_pid else None,
+    }
+    if as_json:
+        _print_json(doc)
+    else:
+        def pid(p: int | None, alive: bool) -> str:
+            return f"{p}{'' if alive else ' (not running)'}" if p else "-"
+
+        up = f", up {doc['writer_uptime_s']:.1f} s" if doc["writer_uptime_s"] is not None else ""
+        beat = f"{doc['heartbeat_age_s']:.1f} s ago" if doc["heartbeat_age_s"] is not None else "-"
+        lines = [
+            f"data dir     {path}",
+            f"state        {doc['state']}{'' if down is None else '  (' + down + ')'}",
+            f"writer       epoch {snap.writer_epoch}, pid {pid(snap.writer_pid, doc['writer_alive'])}{up}",
+            f"supervisor   pid {pid(snap.supervisor_pid, doc['supervisor_alive'])}, restarts {snap.restarts}",
+            f"frontier     visible {snap.visible}, durable {snap.durable}",
+            f"clients      {snap.clients}",
+            f"dropped      {snap.dropped_messages} message(s)",
+            f"heartbeat    {beat}",
+        ]
+        if snap.reason:
+            lines.append(f"reason       {snap.reason}")
+        click.echo("\n".join(lines))
+    if down is not None:
+        _fail(EXIT_STORE, down)
+
+
+# ---- append ------------------------------------------------------------------------------
+@cli.command()
+@click.argument("data_dir", type=DATA_DIR)
+@click.argument("entity")
+@click.argument("scope")
+@click.option("--kind", type=KIND, required=True,
+              help="Event kind CAT:TYPE, e.g. 1:7 (category 1..15 but 13, type 0..4095).")
+@click.option("--payload", required=True, metavar="JSON", help="The payload as JSON ('-': read it from stdin).")
+@click.option("--key", default=None, metavar="K", help="Idempotency key: the same key again returns the first receipt.")
+@click.option("--expected-clock", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Append only if ENTITY has exactly N events now (exit 1 otherwise).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, metavar="S",
+              help="Seconds to wait for the writer.")
+@json_option
+def append(data_dir: str, entity: str, scope: str, kind: Kind, payload: str, key: str | None,
+           expected_clock: int | None, timeout: float, as_json: bool) -> None:
+    """Append one event to ENTITY in SCOPE through the running service of DATA_DIR and
+    print its receipt (returns once the event is durable, in the default sync mode)."""
+    text = sys.stdin.read() if payload == "-" else payload
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        _fail(EXIT_USAGE, f"--payload is not valid JSON: {exc}")
+    coord = Coordinate(entity, scope)
+    path = os.path.abspath(data_dir)
+    snap = _snapshot(path)
+    if snap is not None and (down := _down_reason(snap)) is not None:
+        _fail(EXIT_STORE, down)  # at once, instead of waiting out the timeout
+    with connect(path, timeout=timeout) as store:
+        r = store.append(coord, kind, value, idempotency_key=key, expected_clock=expected_clock)
+    _emit(as_json, _receipt_doc(r),
+          f"appended sequence {r.global_sequence}: {r.entity} @ {r.scope} clock {r.entity_clock}, "
+          f"{'durable' if r.durable else 'not yet durable'}\n"
+          f"  event id    {r.event_id.hex()}\n  event hash  {r.event_hash.hex()}")
+
+
+# ---- reads -------------------------------------------------------------------------------
+def _event_id(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text.strip())
+    except ValueError:
+        raw = b""
+    if len(raw) != 16:
+        _fail(EXIT_USAGE, f"{text!r} is not an event id (32 hex digits)")
+    return raw
+
+
+@cli.command()
+@click.argument("data_dir", type=DATA_DIR)
+@click.argument("event_id", metavar="EVENT_ID_HEX")
+@json_option
+def get(data_dir: str, event_id: str, as_json: bool) -> None:
+    """Show one event by its id (32 hex digits). An id not in the store exits 2."""
+    raw = _event_id(event_id)
+    with _reader(data_dir) as source:
+        ev = source.get(raw)
+        _emit(as_json, _event_doc(ev), _event_text(ev))
+
+
+@cli.command()
+@click.argument("data_dir", type=DATA_DIR)
+@click.argument("entity")
+@click.option("--after-clock", type=click.IntRange(min=0), default=None, metavar="N", help="Only events with a clock above N.")
+@click.option("--limit", type=POSITIVE, default=None, metavar="N", help="At most N events (the oldest ones).")
+@json_option
+def history(data_dir: str, entity: str, after_clock: int | None, limit: int | None, as_json: bool) -> None:
+    """Show the events of ENTITY, oldest first (JSON: an array)."""
+    with _reader(data_dir) as source:
+        events = source.history(entity, after_clock=after_clock, limit=limit)
+        if as_json:
+            _print_json([_event_doc(ev) for ev in events])
+        elif events:
+            click.echo("\n".join(_event_line(ev) for ev in events))
+        else:
+            click.echo(f"no events for entity {entity!r}", err=True)
+
+
+class _Stop(BaseException):
+    """SIGTERM while following. A BaseException, like KeyboardInterrupt: the handler may
+    run inside any ``except Exception`` (payload rendering has some) and must not be
+    swallowed there."""
+
+
+def _newest(source: Store | Engine, n: int, entity: str | None, scope: str | None,
+            kind: Kind | None) -> tuple[list[Event], int]:
+    """The ``n`` newest events matching the filters, and the sequence to follow from."""
+    if entity is None and scope is None and kind is None:
+        start = max(0, _visible(source) - n)
+        page = source.query_after(start, limit=n)
+        return page.events, max(page.next_after, start)
+    newest: deque[Event] = deque(maxlen=n)
+    pos = 0
+    while True:
+        page = source.query_after(pos, limit=PAGE, entity=entity, scope=scope, kind=kind)
+        newest.extend(page.events)
+        if page.next_after <= pos:
+            return list(newest), pos
+        pos = page.next_after
+
+
+def _follow(store: Store, pos: int, entity: str | None, scope: str | None, kind: Kind | None,
+            emit: Callable[[Event], bool]) -> None:
+    """Hand every new matching event after ``pos`` to ``emit`` until it returns False.
+    Uses ``Store.subscribe`` (woken by the writer) when the store has it, else polls."""
+    if hasattr(store, "subscribe"):
+        subscription = store.subscribe(pos, entity=entity, scope=scope, kind=kind)
+        try:
+            for ev in subscription:
+                if not emit(ev):
+                    return
+        finally:
+            close = getattr(subscription, "close", None)
+            if close is not None:
+                close()
+        return
+    while True:
+        page = store.query_after(pos, limit=PAGE, entity=entity, scope=scope, kind=kind)
+        for ev in page.events:
+            if not emit(ev):
+                return
+        if page.next_after > pos:
+            pos = page.next_after
+            continue
+        state = store.frontier().writer_state
+        if state in (WriterState.FAILED, WriterState.STOPPED):
+            raise WriterUnavailable(f"the service {'failed' if state == WriterState.FAILED else 'was stopped'}")
+        time.sleep(FOLLOW_POLL_S)
+
+
+@cli.command()
+@click.argument("data_dir", type=DATA_DIR)
+@click.option("--after", type=click.IntRange(min=0), default=None, metavar="SEQ",
+              help="Start after global sequence SEQ (resumable); default: the newest events.")
+@click.option("--limit", type=POSITIVE, default=None, metavar="N",
+              help=f"With --after: print at most N events, then exit (also with --follow). "
+                   f"Without --after: start with the N newest events (default {TAIL_DEFAULT}).")
+@click.option("--entity", default=None, help="Only events of this entity.")
+@click.option("--scope", default=None, help="Only events in this scope.")
+@click.option("--kind", type=KIND, default=None, help="Only events of this kind CAT:TYPE.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events until SIGINT/SIGTERM (exit 0).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line (JSON lines).")
+def tail(data_dir: str, after: int | None, limit: int | None, entity: str | None, scope: str | None,
+         kind: Kind | None, follow: bool, as_json: bool) -> None:
+    """Print events in commit order, each with its global sequence, optionally filtered.
+    --follow needs the running service; without it, tail reads a stopped store too."""
+    printed = 0
+
+    def emit(ev: Event) -> bool:
+        nonlocal printed
+        if as_json:
+            click.echo(json.dumps(jsonable(_event_doc(ev)), ensure_ascii=False))
+        else:
+            click.echo(_event_line(ev))
+        printed += 1
+        return limit is None or after is None or printed < limit
+
+    def on_term(_signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not interrupt the cleanup
+        raise _Stop()
+
+    if follow:
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        with _reader(data_dir, offline_ok=not follow) as source:
+            if after is None:
+                events, pos = _newest(source, limit or TAIL_DEFAULT, entity, scope, kind)
+                for ev in events:
+                    emit(ev)
+            else:
+                pos = after
+                while limit is None or printed < limit:
+                    room = PAGE if limit is None else min(PAGE, limit - printed)
+                    page = source.query_after(pos, limit=room, entity=entity, scope=scope, kind=kind)
+                    for ev in page.events:
+                        emit(ev)
+                    if page.next_after <= pos:
+                        break
+                    pos = page.next_after
+            if follow and (limit is None or after is None or printed < limit):
+                assert isinstance(source, Store)  # offline_ok=False above
+                _follow(source, pos, entity, scope, kind, emit)
+    except (KeyboardInterrupt, _Stop):
+        if not follow:
+            raise
+    sys.exit(EXIT_OK)
+
+
+# ---- inspect -----------------------------------------------------------------------------
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / 2**20:.1f} MiB"
+
+
+def _summary_text(doc: dict[str, Any]) -> str:
+    meta = doc["meta"]
+    lines = [f"data dir    {doc['data_dir']}"]
+    if not meta["present"]:
+        lines.append("store.meta  missing")
+    else:
+        created = _iso(meta["created_ms"]) if isinstance(meta.get("created_ms"), int) else "?"
+        state = "" if meta.get("ok") else f"  PROBLEM: {meta.get('problem')}"
+        lines.append(f"store       id {meta.get('store_id')}, format {meta.get('format_version')}, created {created}{state}")
+    ck = doc["checkpoint"]
+    if ck is None:
+        lines.append("checkpoint  none")
+    elif ck["ok"]:
+        lines.append(f"checkpoint  sequence {ck['seq']} (segment {ck['segment_id']}, offset {ck['end_offset']})")
+    else:
+        lines.append(f"checkpoint  {ck['problem']}")
+    wl = doc["writer_lock"]
+    lines.append(f"writer.lock {'pid ' + str(wl['pid']) + (' (alive)' if wl['alive'] else ' (not running)') if wl['pid'] else '-'}")
+    lines.append("")
+    lines.append(f"{'segment':>8} {'first seq':>10} {'last seq':>10} {'frames':>8} {'size':>10} {'state':>8} "
+                 f"{'data end':>10}  footer / tail")
+    for s in doc["segments"]:
+        if s["state"] == "sealed":
+            where = f"@{s['footer_offset']} ({_size(s['footer_len'] or 0)}, {'ok' if s['footer_ok'] else 'BAD'})"
+        else:
+            where = f"tail: {s['tail']}" if s["tail"] else "-"
+        if s["problem"]:
+            where += f"  PROBLEM: {s['problem']}"
+
+        def num(v: int | None) -> str:
+            return "-" if v is None else str(v)
+
+        lines.append(f"{s['segment_id']:>8} {num(s['first_seq']):>10} {num(s['last_seq']):>10} {s['frames']:>8} "
+                     f"{_size(s['size']):>10} {s['state']:>8} {num(s['data_end']):>10}  {where}")
+    if not doc["segments"]:
+        lines.append("(no segments)")
+    if doc["index_files"]:
+        lines.append("")
+        lines.append("index       " + ", ".join(f"{f['name']} {_size(f['size'])}" for f in doc["index_files"]))
+    return "\n".join(lines)
+
+
+def _ok(value: object) -> str:
+    return "ok" if value else "MISMATCH"
+
+
+def _frames_text(doc: dict[str, Any]) -> str:
+    lines = [f"segment {doc['segment_id']} ({doc['file']}, {_size(doc['size'])}, "
+             f"{'sealed' if doc['sealed'] else 'not sealed'})"]
+    for p in doc["positions"]:
+        f = p["fields"]
+        head = f"@{p['offset']}: {p['what']}, {p['status']}" + (f" ({p['detail']})" if p["detail"] else "")
+        lines.append(head)
+        if p["what"] == "frame" and "version" in f:
+            flags = ",".join(f["flag_names"]) or "-"
+            lines += [
+                f"    length {f['frame_len']}, crc {f['crc']} {_ok(f['crc_ok'])}, hash {_ok(f.get('hash_ok'))}, "
+                f"version {f['version']}, flags {flags}",
+                f"    sequence {f['global_sequence']}, clock {f['entity_clock']}, kind {f['kind']}, "
+                f"time {_iso(f['wall_ms'])}, payload {f['payload_len']} B v{f['payload_version']}",
+                f"    event id   {f['event_id']}",
+                f"    event hash {f['event_hash']}",
+                f"    prev hash  {f['prev_hash']}",
+            ]
+            if "entity" in f:
+                lines.append(f"    entity {f['entity']!r}, scope {f['scope']!r}")
+                lines.append(f"    payload {f['payload_preview']}")
+        elif p["what"] == "frame":
+            lines.append(f"    length {f.get('frame_len')}, crc {f.get('crc')}")
+        elif f:
+            lines.append("    " + ", ".join(f"{k} {v}" for k, v in f.items()))
+    return "\n".join(lines)
+
+
+@cli.command("inspect")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--segment", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Decode frames of segment N (the number in its file name).")
+@click.option("--offset", type=OFFSET, default=None,
+              help="Byte offset in the segment to decode from (default 64: its first frame; 0x.. accepted).")
+@click.option("--count", type=POSITIVE, default=10, show_default=True, metavar="N", help="Frames to decode with --segment.")
+@json_option
+def inspect_cmd(data_dir: str, segment: int | None, offset: int | None, count: int, as_json: bool) -> None:
+    """Show what DATA_DIR holds: store.meta, the checkpoint, every segment (first and
+    last sequence, frames, size, sealed or active, where its data and footer are) and
+    the index files; with --segment, decode frames (header fields, entity, scope,
+    payload preview, CRC and hash checks), damaged ones too. Read-only, takes no lock:
+    safe beside a live writer. Exits 0 whatever it shows (verify is the check)."""
+    path = os.path.abspath(data_dir)
+    if offset is not None and segment is None:
+        raise click.UsageError("--offset needs --segment")
+    if not is_data_dir(path) and not segment_ids(path):
+        _fail(EXIT_USAGE, f"{path!r} is not a batpak-mp data directory (no store.meta, no segments)")
+    if segment is None:
+        doc = summary(path)
+        _emit(as_json, doc, _summary_text(doc))
+    else:
+        doc = frames_at(path, segment, offset, count)
+        _emit(as_json, doc, _frames_text(doc))
+
+
+# ---- drill, demo, bench ------------------------------------------------------------------
 @cli.command()
 @click.argument("data_dir", type=click.Path(file_okay=False), required=False)
 @click.option("--clients", type=int, default=8, show_default=True, help="Client processes appending.")
@@ -120,24 +778,111 @@ def demo(data_dir: str | None, workers: int, seconds: float) -> None:
     sys.exit(EXIT_OK if run_demo(data_dir, workers=workers, seconds=seconds) else EXIT_PROBLEMS)
 
 
+BENCH_PROGRAMS = (("engine", "bench_engine.py"), ("service", "bench_service.py"))
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="Small sizes and short runs (a smoke run).")
+@click.option("--repeat", type=POSITIVE, default=None, metavar="N", help="Runs per figure; the median is reported.")
+@click.option("--suite", type=click.Choice(["all", "engine", "service"]), default="all", show_default=True,
+              help="Which benchmark programs to run.")
+@click.option("--engine-args", default="", metavar="'ARGS'",
+              help="More options for tools/bench_engine.py, as one quoted string.")
+@click.option("--service-args", default="", metavar="'ARGS'",
+              help="More options for tools/bench_service.py, as one quoted string.")
+@click.option("--tools-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the benchmark programs are (default: tools/ of the source checkout).")
+def bench(quick: bool, repeat: int | None, suite: str, engine_args: str, service_args: str,
+          tools_dir: str | None) -> None:
+    """Run the benchmarks side by side with SQLite and LMDB: tools/bench_engine.py
+    (in-process) then tools/bench_service.py (multiprocess). They ship with the source
+    checkout, not the installed package: exits 2 when they are not there (or reject an
+    option passed through), 1 when one fails."""
+    tools = Path(tools_dir) if tools_dir else Path(__file__).resolve().parents[1] / "tools"
+    extra = {"engine": engine_args, "service": service_args}
+    chosen = [(name, tools / program) for name, program in BENCH_PROGRAMS if suite in ("all", name)]
+    missing = [str(p) for _, p in chosen if not p.is_file()]
+    if missing:
+        _fail(EXIT_USAGE, f"benchmark program(s) not found: {', '.join(missing)} (they ship with the source "
+                          "checkout; run from a clone, or give --tools-dir)")
+    for name, program in chosen:
+        try:
+            more = shlex.split(extra[name])
+        except ValueError as exc:
+            _fail(EXIT_USAGE, f"--{name}-args: {exc}")
+        cmd = [sys.executable, str(program), *(["--quick"] if quick else []),
+               *(["--repeat", str(repeat)] if repeat else []), *more]
+        click.echo("$ " + shlex.join(cmd), err=True)
+        code = subprocess.call(cmd)
+        if code != 0:  # 2 is argparse's "bad usage": of the options passed through
+            _fail(EXIT_USAGE if code == 2 else EXIT_PROBLEMS, f"{program.name} exited with code {code}")
+
+
+# ---- entry point -------------------------------------------------------------------------
+def _debug_requested(args: list[str]) -> bool:
+    """``--debug`` among the group's options (the ones before the command name)."""
+    for arg in args:
+        if arg == "--debug":
+            return True
+        if not arg.startswith("-"):
+            return False
+    return False
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code of an error that ends a command."""
+    if isinstance(exc, CliError):
+        return exc.code
+    if isinstance(exc, ConcurrencyConflict):
+        return EXIT_PROBLEMS
+    if isinstance(exc, (NotFound, ValueError)):
+        return EXIT_USAGE
+    return EXIT_STORE
+
+
 def main(argv: list[str] | None = None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(args)
     try:
-        cli.main(args=argv, prog_name="batpak-mp", standalone_mode=False)
+        code = cli.main(args=args, prog_name="batpak-mp", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # the group's help
+        sys.exit(EXIT_USAGE)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
         sys.exit(EXIT_USAGE)
-    except BatpakError as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE if isinstance(exc, ValueError) else EXIT_STORE)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
     except SystemExit:
         raise
-    sys.exit(EXIT_OK)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        # the reader of our output went away (``| head``): not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_OK)
+    except (CliError, BatpakError, OSError) as exc:
+        if debug:
+            raise
+        message = exc.message if isinstance(exc, CliError) else str(exc)
+        click.echo(f"error: {message}", err=True)
+        sys.exit(exit_code_for(exc))
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(f"error: internal error, {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                   err=True)
+        sys.exit(EXIT_STORE)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 if __name__ == "__main__":

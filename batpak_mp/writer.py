@@ -35,6 +35,7 @@ from ._engine import Engine, EngineConfig, Prepared, parse_sync
 from ._errors import (
     BatpakError,
     CorruptSegment,
+    FenceLost,
     FutureFormat,
     InvalidArgument,
     InvalidCoordinate,
@@ -50,8 +51,11 @@ from ._frame import ZERO_ID
 from ._gates import check_effect
 from ._values import (
     CATEGORY_EFFECT,
+    FENCE_ENTITY,
     RESERVED_CATEGORIES,
     STORE_KINDS,
+    SYSTEM_FENCE_CANCEL,
+    SYSTEM_FENCE_COMMIT,
     SYSTEM_WRITER_STARTED,
     SYSTEM_WRITER_STOPPED,
     Receipt,
@@ -159,6 +163,58 @@ class WireItems:
         return out
 
 
+class Fences:
+    """Visibility fences held by clients. A fence's events are written (and durable) but
+    hidden; committing appends a FENCE_COMMIT system event naming their sequence ranges
+    and then reveals them; cancelling (by the owner, or because the owner died) appends
+    a FENCE_CANCEL event and they stay hidden for good. Fences live in this writer's
+    memory only: after a restart a client's fence is lost (FenceLost) and its events
+    stay hidden, which the log shows as a fence with no commit."""
+
+    MAX_OPEN = 4096  # open fences across all clients
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._open: dict[bytes, tuple[int, list[list[int]]]] = {}  # token -> (owner pid, ranges)
+
+    def begin(self, pid: int) -> bytes:
+        if len(self._open) >= self.MAX_OPEN:
+            raise InvalidArgument("fence", len(self._open), f"at most {self.MAX_OPEN} fences may be open")
+        token = os.urandom(16)
+        self._open[token] = (pid, [])
+        return token
+
+    def check(self, token: bytes, pid: int) -> None:
+        entry = self._open.get(token)
+        if entry is None:
+            raise FenceLost(token, "this writer holds no such fence (cancelled, or the writer restarted)")
+        if entry[0] != pid:
+            raise FenceLost(token, "the fence belongs to another process")
+
+    def written(self, token: bytes, first: int, last: int) -> None:
+        ranges = self._open[token][1]
+        if ranges and ranges[-1][1] + 1 == first:
+            ranges[-1][1] = last
+        else:
+            ranges.append([first, last])
+
+    def finish(self, token: bytes, pid: int, *, commit: bool, why: str = "") -> None:
+        self.check(token, pid)
+        _, ranges = self._open.pop(token)
+        kind = SYSTEM_FENCE_COMMIT if commit else SYSTEM_FENCE_CANCEL
+        payload: dict[str, Any] = {"fence": token, "ranges": ranges}
+        if not commit:
+            payload["why"] = why
+        self.engine.append_system(FENCE_ENTITY, kind, payload)
+        if commit and ranges:
+            self.engine.reveal([(a, b) for a, b in ranges])
+
+    def cancel_dead(self) -> None:
+        for token, (pid, _) in list(self._open.items()):
+            if not pid_alive(pid):
+                self.finish(token, pid, commit=False, why=f"owner process {pid} died")
+
+
 class _Area:
     """A client's shared-memory area and doorbell semaphore, as the writer maps them."""
 
@@ -212,6 +268,7 @@ class Writer:
         # for it (StoreLocked) must not touch the live service's control block
         self.engine = Engine.open(self.data_dir, config, durable_hint=(prev.store_key, prev.durable))
         self.engine.on_index_change = self.publish  # new index files are named before old ones go
+        self.fences: Fences = Fences(self.engine)
         self.epoch = self.control.read().writer_epoch + 1
         self.control.update(writer_epoch=self.epoch, writer_pid=os.getpid(), state=WriterState.STARTING,
                             heartbeat_ns=time.monotonic_ns(), started_ns=time.monotonic_ns(), reason="")
@@ -238,7 +295,7 @@ class Writer:
         with self._control_lock:
             self.control.update(visible=e.visible, durable=e.durable, base_segment=e._base_segment,
                                 delta_gen=e._delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self._areas),
-                                dropped_messages=self.dropped, **extra)
+                                dropped_messages=self.dropped, revealed=len(e.revealed), **extra)
             if e.visible != self._rung_at or "state" in extra:
                 self._rung_at = e.visible
                 self.control.ring()  # subscribers in every process wake up
@@ -374,9 +431,13 @@ class Writer:
             if req.request_id != msg.request_id:
                 self.dropped += 1  # a stale message: the area already holds a newer request
                 continue
-            if req.op == W.OP_APPEND:
+            if req.op in (W.OP_APPEND, W.OP_APPEND_FENCED):
                 try:
-                    prepared = self.items.prepare(req.body)
+                    if req.op == W.OP_APPEND_FENCED:
+                        self.fences.check(req.body[0], area.pid)
+                        prepared = self.items.prepare(req.body[1])
+                    else:
+                        prepared = self.items.prepare(req.body)
                 except BatpakError as exc:
                     self.reply_error(area, req.request_id, exc)
                     continue
@@ -387,7 +448,11 @@ class Writer:
             else:
                 others.append((area, req))
         if appends:
-            results = self.engine.commit([p for _, _, p in appends])
+            fenced = [req.op == W.OP_APPEND_FENCED for _, req, _ in appends]
+            results = self.engine.commit([p for _, _, p in appends], fenced if any(fenced) else None)
+            for (_, req, _), res in zip(appends, results, strict=True):
+                if req.op == W.OP_APPEND_FENCED and not isinstance(res, BaseException):
+                    self.fences.written(req.body[0], res[0].global_sequence, res[-1].global_sequence)
             self.publish()
             for (area, req, _), res in zip(appends, results, strict=True):
                 if isinstance(res, BaseException):
@@ -395,11 +460,23 @@ class Writer:
                 else:
                     self.reply_receipts(area, req.request_id, res)
         for area, req in others:
-            if req.op == W.OP_SYNC:
-                self.engine.sync()
-                self.publish()
-            self.reply(area, W.Reply(req.request_id, self.epoch, W.STATUS_OK,
-                                     [self.engine.visible, self.engine.durable]))
+            try:
+                data: Any = [self.engine.visible, self.engine.durable]
+                if req.op == W.OP_SYNC:
+                    self.engine.sync()
+                elif req.op == W.OP_FENCE_BEGIN:
+                    data = [self.fences.begin(area.pid)]
+                elif req.op == W.OP_FENCE_COMMIT:
+                    self.fences.finish(req.body, area.pid, commit=True)
+                elif req.op == W.OP_FENCE_CANCEL:
+                    self.fences.finish(req.body, area.pid, commit=False, why="cancelled by its owner")
+            except BatpakError as exc:
+                self.reply_error(area, req.request_id, exc)
+                continue
+            self.publish()
+            if req.op != W.OP_FENCE_BEGIN:
+                data = [self.engine.visible, self.engine.durable]
+            self.reply(area, W.Reply(req.request_id, self.epoch, W.STATUS_OK, data))
         if self.engine._poison is not None:
             raise self.engine._poison
 
@@ -424,7 +501,9 @@ class Writer:
 
     # -- housekeeping --------------------------------------------------------------------
     def sweep_dead_clients(self) -> None:
-        """Unlink the areas and semaphores of client processes that no longer exist."""
+        """Unlink the areas and semaphores of client processes that no longer exist, and
+        cancel the visibility fences they held."""
+        self.fences.cancel_dead()
         for name, area in list(self._areas.items()):
             if not pid_alive(area.pid):
                 del self._areas[name]
