@@ -12,6 +12,7 @@ the supervisor.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import mmap
 import os
@@ -32,6 +33,7 @@ from ._errors import (
     BatpakError,
     FenceLost,
     InvalidArgument,
+    NotFound,
     ProtocolError,
     ReservedKind,
     StoreClosed,
@@ -434,14 +436,20 @@ class Store:
 
     def _entity_head(self, entity: str) -> Event | None:
         """The newest visible event of ``entity``, or None: one table lookup (a cursor
-        reads its position with it)."""
+        reads its position with it). Events of an uncommitted visibility fence are
+        stepped over (back along the entity's chain)."""
         raw = check_name("entity", entity)
         with self._lock:
             self._ensure_open()
             reader = self._reader
             reader.refresh()
             seq: int = reader._retrying(lambda: reader.head_of(raw))
-            return reader.get_seq(seq) if seq else None
+            while seq:
+                try:
+                    return reader.get_seq(seq)
+                except NotFound:  # hidden inside a fence: its predecessor in the chain
+                    seq = reader._retrying(functools.partial(reader.record, seq))[8]
+            return None
 
     # -- replay: cursors, reactors, causal links, projections (see _replay) -----------------
     def cursor(self, name: str, *, entity: str | None = None, scope: str | None = None, kind: Kind | None = None,

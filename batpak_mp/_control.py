@@ -31,7 +31,7 @@ REASON_MAX = 512  # bytes of the failure reason text
 _FIELDS = (
     "seq", "writer_epoch", "writer_pid", "state", "heartbeat_ns", "visible", "durable",
     "base_segment", "delta_gen", "supervisor_pid", "restarts", "store_key", "clients",
-    "dropped_messages", "started_ns", "revealed",
+    "dropped_messages", "started_ns", "revealed", "groups", "requests",
 )
 _FIELD_FMT = struct.Struct("<" + "Q" * len(_FIELDS))
 _HEAD = struct.Struct("<QII")
@@ -61,6 +61,8 @@ class ControlSnapshot(NamedTuple):
     dropped_messages: int
     started_ns: int
     revealed: int  # ranges in fences.tbl (committed visibility fences)
+    groups: int  # commit groups (one write + one fsync each) since this writer started
+    requests: int  # append requests served by those groups: requests/groups = group commit at work
     reason: str
 
 

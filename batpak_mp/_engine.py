@@ -161,10 +161,30 @@ class _Segment:
     size: int
     fd: int
     path: str
-    end: int  # offset just past the last committed frame
-    count: int  # committed frames in it
-    crc: int = 0  # crc32 of the bytes [64, end): the checkpoint carries it (same-boot restarts)
+    end: int  # offset just past the last frame written (published or pending)
+    count: int  # frames written in it
+    crc: int = 0  # crc32 of the published bytes [64, pub_end): the checkpoint carries it
     sealed: bool = False  # footer and trailer written: nothing more may go in (a failed rotation retries)
+    pub_end: int = -1  # offset just past the last published frame (-1: same as end)
+    write_crc: int = -1  # crc32 of the written bytes [64, end) (-1: same as crc)
+
+    def __post_init__(self) -> None:
+        if self.pub_end < 0:
+            self.pub_end = self.end
+        if self.write_crc < 0:
+            self.write_crc = self.crc
+
+
+@dataclass
+class _Pending:
+    """A group written to the segment but not yet published (waiting for its fsync)."""
+
+    group: _Group
+    results: list[list[Receipt] | BatpakError]
+    placed: list[tuple[int, int, int]]
+    start: int  # offset of its first frame
+    end: int
+    crc_after: int
 
 
 @dataclass
@@ -307,6 +327,8 @@ class Engine:
         self.signer = Signer(config.signing_key) if config.signing_key else None
         self.recovery_report: dict[str, Any] = {}
         self._boot_id = bytes(16)
+        self._pending: list[_Pending] = []  # groups written, waiting for the fsync that publishes them
+        self.groups_written = self.groups_published = 0  # monotonic: the writer's pipeline counts on them
         self.revealed: list[tuple[int, int]] = []  # committed fences' sequence ranges
         self.on_index_change: Callable[[], None] = lambda: None  # set by the writer: publish now
         self._seg_dir = os.path.join(self.data_dir, L.SEGMENT_DIR)
@@ -909,6 +931,7 @@ class Engine:
 
     def _rotate(self, need_bytes: int) -> None:
         """Seal the active segment, fold it into the base tables, start the next one."""
+        self._settle()  # the footer lists every frame: all of them must be indexed first
         seg = self._seg
         assert seg is not None
         if not seg.sealed:  # sealed already when a previous rotation failed after sealing
@@ -939,7 +962,7 @@ class Engine:
         if seg is None:
             return
         self.disk.write_file_atomic(os.path.join(self.data_dir, L.CHECKPOINT_FILE), L.encode_checkpoint(
-            self.durable, seg.segment_id, seg.end, self.visible, self._boot_id, self._delta_gen, self._base_segment,
+            self.durable, seg.segment_id, seg.pub_end, self.visible, self._boot_id, self._delta_gen, self._base_segment,
             seg.crc))
 
     # ------------------------------------------------------------------ state checks
@@ -961,7 +984,8 @@ class Engine:
             st = _Entity(f.entity_clock, f.event_hash, head, h)
         else:
             st = _Entity(0, ZERO_HASH, 0, h)
-        if len(self._entities) > 1_000_000:  # bound memory; it is only a cache
+        if len(self._entities) > 1_000_000 and not self._pending:  # bounded: it is a cache (but pending
+            # groups' entity states live only here until they are published)
             self._entities.clear()
         self._entities[entity] = st
         return st
@@ -1000,13 +1024,16 @@ class Engine:
                        wall_ms, durable, sig)
 
     # ------------------------------------------------------------------ commit path
-    def commit(self, requests: Sequence[Sequence[Prepared]],
-               fenced: Sequence[bool] | None = None) -> list[list[Receipt] | BatpakError]:
+    def commit(self, requests: Sequence[Sequence[Prepared]], fenced: Sequence[bool] | None = None, *,
+               settle: bool = True) -> list[list[Receipt] | BatpakError]:
         """Commit several requests as one group: each request is all-or-nothing and is
         answered on its own (a list of receipts, or the error that refused it). One
         write and one fsync cover the whole group (more only when a segment fills).
         ``fenced[i]``: request i is written inside a visibility fence (hidden until a
-        FENCE_COMMIT event reveals it; see ``reveal``)."""
+        FENCE_COMMIT event reveals it; see ``reveal``).
+        With ``settle=False`` (the writer's pipeline) the group is written but neither
+        fsynced nor published: its results must not be released before
+        ``publish_through`` says the fsync covering it succeeded."""
         self._check_open()
         results: list[list[Receipt] | BatpakError] = [[] for _ in requests]
         group = _Group()
@@ -1047,8 +1074,9 @@ class Engine:
                 # it does not fit: take it back out, write what fits, rotate, encode again
                 self._truncate_group(group, start)
                 if group.count:
-                    self._flush(group, results, placed)
+                    self._write(group, results, placed)
                     group = _Group()
+                    placed = []
                 self._rotate(L.SEG_HEADER_SIZE + nbytes + _SENTINEL_FOOTER_ROOM + len(items) * L.RECORD_SIZE)
                 seg = self._seg
                 assert seg is not None
@@ -1060,14 +1088,21 @@ class Engine:
                     continue
             placed.append((ri, start, len(items)))
         if group.count:
-            self._flush(group, results, placed)
+            self._write(group, results, placed)
+        if settle:
+            self._settle()
         return results
 
     def _original(self, seq: int, group: _Group) -> Receipt:
-        """The receipt of an already committed (or already in this group) event."""
+        """The receipt of an already committed event (or one in this group, or in a
+        group written but not yet published)."""
         first = self._next_seq - group.count
         if seq >= first:
             return group.receipts[seq - first]
+        for p in self._pending:
+            metas = p.group.metas
+            if metas[0][0] <= seq <= metas[-1][0]:
+                return p.group.receipts[seq - int(metas[0][0])]
         return self.receipt_for(seq)
 
     def _truncate_group(self, group: _Group, keep: int) -> None:
@@ -1148,9 +1183,11 @@ class Engine:
         self._next_seq = seq
         return nbytes
 
-    def _flush(self, group: _Group, results: list[list[Receipt] | BatpakError],
+    def _write(self, group: _Group, results: list[list[Receipt] | BatpakError],
                placed: list[tuple[int, int, int]]) -> None:
-        """Write the group, fsync (per sync mode), index it, publish, fill results."""
+        """Write a group's frames after everything written so far. The in-memory view
+        of entities and keys moves on at once (the next group builds on it); readers see
+        nothing until ``_publish``. A failed write takes only this group back."""
         seg = self._seg
         assert seg is not None
         data = b"".join(group.parts)
@@ -1161,56 +1198,100 @@ class Engine:
             self._abandon_write(seg, len(data), first_seq)
             for ri, _, _ in placed:
                 results[ri] = exc
-            placed.clear()
             return
+        crc_after = zlib.crc32(data, seg.write_crc)
+        self._pending.append(_Pending(group, results, list(placed), seg.end, seg.end + len(data), crc_after))
+        self.groups_written += 1
+        seg.end += len(data)
+        seg.count += group.count
+        seg.write_crc = crc_after
+        self._entities.update(group.entities)
+        idem_active = self._idem_active
+        for meta in group.metas:
+            if meta[9] != ZERO_ID:
+                idem_active[meta[9]] = meta[0]
+
+    def _settle(self) -> None:
+        """fsync (as the sync mode says) and publish every written group."""
+        if not self._pending:
+            return
+        seg = self._seg
+        assert seg is not None
         now = self._clock_ms()
         synced = False
         if self.config.sync is SyncMode.GROUP or (
             self.config.sync is SyncMode.INTERVAL and now - self._last_sync_ms >= self.config.sync_interval_ms
         ):
-            try:
-                self._fsync(seg.fd, seg.path)
-            except StorePoisoned:
-                # never acknowledged: best effort to keep these frames from coming back at recovery
-                try:
-                    self.disk.zero_range(seg.fd, seg.end, len(data), seg.path)
-                except StorageError:
-                    pass
-                raise
+            self._fsync_pending(seg)
             self._last_sync_ms = now
             synced = True
-        # index: records, then delta slots (a reader that sees a slot finds its record)
-        last_seq = first_seq + group.count - 1
-        self._ensure_records(last_seq)
-        m = self._records_map
-        pack = L.RECORD.pack_into
-        off = seg.end
-        sid = seg.segment_id
-        slots = self._delta_slots
+        self.publish_through(len(self._pending), synced)
+
+    def _fsync_pending(self, seg: _Segment) -> None:
+        try:
+            self._fsync(seg.fd, seg.path)
+        except StorePoisoned:
+            # never acknowledged: best effort to keep these frames from coming back at recovery
+            try:
+                self.disk.zero_range(seg.fd, seg.pub_end, seg.end - seg.pub_end, seg.path)
+            except StorageError:
+                pass
+            raise
+
+    def pending_sync_target(self) -> tuple[int, str, int]:
+        """(fd, path, groups) for an fsync that another thread may run while this one
+        writes the next group: on success, ``publish_through(groups, True)``."""
+        seg = self._seg
+        assert seg is not None
+        return seg.fd, seg.path, len(self._pending)
+
+    def sync_failed(self, exc: OSError, path: str) -> StorePoisoned:
+        """An fsync run by another thread failed: poison, exactly as ``_fsync`` does."""
+        cause = exc.cause if isinstance(exc, StorageError) else exc
+        self._poison = StorePoisoned("fsync", path, cause)
+        seg = self._seg
+        if seg is not None:
+            try:
+                self.disk.zero_range(seg.fd, seg.pub_end, seg.end - seg.pub_end, seg.path)
+            except StorageError:
+                pass
+        return self._poison
+
+    def publish_through(self, groups: int, synced: bool) -> None:
+        """Index and publish the first ``groups`` written groups, in order, and fill the
+        results of their requests. ``synced``: an fsync covering them returned."""
+        seg = self._seg
+        assert seg is not None
+        m_slots = self._delta_slots
         delta, cap = self._delta_map, self._delta_cap
-        idem_active = self._idem_active
-        for (seq, clock, kind, flags, flen, prev, ent_h, scope_h, entity, idem) in group.metas:
-            pack(m, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE, clock, sid, off, flen, kind, flags,
-                 ent_h, scope_h, prev, idem)
-            slot = slots.get(entity)
-            if slot is None:
-                slot = slots[entity] = delta_upsert(delta, cap, ent_h, seq, prev)
-            else:
-                _u64.pack_into(delta, slot + 8, seq)
-            if idem != ZERO_ID:
-                idem_active[idem] = seq
-            off += flen
-        seg.end = off
-        seg.count += group.count
-        seg.crc = zlib.crc32(data, seg.crc)
-        self._entities.update(group.entities)
-        self.visible = last_seq
-        if synced:
-            self.durable = last_seq
+        pack = L.RECORD.pack_into
+        sid = seg.segment_id
+        for p in self._pending[:groups]:
+            group = p.group
+            last_seq = group.metas[-1][0]
+            self._ensure_records(last_seq)
+            m = self._records_map
+            off = p.start
+            # index: records, then delta slots (a reader that sees a slot finds its record)
+            for (seq, clock, kind, flags, flen, prev, ent_h, scope_h, entity, idem) in group.metas:
+                pack(m, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE, clock, sid, off, flen, kind, flags,
+                     ent_h, scope_h, prev, idem)
+                slot = m_slots.get(entity)
+                if slot is None:
+                    slot = m_slots[entity] = delta_upsert(delta, cap, ent_h, seq, prev)
+                else:
+                    _u64.pack_into(delta, slot + 8, seq)
+                off += flen
+            seg.pub_end = p.end
+            seg.crc = p.crc_after
+            self.visible = last_seq
+            if synced:
+                self.durable = last_seq
+            for ri, start, n in p.placed:
+                p.results[ri] = group.receipts[start:start + n]
+        del self._pending[:groups]
+        self.groups_published += groups
         self.reader.view = self.view()
-        for ri, start, n in placed:
-            results[ri] = group.receipts[start:start + n]
-        placed.clear()
 
     def _abandon_write(self, seg: _Segment, length: int, first_seq: int) -> None:
         """A write failed: zero what may have landed and forget the group; if even that
@@ -1224,6 +1305,9 @@ class Engine:
     def sync(self) -> int:
         """fsync now; returns the durable frontier."""
         self._check_open()
+        if self._pending:
+            self._fsync_pending(self._seg)  # type: ignore[arg-type]
+            self.publish_through(len(self._pending), True)
         if self.durable < self.visible and self._seg is not None:
             self._fsync(self._seg.fd, self._seg.path)
             self._last_sync_ms = self._clock_ms()

@@ -154,8 +154,11 @@ class Cursor:
     acknowledged are handed out again to the next ``Cursor`` of the same name (after a
     crash or a restart). ``ack(event)`` acknowledges that event and every earlier one.
 
-    One process should drive a given cursor at a time; a second one is safe (acks never
-    move backwards) but both see the unacknowledged events."""
+    Each ack is one small durable event in the journal (a round trip and, in the default
+    sync mode, a share of an fsync): acknowledge every N events with ``ack_through``
+    when throughput matters. One thread drives a ``Cursor`` object; one process should
+    drive a given cursor name at a time — a second one is safe (acks never move
+    backwards) but both see the unacknowledged events."""
 
     def __init__(self, store: Store, name: str, flt: EventFilter, *, start_after: int | None = 0,
                  timeout: float | None = None) -> None:

@@ -18,13 +18,14 @@ import argparse
 import ctypes
 import mmap
 import os
+import queue
 import signal
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import posix_ipc
@@ -163,6 +164,12 @@ class WireItems:
         return out
 
 
+class _SyncDone(NamedTuple):
+    target: int  # groups written when the fsync started: it covers them
+    error: OSError | None
+    path: str
+
+
 class Fences:
     """Visibility fences held by clients. A fence's events are written (and durable) but
     hidden; committing appends a FENCE_COMMIT system event naming their sequence ranges
@@ -254,10 +261,16 @@ class Writer:
         self.stopping = False
         self.dropped = 0
         self._areas: OrderedDict[str, _Area] = OrderedDict()
-        self._inbox: deque[bytes] = deque()
-        self._wake = threading.Event()
+        # messages from the receiver thread and fsync results from the syncer thread
+        self._inbox: queue.SimpleQueue[bytes | _SyncDone] = queue.SimpleQueue()
+        self._sync_jobs: queue.SimpleQueue[tuple[int, str, int] | None] = queue.SimpleQueue()
+        self._syncing = False
         self._receiver_stop = False
         self._rung_at = -1
+        self.groups = self.requests = 0
+        # replies held until the groups they belong to are published: (groups written at
+        # their commit, area, request, results, index)
+        self._waiting: list[tuple[int, _Area, W.Request, list[Any], int]] = []
         self._ckpt_seq = 0
         self._last_beat = self._last_ckpt = self._last_sweep = 0
         self.items = WireItems(config.max_payload_bytes)
@@ -295,7 +308,8 @@ class Writer:
         with self._control_lock:
             self.control.update(visible=e.visible, durable=e.durable, base_segment=e._base_segment,
                                 delta_gen=e._delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self._areas),
-                                dropped_messages=self.dropped, revealed=len(e.revealed), **extra)
+                                dropped_messages=self.dropped, revealed=len(e.revealed), groups=self.groups,
+                                requests=self.requests, **extra)
             if e.visible != self._rung_at or "state" in extra:
                 self._rung_at = e.visible
                 self.control.ring()  # subscribers in every process wake up
@@ -316,9 +330,8 @@ class Writer:
         10 messages; this lets one commit group carry a request from every client."""
         receive = self.queue.receive
         inbox = self._inbox
-        wake = self._wake
         while not self._receiver_stop:
-            if len(inbox) >= INBOX_MAX:
+            if inbox.qsize() >= INBOX_MAX:
                 time.sleep(0.0005)  # the loop is behind; the kernel queue holds the rest
                 self._beat_from_receiver()
                 continue
@@ -329,37 +342,80 @@ class Writer:
                 continue
             except posix_ipc.ExistentialError:
                 break
-            inbox.append(msg)
-            while len(inbox) < INBOX_MAX:
-                try:
-                    inbox.append(receive(0)[0])
-                except (posix_ipc.BusyError, posix_ipc.SignalError):
-                    break
-            wake.set()
+            inbox.put(msg)
             self._beat_from_receiver()
+
+    def _sync_loop(self) -> None:
+        """Syncer thread: runs the fsync of written groups while the loop parses and
+        writes the next group (one fsync in flight at a time), then reports back."""
+        while True:
+            job = self._sync_jobs.get()
+            if job is None:
+                return
+            fd, path, target = job
+            try:
+                self.engine.disk.fdatasync(fd, path)
+                self._inbox.put(_SyncDone(target, None, path))
+            except OSError as exc:
+                self._inbox.put(_SyncDone(target, exc, path))
+
+    def _sync_done(self, done: _SyncDone) -> None:
+        self._syncing = False
+        if done.error is not None:
+            raise self.engine.sync_failed(done.error, done.path)
+        groups = done.target - self.engine.groups_published
+        if groups > 0:  # (fewer when a rotation or an op settled them meanwhile)
+            self.engine.publish_through(groups, True)
+        self._answer_published()
 
     def serve(self) -> None:
         inbox = self._inbox
-        wake = self._wake
+        pipelined = self.config.sync.value == "group"
         self._receiver = threading.Thread(target=self._receive_loop, name="batpak-receiver", daemon=True)
         self._receiver.start()
+        syncer = threading.Thread(target=self._sync_loop, name="batpak-syncer", daemon=True)
+        syncer.start()
         try:
             while not self.stopping:
-                if not inbox:
-                    wake.wait(RECEIVE_TIMEOUT_S)
-                    wake.clear()
-                    if not inbox:
-                        self.tick()
-                        continue
-                batch = [inbox.popleft() for _ in range(min(len(inbox), GROUP_MAX))]
-                self.handle(batch)
+                try:
+                    first = inbox.get(timeout=RECEIVE_TIMEOUT_S)
+                except queue.Empty:
+                    self.tick()
+                    continue
+                batch: list[bytes] = []
+                item: bytes | _SyncDone = first
+                while True:
+                    if isinstance(item, _SyncDone):
+                        self._sync_done(item)
+                    else:
+                        batch.append(item)
+                    if len(batch) >= GROUP_MAX:
+                        break
+                    try:
+                        item = inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    self.handle(batch, pipelined=pipelined)
+                if pipelined and not self._syncing and self.engine.groups_written > self.engine.groups_published:
+                    self._syncing = True
+                    fd, path, _ = self.engine.pending_sync_target()
+                    self._sync_jobs.put((fd, path, self.engine.groups_written))
                 self.tick()
         finally:
             self._receiver_stop = True
             self._receiver.join()
-        if inbox:  # taken off the kernel queue but not served yet: serve before stopping
-            self.handle(list(inbox))
-            inbox.clear()
+            self._sync_jobs.put(None)
+            syncer.join()
+        rest: list[bytes] = []  # taken off the kernel queue but not served yet: serve before stopping
+        while not inbox.empty():
+            item = inbox.get_nowait()
+            if not isinstance(item, _SyncDone):
+                rest.append(item)
+        self.engine.sync()  # written groups: fsync and publish them, then answer
+        self._answer_published()
+        if rest:
+            self.handle(rest)
 
     def drain(self) -> None:
         """Answer whatever is queued now, then stop taking work."""
@@ -409,28 +465,18 @@ class Writer:
             old.close()
         return area
 
-    def handle(self, raw_messages: list[bytes]) -> None:
-        """One commit group: parse every message, commit every append together, reply."""
+    def handle(self, raw_messages: list[bytes], *, pipelined: bool = False) -> None:
+        """One commit group: parse every message and commit every append together.
+        Pipelined (sync mode "group"): the group is only written here; its replies wait
+        in ``_waiting`` until the fsync covering it returns (``_sync_done``). Otherwise
+        it is fsynced (per the sync mode), published and answered at once."""
         appends: list[tuple[_Area, W.Request, list[Prepared]]] = []
         others: list[tuple[_Area, W.Request]] = []
         for raw in raw_messages:
-            try:
-                msg = W.decode_message(raw, self.area_prefix)
-            except ProtocolError:
-                self.dropped += 1
+            parsed = self._parse(raw)
+            if parsed is None:
                 continue
-            area = self._area(msg.area, msg.client_pid)
-            if area is None:
-                self.dropped += 1  # the client is gone (or re-sent through a new area)
-                continue
-            try:
-                req = W.decode_request(area.mm, len(area.mm))
-            except ProtocolError as exc:
-                self.reply_error(area, msg.request_id, exc)
-                continue
-            if req.request_id != msg.request_id:
-                self.dropped += 1  # a stale message: the area already holds a newer request
-                continue
+            area, req = parsed
             if req.op in (W.OP_APPEND, W.OP_APPEND_FENCED):
                 try:
                     if req.op == W.OP_APPEND_FENCED:
@@ -448,17 +494,17 @@ class Writer:
             else:
                 others.append((area, req))
         if appends:
+            self.groups += 1
+            self.requests += len(appends)
             fenced = [req.op == W.OP_APPEND_FENCED for _, req, _ in appends]
-            results = self.engine.commit([p for _, _, p in appends], fenced if any(fenced) else None)
-            for (_, req, _), res in zip(appends, results, strict=True):
-                if req.op == W.OP_APPEND_FENCED and not isinstance(res, BaseException):
-                    self.fences.written(req.body[0], res[0].global_sequence, res[-1].global_sequence)
-            self.publish()
-            for (area, req, _), res in zip(appends, results, strict=True):
-                if isinstance(res, BaseException):
-                    self.reply_error(area, req.request_id, res)
-                else:
-                    self.reply_receipts(area, req.request_id, res)
+            settle = not pipelined or bool(others)
+            results = self.engine.commit([p for _, _, p in appends], fenced if any(fenced) else None, settle=settle)
+            target = self.engine.groups_written  # every reply waits for the groups written so far
+            self._waiting += [(target, area, req, results, i) for i, (area, req, _) in enumerate(appends)]
+        self._answer_published()
+        if others:
+            self.engine.sync()  # the ops below act on a settled log (fence commits follow their appends)
+            self._answer_published()
         for area, req in others:
             try:
                 data: Any = [self.engine.visible, self.engine.durable]
@@ -479,6 +525,44 @@ class Writer:
             self.reply(area, W.Reply(req.request_id, self.epoch, W.STATUS_OK, data))
         if self.engine._poison is not None:
             raise self.engine._poison
+
+    def _parse(self, raw: bytes) -> tuple[_Area, W.Request] | None:
+        try:
+            msg = W.decode_message(raw, self.area_prefix)
+        except ProtocolError:
+            self.dropped += 1
+            return None
+        area = self._area(msg.area, msg.client_pid)
+        if area is None:
+            self.dropped += 1  # the client is gone (or re-sent through a new area)
+            return None
+        try:
+            req = W.decode_request(area.mm, len(area.mm))
+        except ProtocolError as exc:
+            self.reply_error(area, msg.request_id, exc)
+            return None
+        if req.request_id != msg.request_id:
+            self.dropped += 1  # a stale message: the area already holds a newer request
+            return None
+        return area, req
+
+    def _answer_published(self) -> None:
+        """Reply to every request whose groups are published (fsynced, in the default
+        mode): acknowledged means durable."""
+        published = self.engine.groups_published
+        if not self._waiting or self._waiting[0][0] > published:
+            return
+        ready = [w for w in self._waiting if w[0] <= published]
+        self._waiting = [w for w in self._waiting if w[0] > published]
+        self.publish()
+        for _, area, req, results, i in ready:
+            res = results[i]
+            if isinstance(res, BaseException):
+                self.reply_error(area, req.request_id, res)
+                continue
+            if req.op == W.OP_APPEND_FENCED:
+                self.fences.written(req.body[0], res[0].global_sequence, res[-1].global_sequence)
+            self.reply_receipts(area, req.request_id, res)
 
     def reply(self, area: _Area, reply: W.Reply) -> None:
         body = W.encode_reply(reply)

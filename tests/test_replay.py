@@ -279,9 +279,14 @@ def test_a_raising_handler_backs_off_and_is_not_acknowledged(service: tuple[bp.S
         assert isinstance(ei2.value.cause, bp.ReservedKind)
 
 
+def _slow_double(ev: bp.Event) -> list[Any]:
+    time.sleep(0.005)  # so that the writer is killed while the reactor still has work in flight
+    return _double(ev)
+
+
 def _reactor_process(data_dir: str, n: int, q: Any) -> None:
     with bp.connect(data_dir) as s:
-        r = s.react("restart", _double, kind=K)
+        r = s.react("restart", _slow_double, kind=K)
         q.put(("ready", os.getpid()))
         q.put(("done", r.run(timeout=25, max_events=n)))
 
@@ -299,7 +304,8 @@ def test_writer_restart_while_a_reactor_runs(service: tuple[bp.Service, str]) ->
         while s.cursor("reactor:restart").position < src[5].global_sequence and time.monotonic() < deadline:
             time.sleep(0.01)
         f = s.frontier()
-        os.kill(f.writer_pid, signal.SIGKILL)  # likely mid-batch of the reactor
+        os.kill(f.writer_pid, signal.SIGKILL)  # the reactor has work in flight
+        position_at_kill = s.cursor("reactor:restart").position
         _wait_new_writer(s, f.writer_epoch)
         src += _append_sources(s, n - n // 2, n // 2)
         assert _expect(q, "done") == n
@@ -307,6 +313,7 @@ def test_writer_restart_while_a_reactor_runs(service: tuple[bp.Service, str]) ->
         assert p.exitcode == 0
         assert _reactions_by_cause(s) == Counter({r.event_id: 1 for r in src})  # no gap, no duplicate
         assert s.cursor("reactor:restart").position == src[-1].global_sequence
+        assert position_at_kill < src[n // 2 - 1].global_sequence  # it was killed mid-way
 
 
 # -- projections -----------------------------------------------------------------------------
@@ -430,8 +437,8 @@ def test_projection_snapshots(service: tuple[bp.Service, str]) -> None:
         # damage: a flipped byte, or a snapshot whose anchor is not this journal's -> rebuild
         with open(path, "rb") as f:
             data = f.read()
-        with open(path, "wb") as f:
-            f.write(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+        with open(path, "wb") as out:
+            out.write(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
         p4 = Totals()
         assert s.project(p4, kind=K, snapshot=True) == _expected_totals(rows) and p4.applied == 23
         doc = msgpack.unpackb(data[40:], raw=False, strict_map_key=False)
@@ -516,3 +523,40 @@ def test_upcasters_and_future_versions(service: tuple[bp.Service, str], registry
         bp.register_payload(V, 0)
     with pytest.raises(bp.ReservedKind):
         bp.register_payload(bp.Kind(0, 1), 2, upcasters={1: split})
+
+
+# -- visibility fences -----------------------------------------------------------------------
+
+
+def test_an_uncommitted_fence_at_an_entity_head_is_stepped_over(service: tuple[bp.Service, str]) -> None:
+    _, data_dir = service
+    with bp.connect(data_dir) as s:
+        c = bp.Coordinate("fx", "t")
+        s.append(c, K, {"i": 1})
+        p = Totals()
+        assert s.project_if_changed(p, entity="fx") == {"fx": 1}
+        f = s.fence()
+        f.append(c, K, {"i": 2})  # the entity's newest event is hidden
+        assert s.project_if_changed(p, entity="fx") == {"fx": 1}
+        assert s.project(Totals(), entity="fx", snapshot=True, snapshot_every=1) == {"fx": 1}
+        f.commit()
+        assert s.project_if_changed(p, entity="fx") == {"fx": 3}
+        assert s.project(Totals(), entity="fx", snapshot=True) == {"fx": 3}
+
+
+@pytest.mark.xfail(strict=True, reason="open: an event revealed by a fence commit after a subscription, cursor or "
+                                       "cached projection passed its sequence is not delivered/folded (see report)")
+def test_events_revealed_after_consumers_passed_them_still_reach_them(service: tuple[bp.Service, str]) -> None:
+    _, data_dir = service
+    with bp.connect(data_dir) as s:
+        cur = s.cursor("fenced", kind=K, timeout=0.2)
+        p = Totals()
+        s.append(bp.Coordinate("a", "t"), K, {"i": 1})
+        f = s.fence()
+        f.append(bp.Coordinate("b", "t"), K, {"i": 2})
+        s.append(bp.Coordinate("a", "t"), K, {"i": 3})
+        assert [ev.payload["i"] for ev in cur] == [1, 3]
+        assert s.project_if_changed(p, kind=K) == {"a": 4}
+        f.commit()
+        assert s.project_if_changed(p, kind=K) == s.project(Totals(), kind=K) == {"a": 4, "b": 2}
+        assert [ev.payload["i"] for ev in cur] == [2]
