@@ -50,6 +50,7 @@ from ._values import (
     EFFECT_DENIAL,
     RESERVED_CATEGORIES,
     STORE_KINDS,
+    SYSTEM_FENCE_COMMIT,
     BatchItem,
     Coordinate,
     Event,
@@ -70,6 +71,7 @@ MAX_PAYLOAD = 16 * 1024 * 1024
 _PER_ITEM_OVERHEAD = 64  # msgpack framing of one item beyond its variable fields
 _SHM_DIR = "/dev/shm"
 _MASK128 = (1 << 128) - 1
+_FENCE_COMMIT = Kind(0, SYSTEM_FENCE_COMMIT)
 
 _live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
@@ -633,6 +635,32 @@ class Fence:
                 pass  # the original exception matters more; the fence stays hidden anyway
 
 
+def stream_page(reader: Reader, after: int, limit: int, entity: str | None, scope: str | None,
+                kind: Kind | None) -> tuple[list[Event], int]:
+    """The next page of the log in *stream* order, for consumers that keep a position
+    (subscriptions, cursors, reactors, incremental projections). An event written in a
+    visibility fence is delivered where its FENCE_COMMIT event stands, not at its own
+    (earlier) sequence, so a consumer that had already passed it still receives it,
+    exactly once. Returns (events, the last sequence looked at)."""
+    page = reader.query_after(after, limit, entity, scope, kind, skip_fenced=True)
+    end = page.next_after
+    commits = reader.query_after(after, 1 << 62, None, None, _FENCE_COMMIT, upto=end).events
+    if not commits:
+        return page.events, end
+    keyed: list[tuple[int, int, Event]] = [(e.global_sequence, 0, e) for e in page.events]
+    for c in commits:
+        n = 0
+        for first, last in c.payload["ranges"]:
+            for seq in range(int(first), int(last) + 1):
+                ev = reader.event(seq, include_hidden=True)  # the commit event is the authority
+                if ((entity is None or ev.coordinate.entity == entity) and (scope is None or ev.coordinate.scope == scope)
+                        and (kind is None or ev.kind == kind)):
+                    n += 1
+                    keyed.append((c.global_sequence, n, ev))
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    return [e for _, _, e in keyed], end
+
+
 class Subscription:
     """An iterator of events from a ``Store``, woken by the writer through a futex on the
     control block. Holds no state in the writer: a subscriber that dies leaves nothing
@@ -672,11 +700,11 @@ class Subscription:
             if bell is None:
                 raise StoreClosed()
             seen = bell.value  # read before looking: a publish after this wakes the wait
-            page = store.query_after(self.position, limit=self.PAGE, entity=self._entity, scope=self._scope,
-                                     kind=self._kind)
-            self.position = page.next_after
-            if page.events:
-                self._buffer.extend(page.events)
+            with store._lock:
+                store._ensure_open()
+                events, self.position = self._page(store._reader)
+            if events:
+                self._buffer.extend(events)
                 continue
             if store._control.frontier()[0] > self.position:
                 continue  # more to look at (a page of non-matching events)
@@ -688,6 +716,9 @@ class Subscription:
                     return None
             bell.wait(seen, wait)
         return None
+
+    def _page(self, reader: Reader) -> tuple[list[Event], int]:
+        return stream_page(reader, self.position, self.PAGE, self._entity, self._scope, self._kind)
 
     def close(self) -> None:
         self._closed = True

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import shutil
 import signal
 import statistics
 import tempfile
@@ -225,6 +226,11 @@ def run_drill(data_dir: str | None, *, clients: int = 8, kills: int = 10, second
     vr = verify(path)
     report.verify_ok = vr.ok
     report.verify_problems = [f"{p.segment} @ {p.offset}: {p.what}" for p in vr.problems]
+    shutil.rmtree(work, ignore_errors=True)
+    if data_dir is None and report.ok:
+        shutil.rmtree(path, ignore_errors=True)  # a failed drill keeps its store for inspection
+    elif data_dir is None:
+        say(f"the drill's store is kept for inspection in {path}")
     return report
 
 

@@ -257,7 +257,7 @@ class Reader:
             raise StaleView(f"sequence {seq}")
         return value
 
-    def event(self, seq: int) -> Event:
+    def event(self, seq: int, *, include_hidden: bool = False) -> Event:
         """The Event of a visible sequence: the hot path of every read. Checks the
         record against the frame (length, checksum, sequence) and builds the Event
         straight from the mapped bytes; ``StaleView`` when they disagree."""
@@ -266,7 +266,7 @@ class Reader:
         if m is None or len(m) < rec_off + RECORD_SIZE:
             m = self._records_map(seq)
         rec = _rec_unpack(m, rec_off)
-        if rec[5] & FLAG_FENCED and self.hidden(seq, rec[5]):
+        if rec[5] & FLAG_FENCED and not include_hidden and self.hidden(seq, rec[5]):
             raise Hidden(seq)
         seg = self._segments.get(rec[1]) or self._segment(rec[1])
         off = rec[2]
@@ -390,8 +390,11 @@ class Reader:
 
     def query_after(
         self, after: int = 0, limit: int = 1000, entity: str | None = None,
-        scope: str | None = None, kind: Any = None,
+        scope: str | None = None, kind: Any = None, *, upto: int | None = None, skip_fenced: bool = False,
     ) -> Page:
+        """Events after ``after`` in commit order. ``upto``: look no further than that
+        sequence. ``skip_fenced``: leave out every event written in a fence, revealed or
+        not (subscriptions deliver those at their FENCE_COMMIT instead)."""
         if type(after) is not int or after < 0:
             raise InvalidArgument("after", after, "must be an int >= 0")
         if type(limit) is not int or limit < 1:
@@ -404,7 +407,7 @@ class Reader:
                 raise InvalidArgument("kind", kind, "must be a bp.Kind")
             kind_packed = (kind[0] << 12) | kind[1]
         view = self.refresh()
-        visible = view.visible
+        visible = view.visible if upto is None else min(view.visible, upto)
 
         def run() -> Page:
             events: list[Event] = []
@@ -420,7 +423,7 @@ class Reader:
                     continue
                 if kind_packed >= 0 and rec[4] != kind_packed:
                     continue
-                if rec[5] & FLAG_FENCED and self.hidden(seq, rec[5]):
+                if rec[5] & FLAG_FENCED and (skip_fenced or self.hidden(seq, rec[5])):
                     continue
                 ev = self.event(seq)
                 if entity is not None and ev.coordinate.entity != entity:

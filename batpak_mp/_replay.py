@@ -653,16 +653,22 @@ def _fold(store: Store, projection: Projection, flt: EventFilter, start: _Fold) 
             return _Fold(state, start.position, start.clock, visible)
         last = events[-1]
         return _Fold(state, last.global_sequence, last.entity_clock, max(visible, last.global_sequence))
+    from ._client import stream_page  # (the client imports this module)
+
     after = start.position
     admits = flt.admits
     while True:
-        page = store.query_after(after, limit=PAGE, scope=flt.scope, kind=flt.kind)
-        for ev in page.events:
+        # stream order: a fenced event counts where its FENCE_COMMIT stands, so a cached
+        # fold that had passed it still takes it in when the fence commits
+        with store._lock:
+            store._ensure_open()
+            events, end = stream_page(store._reader, after, PAGE, None, flt.scope, flt.kind)
+        for ev in events:
             if admits(ev):
                 state = apply(state, ev)
-        after = max(after, page.next_after)
-        if len(page.events) < PAGE:  # the page stopped at the visible frontier
+        if end <= after:  # nothing more up to the visible frontier
             return _Fold(state, after, 0, after)
+        after = end
 
 
 def project(store: Store, projection: Projection, flt: EventFilter, *, snapshot: bool = False,

@@ -23,6 +23,7 @@ from ._errors import InvalidArgument, WriterTimeout, WriterUnavailable
 from ._values import RestartPolicy, SyncMode
 
 READY_TIMEOUT_S = 60.0
+EXIT_IN_USE = 4  # the supervisor's exit code when the directory is already served
 STOP_TIMEOUT_S = 30.0
 
 
@@ -135,8 +136,8 @@ def serve(data_dir: str | os.PathLike[str], *, restart: RestartPolicy | None = N
     if not line.startswith("ready"):
         if proc.poll() is None:
             proc.kill()
-        proc.wait()
-        cleanup_ipc(path)
+        if proc.wait() != EXIT_IN_USE:  # exit 4: another live service owns these IPC objects
+            cleanup_ipc(path)
         if not line:
             raise WriterTimeout("the service to become ready", ready_timeout)
         raise WriterUnavailable(line.partition(" ")[2] or line)

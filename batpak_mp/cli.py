@@ -391,8 +391,11 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     code = proc.wait()
-    cleanup_ipc(path)
-    sys.exit(code)
+    if code == 0:
+        cleanup_ipc(path)  # a clean stop: nothing is left for clients to read
+    # 3 (failed): the control block keeps the reason for `status` and for clients;
+    # 4 (the directory is served by someone else): its IPC objects are not ours to remove
+    sys.exit(128 - code if code < 0 else code)
 
 
 # ---- status ------------------------------------------------------------------------------
@@ -778,44 +781,57 @@ def demo(data_dir: str | None, workers: int, seconds: float) -> None:
     sys.exit(EXIT_OK if run_demo(data_dir, workers=workers, seconds=seconds) else EXIT_PROBLEMS)
 
 
-BENCH_PROGRAMS = (("engine", "bench_engine.py"), ("service", "bench_service.py"))
+BENCH_PROGRAMS = ("engine", "service", "restart", "subscribe")  # the programs tools/bench.py runs, in order
+
+
+def _bench_only(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if names != ["all"] and (not names or any(n not in BENCH_PROGRAMS for n in names)):
+        raise click.BadParameter(f"takes a comma-separated subset of {','.join(BENCH_PROGRAMS)} (or all)")
+    return ",".join(names)
+
+
+def _bench_program_args(f: Callable[..., None]) -> Callable[..., None]:
+    """One ``--NAME-args`` option per benchmark program."""
+    for name in reversed(BENCH_PROGRAMS):
+        f = click.option(f"--{name}-args", default="", metavar="'ARGS'",
+                         help=f"More options for tools/bench_{name}.py, as one quoted string.")(f)
+    return f
 
 
 @cli.command()
-@click.option("--quick", is_flag=True, help="Small sizes and short runs (a smoke run).")
+@click.option("--quick", is_flag=True, help="Small sizes and short runs (a smoke run; the report then goes to "
+              "bench-data/quick/ unless --out/--chart say otherwise).")
 @click.option("--repeat", type=POSITIVE, default=None, metavar="N", help="Runs per figure; the median is reported.")
-@click.option("--suite", type=click.Choice(["all", "engine", "service"]), default="all", show_default=True,
-              help="Which benchmark programs to run.")
-@click.option("--engine-args", default="", metavar="'ARGS'",
-              help="More options for tools/bench_engine.py, as one quoted string.")
-@click.option("--service-args", default="", metavar="'ARGS'",
-              help="More options for tools/bench_service.py, as one quoted string.")
+@click.option("--only", "--suite", "only", default="all", show_default=True, metavar="LIST", callback=_bench_only,
+              help=f"Which benchmark programs to run: a comma-separated subset of {','.join(BENCH_PROGRAMS)}.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="The report (default docs/BENCHMARKS.md).")
+@click.option("--chart", type=click.Path(dir_okay=False), default=None, help="The PNG chart (default docs/benchmarks.png).")
 @click.option("--tools-dir", type=click.Path(file_okay=False), default=None,
               help="Where the benchmark programs are (default: tools/ of the source checkout).")
-def bench(quick: bool, repeat: int | None, suite: str, engine_args: str, service_args: str,
-          tools_dir: str | None) -> None:
-    """Run the benchmarks side by side with SQLite and LMDB: tools/bench_engine.py
-    (in-process) then tools/bench_service.py (multiprocess). They ship with the source
-    checkout, not the installed package: exits 2 when they are not there (or reject an
-    option passed through), 1 when one fails."""
+@_bench_program_args
+def bench(quick: bool, repeat: int | None, only: str, out: str | None, chart: str | None, tools_dir: str | None,
+          **program_args: str) -> None:
+    """Run the benchmarks side by side with SQLite and LMDB and write the report: tools/bench.py
+    runs tools/bench_engine.py, bench_service.py, bench_restart.py and bench_subscribe.py,
+    then writes docs/BENCHMARKS.md and its chart docs/benchmarks.png (matplotlib, the
+    'bench' extra). They ship with the source checkout, not the installed package: exits 2
+    when they are not there (or reject an option passed through), 1 when one fails."""
     tools = Path(tools_dir) if tools_dir else Path(__file__).resolve().parents[1] / "tools"
-    extra = {"engine": engine_args, "service": service_args}
-    chosen = [(name, tools / program) for name, program in BENCH_PROGRAMS if suite in ("all", name)]
-    missing = [str(p) for _, p in chosen if not p.is_file()]
-    if missing:
-        _fail(EXIT_USAGE, f"benchmark program(s) not found: {', '.join(missing)} (they ship with the source "
-                          "checkout; run from a clone, or give --tools-dir)")
-    for name, program in chosen:
-        try:
-            more = shlex.split(extra[name])
-        except ValueError as exc:
-            _fail(EXIT_USAGE, f"--{name}-args: {exc}")
-        cmd = [sys.executable, str(program), *(["--quick"] if quick else []),
-               *(["--repeat", str(repeat)] if repeat else []), *more]
-        click.echo("$ " + shlex.join(cmd), err=True)
-        code = subprocess.call(cmd)
-        if code != 0:  # 2 is argparse's "bad usage": of the options passed through
-            _fail(EXIT_USAGE if code == 2 else EXIT_PROBLEMS, f"{program.name} exited with code {code}")
+    program = tools / "bench.py"
+    if not program.is_file():
+        _fail(EXIT_USAGE, f"benchmark program not found: {program} (it ships with the source checkout; run from a "
+                          "clone, or give --tools-dir)")
+    options = {"--repeat": repeat and str(repeat), "--only": only != "all" and only, "--out": out, "--chart": chart,
+               **{"--" + key.replace("_", "-"): value for key, value in program_args.items()}}
+    cmd = [sys.executable, str(program), *(["--quick"] if quick else []),
+           *(f"{name}={value}" for name, value in options.items() if value)]  # name=value: ARGS may start with -
+    click.echo("$ " + shlex.join(cmd), err=True)
+    code = subprocess.call(cmd)
+    if code in (EXIT_PROBLEMS, EXIT_USAGE):  # bench.py has said why, in its last line
+        sys.exit(code)
+    if code != 0:
+        _fail(EXIT_PROBLEMS, f"{program.name} exited with code {code}")
 
 
 # ---- entry point -------------------------------------------------------------------------

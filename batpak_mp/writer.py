@@ -272,7 +272,8 @@ class Writer:
         # their commit, area, request, results, index)
         self._waiting: list[tuple[int, _Area, W.Request, list[Any], int]] = []
         self._ckpt_seq = 0
-        self._last_beat = self._last_ckpt = self._last_sweep = 0
+        # _last_beat: the receiver thread's heartbeat; _last_publish: the loop's own
+        self._last_beat = self._last_publish = self._last_ckpt = self._last_sweep = 0
         self.items = WireItems(config.max_payload_bytes)
         self._control_lock = threading.Lock()  # the loop and the receiver thread both beat
         self.control = ControlBlock.create(self.data_dir)
@@ -436,8 +437,8 @@ class Writer:
         now = time.monotonic_ns()
         if self.config.sync.value == "interval":
             self.engine.tick()
-        if now - self._last_beat >= HEARTBEAT_EVERY_NS:
-            self._last_beat = now
+        if now - self._last_publish >= HEARTBEAT_EVERY_NS:
+            self._last_publish = now
             self.publish()
             if self.supervisor_pid and os.getppid() != self.supervisor_pid:
                 _log("supervisor is gone: stopping")
@@ -449,6 +450,8 @@ class Writer:
         if now - self._last_sweep >= SWEEP_EVERY_NS:
             self._last_sweep = now
             self.sweep_dead_clients()
+            self._answer_published()  # a cancelled fence appended (and settled) an event
+            self.publish()
 
     def _area(self, name: str, pid: int) -> _Area | None:
         area = self._areas.get(name)

@@ -365,9 +365,14 @@ class Supervisor:
             _log(f"stopping: SIGTERM to writer pid {wr.pid}")
             with contextlib.suppress(ProcessLookupError):
                 wr.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + self.cfg.stop_timeout_ms / 1000
+            started = time.monotonic()
+            deadline = started + self.cfg.stop_timeout_ms / 1000
             seen = self.stop_signals
             while wr.proc.poll() is None:
+                if time.monotonic() - started < 1.0:
+                    # a signal sent to the whole process group (Ctrl-C, stopasgroup, systemd's
+                    # control-group kill) arrives here twice at once: that is one stop request
+                    seen = self.stop_signals
                 if time.monotonic() >= deadline or self.stop_signals > seen:
                     _log(f"writer pid {wr.pid} still running; SIGKILL")
                     self._kill()

@@ -134,3 +134,18 @@ def test_damaged_checkpoint_refuses_to_open(data_dir: str, tmp_path: os.PathLike
     with pytest.raises(bp.CorruptSegment):
         bp.Engine.open(copy, SMALL)
     assert_verified(data_dir)
+
+
+def test_second_serve_leaves_the_running_service_alone(service: tuple[bp.Service, str]) -> None:
+    """A second `batpak-mp serve` of a served directory exits 4 and used to unlink the
+    live service's control block and queue on its way out."""
+    import subprocess
+    import sys
+
+    svc, data_dir = service
+    exe = os.path.join(os.path.dirname(sys.executable), "batpak-mp")
+    r = subprocess.run([exe, "serve", data_dir], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 4, r.stderr
+    with bp.connect(data_dir) as s:
+        assert s.append(bp.Coordinate("still", "served"), K, 1).global_sequence > 0
+    assert svc.status()["state"] == "ready"

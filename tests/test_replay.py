@@ -544,8 +544,6 @@ def test_an_uncommitted_fence_at_an_entity_head_is_stepped_over(service: tuple[b
         assert s.project(Totals(), entity="fx", snapshot=True) == {"fx": 3}
 
 
-@pytest.mark.xfail(strict=True, reason="open: an event revealed by a fence commit after a subscription, cursor or "
-                                       "cached projection passed its sequence is not delivered/folded (see report)")
 def test_events_revealed_after_consumers_passed_them_still_reach_them(service: tuple[bp.Service, str]) -> None:
     _, data_dir = service
     with bp.connect(data_dir) as s:

@@ -5,12 +5,13 @@ Owns: building an N-event store (default 1,000,000) once, then measuring
   cold     Engine.open as if after a reboot (the full recovery), median of R;
   restart  SIGKILL of a served writer under client load -> ready again and serving
            (the supervisor restarts it), p50 and max over K kills.
-Run: python tools/bench_restart.py [--events N] [--kills K] [--keep]
+Run: python tools/bench_restart.py [--events N] [--runs R] [--kills K] [--keep] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -91,22 +92,34 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="reuse a store built by a previous run")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     a = ap.parse_args()
+    doc: dict[str, object] = {"events": a.events, "runs": a.runs, "kills": a.kills, "build_s": None}
     path = os.path.join(ROOT, f"store-{a.events}")
     if not (a.keep and os.path.exists(path)):
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(ROOT, exist_ok=True)
-        print(f"building {a.events:,} events: {build(path, a.events):.1f} s", flush=True)
+        doc["build_s"] = build(path, a.events)
+        print(f"building {a.events:,} events: {doc['build_s']:.1f} s", flush=True)
     warm, report = reopen(path, a.runs, False)
+    doc.update(reopen_warm_s=warm, reopen_warm_report=report)
     print(f"reopen (same boot)  median {warm * 1000:.0f} ms   {report}", flush=True)
     cold, report = reopen(path, a.runs, True)
+    doc.update(reopen_cold_s=cold, reopen_cold_report=report)
     print(f"reopen (cold path)  median {cold * 1000:.0f} ms   {report}", flush=True)
     ms = restarts(path, a.kills)
+    doc.update(restart_ms=ms, restart_p50_ms=statistics.median(ms), restart_max_ms=max(ms))
     print(f"writer restart under load (SIGKILL -> ready): p50 {statistics.median(ms):.0f} ms, "
           f"max {max(ms):.0f} ms over {len(ms)} kills", flush=True)
     with bp.Engine.open(path) as e:
+        doc["final_events"] = e.visible
         print(f"store now holds {e.visible:,} events; verify: ", end="", flush=True)
-    print("clean" if bp.verify(path).ok else "PROBLEMS")
+    doc["verify_ok"] = bp.verify(path).ok
+    print("clean" if doc["verify_ok"] else "PROBLEMS")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
 
 
 if __name__ == "__main__":
