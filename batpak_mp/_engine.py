@@ -451,7 +451,7 @@ class Engine:
                 d.zero_range(fd, cut, size - L.SEG_TRAILER_SIZE - cut, path)
                 cut_bytes += max(scan.stop_offset - cut, 0)
                 seg = _Segment(sid, header.first_seq, size, fd, path, cut, len(kept))
-                seg.crc = self._frames_crc(fd, path, cut)
+                seg.crc = seg.write_crc = self._frames_crc(fd, path, cut)
                 self._write_scanned_records(seg, kept)
                 next_seq += len(kept)
                 scanned = kept

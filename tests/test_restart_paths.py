@@ -82,3 +82,29 @@ def test_same_boot_restart_cuts_a_torn_tail(data_dir: str) -> None:
             assert f.read(154) == bytes(154)  # zeroed, never truncated
         assert e.append(bp.Coordinate("e1", "s"), K, 1).global_sequence == last + 1
     assert_verified(data_dir)
+
+
+COLD_THEN_CRASH = textwrap.dedent("""
+    import os, sys
+    import batpak_mp as bp
+    from batpak_mp._osio import Disk, FaultPlan
+    disk = Disk(FaultPlan(boot_id=bytes.fromhex(sys.argv[2])))
+    e = bp.Engine.open(sys.argv[1], bp.EngineConfig(segment_max_bytes=1 << 20), disk=disk)
+    assert "same_boot" not in e.recovery_report  # another boot: the full recovery ran
+    for i in range(50):
+        e.append(bp.Coordinate("after-cold", "s"), bp.Kind(1, 1), {"i": i})
+    os._exit(0)
+""")
+
+
+def test_restart_after_a_cold_recovery_takes_the_fast_path(data_dir: str) -> None:
+    """The full recovery used to leave the running frames checksum at zero, so the
+    checkpoints after it never matched and every later restart fell back to the slow
+    path."""
+    subprocess.run([sys.executable, "-c", CRASHER, data_dir, "30", "10"], check=True, timeout=120)
+    boot = "ab" * 16
+    subprocess.run([sys.executable, "-c", COLD_THEN_CRASH, data_dir, boot], check=True, timeout=120)
+    with bp.Engine.open(data_dir, SMALL, disk=Disk(FaultPlan(boot_id=bytes.fromhex(boot)))) as e:
+        assert e.recovery_report.get("same_boot") is True, e.recovery_report
+        assert [ev.payload["i"] for ev in e.history("after-cold")] == list(range(50))
+    assert_verified(data_dir)
