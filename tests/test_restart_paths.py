@@ -93,6 +93,7 @@ COLD_THEN_CRASH = textwrap.dedent("""
     assert "same_boot" not in e.recovery_report  # another boot: the full recovery ran
     for i in range(50):
         e.append(bp.Coordinate("after-cold", "s"), bp.Kind(1, 1), {"i": i})
+    e.checkpoint()  # as the writer does every second
     os._exit(0)
 """)
 
