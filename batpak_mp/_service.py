@@ -17,12 +17,13 @@ from typing import Any
 
 import posix_ipc
 
-from ._control import ControlBlock, request_queue_name, state_name
+from ._control import ControlBlock, ipc_prefix, request_queue_name, state_name
 from ._engine import EngineConfig, parse_sync
 from ._errors import InvalidArgument, WriterTimeout, WriterUnavailable
 from ._values import RestartPolicy, SyncMode
 
 READY_TIMEOUT_S = 60.0
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory and semaphores (listing only)
 EXIT_IN_USE = 4  # the supervisor's exit code when the directory is already served
 STOP_TIMEOUT_S = 30.0
 
@@ -105,12 +106,27 @@ class Service:
 
 
 def cleanup_ipc(data_dir: str) -> None:
-    """Unlink the store's queue and control block (after the service has stopped)."""
+    """Unlink the store's queue, control block and every client area and semaphore
+    (after the service has stopped: a client still attached makes a fresh area when it
+    sees the next writer)."""
     try:
         posix_ipc.unlink_message_queue(request_queue_name(data_dir))
     except posix_ipc.ExistentialError:
         pass
     ControlBlock.unlink(data_dir)
+    areas = ipc_prefix(data_dir)[1:] + "-c"
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for entry in entries:
+        is_sem = entry.startswith("sem.")
+        name = entry[4:] if is_sem else entry
+        if name.startswith(areas):
+            try:
+                (posix_ipc.unlink_semaphore if is_sem else posix_ipc.unlink_shared_memory)("/" + name)
+            except posix_ipc.ExistentialError:
+                pass
 
 
 def serve(data_dir: str | os.PathLike[str], *, restart: RestartPolicy | None = None,
