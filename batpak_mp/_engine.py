@@ -13,7 +13,6 @@ Must not import the writer, the client, the supervisor or posix_ipc.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import struct
@@ -47,18 +46,18 @@ from ._frame import (
     FLAG_HAS_CAUSATION,
     FLAG_HAS_CORRELATION,
     FRAME_VERSION,
-    HEADER_SIZE,
     MIN_FRAME,
     NEED_MORE,
     OK,
     ZERO_HASH,
     ZERO_ID,
     Frame,
+    encode_parts,
     scan_frame,
 )
 from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from ._osio import DEFAULT_DISK, Disk
-from ._reader import Reader, View
+from ._reader import Reader, View, map_readonly
 from ._recovery import ScannedFrame, scan_segment
 from ._signing import Signer
 from ._tables import (
@@ -99,8 +98,6 @@ _SENTINEL_FOOTER_ROOM = L.FOOTER_HEAD.size + L.SEG_TRAILER_SIZE
 _u64 = struct.Struct("<Q")
 _two_u64 = struct.Struct("<QQ")
 _IDEM_OF_RECORD = struct.Struct("<48x16s")  # the idempotency hash at the end of an index record
-HASHED_HEADER = struct.Struct("<HHHHHHIQQQ16s16s16s16s32s")  # the frame header from version to prev_hash
-LEN_CRC = struct.Struct("<II")
 
 
 @dataclass(frozen=True)
@@ -770,19 +767,9 @@ class Engine:
 
     def _map_base(self, path: str, name: str, magic: bytes, cols: int, through_seq: int,
                   verify: bool = True) -> BaseTable | None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        m = map_readonly(path)  # the same read-only mapping every reader makes
+        if m is None:
             return None
-        except OSError as exc:
-            raise StorageError("open", path, exc) from exc
-        try:
-            size = os.fstat(fd).st_size
-            if size < TABLE_HEADER_SIZE:
-                return None
-            m = self.disk.map_shared(fd, size, path, writable=False)
-        finally:
-            os.close(fd)
         try:
             count, through = verify_base(m, magic, name, cols, digest=verify)
         except CorruptSegment:
@@ -1137,10 +1124,6 @@ class Engine:
         durable = self.config.sync is SyncMode.GROUP
         signer = self.signer
         nbytes = 0
-        pack_hashed = HASHED_HEADER.pack
-        pack_lencrc = LEN_CRC.pack
-        blake = hashlib.blake2b
-        crc32 = zlib.crc32
         try:
             for i, p in enumerate(items):
                 entity = p.entity
@@ -1155,16 +1138,10 @@ class Engine:
                     flags |= FLAG_HAS_CORRELATION
                 event_id = id_prefix + seq.to_bytes(8, "big")
                 scope, payload = p.scope, p.payload
-                hashed = pack_hashed(FRAME_VERSION, flags, p.kind, len(entity), len(scope), p.payload_version,
-                                     len(payload), seq, clock, wall_ms, event_id, p.causation, p.correlation,
-                                     p.idem, st.head_hash)
-                body = entity + scope + payload
-                h = blake(hashed, digest_size=32)
-                h.update(body)
-                ehash = h.digest()
-                frame_len = HEADER_SIZE + len(body)
-                crc = crc32(body, crc32(ehash, crc32(hashed)))
-                parts += (pack_lencrc(frame_len, crc), hashed, ehash, body)
+                pieces, ehash, frame_len = encode_parts(flags, p.kind, p.payload_version, seq, clock, wall_ms,
+                                                        event_id, p.causation, p.correlation, p.idem, st.head_hash,
+                                                        entity, scope, payload)
+                parts += pieces
                 nbytes += frame_len
                 metas.append((seq, clock, p.kind, flags, frame_len, st.head_seq, st.name_hash,
                                self._scope_hash(scope), entity, p.idem))

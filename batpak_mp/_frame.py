@@ -80,6 +80,35 @@ def chain_hash(hashed_header: bytes | memoryview, body: bytes | memoryview) -> b
     return h.digest()
 
 
+HASHED_HEADER = struct.Struct("<HHHHHHIQQQ16s16s16s16s32s")  # the header from version to prev_hash
+LEN_CRC = struct.Struct("<II")
+_pack_hashed = HASHED_HEADER.pack
+_pack_len_crc = LEN_CRC.pack
+_blake2b = hashlib.blake2b
+_crc32 = zlib.crc32
+
+
+def encode_parts(
+    flags: int, kind: int, payload_version: int, global_sequence: int, entity_clock: int, wall_ms: int,
+    event_id: bytes, causation_id: bytes, correlation_id: bytes, idem_hash: bytes, prev_hash: bytes,
+    entity: bytes, scope: bytes, payload: bytes,
+) -> tuple[tuple[bytes, bytes, bytes, bytes], bytes, int]:
+    """Encode one frame as its four pieces (length+CRC, hashed header, event hash, body),
+    to be joined by the caller (the engine joins a whole commit group at once).
+    Returns (pieces, event_hash, frame_len). The one encoder: ``encode_frame`` and the
+    engine's commit path both use it."""
+    hashed = _pack_hashed(FRAME_VERSION, flags, kind, len(entity), len(scope), payload_version, len(payload),
+                          global_sequence, entity_clock, wall_ms, event_id, causation_id, correlation_id,
+                          idem_hash, prev_hash)
+    body = entity + scope + payload
+    h = _blake2b(hashed, digest_size=32)
+    h.update(body)
+    event_hash = h.digest()
+    frame_len = HEADER_SIZE + len(body)
+    crc = _crc32(body, _crc32(event_hash, _crc32(hashed)))
+    return (_pack_len_crc(frame_len, crc), hashed, event_hash, body), event_hash, frame_len
+
+
 def encode_frame(
     *,
     flags: int,
@@ -98,20 +127,10 @@ def encode_frame(
     payload: bytes,
 ) -> tuple[bytes, bytes]:
     """Encode one frame; return (frame bytes, event_hash)."""
-    body = entity + scope + payload
-    frame_len = HEADER_SIZE + len(body)
-    buf = bytearray(frame_len)
-    HEADER.pack_into(
-        buf, 0, frame_len, 0, FRAME_VERSION, flags, kind, len(entity), len(scope),
-        payload_version, len(payload), global_sequence, entity_clock, wall_ms,
-        event_id, causation_id, correlation_id, idem_hash, prev_hash, ZERO_HASH,
-    )
-    buf[HEADER_SIZE:] = body
-    mv = memoryview(buf)
-    event_hash = chain_hash(mv[HASHED_START:HASH_OFFSET], body)
-    buf[HASH_OFFSET:HEADER_SIZE] = event_hash
-    struct.pack_into("<I", buf, 4, zlib.crc32(mv[HASHED_START:]))
-    return bytes(buf), event_hash
+    pieces, event_hash, _ = encode_parts(flags, kind, payload_version, global_sequence, entity_clock, wall_ms,
+                                         event_id, causation_id, correlation_id, idem_hash, prev_hash,
+                                         entity, scope, payload)
+    return b"".join(pieces), event_hash
 
 
 def scan_frame(buf: Buffer, off: int, limit: int) -> tuple[int, Frame | int | str | None]:

@@ -96,7 +96,8 @@ def frame_to_event(f: Frame) -> Event:
     )
 
 
-def _map_readonly(path: str) -> mmap.mmap | None:
+def map_readonly(path: str) -> mmap.mmap | None:
+    """A read-only shared mapping of a whole file; None when it is missing or empty."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -169,7 +170,7 @@ class Reader:
         self._base_map = None
         if through_segment:
             name = entities_base_name(through_segment)
-            m = _map_readonly(os.path.join(self._idx_dir, name))
+            m = map_readonly(os.path.join(self._idx_dir, name))
             if m is None:
                 raise StaleView(name)
             count, _, _, _ = check_header(m, ENTITY_BASE_MAGIC, name)
@@ -184,7 +185,7 @@ class Reader:
         self._delta_cap = 0
         if generation:
             name = delta_name(generation)
-            m = _map_readonly(os.path.join(self._idx_dir, name))
+            m = map_readonly(os.path.join(self._idx_dir, name))
             if m is None:
                 raise StaleView(name)
             self._delta_cap, _, _, _ = check_header(m, DELTA_MAGIC, name)
@@ -217,7 +218,7 @@ class Reader:
         if m is None or len(m) < end:
             if m is not None:
                 m.close()
-            m = _map_readonly(os.path.join(self._idx_dir, RECORDS_FILE))
+            m = map_readonly(os.path.join(self._idx_dir, RECORDS_FILE))
             if m is None or len(m) < end:
                 raise StaleView(RECORDS_FILE)
             self._records = m
@@ -226,7 +227,7 @@ class Reader:
     def _segment(self, segment_id: int) -> mmap.mmap:
         m = self._segments.get(segment_id)
         if m is None:
-            m = _map_readonly(os.path.join(self._seg_dir, segment_name(segment_id)))
+            m = map_readonly(os.path.join(self._seg_dir, segment_name(segment_id)))
             if m is None:
                 raise StaleView(segment_name(segment_id))
             self._segments[segment_id] = m
