@@ -392,7 +392,7 @@ class Engine:
         floor = max(hint, ckpt[0] if ckpt else 0)
         self._open_records()
         self._boot_id = self.disk.boot_id()
-        if ckpt is not None and any(self._boot_id) and ckpt.boot_id == self._boot_id:
+        if ckpt is not None and any(self._boot_id) and ckpt.boot_id == self._boot_id and self._records_trusted:
             try:
                 if self._recover_same_boot(ckpt, floor, started):
                     return
@@ -716,8 +716,9 @@ class Engine:
             size = L.RECORDS_HEADER_SIZE + RECORDS_GROWTH * L.RECORD_SIZE
             self.disk.truncate(self._records_fd, size, path)
         self._records_map = self.disk.map_shared(self._records_fd, size, path, writable=True)
-        if not L.records_header_matches(self._records_map[:L.RECORDS_HEADER_SIZE], self.store_key):
-            # another store's or an unlabelled file: its records are rewritten by recovery
+        self._records_trusted = L.records_header_matches(self._records_map[:L.RECORDS_HEADER_SIZE], self.store_key)
+        if not self._records_trusted:
+            # another store's or an unlabelled file: its records are rewritten by the full recovery
             self._records_map[:L.RECORDS_HEADER_SIZE] = L.encode_records_header(self.store_key)
 
     def _ensure_records(self, seq: int) -> None:
@@ -813,7 +814,7 @@ class Engine:
 
     def _prune_index_files(self) -> None:
         keep = {L.entities_base_name(self._base_segment), L.idem_base_name(self._base_segment),
-                L.RECORDS_FILE}
+                L.RECORDS_FILE, L.FENCES_FILE}
         if self._delta_gen:
             keep.add(L.delta_name(self._delta_gen))
         for name in self.disk.listdir(self._idx_dir):

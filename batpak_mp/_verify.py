@@ -42,7 +42,7 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
         report.problems.append(Problem(L.META_FILE, 0, str(exc)))
         return report
     # the durable floor, read before the segments: a live writer only moves it forward
-    durable = _checkpoint_seq(os.path.join(root, L.CHECKPOINT_FILE))
+    durable = _checkpoint_seq(os.path.join(root, L.CHECKPOINT_FILE), report)
     seg_dir = os.path.join(root, L.SEGMENT_DIR)
     try:
         names = sorted(n for n in os.listdir(seg_dir) if n.endswith(".seg"))
@@ -77,13 +77,21 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
     return report
 
 
-def _checkpoint_seq(path: str) -> int:
+def _checkpoint_seq(path: str, report: VerifyReport) -> int:
+    """The durable floor the checkpoint promises; a damaged or newer checkpoint is a
+    problem (the writer refuses to open over it) and gives no floor."""
     try:
         with open(path, "rb") as f:
             ckpt = L.decode_checkpoint(f.read())
     except FileNotFoundError:
         return 0
-    return ckpt[0] if ckpt else 0
+    except BatpakError as exc:
+        report.problems.append(Problem(L.CHECKPOINT_FILE, 0, str(exc)))
+        return 0
+    if ckpt is None:
+        report.problems.append(Problem(L.CHECKPOINT_FILE, 0, "the durable checkpoint is damaged"))
+        return 0
+    return ckpt[0]
 
 
 def _unborn(path: str) -> bool:

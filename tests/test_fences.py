@@ -129,3 +129,20 @@ def test_writer_restart_loses_open_fences_but_keeps_committed_ones(service: tupl
         with pytest.raises(bp.NotFound):
             s.get(lost.event_id)
         assert [e.payload for e in s.history("r")] == [{"committed": True}]
+
+
+def test_revealed_fences_survive_a_rotation(service: tuple[bp.Service, str]) -> None:
+    """Rotation used to delete fences.tbl: new clients then failed and later reveals broke."""
+    _, data_dir = service
+    with bp.connect(data_dir) as s:
+        with s.fence() as f:
+            inside = f.append(bp.Coordinate("rot", "s"), K, {"fenced": True})
+        before = s.frontier().visible
+        big = [bp.BatchItem(bp.Coordinate("fill", "s"), K, b"x" * 2000) for _ in range(400)]
+        s.append_batch(big)  # > 1 MiB: the segment rotates
+        with s.fence() as g:
+            second = g.append(bp.Coordinate("rot", "s"), K, {"fenced": 2})
+        assert s.frontier().visible > before
+    with bp.connect(data_dir) as fresh:  # a new client maps the tables after the rotation
+        assert fresh.get(inside.event_id).payload == {"fenced": True}
+        assert fresh.get(second.event_id).payload == {"fenced": 2}
