@@ -138,8 +138,9 @@ def test_revealed_fences_survive_a_rotation(service: tuple[bp.Service, str]) -> 
         with s.fence() as f:
             inside = f.append(bp.Coordinate("rot", "s"), K, {"fenced": True})
         before = s.frontier().visible
-        big = [bp.BatchItem(bp.Coordinate("fill", "s"), K, b"x" * 2000) for _ in range(400)]
-        s.append_batch(big)  # > 1 MiB: the segment rotates
+        for _ in range(3):  # > 1 MiB in all: the segment rotates
+            s.append_batch([bp.BatchItem(bp.Coordinate("fill", "s"), K, b"x" * 2000) for _ in range(250)])
+        assert len(os.listdir(os.path.join(data_dir, "segments"))) >= 2
         with s.fence() as g:
             second = g.append(bp.Coordinate("rot", "s"), K, {"fenced": 2})
         assert s.frontier().visible > before
