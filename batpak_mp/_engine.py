@@ -1189,6 +1189,11 @@ class Engine:
             if meta[9] != ZERO_ID:
                 idem_active[meta[9]] = meta[0]
 
+    def settle(self) -> None:
+        """fsync (as the sync mode says) and publish every written group."""
+        self._check_open()
+        self._settle()
+
     def _settle(self) -> None:
         """fsync (as the sync mode says) and publish every written group."""
         if not self._pending:

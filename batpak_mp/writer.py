@@ -506,7 +506,9 @@ class Writer:
             self._waiting += [(target, area, req, results, i) for i, (area, req, _) in enumerate(appends)]
         self._answer_published()
         if others:
-            self.engine.sync()  # the ops below act on a settled log (fence commits follow their appends)
+            # the ops below act on a published log (a fence commit follows its appends); the
+            # fsync that takes is the sync mode's (only SYNC itself always fsyncs)
+            self.engine.settle()
             self._answer_published()
         for area, req in others:
             try:
