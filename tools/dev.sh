@@ -13,7 +13,7 @@ cmd=${1:-test}
 shift || true
 case "$cmd" in
   test)
-    .venv/bin/ruff check batpak_mp supervisor tests tools
+    .venv/bin/ruff check batpak_mp supervisor tests tools examples
     .venv/bin/mypy
     .venv/bin/python -m pytest -q "$@"
     ;;
