@@ -324,6 +324,8 @@ class Engine:
         self.signer = Signer(config.signing_key) if config.signing_key else None
         self.recovery_report: dict[str, Any] = {}
         self._boot_id = bytes(16)
+        self._stamps: dict[int, tuple[int, ...]] = {}  # segment id -> (inode, mtime_ns, size) checked this boot
+        self._stamps_dirty = False
         self._pending: list[_Pending] = []  # groups written, waiting for the fsync that publishes them
         self.groups_written = self.groups_published = 0  # monotonic: the writer's pipeline counts on them
         self.revealed: list[tuple[int, int]] = []  # committed fences' sequence ranges
@@ -392,6 +394,7 @@ class Engine:
         floor = max(hint, ckpt[0] if ckpt else 0)
         self._open_records()
         self._boot_id = self.disk.boot_id()
+        self._load_stamps()
         if ckpt is not None and any(self._boot_id) and ckpt.boot_id == self._boot_id and self._records_trusted:
             try:
                 if self._recover_same_boot(ckpt, floor, started):
@@ -422,6 +425,7 @@ class Engine:
                 trailer = L.decode_trailer(d.pread(fd, L.SEG_TRAILER_SIZE, size - L.SEG_TRAILER_SIZE, path))
                 if trailer is not None:
                     next_seq += self._adopt_sealed(fd, path, size, trailer, next_seq)
+                    self._stamp(sid, os.fstat(fd))
                     sealed.append(sid)
                     continue
                 # an unsealed segment: scan it (its first events link back into the base tables)
@@ -479,6 +483,7 @@ class Engine:
         self._new_delta(scanned)
         self._prune_index_files()
         self._write_checkpoint()
+        self._save_stamps()
         self.recovery_report = {
             "sealed_segments": len(sealed), "active_segment": active.segment_id,
             "last_sequence": self.visible, "torn_bytes_cut": cut_bytes,
@@ -564,6 +569,7 @@ class Engine:
             if not adopted:
                 os.close(fd)
         self._write_checkpoint()
+        self._save_stamps()
         self.recovery_report = {
             "sealed_segments": len(sealed), "active_segment": seg.segment_id, "last_sequence": self.visible,
             "torn_bytes_cut": max(scan.stop_offset - scan.commit_end, 0), "active_frames_scanned": len(kept),
@@ -571,11 +577,41 @@ class Engine:
         }
         return True
 
+    # -- sealed segments checked in this boot ----------------------------------------------
+    def _load_stamps(self) -> None:
+        """Sealed segments whose whole-file checksum was checked in this boot, with the
+        (inode, mtime, size) they had then. A same-boot restart skips re-reading those
+        that are unchanged: any write through the file system changes the mtime (and
+        forces the check); damage below it cannot reach readers through a page cache
+        that still holds the checked bytes. A reboot checks everything again."""
+        raw = self.disk.read_file(os.path.join(self._idx_dir, L.VERIFIED_FILE))
+        self._stamps = {}
+        try:
+            doc = msgpack.unpackb(raw, strict_map_key=False) if raw else None
+            if isinstance(doc, dict) and doc.get("boot") == self._boot_id and any(self._boot_id):
+                self._stamps = {int(k): tuple(v) for k, v in doc["stamps"].items()}
+        except Exception:  # derived data: unreadable means "check everything"
+            self._stamps = {}
+        self._stamps_dirty = False
+
+    def _stamp(self, sid: int, st: os.stat_result) -> None:
+        self._stamps[sid] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        self._stamps_dirty = True
+
+    def _save_stamps(self) -> None:
+        if self._stamps_dirty and any(self._boot_id):
+            doc = {"boot": self._boot_id, "stamps": {sid: list(v) for sid, v in self._stamps.items()}}
+            self.disk.write_file_atomic(os.path.join(self._idx_dir, L.VERIFIED_FILE), msgpack.packb(doc))
+            self._stamps_dirty = False
+
     def _check_sealed_checksum(self, sid: int) -> None:
         path = os.path.join(self._seg_dir, L.segment_name(sid))
         fd = self.disk.open(path, os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
+            if self._stamps.get(sid) == (st.st_ino, st.st_mtime_ns, size):
+                return  # checked in this boot and not written since
             header = L.decode_segment_header(self.disk.pread(fd, L.SEG_HEADER_SIZE, 0, path), path)
             if header.store_id != self.store_id:
                 raise CorruptSegment(path, 0, "segment belongs to another store")
@@ -588,6 +624,7 @@ class Engine:
                     raise CorruptSegment(path, 0, "sealed segment checksum mismatch (a byte changed after sealing)")
             finally:
                 body.close()
+            self._stamp(sid, st)
         finally:
             os.close(fd)
 
@@ -814,7 +851,7 @@ class Engine:
 
     def _prune_index_files(self) -> None:
         keep = {L.entities_base_name(self._base_segment), L.idem_base_name(self._base_segment),
-                L.RECORDS_FILE, L.FENCES_FILE}
+                L.RECORDS_FILE, L.FENCES_FILE, L.VERIFIED_FILE}
         if self._delta_gen:
             keep.add(L.delta_name(self._delta_gen))
         for name in self.disk.listdir(self._idx_dir):
@@ -915,6 +952,7 @@ class Engine:
         self.disk.pwrite(seg.fd, L.encode_trailer(seg.end, len(footer), crc), seg.size - L.SEG_TRAILER_SIZE,
                          seg.path)
         self._fsync(seg.fd, seg.path)
+        self._stamp(seg.segment_id, os.fstat(seg.fd))  # its checksum was just computed
         seg.sealed = True
 
     def _rotate(self, need_bytes: int) -> None:
@@ -933,6 +971,7 @@ class Engine:
         self._seg = new
         self._open_bases(sid, next_first - 1)
         self._new_delta([])
+        self._save_stamps()
         self._write_checkpoint()
         self.reader.refresh()
         self.on_index_change()  # the writer publishes the new tables before the old go

@@ -23,6 +23,7 @@ CHECKPOINT_FILE = "durable.ckpt"
 SEGMENT_DIR = "segments"
 INDEX_DIR = "index"
 RECORDS_FILE = "records.idx"
+VERIFIED_FILE = "verified.tbl"  # sealed segments checksummed in this boot (derived, msgpack)
 FENCES_FILE = "fences.tbl"  # revealed sequence ranges of committed fences (derived from the log)
 FENCES_HEADER = struct.Struct("<8sIIQ")  # magic, version, reserved, count of ranges
 FENCES_MAGIC = b"BPMPFNCS"
