@@ -27,6 +27,7 @@ from batpak_mp._frame import (
     HASH_OFFSET,
     HASHED_START,
     HEADER_SIZE,
+    KNOWN_FLAGS,
     MIN_FRAME,
     NEED_MORE,
     OK,
@@ -236,7 +237,7 @@ def test_unknown_old_frame_version_is_corrupt(data: bytes) -> None:
 @settings(max_examples=100, deadline=None)
 def test_unknown_flags_are_corrupt(data: bytes, flags: int) -> None:
     out = decode_outcome(set_frame_field(data, "<H", 10, flags))
-    if flags & ~0x7:
+    if flags & ~KNOWN_FLAGS:
         assert isinstance(out, CorruptSegment) and "flags" in out.reason
     else:
         # known flags: the CRC is right but the hash covers the flags
