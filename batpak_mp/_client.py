@@ -66,6 +66,7 @@ from ._values import (
 DEFAULT_TIMEOUT_S = 30.0
 AREA_MIN = 64 * 1024  # a client's area: 64 KiB (200 clients fit Docker's 64 MiB /dev/shm)
 AREA_MAX = 1 << 30
+AREA_SHRINK_ABOVE = 1 << 20  # an area grown past 1 MiB for a large payload is given back afterwards
 POLL_S = 0.05  # while waiting for a reply, the control block is checked this often
 MAX_PAYLOAD = 16 * 1024 * 1024
 _PER_ITEM_OVERHEAD = 64  # msgpack framing of one item beyond its variable fields
@@ -211,7 +212,8 @@ class Store:
 
     def _area_for(self, need: int) -> _Area:
         area = self._area
-        if area is None or area.size < need or area.pid != os.getpid():
+        oversized = area is not None and area.size > AREA_SHRINK_ABOVE and need * 16 < area.size
+        if area is None or area.size < need or area.pid != os.getpid() or oversized:
             size = AREA_MIN
             while size < need:
                 size *= 2

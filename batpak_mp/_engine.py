@@ -90,6 +90,7 @@ from ._values import (
     Receipt,
     SyncMode,
     check_kind,
+    payload_version_for,
 )
 
 MiB = 1 << 20
@@ -1350,11 +1351,13 @@ class Engine:
     # ------------------------------------------------------------------ public-ish API
     def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
                expected_clock: int | None = None, causation_id: bytes | None = None,
-               correlation_id: bytes | None = None, payload_version: int = 0) -> Receipt:
+               correlation_id: bytes | None = None, payload_version: int | None = None) -> Receipt:
+        """Append one event (``payload_version``: default the kind's registered version)."""
         self._check_open()
         p = prepare(coord, kind, payload, idempotency_key=idempotency_key, expected_clock=expected_clock,
                     causation_id=causation_id, correlation_id=correlation_id,
-                    max_payload=self.config.max_payload_bytes, payload_version=payload_version)
+                    max_payload=self.config.max_payload_bytes,
+                    payload_version=payload_version_for(kind) if payload_version is None else payload_version)
         res = self.commit([[p]])[0]
         if isinstance(res, BaseException):
             raise res
@@ -1409,7 +1412,8 @@ class Engine:
         prepared = [
             prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
                     expected_clock=it.expected_clock, causation_id=it.causation_id,
-                    correlation_id=it.correlation_id, max_payload=self.config.max_payload_bytes)
+                    correlation_id=it.correlation_id, max_payload=self.config.max_payload_bytes,
+                    payload_version=payload_version_for(it.kind) if it.payload_version is None else it.payload_version)
             for it in items
         ]
         res = self.commit([prepared])[0]

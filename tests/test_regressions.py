@@ -149,3 +149,27 @@ def test_second_serve_leaves_the_running_service_alone(service: tuple[bp.Service
     with bp.connect(data_dir) as s:
         assert s.append(bp.Coordinate("still", "served"), K, 1).global_sequence > 0
     assert svc.status()["state"] == "ready"
+
+
+def test_engine_stamps_the_registered_payload_version(data_dir: str) -> None:
+    kind = bp.Kind(3, 33)
+    bp.register_payload(kind, 2, upcasters={1: lambda p: {**p, "v2": True}})
+    try:
+        with bp.Engine.open(data_dir, SMALL) as e:
+            r = e.append(bp.Coordinate("pv", "s"), kind, {"a": 1})
+            [b] = e.append_batch([bp.BatchItem(bp.Coordinate("pv", "s"), kind, {"a": 2})])
+            old = e.append(bp.Coordinate("pv", "s"), kind, {"a": 0}, payload_version=1)
+            assert e.get(r.event_id).payload_version == 2 and e.get(b.event_id).payload_version == 2
+            assert e.get(old.event_id).payload == {"a": 0, "v2": True}  # upcast on read, stored as is
+    finally:
+        bp.unregister_payload(kind)
+    assert_verified(data_dir)
+
+
+def test_client_area_is_given_back_after_a_large_payload(service: tuple[bp.Service, str]) -> None:
+    _, data_dir = service
+    with bp.connect(data_dir) as s:
+        s.append(bp.Coordinate("big", "s"), K, b"x" * (4 << 20))
+        assert s._area is not None and s._area.size >= 4 << 20
+        s.append(bp.Coordinate("big", "s"), K, 1)
+        assert s._area is not None and s._area.size == 64 * 1024
