@@ -398,6 +398,56 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
     sys.exit(128 - code if code < 0 else code)
 
 
+# ---- reset-ipc ---------------------------------------------------------------------------
+def _lock_held(path: str) -> bool:
+    """True when a live process holds the flock of ``path`` (False when it is free or absent)."""
+    import fcntl
+    import os
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+@cli.command("reset-ipc")
+@click.argument("data_dir", type=DATA_DIR)
+@click.option("--yes", is_flag=True, help="Really remove them (without it, only say what would go).")
+def reset_ipc(data_dir: str, yes: bool) -> None:
+    """Remove a stopped service's leftover IPC objects for DATA_DIR (control block, queue,
+    client areas) — e.g. after restoring an older backup into the same path, whose last
+    durable sequence the old control block would otherwise hold recovery to. Refuses
+    while a writer or supervisor runs for it. The data directory is not touched."""
+    import os
+
+    from ._control import ipc_prefix
+    from ._layout import LOCK_FILE
+    from ._service import cleanup_ipc
+
+    path = os.path.abspath(data_dir)
+    for name in (LOCK_FILE, "supervisor.lock"):
+        if _lock_held(os.path.join(path, name)):
+            raise StoreLocked(path)  # exit 3: a live service owns these objects; stop it first
+    prefix = ipc_prefix(path)[1:]
+    found = sorted(n for n in os.listdir("/dev/shm") if prefix in n) if os.path.isdir("/dev/shm") else []
+    if not yes:
+        click.echo(f"would remove the request queue {prefix}-req and {len(found)} object(s) in /dev/shm:")
+        for n in found:
+            click.echo(f"  {n}")
+        click.echo("this forgets the old service's durable frontier (a recovery floor): run again with --yes")
+        sys.exit(EXIT_PROBLEMS)
+    cleanup_ipc(path)
+    click.echo(f"removed the IPC objects of {path}")
+
+
 # ---- status ------------------------------------------------------------------------------
 @cli.command()
 @click.argument("data_dir", type=DATA_DIR)

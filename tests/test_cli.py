@@ -393,3 +393,26 @@ def test_bench(tmp_path: Path) -> None:
     one_line_error(run("bench", "--tools-dir", str(tmp_path / "none")), 2, "not found")
     rejected = run("bench", "--suite", "engine", "--engine-args", "--no-such-option")  # argparse's usage error
     assert rejected.returncode == 2 and rejected.stderr.splitlines()[-1] == "error: bench_engine.py exited with code 2"
+
+
+def test_reset_ipc_refuses_a_live_service_and_clears_a_dead_one(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    data = str(tmp_path / "reset")
+    svc = bp.serve(data, segment_max_bytes=1 << 20)
+    try:
+        live = run("reset-ipc", data, "--yes")
+        assert live.returncode == 3 and len(live.stderr.strip().splitlines()) == 1
+        os.kill(svc.supervisor_pid, signal.SIGKILL)  # the writer follows it; the IPC stays behind
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and run("reset-ipc", data, "--yes").returncode == 3:
+            time.sleep(0.2)
+        dry = run("reset-ipc", data)
+        assert dry.returncode in (0, 1)
+    finally:
+        svc._proc.wait(10)
+    done = run("reset-ipc", data, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert run("status", data).returncode == 3  # no control block any more
+    assert bp.verify(data).ok
