@@ -370,9 +370,21 @@ def verify(data_dir: str, as_json: bool, progress_after: float) -> None:
 @click.option("--sync", type=click.Choice(["group", "interval", "none"]), default="group", show_default=True,
               help="When the writer fsyncs (group: before every acknowledgement).")
 @click.option("--segment-max-bytes", type=int, default=None, help="Size of each segment file (default 64 MiB).")
-@click.option("--hang-timeout-ms", type=int, default=3000, show_default=True,
+@click.option("--hang-timeout-ms", type=click.IntRange(min=1), default=3000, show_default=True,
               help="A writer whose heartbeat is older than this is killed and restarted.")
-def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None, hang_timeout_ms: int) -> None:
+@click.option("--ready-timeout-ms", type=click.IntRange(min=1), default=30_000, show_default=True,
+              help="How long a starting writer may take to recover before it counts as failed.")
+@click.option("--stop-timeout-ms", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="How long a drain may take before the writer is killed.")
+@click.option("--restart-delay-ms", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Pause before each restart.")
+@click.option("--sync-interval-ms", type=click.IntRange(min=1), default=None,
+              help="With --sync interval: the longest an acknowledged event waits for its fsync.")
+@click.option("--max-payload-bytes", type=click.IntRange(min=1), default=None,
+              help="Largest encoded payload accepted (default 16 MiB).")
+def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None, hang_timeout_ms: int,
+          ready_timeout_ms: int, stop_timeout_ms: int, restart_delay_ms: int, sync_interval_ms: int | None,
+          max_payload_bytes: int | None) -> None:
     """Run the service for DATA_DIR in the foreground until SIGTERM/SIGINT (graceful drain)."""
     from ._service import cleanup_ipc, writer_args
     from ._values import RestartPolicy
@@ -380,9 +392,13 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
     policy = RestartPolicy.parse(restart)
     path = os.path.abspath(data_dir)
     os.makedirs(path, mode=0o700, exist_ok=True)
-    config = {} if segment_max_bytes is None else {"segment_max_bytes": segment_max_bytes}
+    config = {key: value for key, value in (("segment_max_bytes", segment_max_bytes),
+                                            ("sync_interval_ms", sync_interval_ms),
+                                            ("max_payload_bytes", max_payload_bytes)) if value is not None}
     cmd = [sys.executable, "-m", "batpak_supervisor", path, "--restart", policy.spec(),
-           "--hang-timeout-ms", str(hang_timeout_ms), "--", *writer_args(sync, config, path)]
+           "--hang-timeout-ms", str(hang_timeout_ms), "--ready-timeout-ms", str(ready_timeout_ms),
+           "--stop-timeout-ms", str(stop_timeout_ms), "--restart-delay-ms", str(restart_delay_ms),
+           "--", *writer_args(sync, config, path)]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
     def forward(signum: int, _frame: object) -> None:
