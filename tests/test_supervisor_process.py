@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import posix_ipc
 import psutil
 import pytest
 
 import batpak_mp as bp
-from batpak_mp._control import ControlBlock, ControlSnapshot, ipc_prefix, request_queue_name
+from batpak_mp._control import ControlBlock, ControlSnapshot
+from batpak_mp._service import cleanup_ipc  # queue, control block and client areas
 from batpak_mp._values import WriterState
 
 WRITER_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "batpak_mp", "writer.py")
@@ -147,22 +147,6 @@ class Served:
                 if any("batpak_mp.writer" in part for part in p.cmdline()):
                     p.kill()
         cleanup_ipc(self.data_dir)
-
-
-def cleanup_ipc(data_dir: str) -> None:
-    ControlBlock.unlink(data_dir)
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        posix_ipc.unlink_message_queue(request_queue_name(data_dir))
-    prefix = ipc_prefix(data_dir)[1:]
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/dev/shm"):
-            name = entry[4:] if entry.startswith("sem.") else entry
-            if name.startswith(prefix):
-                with contextlib.suppress(posix_ipc.ExistentialError):
-                    if entry.startswith("sem."):
-                        posix_ipc.unlink_semaphore("/" + name)
-                    else:
-                        posix_ipc.unlink_shared_memory("/" + name)
 
 
 @pytest.fixture

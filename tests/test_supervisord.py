@@ -32,12 +32,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import posix_ipc
 import psutil
 import pytest
 
 import batpak_mp as bp
-from batpak_mp._control import ControlBlock, ControlSnapshot, ipc_prefix
+from batpak_mp._control import ControlBlock, ControlSnapshot
 from batpak_mp._service import cleanup_ipc
 from batpak_mp._values import WriterState
 
@@ -234,17 +233,7 @@ class Supervisord:
                 p = psutil.Process(pid)
                 if any(self.data_dir in part for part in p.cmdline()):
                     p.kill()
-        cleanup_ipc(self.data_dir)
-        prefix = ipc_prefix(self.data_dir)[1:]  # client areas and doorbells left by a failed test
-        with contextlib.suppress(OSError):
-            for entry in os.listdir("/dev/shm"):
-                name = entry[4:] if entry.startswith("sem.") else entry
-                if name.startswith(prefix):
-                    with contextlib.suppress(posix_ipc.ExistentialError):
-                        if entry.startswith("sem."):
-                            posix_ipc.unlink_semaphore("/" + name)
-                        else:
-                            posix_ipc.unlink_shared_memory("/" + name)
+        cleanup_ipc(self.data_dir)  # also the client areas and doorbells a failed test left
         shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
