@@ -397,11 +397,25 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
                                             ("max_payload_bytes", max_payload_bytes)) if value is not None}
     cmd = [sys.executable, "-m", "batpak_supervisor", path, "--restart", policy.spec(),
            "--hang-timeout-ms", str(hang_timeout_ms), "--ready-timeout-ms", str(ready_timeout_ms),
-           "--stop-timeout-ms", str(stop_timeout_ms), "--restart-delay-ms", str(restart_delay_ms),
-           "--", *writer_args(sync, config, path)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+           "--stop-timeout-ms", str(stop_timeout_ms), "--restart-delay-ms", str(restart_delay_ms)]
+    ready_r, ready_w = os.pipe()
+    cmd += ["--ready-fd", str(ready_w), "--", *writer_args(sync, config, path)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(ready_w,))
+    os.close(ready_w)
+
+    def announce() -> None:
+        """Tell systemd (Type=notify) when the writer serves: the supervisor's ready line."""
+        with os.fdopen(ready_r, "rb") as pipe:
+            line = pipe.readline().decode(errors="replace").strip()
+        if line.startswith("ready"):
+            sd_notify(f"READY=1\nSTATUS=serving {path} (writer pid {line.partition(' ')[2]})")
+        elif line:
+            sd_notify(f"STATUS={line}")
+
+    threading.Thread(target=announce, daemon=True).start()
 
     def forward(signum: int, _frame: object) -> None:
+        sd_notify("STOPPING=1")
         proc.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -412,6 +426,23 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
     # 3 (failed): the control block keeps the reason for `status` and for clients;
     # 4 (the directory is served by someone else): its IPC objects are not ours to remove
     sys.exit(128 - code if code < 0 else code)
+
+
+def sd_notify(message: str) -> None:
+    """Send a state line to systemd's notify socket when there is one ($NOTIFY_SOCKET);
+    a no-op elsewhere (supervisord, a terminal)."""
+    import socket
+
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), addr)
+    except OSError:
+        pass  # readiness is a courtesy: never fail the service over it
 
 
 # ---- reset-ipc ---------------------------------------------------------------------------

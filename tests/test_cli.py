@@ -416,3 +416,32 @@ def test_reset_ipc_refuses_a_live_service_and_clears_a_dead_one(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     assert run("status", data).returncode == 3  # no control block any more
     assert bp.verify(data).ok
+
+
+def test_serve_tells_systemd_when_it_is_ready(tmp_path: Path) -> None:
+    """Under systemd Type=notify, `serve` sends READY=1 once the writer serves and
+    STOPPING=1 when asked to stop (a datagram socket stands in for systemd)."""
+    import signal
+    import socket
+
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    data = str(tmp_path / "notified")
+    proc = subprocess.Popen([EXE, "serve", data], env={**os.environ, "NOTIFY_SOCKET": sock_path},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready = sock.recv(4096).decode()
+        assert ready.startswith("READY=1") and "serving" in ready
+        with bp.connect(data) as s:  # READY means clients can use it
+            assert s.append(bp.Coordinate("n", "s"), bp.Kind(1, 1), 1).global_sequence > 0
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(4096).decode() == "STOPPING=1"
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+    assert bp.verify(data).ok
