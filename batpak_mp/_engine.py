@@ -1,9 +1,10 @@
 """The journal engine: the single owner of a data directory, in one process.
 
-Owns: the lock, store.meta, recovery at open, segment files (preallocated, rotated and
-sealed with an index footer), ``records.idx``, the delta and base lookup tables, the
-checkpoint, the commit path (validate -> encode -> one write -> one fsync -> index ->
-publish) and the durable/visible frontiers. The writer process wraps it; tests and
+Owns: the lock, store.meta, recovery at open (full, or the same-boot fast path), segment
+files (preallocated, rotated and sealed with an index footer), ``records.idx``, the delta
+and base lookup tables, fences.tbl, the checkpoint, the commit path (validate -> encode
+-> one write -> one fsync -> index -> publish; the fsync and publish may be deferred by
+the writer's pipeline) and the durable/visible frontiers. The writer process wraps it; tests and
 tools use it directly.
 Invariants: ``visible`` never passes a frame that recovery could cut (in the default
 sync mode it is published only after fsync); a failed fsync poisons the engine for

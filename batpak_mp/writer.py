@@ -2,10 +2,12 @@
 
 Run as ``python -m batpak_mp.writer DATA_DIR [options]`` (the supervisor does this).
 Owns: taking the lock and recovering (through the engine), the request queue, the
-client areas it maps, the group-commit loop (drain the queue, validate, one write, one
-fsync, publish, reply), the control block's writer fields (epoch, state, heartbeat,
-frontiers), lifecycle events in the log, reclaiming IPC objects of dead clients, and a
-graceful drain on SIGTERM/SIGINT.
+client areas it maps, the pipelined group-commit loop (a receiver thread empties the
+kernel queue; the loop validates and writes each group while a syncer thread runs the
+fsync of the previous one; replies wait for the fsync covering them), visibility fences
+held by clients, the control block's writer fields (epoch, state, heartbeat, frontiers,
+the subscribers' futex word), lifecycle events in the log, reclaiming IPC objects of
+dead clients, and a graceful drain on SIGTERM/SIGINT.
 Exit codes (the supervisor relies on them): 0 clean stop; 70 fail-closed (a failed
 fsync poisoned the store); 71 corruption or a newer format found at recovery; 72 the
 store is locked by another process; 2 bad usage.
