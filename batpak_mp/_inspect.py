@@ -48,6 +48,7 @@ from ._frame import (
     chain_hash,
     scan_frame,
 )
+from ._reader import map_readonly
 from ._recovery import scan_segment
 
 PREVIEW_CHARS = 120  # payload previews are cut to this many characters (JSON text)
@@ -88,19 +89,6 @@ def flag_names(flags: int) -> list[str]:
     if rest:
         names.append(f"unknown:{rest:#x}")
     return names
-
-
-def _map(path: str) -> mmap.mmap | None:
-    """A read-only mapping of the whole file; None when it is missing or empty."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        size = os.fstat(fd).st_size
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else None
-    finally:
-        os.close(fd)
 
 
 def _read(path: str) -> bytes | None:
@@ -168,7 +156,7 @@ def segment_path(data_dir: str, segment_id: int) -> str:
 def segment_info(data_dir: str, segment_id: int, newest: bool) -> SegmentInfo:
     path = segment_path(data_dir, segment_id)
     name = L.segment_name(segment_id)
-    m = _map(path)
+    m = map_readonly(path)
     if m is None:
         return SegmentInfo(segment_id, name, 0, "unborn", problem="empty file (a rotation was cut short)")
     try:
@@ -298,7 +286,7 @@ def frames_at(data_dir: str, segment_id: int, offset: int | None, count: int) ->
     if count < 1:
         raise InvalidArgument("count", count, "must be >= 1")
     path = segment_path(data_dir, segment_id)
-    m = _map(path)
+    m = map_readonly(path)
     if m is None:
         raise InvalidArgument("segment", segment_id, "is an empty file")
     try:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 from . import _layout as L
 from ._errors import BatpakError
 from ._frame import BAD, FLAG_FENCED, NEED_MORE, OK, ZERO_HASH
+from ._reader import map_readonly
 from ._recovery import scan_segment
 from ._values import Problem, VerifyReport
 
@@ -48,7 +49,7 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
         names = sorted(n for n in os.listdir(seg_dir) if n.endswith(".seg"))
     except FileNotFoundError:
         names = []
-    records = _map(os.path.join(root, L.INDEX_DIR, L.RECORDS_FILE))
+    records = map_readonly(os.path.join(root, L.INDEX_DIR, L.RECORDS_FILE))
     heads: dict[bytes, _Head] = {}
     next_seq = 1
     end_name, end_offset = L.CHECKPOINT_FILE, 0  # where the log ends
@@ -57,7 +58,7 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
     for pos, name in enumerate(names):
         path = os.path.join(seg_dir, name)
         report.segments_checked += 1
-        m = _map(path)
+        m = map_readonly(path)
         if m is None:
             report.problems.append(Problem(name, 0, "segment is empty"))
             continue
@@ -97,7 +98,7 @@ def _checkpoint_seq(path: str, report: VerifyReport) -> int:
 def _unborn(path: str) -> bool:
     """A segment file that is empty or all zeros: its header was never written, so no
     frame was either (the engine removes such a file when it opens the directory)."""
-    m = _map(path)
+    m = map_readonly(path)
     if m is None:
         return True
     try:
@@ -108,17 +109,6 @@ def _unborn(path: str) -> bool:
         return all(m[i:i + step].count(0) == min(step, size - i) for i in range(0, size, step))
     finally:
         m.close()
-
-
-def _map(path: str) -> mmap.mmap | None:
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return None
-            return mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
-    except FileNotFoundError:
-        return None
 
 
 def _verify_segment(
