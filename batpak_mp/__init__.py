@@ -7,7 +7,6 @@ The public face: everything a caller needs is importable from here (see ``__all_
 from __future__ import annotations
 
 from ._client import Fence, Store, Subscription, connect
-from ._engine import Engine, EngineConfig
 from ._errors import (
     ApprovalError,
     BatpakError,
@@ -33,9 +32,11 @@ from ._errors import (
     WriterUnavailable,
 )
 from ._gates import Approval, Denial, Denied, Evaluation, Gate, GateSet, Pipeline, Proposal
+from ._read.verify import verify
 from ._replay import Cursor, Projection, Reactor, ReactorFailure
 from ._service import Service, serve
 from ._signing import verify_receipt_signature
+from ._storage.engine import Engine, EngineConfig
 from ._values import (
     BatchItem,
     Coordinate,
@@ -52,7 +53,6 @@ from ._values import (
     register_payload,
     unregister_payload,
 )
-from ._verify import verify
 
 __version__ = "0.1.0"
 

@@ -26,9 +26,6 @@ from typing import Any
 
 import posix_ipc
 
-from . import _wire as W
-from ._control import ControlBlock, ipc_prefix, request_queue_name
-from ._engine import Prepared, prepare, receipt_matches
 from ._errors import (
     BatpakError,
     FenceLost,
@@ -41,11 +38,14 @@ from ._errors import (
     WriterUnavailable,
 )
 from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
-from ._reader import Reader, View
+from ._ipc import wire as W
+from ._ipc.control import ControlBlock, ipc_prefix, request_queue_name
+from ._read.reader import Reader, View
 from ._replay import Cursor, EventFilter, Handler, Projection, Reactor
 from ._replay import caused_by as _caused_by
 from ._replay import project as _project
 from ._replay import project_if_changed as _project_if_changed
+from ._storage.engine import Prepared, prepare, receipt_matches
 from ._values import (
     EFFECT_DENIAL,
     RESERVED_CATEGORIES,

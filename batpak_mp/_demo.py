@@ -19,11 +19,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ._client import connect
-from ._control import ControlBlock
 from ._errors import BatpakError
+from ._ipc.control import ControlBlock
+from ._read.verify import verify
 from ._service import Service, serve
 from ._values import BatchItem, Coordinate, Kind, RestartPolicy, WriterState
-from ._verify import verify
 
 MOVE = Kind(1, 1)
 ORDER = Kind(2, 1)
@@ -132,7 +132,7 @@ def _run(con: Console, svc: Service, path: str, workers: int, seconds: float) ->
 
 def count_writer_starts(path: str) -> int:
     """How many writer starts the (stopped) store's journal records."""
-    from ._engine import Engine
+    from ._storage.engine import Engine
 
     with Engine.open(path) as engine:
         return sum(1 for ev in engine.reader.scan(0)

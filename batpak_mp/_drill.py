@@ -27,12 +27,12 @@ import msgpack
 import multiprocess as mp
 
 from ._client import connect
-from ._control import ControlBlock
-from ._engine import Engine
 from ._errors import BatpakError, ConcurrencyConflict, WriterTimeout, WriterUnavailable
+from ._ipc.control import ControlBlock
+from ._read.verify import verify
 from ._service import serve
+from ._storage.engine import Engine
 from ._values import BatchItem, Coordinate, Kind, RestartPolicy, WriterState
-from ._verify import verify
 
 DRILL_KIND = Kind(1, 0x7D)
 ENTITIES_PER_CLIENT = 6

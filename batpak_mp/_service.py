@@ -17,9 +17,9 @@ from typing import Any
 
 import posix_ipc
 
-from ._control import ControlBlock, ipc_prefix, request_queue_name, state_name
-from ._engine import EngineConfig, parse_sync
 from ._errors import InvalidArgument, WriterTimeout, WriterUnavailable
+from ._ipc.control import ControlBlock, ipc_prefix, request_queue_name, state_name
+from ._storage.engine import EngineConfig, parse_sync
 from ._values import RestartPolicy, SyncMode
 
 READY_TIMEOUT_S = 60.0

@@ -38,12 +38,12 @@ import click
 import psutil
 
 from ._client import Store, connect
-from ._control import ControlBlock, ControlSnapshot, state_name
-from ._engine import Engine
 from ._errors import BatpakError, ConcurrencyConflict, NotFound, StoreLocked, WriterUnavailable
-from ._inspect import checkpoint_seq, frames_at, is_data_dir, jsonable, payload_preview, segment_ids, summary
+from ._ipc.control import ControlBlock, ControlSnapshot, state_name
+from ._read.inspect import checkpoint_seq, frames_at, is_data_dir, jsonable, payload_preview, segment_ids, summary
+from ._read.verify import verify as verify_dir
+from ._storage.engine import Engine
 from ._values import Coordinate, Event, Kind, Receipt, VerifyReport, WriterState
-from ._verify import verify as verify_dir
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 PAGE = 1000  # events per query_after call of tail
@@ -475,8 +475,8 @@ def reset_ipc(data_dir: str, yes: bool) -> None:
     while a writer or supervisor runs for it. The data directory is not touched."""
     import os
 
-    from ._control import ipc_prefix
-    from ._layout import LOCK_FILE
+    from ._format.layout import LOCK_FILE
+    from ._ipc.control import ipc_prefix
     from ._service import cleanup_ipc
 
     path = os.path.abspath(data_dir)

@@ -32,9 +32,6 @@ from typing import Any, NamedTuple
 import msgpack
 import posix_ipc
 
-from . import _wire as W
-from ._control import ControlBlock, ipc_prefix, request_queue_name
-from ._engine import Engine, EngineConfig, Prepared, parse_sync
 from ._errors import (
     BatpakError,
     CorruptSegment,
@@ -50,8 +47,11 @@ from ._errors import (
     StoreLocked,
     StorePoisoned,
 )
-from ._frame import ZERO_ID
+from ._format.frame import ZERO_ID
 from ._gates import check_effect
+from ._ipc import wire as W
+from ._ipc.control import ControlBlock, ipc_prefix, request_queue_name
+from ._storage.engine import Engine, EngineConfig, Prepared, parse_sync
 from ._values import (
     CATEGORY_EFFECT,
     FENCE_ENTITY,

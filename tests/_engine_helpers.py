@@ -14,9 +14,9 @@ import zlib
 from typing import NamedTuple
 
 import batpak_mp as bp
-from batpak_mp import _layout as L
-from batpak_mp._frame import FLAG_COMMIT_END, HASHED_START
-from batpak_mp._recovery import ScannedFrame, scan_segment
+from batpak_mp._format import layout as L
+from batpak_mp._format.frame import FLAG_COMMIT_END, HASHED_START
+from batpak_mp._format.scan import ScannedFrame, scan_segment
 
 
 def segment_path(data_dir: str, segment_id: int) -> str:

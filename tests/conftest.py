@@ -37,3 +37,15 @@ def service(data_dir: str) -> Iterator[tuple[bp.Service, str]]:
         code = svc.stop()
     assert code == 0
     assert_verified(data_dir)
+
+
+KINDS = ("unit", "engine", "conformance", "multiprocess", "crash", "fault", "rules")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with the kind its folder names (tests/<kind>/test_*.py)."""
+    for item in items:
+        kind = item.path.parent.name
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.path}: tests live in a folder named after their kind, one of {KINDS}")
+        item.add_marker(getattr(pytest.mark, kind))

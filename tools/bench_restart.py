@@ -20,8 +20,8 @@ import threading
 import time
 
 import batpak_mp as bp
-from batpak_mp._control import ControlBlock
-from batpak_mp._osio import Disk, FaultPlan
+from batpak_mp._ipc.control import ControlBlock
+from batpak_mp._storage.osio import Disk, FaultPlan
 from batpak_mp._values import WriterState
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-data", "restart")

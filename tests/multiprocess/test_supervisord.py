@@ -36,11 +36,11 @@ import psutil
 import pytest
 
 import batpak_mp as bp
-from batpak_mp._control import ControlBlock, ControlSnapshot
+from batpak_mp._ipc.control import ControlBlock, ControlSnapshot
 from batpak_mp._service import cleanup_ipc
 from batpak_mp._values import WriterState
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "docs" / "deploy" / "supervisord.conf"
 VENV_BIN = Path(sys.executable).parent
 SUPERVISORD = VENV_BIN / "supervisord"
@@ -59,10 +59,8 @@ EXPECTED_SETTINGS = {
 
 
 def _python_here(code: str, cwd: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter of this venv, away from the repository root:
-    ``-P`` and a neutral ``cwd`` keep the source folder ``supervisor/`` (our package, whose
-    import name is ``batpak_supervisor``) off ``sys.path``, where it would shadow
-    supervisord's package exactly as any folder of that name would."""
+    """Run ``code`` in a fresh interpreter of this venv, away from the repository root
+    (``-P`` and a neutral ``cwd``), as a deployed program would run."""
     return subprocess.run([sys.executable, "-P", "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
@@ -266,7 +264,7 @@ def test_imports_side_by_side(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
     theirs, ours = Path(found["supervisor"]).resolve(), Path(found["batpak_supervisor"]).resolve()
-    assert ours == ROOT / "supervisor" / "__init__.py", ours  # our folder, under our import name only
+    assert ours == ROOT / "supervisor" / "batpak_supervisor" / "__init__.py", ours  # our folder, our name only
     assert theirs != ours and (ROOT / "supervisor") not in theirs.parents, theirs
     assert "site-packages" in theirs.parts, theirs
     assert found["supervisord_main"] and found["our_supervisor"]
@@ -326,3 +324,17 @@ def test_served_under_supervisord(supervisord: Supervisord, data_dir: str) -> No
     report = bp.verify(data_dir)
     assert report.ok, report.problems
     assert report.events_checked >= 2
+
+
+def test_import_supervisor_from_the_repository_root_finds_supervisord() -> None:
+    """With the repository root first on ``sys.path`` (a script or ``python -c`` run from a
+    checkout), ``import supervisor`` must still be supervisord's package: our folder
+    ``supervisor/`` holds only ``batpak_supervisor/``, so it is at most a namespace portion,
+    which a regular package later on the path wins over."""
+    if WHY_SKIP:
+        pytest.skip(WHY_SKIP)
+    code = "import json, supervisor, supervisor.supervisord; print(json.dumps(supervisor.__file__))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    theirs = Path(json.loads(result.stdout)).resolve()
+    assert "site-packages" in theirs.parts and (ROOT / "supervisor") not in theirs.parents, theirs

@@ -12,7 +12,7 @@ import posix_ipc
 import pytest
 
 import batpak_mp as bp
-from batpak_mp._control import request_queue_name
+from batpak_mp._ipc.control import request_queue_name
 
 K = bp.Kind(1, 1)
 
@@ -118,7 +118,7 @@ def test_hostile_messages_are_dropped_and_counted(service: tuple[bp.Service, str
 
 def test_garbage_request_in_area_gets_protocol_error(service: tuple[bp.Service, str]) -> None:
     _, data_dir = service
-    from batpak_mp import _wire as W
+    from batpak_mp._ipc import wire as W
 
     with bp.connect(data_dir) as s:
         s.append(bp.Coordinate("x", "y"), K, 1)  # creates the area

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batpak_mp as bp
-from batpak_mp import _layout as L
-from batpak_mp._tables import (
+from batpak_mp._format import layout as L
+from batpak_mp._format.tables import (
     DELTA_MAGIC,
     DELTA_SLOT_SIZE,
     ENTITY_BASE_MAGIC,

@@ -39,10 +39,10 @@ from _engine_helpers import (
 from conftest import SMALL, assert_verified
 
 import batpak_mp as bp
-from batpak_mp import _layout as L
-from batpak_mp._engine import prepare
-from batpak_mp._frame import FRAME_VERSION, decode_frame
-from batpak_mp._osio import Disk, FaultPlan
+from batpak_mp._format import layout as L
+from batpak_mp._format.frame import FRAME_VERSION, decode_frame
+from batpak_mp._storage.engine import prepare
+from batpak_mp._storage.osio import Disk, FaultPlan
 
 K = bp.Kind(1, 7)
 

@@ -12,7 +12,7 @@ import textwrap
 from conftest import SMALL, assert_verified
 
 import batpak_mp as bp
-from batpak_mp._osio import Disk, FaultPlan
+from batpak_mp._storage.osio import Disk, FaultPlan
 
 K = bp.Kind(1, 1)
 OTHER_BOOT = Disk(FaultPlan(boot_id=b"\x01" * 16))
@@ -87,7 +87,7 @@ def test_same_boot_restart_cuts_a_torn_tail(data_dir: str) -> None:
 COLD_THEN_CRASH = textwrap.dedent("""
     import os, sys
     import batpak_mp as bp
-    from batpak_mp._osio import Disk, FaultPlan
+    from batpak_mp._storage.osio import Disk, FaultPlan
     disk = Disk(FaultPlan(boot_id=bytes.fromhex(sys.argv[2])))
     e = bp.Engine.open(sys.argv[1], bp.EngineConfig(segment_max_bytes=1 << 20), disk=disk)
     assert "same_boot" not in e.recovery_report  # another boot: the full recovery ran
@@ -114,7 +114,7 @@ def test_restart_after_a_cold_recovery_takes_the_fast_path(data_dir: str) -> Non
 def test_same_boot_restart_rechecks_a_sealed_segment_written_since(data_dir: str) -> None:
     """Sealed segments checked in this boot are not re-read at a restart, unless the file
     changed since (any write moves its mtime): a flipped bit is still found at open."""
-    from batpak_mp import _layout as L
+    from batpak_mp._format import layout as L
 
     subprocess.run([sys.executable, "-c", CRASHER, data_dir, "200", "150"], check=True, timeout=120)
     with bp.Engine.open(data_dir, SMALL) as e:

@@ -26,8 +26,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from . import _layout as L
-from ._errors import (
+from .._errors import (
     BatpakError,
     ConcurrencyConflict,
     CorruptSegment,
@@ -40,7 +39,8 @@ from ._errors import (
     StoreLocked,
     StorePoisoned,
 )
-from ._frame import (
+from .._format import layout as L
+from .._format.frame import (
     BAD,
     FLAG_COMMIT_END,
     FLAG_FENCED,
@@ -56,12 +56,8 @@ from ._frame import (
     encode_parts,
     scan_frame,
 )
-from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
-from ._osio import DEFAULT_DISK, Disk
-from ._reader import Reader, View, map_readonly
-from ._recovery import ScannedFrame, scan_segment
-from ._signing import Signer
-from ._tables import (
+from .._format.scan import ScannedFrame, scan_segment
+from .._format.tables import (
     DELTA_MAGIC,
     DELTA_SLOT_SIZE,
     ENTITY_BASE_MAGIC,
@@ -77,7 +73,10 @@ from ._tables import (
     encode_idem_base,
     verify_base,
 )
-from ._values import (
+from .._gates import Denial, bypass_audit_item, denial_payload, effect_item
+from .._read.reader import Reader, View, map_readonly
+from .._signing import Signer
+from .._values import (
     CATEGORY_SYSTEM,
     EFFECT_DENIAL,
     FENCE_ENTITY,
@@ -93,6 +92,7 @@ from ._values import (
     check_kind,
     payload_version_for,
 )
+from .osio import DEFAULT_DISK, Disk
 
 MiB = 1 << 20
 RECORDS_GROWTH = 1 << 16  # records.idx grows by this many records (4 MiB) at a time

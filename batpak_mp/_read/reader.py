@@ -20,8 +20,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from ._errors import CorruptSegment, InvalidArgument, NotFound, StorageError
-from ._frame import (
+from .._errors import CorruptSegment, InvalidArgument, NotFound, StorageError
+from .._format.frame import (
     FLAG_FENCED,
     FLAG_HAS_CAUSATION,
     FLAG_HAS_CORRELATION,
@@ -35,7 +35,7 @@ from ._frame import (
     Frame,
     scan_frame,
 )
-from ._layout import (
+from .._format.layout import (
     FENCE_RANGE,
     FENCES_FILE,
     FENCES_HEADER,
@@ -50,14 +50,14 @@ from ._layout import (
     name_hash,
     segment_name,
 )
-from ._tables import (
+from .._format.tables import (
     DELTA_MAGIC,
     ENTITY_BASE_MAGIC,
     BaseTable,
     check_header,
     delta_candidates,
 )
-from ._values import Coordinate, Event, Kind, Page, check_name
+from .._values import Coordinate, Event, Kind, Page, check_name
 
 _rec_unpack = RECORD.unpack_from
 _len_crc = struct.Struct("<II").unpack_from

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from batpak_mp import CorruptSegment, FutureFormat
-from batpak_mp._frame import (
+from batpak_mp._format.frame import (
     BAD,
     EMPTY,
     FLAG_COMMIT_END,
@@ -38,7 +38,7 @@ from batpak_mp._frame import (
     hash_matches,
     scan_frame,
 )
-from batpak_mp._recovery import scan_segment
+from batpak_mp._format.scan import scan_segment
 
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -28,11 +28,11 @@ import psutil
 import pytest
 
 import batpak_mp as bp
-from batpak_mp._control import ControlBlock, ControlSnapshot
+from batpak_mp._ipc.control import ControlBlock, ControlSnapshot
 from batpak_mp._service import cleanup_ipc  # queue, control block and client areas
 from batpak_mp._values import WriterState
 
-WRITER_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "batpak_mp", "writer.py")
+WRITER_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "batpak_mp", "writer.py")
 pytestmark = pytest.mark.skipif(not os.path.exists(WRITER_PY), reason="writer not built yet")
 
 READY_S = 30.0  # a writer start imports the engine and recovers: seconds at most on a busy box

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ._errors import StorageError
+from .._errors import StorageError
 
 T = TypeVar("T")
 

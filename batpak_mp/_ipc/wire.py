@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from . import _errors as E
-from ._frame import Buffer
+from .. import _errors as E
+from .._format.frame import Buffer
 
 WIRE_VERSION = 1
 MAX_MESSAGE = 8192  # the kernel's default msgsize_max: a queue message never exceeds it

@@ -14,12 +14,12 @@ import os
 import zlib
 from typing import NamedTuple
 
-from . import _layout as L
-from ._errors import BatpakError
-from ._frame import BAD, FLAG_FENCED, NEED_MORE, OK, ZERO_HASH
-from ._reader import map_readonly
-from ._recovery import scan_segment
-from ._values import Problem, VerifyReport
+from .._errors import BatpakError
+from .._format import layout as L
+from .._format.frame import BAD, FLAG_FENCED, NEED_MORE, OK, ZERO_HASH
+from .._format.scan import scan_segment
+from .._values import Problem, VerifyReport
+from .reader import map_readonly
 
 
 class _Head(NamedTuple):

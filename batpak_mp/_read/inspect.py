@@ -29,9 +29,9 @@ from typing import Any
 import msgpack
 import psutil
 
-from . import _layout as L
-from ._errors import BatpakError, InvalidArgument
-from ._frame import (
+from .._errors import BatpakError, InvalidArgument
+from .._format import layout as L
+from .._format.frame import (
     BAD,
     EMPTY,
     FLAG_COMMIT_END,
@@ -48,8 +48,8 @@ from ._frame import (
     chain_hash,
     scan_frame,
 )
-from ._reader import map_readonly
-from ._recovery import scan_segment
+from .._format.scan import scan_segment
+from .reader import map_readonly
 
 PREVIEW_CHARS = 120  # payload previews are cut to this many characters (JSON text)
 _FLAG_NAMES = ((FLAG_COMMIT_END, "COMMIT_END"), (FLAG_HAS_CAUSATION, "HAS_CAUSATION"),

@@ -24,7 +24,7 @@ import pytest
 
 import batpak_mp as bp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONF = os.path.join(ROOT, "examples", "webapp", "gunicorn.conf.py")
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
 

@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 
 import posix_ipc
 
-from ._errors import FutureFormat, ProtocolError, WriterUnavailable
-from ._futex import ReadOnlyMapping, Word, word_in_writable
-from ._values import WriterState
+from .._errors import FutureFormat, ProtocolError, WriterUnavailable
+from .._values import WriterState
+from .futex import ReadOnlyMapping, Word, word_in_writable
 
 CONTROL_MAGIC = 0x4C54435F504D5042  # "BPMP_CTL" little-endian
 CONTROL_VERSION = 1

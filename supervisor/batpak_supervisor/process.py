@@ -19,7 +19,7 @@ Invariants:
   dies (PR_SET_PDEATHSIG on Linux; the writer also watches ``--supervisor-pid`` itself).
 
 Must not import the writer, the client or the engine (roles never import each other);
-uses only ``batpak_mp._values``, ``batpak_mp._control`` and ``batpak_mp._errors``.
+uses only ``batpak_mp._values``, ``batpak_mp._ipc.control`` and ``batpak_mp._errors``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from batpak_mp._control import ControlBlock
 from batpak_mp._errors import BatpakError
+from batpak_mp._ipc.control import ControlBlock
 from batpak_mp._values import RestartPolicy, WriterState
 
 from . import policy as P
@@ -51,7 +51,7 @@ EXIT_IN_USE = 4  # another supervisor or a live writer already serves this data 
 
 WRITER_MODULE = "batpak_mp.writer"
 LOCK_FILE = "supervisor.lock"  # flock'ed for the supervisor's life, holds its pid
-WRITER_LOCK_FILE = "writer.lock"  # batpak_mp._layout.LOCK_FILE: probed, never held
+WRITER_LOCK_FILE = "writer.lock"  # batpak_mp._format.layout.LOCK_FILE: probed, never held
 WRITER_LOCK_WAIT_MS = 5_000  # an orphaned writer of a dead supervisor notices and exits within this
 POLL_MS = 100  # how often the heartbeat is checked; exits and signals wake the loop at once
 READY_LINE_MAX = 256  # bytes of readiness chatter accepted before the writer is judged broken

@@ -13,7 +13,7 @@ import struct
 import zlib
 from typing import NamedTuple
 
-from ._frame import (
+from .frame import (
     BAD,
     EMPTY,
     FLAG_COMMIT_END,

@@ -14,7 +14,7 @@ import struct
 import zlib
 from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
-from ._errors import CorruptSegment, FutureFormat
+from .._errors import CorruptSegment, FutureFormat
 
 if TYPE_CHECKING:
     import mmap

@@ -13,7 +13,7 @@ import struct
 import zlib
 from typing import NamedTuple
 
-from ._errors import CorruptSegment, FutureFormat
+from .._errors import CorruptSegment, FutureFormat
 
 FORMAT_VERSION = 1  # of the whole directory; store.meta, segments and index files carry it
 

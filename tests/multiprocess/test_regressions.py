@@ -13,9 +13,9 @@ import pytest
 from conftest import SMALL, assert_verified
 
 import batpak_mp as bp
-from batpak_mp import _layout as L
-from batpak_mp import _wire as W
-from batpak_mp._control import ipc_prefix, request_queue_name
+from batpak_mp._format import layout as L
+from batpak_mp._ipc import wire as W
+from batpak_mp._ipc.control import ipc_prefix, request_queue_name
 
 K = bp.Kind(1, 1)
 
