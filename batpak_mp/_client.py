@@ -40,12 +40,13 @@ from ._errors import (
 from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from ._ipc import wire as W
 from ._ipc.control import ControlBlock, ipc_prefix, request_queue_name
+from ._prepare import Prepared, prepare
 from ._read.reader import Reader, View
+from ._read.receipts import receipt_matches
 from ._replay import Cursor, EventFilter, Handler, Projection, Reactor
 from ._replay import caused_by as _caused_by
 from ._replay import project as _project
 from ._replay import project_if_changed as _project_if_changed
-from ._storage.engine import Prepared, prepare, receipt_matches
 from ._values import (
     EFFECT_DENIAL,
     RESERVED_CATEGORIES,

@@ -475,7 +475,7 @@ def reset_ipc(data_dir: str, yes: bool) -> None:
     while a writer or supervisor runs for it. The data directory is not touched."""
     import os
 
-    from ._format.layout import LOCK_FILE
+    from ._format.directory import LOCK_FILE
     from ._ipc.control import ipc_prefix
     from ._service import cleanup_ipc
 

@@ -51,7 +51,8 @@ from ._format.frame import ZERO_ID
 from ._gates import check_effect
 from ._ipc import wire as W
 from ._ipc.control import ControlBlock, ipc_prefix, request_queue_name
-from ._storage.engine import Engine, EngineConfig, Prepared, parse_sync
+from ._prepare import Prepared
+from ._storage.engine import Engine, EngineConfig, parse_sync
 from ._values import (
     CATEGORY_EFFECT,
     FENCE_ENTITY,

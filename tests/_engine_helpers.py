@@ -14,17 +14,25 @@ import zlib
 from typing import NamedTuple
 
 import batpak_mp as bp
-from batpak_mp._format import layout as L
+from batpak_mp._format.directory import SEGMENT_DIR, segment_name
 from batpak_mp._format.frame import FLAG_COMMIT_END, HASHED_START
 from batpak_mp._format.scan import ScannedFrame, scan_segment
+from batpak_mp._format.segment import (
+    SEG_HEADER_SIZE,
+    SEG_TRAILER_SIZE,
+    SegmentHeader,
+    Trailer,
+    decode_segment_header,
+    decode_trailer,
+)
 
 
 def segment_path(data_dir: str, segment_id: int) -> str:
-    return os.path.join(data_dir, L.SEGMENT_DIR, L.segment_name(segment_id))
+    return os.path.join(data_dir, SEGMENT_DIR, segment_name(segment_id))
 
 
 def segment_ids(data_dir: str) -> list[int]:
-    names = os.listdir(os.path.join(data_dir, L.SEGMENT_DIR))
+    names = os.listdir(os.path.join(data_dir, SEGMENT_DIR))
     return sorted(int(n[:-4]) for n in names if n.endswith(".seg"))
 
 
@@ -77,15 +85,15 @@ def set_frame_field(frame: bytes | bytearray, fmt: str, offset: int, value: int)
 
 
 class SegmentLayout(NamedTuple):
-    header: L.SegmentHeader
+    header: SegmentHeader
     size: int
     frames: list[ScannedFrame]  # committed frames, in order
-    trailer: L.Trailer | None
+    trailer: Trailer | None
 
     @property
     def end(self) -> int:
         """Offset just past the last committed frame."""
-        return self.frames[-1].offset + self.frames[-1].frame_len if self.frames else L.SEG_HEADER_SIZE
+        return self.frames[-1].offset + self.frames[-1].frame_len if self.frames else SEG_HEADER_SIZE
 
     def commits(self) -> list[list[ScannedFrame]]:
         """The frames grouped by commit (each group ends with a COMMIT_END frame)."""
@@ -103,10 +111,10 @@ class SegmentLayout(NamedTuple):
 def read_layout(path: str) -> SegmentLayout:
     with open(path, "rb") as f:
         data = f.read()
-    header = L.decode_segment_header(data[: L.SEG_HEADER_SIZE], path)
-    trailer = L.decode_trailer(data[-L.SEG_TRAILER_SIZE:])
-    limit = trailer.footer_offset if trailer else len(data) - L.SEG_TRAILER_SIZE
-    scan = scan_segment(data, L.SEG_HEADER_SIZE, limit, header.first_seq, check_hash=True)
+    header = decode_segment_header(data[: SEG_HEADER_SIZE], path)
+    trailer = decode_trailer(data[-SEG_TRAILER_SIZE:])
+    limit = trailer.footer_offset if trailer else len(data) - SEG_TRAILER_SIZE
+    scan = scan_segment(data, SEG_HEADER_SIZE, limit, header.first_seq, check_hash=True)
     assert not scan.hash_errors
     return SegmentLayout(header, len(data), scan.frames[: scan.committed], trailer)
 

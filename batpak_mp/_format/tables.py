@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._errors import CorruptSegment, FutureFormat
-from .layout import FORMAT_VERSION
+from .directory import FORMAT_VERSION
 
 TABLE_HEADER = struct.Struct("<8sIIQQQ32s")  # magic, version, reserved, count/capacity, through_seq, aux, digest
 TABLE_HEADER_SIZE = 128

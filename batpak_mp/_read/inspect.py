@@ -30,7 +30,8 @@ import msgpack
 import psutil
 
 from .._errors import BatpakError, InvalidArgument
-from .._format import layout as L
+from .._format.checkpoint import decode_checkpoint
+from .._format.directory import CHECKPOINT_FILE, INDEX_DIR, LOCK_FILE, META_FILE, SEGMENT_DIR, segment_name
 from .._format.frame import (
     BAD,
     EMPTY,
@@ -48,7 +49,18 @@ from .._format.frame import (
     chain_hash,
     scan_frame,
 )
+from .._format.meta import decode_meta
+from .._format.record import RECORD_SIZE
 from .._format.scan import scan_segment
+from .._format.segment import (
+    FOOTER_HEAD,
+    SEG_HEADER_SIZE,
+    SEG_TRAILER_SIZE,
+    Trailer,
+    decode_footer,
+    decode_segment_header,
+    decode_trailer,
+)
 from .reader import map_readonly
 
 PREVIEW_CHARS = 120  # payload previews are cut to this many characters (JSON text)
@@ -101,9 +113,9 @@ def _read(path: str) -> bytes | None:
 
 def checkpoint_seq(data_dir: str) -> int | None:
     """The sequence in ``durable.ckpt`` (None when it is missing or not valid)."""
-    raw = _read(os.path.join(data_dir, L.CHECKPOINT_FILE))
+    raw = _read(os.path.join(data_dir, CHECKPOINT_FILE))
     try:
-        decoded = L.decode_checkpoint(raw) if raw is not None else None
+        decoded = decode_checkpoint(raw) if raw is not None else None
     except BatpakError:
         return None
     return decoded[0] if decoded else None
@@ -111,7 +123,7 @@ def checkpoint_seq(data_dir: str) -> int | None:
 
 def is_data_dir(data_dir: str) -> bool:
     """True when ``data_dir`` looks like a batpak-mp data directory (has store.meta)."""
-    return os.path.isfile(os.path.join(data_dir, L.META_FILE))
+    return os.path.isfile(os.path.join(data_dir, META_FILE))
 
 
 # ---- segment summaries ------------------------------------------------------------------
@@ -135,7 +147,7 @@ class SegmentInfo:
 
 
 def segment_ids(data_dir: str) -> list[int]:
-    seg_dir = os.path.join(data_dir, L.SEGMENT_DIR)
+    seg_dir = os.path.join(data_dir, SEGMENT_DIR)
     try:
         names = os.listdir(seg_dir)
     except FileNotFoundError:
@@ -145,7 +157,7 @@ def segment_ids(data_dir: str) -> list[int]:
 
 def segment_path(data_dir: str, segment_id: int) -> str:
     """The path of segment ``segment_id``; InvalidArgument when there is no such file."""
-    path = os.path.join(data_dir, L.SEGMENT_DIR, L.segment_name(segment_id))
+    path = os.path.join(data_dir, SEGMENT_DIR, segment_name(segment_id))
     if not os.path.isfile(path):
         ids = segment_ids(data_dir)
         have = f"segments {ids[0]}..{ids[-1]}" if ids else "no segments"
@@ -155,7 +167,7 @@ def segment_path(data_dir: str, segment_id: int) -> str:
 
 def segment_info(data_dir: str, segment_id: int, newest: bool) -> SegmentInfo:
     path = segment_path(data_dir, segment_id)
-    name = L.segment_name(segment_id)
+    name = segment_name(segment_id)
     m = map_readonly(path)
     if m is None:
         return SegmentInfo(segment_id, name, 0, "unborn", problem="empty file (a rotation was cut short)")
@@ -168,39 +180,39 @@ def segment_info(data_dir: str, segment_id: int, newest: bool) -> SegmentInfo:
 def _segment_info(m: mmap.mmap, segment_id: int, name: str, newest: bool) -> SegmentInfo:
     size = len(m)
     info = SegmentInfo(segment_id, name, size, "unreadable")
-    if not any(m[:L.SEG_HEADER_SIZE + 8]):
+    if not any(m[:SEG_HEADER_SIZE + 8]):
         info.state, info.problem = "unborn", "no header (a rotation was cut short)"
         return info
     try:
-        header = L.decode_segment_header(m[:L.SEG_HEADER_SIZE], name)
+        header = decode_segment_header(m[:SEG_HEADER_SIZE], name)
     except BatpakError as exc:
         info.problem = str(exc)
         return info
     info.first_seq = header.first_seq
     if header.segment_id != segment_id:
         info.problem = f"header says segment {header.segment_id}"
-    trailer = L.decode_trailer(m[size - L.SEG_TRAILER_SIZE:]) if size >= L.SEG_TRAILER_SIZE else None
+    trailer = decode_trailer(m[size - SEG_TRAILER_SIZE:]) if size >= SEG_TRAILER_SIZE else None
     if trailer is not None:
         info.state = "sealed"
         info.footer_offset, info.footer_len = trailer.footer_offset, trailer.footer_len
         info.data_end = trailer.footer_offset
         end = trailer.footer_offset + trailer.footer_len
-        if trailer.footer_offset < L.SEG_HEADER_SIZE or end > size - L.SEG_TRAILER_SIZE:
+        if trailer.footer_offset < SEG_HEADER_SIZE or end > size - SEG_TRAILER_SIZE:
             info.footer_ok, info.problem = False, "trailer points outside the segment"
             return info
         try:
-            _, records = L.decode_footer(m[trailer.footer_offset:end], name, trailer.footer_offset)
+            _, records = decode_footer(m[trailer.footer_offset:end], name, trailer.footer_offset)
             info.footer_ok = True
-            info.frames = len(records) // L.RECORD_SIZE
+            info.frames = len(records) // RECORD_SIZE
         except BatpakError as exc:
             info.footer_ok, info.problem = False, str(exc)
-            if end - trailer.footer_offset >= L.FOOTER_HEAD.size:
-                info.frames = L.FOOTER_HEAD.unpack_from(m, trailer.footer_offset)[2]
+            if end - trailer.footer_offset >= FOOTER_HEAD.size:
+                info.frames = FOOTER_HEAD.unpack_from(m, trailer.footer_offset)[2]
     else:
         info.state = "active" if newest else "unsealed"
         if not newest:
             info.problem = "a segment before the newest is not sealed"
-        scan = scan_segment(m, L.SEG_HEADER_SIZE, size - L.SEG_TRAILER_SIZE, header.first_seq)
+        scan = scan_segment(m, SEG_HEADER_SIZE, size - SEG_TRAILER_SIZE, header.first_seq)
         info.frames = scan.committed
         info.data_end = scan.commit_end
         uncommitted = len(scan.frames) - scan.committed
@@ -218,22 +230,22 @@ def summary(data_dir: str) -> dict[str, Any]:
     """Everything ``inspect`` lists for a directory, as a JSON-ready document."""
     root = os.path.abspath(data_dir)
     doc: dict[str, Any] = {"data_dir": root}
-    raw = _read(os.path.join(root, L.META_FILE))
+    raw = _read(os.path.join(root, META_FILE))
     meta: dict[str, Any] = {"present": raw is not None}
     if raw is not None:
         try:
             decoded = json.loads(raw)
             meta.update({k: decoded.get(k) for k in ("format", "format_version", "store_id", "created_ms")})
-            L.decode_meta(raw, L.META_FILE)
+            decode_meta(raw, META_FILE)
             meta["ok"] = True
         except (ValueError, AttributeError, BatpakError) as exc:
             meta["ok"], meta["problem"] = False, str(exc)
     doc["meta"] = meta
-    ckpt_raw = _read(os.path.join(root, L.CHECKPOINT_FILE))
+    ckpt_raw = _read(os.path.join(root, CHECKPOINT_FILE))
     ckpt: dict[str, Any] | None = None
     if ckpt_raw is not None:
         try:
-            decoded_ckpt = L.decode_checkpoint(ckpt_raw)
+            decoded_ckpt = decode_checkpoint(ckpt_raw)
         except BatpakError as exc:
             decoded_ckpt, ckpt = None, {"ok": False, "problem": str(exc)}
         if decoded_ckpt is not None:
@@ -241,7 +253,7 @@ def summary(data_dir: str) -> dict[str, Any]:
         elif ckpt is None:
             ckpt = {"ok": False, "problem": "not a valid checkpoint (ignored by recovery)"}
     doc["checkpoint"] = ckpt
-    lock_raw = _read(os.path.join(root, L.LOCK_FILE))
+    lock_raw = _read(os.path.join(root, LOCK_FILE))
     pid = 0
     if lock_raw:
         try:
@@ -251,7 +263,7 @@ def summary(data_dir: str) -> dict[str, Any]:
     doc["writer_lock"] = {"pid": pid or None, "alive": bool(pid) and psutil.pid_exists(pid)}
     ids = segment_ids(root)
     doc["segments"] = [asdict(segment_info(root, sid, pos == len(ids) - 1)) for pos, sid in enumerate(ids)]
-    idx_dir = os.path.join(root, L.INDEX_DIR)
+    idx_dir = os.path.join(root, INDEX_DIR)
     try:
         names = sorted(os.listdir(idx_dir))
     except FileNotFoundError:
@@ -291,12 +303,12 @@ def frames_at(data_dir: str, segment_id: int, offset: int | None, count: int) ->
         raise InvalidArgument("segment", segment_id, "is an empty file")
     try:
         size = len(m)
-        off = L.SEG_HEADER_SIZE if offset is None else offset
+        off = SEG_HEADER_SIZE if offset is None else offset
         if not 0 <= off < size:
             raise InvalidArgument("offset", off, f"is outside the segment (0..{size - 1})")
-        trailer = L.decode_trailer(m[size - L.SEG_TRAILER_SIZE:]) if size >= L.SEG_TRAILER_SIZE else None
+        trailer = decode_trailer(m[size - SEG_TRAILER_SIZE:]) if size >= SEG_TRAILER_SIZE else None
         footer_at = trailer.footer_offset if trailer is not None else None
-        limit = size - L.SEG_TRAILER_SIZE if size >= L.SEG_TRAILER_SIZE else size
+        limit = size - SEG_TRAILER_SIZE if size >= SEG_TRAILER_SIZE else size
         out: list[FrameInfo] = []
         pos: int | None = off
         while pos is not None and len(out) < count:
@@ -311,21 +323,21 @@ def frames_at(data_dir: str, segment_id: int, offset: int | None, count: int) ->
                 info = decode_at(m, pos, limit)
             out.append(info)
             pos = info.next_offset
-        return {"segment_id": segment_id, "file": L.segment_name(segment_id), "size": size,
+        return {"segment_id": segment_id, "file": segment_name(segment_id), "size": size,
                 "sealed": trailer is not None, "positions": [asdict(i) for i in out]}
     finally:
         m.close()
 
 
-def _footer_at(m: mmap.mmap, off: int, trailer: L.Trailer) -> FrameInfo:
+def _footer_at(m: mmap.mmap, off: int, trailer: Trailer) -> FrameInfo:
     info = FrameInfo(off, "footer", "footer", "seal footer")
     data = m[off:off + trailer.footer_len]
-    if len(data) >= L.FOOTER_HEAD.size:
-        magic, first_seq, count, _digest = L.FOOTER_HEAD.unpack_from(data, 0)
+    if len(data) >= FOOTER_HEAD.size:
+        magic, first_seq, count, _digest = FOOTER_HEAD.unpack_from(data, 0)
         info.fields = {"magic": magic.decode("latin-1"), "first_seq": first_seq, "count": count,
                        "footer_len": trailer.footer_len}
     try:
-        L.decode_footer(data, "segment", off)
+        decode_footer(data, "segment", off)
         info.fields["ok"] = True
     except BatpakError as exc:
         info.fields["ok"] = False

@@ -21,6 +21,17 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from .._errors import CorruptSegment, InvalidArgument, NotFound, StorageError
+from .._format.directory import (
+    FENCES_FILE,
+    INDEX_DIR,
+    RECORDS_FILE,
+    SEGMENT_DIR,
+    delta_name,
+    entities_base_name,
+    name_hash,
+    segment_name,
+)
+from .._format.fences import FENCE_RANGE, FENCES_HEADER
 from .._format.frame import (
     FLAG_FENCED,
     FLAG_HAS_CAUSATION,
@@ -35,21 +46,7 @@ from .._format.frame import (
     Frame,
     scan_frame,
 )
-from .._format.layout import (
-    FENCE_RANGE,
-    FENCES_FILE,
-    FENCES_HEADER,
-    INDEX_DIR,
-    RECORD,
-    RECORD_SIZE,
-    RECORDS_FILE,
-    RECORDS_HEADER_SIZE,
-    SEGMENT_DIR,
-    delta_name,
-    entities_base_name,
-    name_hash,
-    segment_name,
-)
+from .._format.record import RECORD, RECORD_SIZE, RECORDS_HEADER_SIZE
 from .._format.tables import (
     DELTA_MAGIC,
     ENTITY_BASE_MAGIC,

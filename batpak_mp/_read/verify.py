@@ -15,9 +15,13 @@ import zlib
 from typing import NamedTuple
 
 from .._errors import BatpakError
-from .._format import layout as L
+from .._format.checkpoint import decode_checkpoint
+from .._format.directory import CHECKPOINT_FILE, INDEX_DIR, META_FILE, RECORDS_FILE, SEGMENT_DIR, name_hash
 from .._format.frame import BAD, FLAG_FENCED, NEED_MORE, OK, ZERO_HASH
+from .._format.meta import decode_meta
+from .._format.record import RECORD, RECORD_SIZE, RECORDS_HEADER_SIZE
 from .._format.scan import scan_segment
+from .._format.segment import SEG_HEADER_SIZE, SEG_TRAILER_SIZE, decode_footer, decode_segment_header, decode_trailer
 from .._values import Problem, VerifyReport
 from .reader import map_readonly
 
@@ -32,27 +36,27 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
     """Check everything in ``data_dir`` that can be checked; never raises for damage."""
     root = os.fspath(data_dir)
     report = VerifyReport()
-    meta_path = os.path.join(root, L.META_FILE)
+    meta_path = os.path.join(root, META_FILE)
     try:
         with open(meta_path, "rb") as f:
-            store_id = L.decode_meta(f.read(), meta_path)
+            store_id = decode_meta(f.read(), meta_path)
     except FileNotFoundError:
-        report.problems.append(Problem(L.META_FILE, 0, "store.meta is missing"))
+        report.problems.append(Problem(META_FILE, 0, "store.meta is missing"))
         return report
     except BatpakError as exc:
-        report.problems.append(Problem(L.META_FILE, 0, str(exc)))
+        report.problems.append(Problem(META_FILE, 0, str(exc)))
         return report
     # the durable floor, read before the segments: a live writer only moves it forward
-    durable = _checkpoint_seq(os.path.join(root, L.CHECKPOINT_FILE), report)
-    seg_dir = os.path.join(root, L.SEGMENT_DIR)
+    durable = _checkpoint_seq(os.path.join(root, CHECKPOINT_FILE), report)
+    seg_dir = os.path.join(root, SEGMENT_DIR)
     try:
         names = sorted(n for n in os.listdir(seg_dir) if n.endswith(".seg"))
     except FileNotFoundError:
         names = []
-    records = map_readonly(os.path.join(root, L.INDEX_DIR, L.RECORDS_FILE))
+    records = map_readonly(os.path.join(root, INDEX_DIR, RECORDS_FILE))
     heads: dict[bytes, _Head] = {}
     next_seq = 1
-    end_name, end_offset = L.CHECKPOINT_FILE, 0  # where the log ends
+    end_name, end_offset = CHECKPOINT_FILE, 0  # where the log ends
     if names and _unborn(os.path.join(seg_dir, names[-1])):
         names.pop()  # being created (or a crash cut its creation short): it holds no event
     for pos, name in enumerate(names):
@@ -83,14 +87,14 @@ def _checkpoint_seq(path: str, report: VerifyReport) -> int:
     problem (the writer refuses to open over it) and gives no floor."""
     try:
         with open(path, "rb") as f:
-            ckpt = L.decode_checkpoint(f.read())
+            ckpt = decode_checkpoint(f.read())
     except FileNotFoundError:
         return 0
     except BatpakError as exc:
-        report.problems.append(Problem(L.CHECKPOINT_FILE, 0, str(exc)))
+        report.problems.append(Problem(CHECKPOINT_FILE, 0, str(exc)))
         return 0
     if ckpt is None:
-        report.problems.append(Problem(L.CHECKPOINT_FILE, 0, "the durable checkpoint is damaged"))
+        report.problems.append(Problem(CHECKPOINT_FILE, 0, "the durable checkpoint is damaged"))
         return 0
     return ckpt[0]
 
@@ -102,7 +106,7 @@ def _unborn(path: str) -> bool:
     if m is None:
         return True
     try:
-        if any(m[: L.SEG_HEADER_SIZE + 8]):
+        if any(m[: SEG_HEADER_SIZE + 8]):
             return False
         size = len(m)
         step = 1 << 20
@@ -118,27 +122,27 @@ def _verify_segment(
     """Check one segment; return the next sequence and the offset where its committed
     frames end."""
     size = len(m)
-    header = L.decode_segment_header(m[: L.SEG_HEADER_SIZE], name)
+    header = decode_segment_header(m[: SEG_HEADER_SIZE], name)
     if header.store_id != store_id:
         report.problems.append(Problem(name, 0, "segment belongs to another store"))
     if header.first_seq != next_seq:
         report.problems.append(Problem(name, 0, f"starts at sequence {header.first_seq}, expected {next_seq}"))
         next_seq = header.first_seq
-    trailer = L.decode_trailer(m[size - L.SEG_TRAILER_SIZE:])
-    limit = size - L.SEG_TRAILER_SIZE
+    trailer = decode_trailer(m[size - SEG_TRAILER_SIZE:])
+    limit = size - SEG_TRAILER_SIZE
     footer_records: bytes | None = None
     if trailer is not None:
         if zlib.crc32(memoryview(m)[:limit]) != trailer.segment_crc:
             report.problems.append(Problem(name, 0, "sealed segment checksum mismatch"))
         try:
-            _, footer_records = L.decode_footer(m[trailer.footer_offset:trailer.footer_offset + trailer.footer_len],
+            _, footer_records = decode_footer(m[trailer.footer_offset:trailer.footer_offset + trailer.footer_len],
                                                 name, trailer.footer_offset)
         except BatpakError as exc:
             report.problems.append(Problem(name, trailer.footer_offset, str(exc)))
         limit = trailer.footer_offset
     elif not is_last:
-        report.problems.append(Problem(name, size - L.SEG_TRAILER_SIZE, "segment before the last is not sealed"))
-    scan = scan_segment(m, L.SEG_HEADER_SIZE, limit, next_seq, check_hash=True)
+        report.problems.append(Problem(name, size - SEG_TRAILER_SIZE, "segment before the last is not sealed"))
+    scan = scan_segment(m, SEG_HEADER_SIZE, limit, next_seq, check_hash=True)
     for off, what in scan.hash_errors:
         report.problems.append(Problem(name, off, what))
     frames = scan.frames
@@ -167,15 +171,15 @@ def _verify_segment(
                 report.problems.append(Problem(name, f.offset, f"hash chain of entity {f.entity!r} broken at sequence {f.seq}"))
             prev_seq = prev.seq
         heads[f.entity] = _Head(f.clock, f.event_hash, f.seq)
-        derived += L.RECORD.pack(f.clock, header.segment_id, f.offset, f.frame_len, f.kind, f.flags,
-                                 L.name_hash(f.entity), L.name_hash(f.scope), prev_seq, f.idem_hash)
+        derived += RECORD.pack(f.clock, header.segment_id, f.offset, f.frame_len, f.kind, f.flags,
+                                 name_hash(f.entity), name_hash(f.scope), prev_seq, f.idem_hash)
     report.events_checked += len(frames)
     report.events_fenced += sum(1 for f in frames if f.flags & FLAG_FENCED)
     if footer_records is not None and footer_records != bytes(derived):
         report.problems.append(Problem(name, limit, "seal footer does not match the segment's frames"))
     if records is not None and frames:
-        start = L.RECORDS_HEADER_SIZE + (next_seq - 1) * L.RECORD_SIZE
+        start = RECORDS_HEADER_SIZE + (next_seq - 1) * RECORD_SIZE
         if records[start:start + len(derived)] != bytes(derived):
-            report.problems.append(Problem(L.RECORDS_FILE, start, f"index records of {name} do not match the log"))
-    end = frames[-1].offset + frames[-1].frame_len if frames else L.SEG_HEADER_SIZE
+            report.problems.append(Problem(RECORDS_FILE, start, f"index records of {name} do not match the log"))
+    end = frames[-1].offset + frames[-1].frame_len if frames else SEG_HEADER_SIZE
     return next_seq + len(frames), end

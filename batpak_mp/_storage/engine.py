@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import secrets
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -32,14 +31,30 @@ from .._errors import (
     CorruptSegment,
     FutureFormat,
     InvalidArgument,
-    InvalidPayload,
     PayloadTooLarge,
     StorageError,
     StoreClosed,
     StoreLocked,
     StorePoisoned,
 )
-from .._format import layout as L
+from .._format.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
+from .._format.directory import (
+    CHECKPOINT_FILE,
+    FENCES_FILE,
+    FORMAT_VERSION,
+    INDEX_DIR,
+    LOCK_FILE,
+    META_FILE,
+    RECORDS_FILE,
+    SEGMENT_DIR,
+    VERIFIED_FILE,
+    delta_name,
+    entities_base_name,
+    idem_base_name,
+    name_hash,
+    segment_name,
+)
+from .._format.fences import FENCE_RANGE, FENCES_HEADER, FENCES_MAGIC
 from .._format.frame import (
     BAD,
     FLAG_COMMIT_END,
@@ -56,7 +71,21 @@ from .._format.frame import (
     encode_parts,
     scan_frame,
 )
+from .._format.meta import decode_meta, encode_meta
+from .._format.record import RECORD, RECORD_SIZE, RECORDS_HEADER_SIZE, encode_records_header, records_header_matches
 from .._format.scan import ScannedFrame, scan_segment
+from .._format.segment import (
+    FOOTER_HEAD,
+    SEG_HEADER_SIZE,
+    SEG_TRAILER_SIZE,
+    Trailer,
+    decode_footer,
+    decode_segment_header,
+    decode_trailer,
+    encode_footer,
+    encode_segment_header,
+    encode_trailer,
+)
 from .._format.tables import (
     DELTA_MAGIC,
     DELTA_SLOT_SIZE,
@@ -74,13 +103,14 @@ from .._format.tables import (
     verify_base,
 )
 from .._gates import Denial, bypass_audit_item, denial_payload, effect_item
+from .._prepare import Prepared, prepare
 from .._read.reader import Reader, View, map_readonly
+from .._read.receipts import receipt_matches
 from .._signing import Signer
 from .._values import (
     CATEGORY_SYSTEM,
     EFFECT_DENIAL,
     FENCE_ENTITY,
-    RESERVED_CATEGORIES,
     SYSTEM_FENCE_COMMIT,
     BatchItem,
     Coordinate,
@@ -89,14 +119,13 @@ from .._values import (
     Page,
     Receipt,
     SyncMode,
-    check_kind,
     payload_version_for,
 )
 from .osio import DEFAULT_DISK, Disk
 
 MiB = 1 << 20
 RECORDS_GROWTH = 1 << 16  # records.idx grows by this many records (4 MiB) at a time
-_SENTINEL_FOOTER_ROOM = L.FOOTER_HEAD.size + L.SEG_TRAILER_SIZE
+_SENTINEL_FOOTER_ROOM = FOOTER_HEAD.size + SEG_TRAILER_SIZE
 _u64 = struct.Struct("<Q")
 _two_u64 = struct.Struct("<QQ")
 _IDEM_OF_RECORD = struct.Struct("<48x16s")  # the idempotency hash at the end of an index record
@@ -130,20 +159,6 @@ def parse_sync(value: object) -> SyncMode:
         return SyncMode(value)
     except ValueError:
         raise InvalidArgument("sync", value, "must be one of group, interval, none") from None
-
-
-class Prepared(NamedTuple):
-    """One event ready for the commit path (payload already msgpack-encoded)."""
-
-    entity: bytes
-    scope: bytes
-    kind: int
-    payload: bytes
-    payload_version: int
-    idem: bytes  # 16-byte idempotency hash
-    expected_clock: int | None
-    causation: bytes
-    correlation: bytes
 
 
 class _Entity(NamedTuple):
@@ -201,76 +216,6 @@ class _Group:
     @property
     def count(self) -> int:
         return len(self.metas)
-
-
-_tls = threading.local()  # one msgpack Packer per thread (a Packer is not thread-safe)
-_checked_kinds: dict[Any, int] = {}  # caller kinds already validated (never reserved ones)
-
-
-def encode_payload(payload: Any, limit: int) -> bytes:
-    packer = getattr(_tls, "packer", None)
-    if packer is None:
-        packer = _tls.packer = msgpack.Packer(use_bin_type=True)
-    try:
-        raw: bytes = packer.pack(payload)
-    except (TypeError, ValueError, OverflowError) as exc:
-        _tls.packer = None  # a failed pack may leave the packer's buffer dirty
-        raise InvalidPayload(str(exc)) from None
-    if len(raw) > limit:
-        raise PayloadTooLarge(len(raw), limit)
-    return raw
-
-
-def _check_id(name: str, value: object) -> bytes:
-    if value is None:
-        return ZERO_ID
-    if isinstance(value, (bytes, bytearray)) and len(value) == 16 and any(value):
-        return bytes(value)
-    raise InvalidArgument(name, value, "must be a 16-byte event id")
-
-
-def _check_clock(value: object) -> int | None:
-    if value is None:
-        return None
-    if type(value) is not int or value < 0:
-        raise InvalidArgument("expected_clock", value, "must be an int >= 0")
-    return value
-
-
-def prepare(
-    coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None,
-    expected_clock: int | None, causation_id: bytes | None, correlation_id: bytes | None,
-    max_payload: int, allow_reserved: bool = False, payload_is_encoded: bool = False,
-    payload_version: int = 0,
-) -> Prepared:
-    """Validate caller input and encode it for the commit path (pure)."""
-    if not isinstance(coord, Coordinate):
-        raise InvalidArgument("coord", coord, "must be a bp.Coordinate")
-    packed_kind = _checked_kinds.get(kind) if type(kind) is Kind else None
-    if packed_kind is None:
-        packed_kind = check_kind(kind, allow_reserved=allow_reserved)
-        if type(kind) is Kind and (packed_kind >> 12) not in RESERVED_CATEGORIES and len(_checked_kinds) < 65536:
-            _checked_kinds[kind] = packed_kind
-    if payload_is_encoded:
-        raw = bytes(payload)
-        if len(raw) > max_payload:
-            raise PayloadTooLarge(len(raw), max_payload)
-    else:
-        raw = encode_payload(payload, max_payload)
-    if idempotency_key is None:
-        idem = ZERO_ID  # no key: nothing to deduplicate (clients always send one, see _client)
-    elif isinstance(idempotency_key, (str, bytes)) and 0 < len(idempotency_key) <= 1024:
-        idem = L.idem_hash(idempotency_key)
-    else:
-        raise InvalidArgument("idempotency_key", idempotency_key, "must be a non-empty str or bytes of at most 1024")
-    if not 0 <= payload_version <= 0xFFFF:
-        raise InvalidArgument("payload_version", payload_version, "must be 0..65535")
-    return Prepared(
-        coord._entity_bytes, coord._scope_bytes, packed_kind, raw, payload_version, idem,
-        None if expected_clock is None else _check_clock(expected_clock),
-        ZERO_ID if causation_id is None else _check_id("causation_id", causation_id),
-        ZERO_ID if correlation_id is None else _check_id("correlation_id", correlation_id),
-    )
 
 
 class Engine:
@@ -332,8 +277,8 @@ class Engine:
         self.groups_written = self.groups_published = 0  # monotonic: the writer's pipeline counts on them
         self.revealed: list[tuple[int, int]] = []  # committed fences' sequence ranges
         self.on_index_change: Callable[[], None] = lambda: None  # set by the writer: publish now
-        self._seg_dir = os.path.join(self.data_dir, L.SEGMENT_DIR)
-        self._idx_dir = os.path.join(self.data_dir, L.INDEX_DIR)
+        self._seg_dir = os.path.join(self.data_dir, SEGMENT_DIR)
+        self._idx_dir = os.path.join(self.data_dir, INDEX_DIR)
         try:
             self._lock()
             self._load_meta()
@@ -348,7 +293,7 @@ class Engine:
     def _lock(self) -> None:
         d = self.disk
         d.makedirs(self.data_dir)
-        path = os.path.join(self.data_dir, L.LOCK_FILE)
+        path = os.path.join(self.data_dir, LOCK_FILE)
         fd = d.open(path, os.O_RDWR | os.O_CREAT)
         if not d.try_lock(fd, path):
             try:
@@ -364,15 +309,15 @@ class Engine:
         d.makedirs(self._idx_dir)
 
     def _load_meta(self) -> None:
-        path = os.path.join(self.data_dir, L.META_FILE)
+        path = os.path.join(self.data_dir, META_FILE)
         raw = self.disk.read_file(path)
         if raw is None:
             if self.disk.listdir(self._seg_dir):
                 raise CorruptSegment(path, 0, "store.meta is missing but segments exist")
             self.store_id = secrets.token_bytes(16)
-            self.disk.write_file_atomic(path, L.encode_meta(self.store_id, self._clock_ms()))
+            self.disk.write_file_atomic(path, encode_meta(self.store_id, self._clock_ms()))
         else:
-            self.store_id = L.decode_meta(raw, path)
+            self.store_id = decode_meta(raw, path)
         self.store_tag = int.from_bytes(self.store_id[:2], "big")  # in every event id
         self.store_key = int.from_bytes(self.store_id[:8], "little") or 1  # in the control block
 
@@ -387,10 +332,10 @@ class Engine:
     def _recover(self, durable_hint: tuple[int, int] | None) -> None:
         d = self.disk
         started = time.perf_counter()
-        ckpt_raw = d.read_file(os.path.join(self.data_dir, L.CHECKPOINT_FILE))
-        ckpt = L.decode_checkpoint(ckpt_raw) if ckpt_raw is not None else None
+        ckpt_raw = d.read_file(os.path.join(self.data_dir, CHECKPOINT_FILE))
+        ckpt = decode_checkpoint(ckpt_raw) if ckpt_raw is not None else None
         if ckpt_raw is not None and ckpt is None:
-            raise CorruptSegment(os.path.join(self.data_dir, L.CHECKPOINT_FILE), 0,
+            raise CorruptSegment(os.path.join(self.data_dir, CHECKPOINT_FILE), 0,
                                  "the durable checkpoint is damaged (it is written whole, by rename)")
         hint = durable_hint[1] if durable_hint and durable_hint[0] == self.store_key else 0
         floor = max(hint, ckpt[0] if ckpt else 0)
@@ -414,17 +359,17 @@ class Engine:
         active: _Segment | None = None
         scanned: list[ScannedFrame] = []
         for pos, sid in enumerate(ids):
-            path = os.path.join(self._seg_dir, L.segment_name(sid))
+            path = os.path.join(self._seg_dir, segment_name(sid))
             fd = d.open(path, os.O_RDWR)
             try:
                 size = os.fstat(fd).st_size
-                header = L.decode_segment_header(d.pread(fd, L.SEG_HEADER_SIZE, 0, path), path)
+                header = decode_segment_header(d.pread(fd, SEG_HEADER_SIZE, 0, path), path)
                 if header.store_id != self.store_id:
                     raise CorruptSegment(path, 0, "segment belongs to another store")
                 if header.first_seq != next_seq:
                     raise CorruptSegment(path, 0, f"segment starts at sequence {header.first_seq}, "
                                          f"expected {next_seq}")
-                trailer = L.decode_trailer(d.pread(fd, L.SEG_TRAILER_SIZE, size - L.SEG_TRAILER_SIZE, path))
+                trailer = decode_trailer(d.pread(fd, SEG_TRAILER_SIZE, size - SEG_TRAILER_SIZE, path))
                 if trailer is not None:
                     next_seq += self._adopt_sealed(fd, path, size, trailer, next_seq)
                     self._stamp(sid, os.fstat(fd))
@@ -434,7 +379,7 @@ class Engine:
                 self._open_bases(sealed[-1] if sealed else 0, next_seq - 1)
                 mm = d.map_shared(fd, size, path, writable=False)
                 try:
-                    scan = scan_segment(mm, L.SEG_HEADER_SIZE, size - L.SEG_TRAILER_SIZE, next_seq)
+                    scan = scan_segment(mm, SEG_HEADER_SIZE, size - SEG_TRAILER_SIZE, next_seq)
                 finally:
                     mm.close()
                 kept = scan.frames[: scan.committed]
@@ -451,7 +396,7 @@ class Engine:
                 cut = scan.commit_end
                 # bytes past the last commit: a torn tail, or never written. Zero them without
                 # shrinking the file (it may be mapped), so stale frames can never come back.
-                d.zero_range(fd, cut, size - L.SEG_TRAILER_SIZE - cut, path)
+                d.zero_range(fd, cut, size - SEG_TRAILER_SIZE - cut, path)
                 cut_bytes += max(scan.stop_offset - cut, 0)
                 seg = _Segment(sid, header.first_seq, size, fd, path, cut, len(kept))
                 seg.crc = seg.write_crc = self._frames_crc(fd, path, cut)
@@ -493,7 +438,7 @@ class Engine:
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 2),
         }
 
-    def _recover_same_boot(self, ckpt: L.Checkpoint, floor: int, started: float) -> bool:
+    def _recover_same_boot(self, ckpt: Checkpoint, floor: int, started: float) -> bool:
         """Restart after a process crash in the same boot: the page cache still holds what
         the last writer wrote, and it wrote records and table slots only for frames that
         were whole (after their write returned). So trust the index files through the
@@ -510,17 +455,17 @@ class Engine:
             return False
         for sid in sealed:
             self._check_sealed_checksum(sid)
-        path = os.path.join(self._seg_dir, L.segment_name(ckpt.segment_id))
+        path = os.path.join(self._seg_dir, segment_name(ckpt.segment_id))
         fd = d.open(path, os.O_RDWR)
         adopted = False
         try:
             size = os.fstat(fd).st_size
-            header = L.decode_segment_header(d.pread(fd, L.SEG_HEADER_SIZE, 0, path), path)
-            if (header.store_id != self.store_id or ckpt.end_offset > size - L.SEG_TRAILER_SIZE
-                    or L.decode_trailer(d.pread(fd, L.SEG_TRAILER_SIZE, size - L.SEG_TRAILER_SIZE, path)) is not None):
+            header = decode_segment_header(d.pread(fd, SEG_HEADER_SIZE, 0, path), path)
+            if (header.store_id != self.store_id or ckpt.end_offset > size - SEG_TRAILER_SIZE
+                    or decode_trailer(d.pread(fd, SEG_TRAILER_SIZE, size - SEG_TRAILER_SIZE, path)) is not None):
                 return False
             first, trusted = header.first_seq, ckpt.visible
-            if trusted < first - 1 or len(self._records_map) < L.RECORDS_HEADER_SIZE + trusted * L.RECORD_SIZE:
+            if trusted < first - 1 or len(self._records_map) < RECORDS_HEADER_SIZE + trusted * RECORD_SIZE:
                 return False
             if not self._map_delta_file(ckpt.delta_gen):
                 return False
@@ -531,12 +476,12 @@ class Engine:
                 return False
             mm = d.map_shared(fd, size, path, writable=False)
             try:
-                if zlib.crc32(memoryview(mm)[L.SEG_HEADER_SIZE:ckpt.end_offset]) != ckpt.frames_crc:
-                    raise CorruptSegment(path, L.SEG_HEADER_SIZE, "a byte below the checkpoint changed (frames "
+                if zlib.crc32(memoryview(mm)[SEG_HEADER_SIZE:ckpt.end_offset]) != ckpt.frames_crc:
+                    raise CorruptSegment(path, SEG_HEADER_SIZE, "a byte below the checkpoint changed (frames "
                                          "checksum mismatch)")
                 if trusted >= first and not self._record_matches_frame(mm, trusted, ckpt.segment_id):
                     return False
-                scan = scan_segment(mm, ckpt.end_offset, size - L.SEG_TRAILER_SIZE, trusted + 1)
+                scan = scan_segment(mm, ckpt.end_offset, size - SEG_TRAILER_SIZE, trusted + 1)
                 tail_crc = zlib.crc32(memoryview(mm)[ckpt.end_offset:scan.commit_end], ckpt.frames_crc)
             finally:
                 mm.close()
@@ -546,21 +491,21 @@ class Engine:
                 raise FutureFormat(path, int(scan.stop_reason.rsplit(" ", 1)[1]), FRAME_VERSION)
             if scan.damage_mid_log or last < floor:
                 return False  # let the full recovery judge it (and report it)
-            d.zero_range(fd, scan.commit_end, size - L.SEG_TRAILER_SIZE - scan.commit_end, path)
+            d.zero_range(fd, scan.commit_end, size - SEG_TRAILER_SIZE - scan.commit_end, path)
             count = last - first + 1
             seg = _Segment(ckpt.segment_id, first, size, fd, path, scan.commit_end, count, tail_crc)
             self._next_seq = last + 1
             self.visible = self.durable = trusted  # the tail's records need heads below it
             self._write_scanned_records(seg, kept)
             # the writer's in-memory view of the active segment: keys and table slots
-            start = L.RECORDS_HEADER_SIZE + (first - 1) * L.RECORD_SIZE
-            keys = self._records_map[start:start + (trusted - first + 1) * L.RECORD_SIZE]
+            start = RECORDS_HEADER_SIZE + (first - 1) * RECORD_SIZE
+            keys = self._records_map[start:start + (trusted - first + 1) * RECORD_SIZE]
             self._idem_active = {k: first + i for i, (k,) in enumerate(_IDEM_OF_RECORD.iter_unpack(keys))
                                  if k != ZERO_ID}
             self._delta_slots = {}
             for f in kept:
-                prev = L.RECORD.unpack_from(self._records_map, L.RECORDS_HEADER_SIZE + (f.seq - 1) * L.RECORD_SIZE)[8]
-                delta_upsert(self._delta_map, self._delta_cap, L.name_hash(f.entity), f.seq, prev)
+                prev = RECORD.unpack_from(self._records_map, RECORDS_HEADER_SIZE + (f.seq - 1) * RECORD_SIZE)[8]
+                delta_upsert(self._delta_map, self._delta_cap, name_hash(f.entity), f.seq, prev)
                 if f.idem_hash != ZERO_ID:
                     self._idem_active[f.idem_hash] = f.seq
             d.fdatasync(fd, path)
@@ -586,7 +531,7 @@ class Engine:
         that are unchanged: any write through the file system changes the mtime (and
         forces the check); damage below it cannot reach readers through a page cache
         that still holds the checked bytes. A reboot checks everything again."""
-        raw = self.disk.read_file(os.path.join(self._idx_dir, L.VERIFIED_FILE))
+        raw = self.disk.read_file(os.path.join(self._idx_dir, VERIFIED_FILE))
         self._stamps = {}
         try:
             doc = msgpack.unpackb(raw, strict_map_key=False) if raw else None
@@ -603,26 +548,26 @@ class Engine:
     def _save_stamps(self) -> None:
         if self._stamps_dirty and any(self._boot_id):
             doc = {"boot": self._boot_id, "stamps": {sid: list(v) for sid, v in self._stamps.items()}}
-            self.disk.write_file_atomic(os.path.join(self._idx_dir, L.VERIFIED_FILE), msgpack.packb(doc))
+            self.disk.write_file_atomic(os.path.join(self._idx_dir, VERIFIED_FILE), msgpack.packb(doc))
             self._stamps_dirty = False
 
     def _check_sealed_checksum(self, sid: int) -> None:
-        path = os.path.join(self._seg_dir, L.segment_name(sid))
+        path = os.path.join(self._seg_dir, segment_name(sid))
         fd = self.disk.open(path, os.O_RDONLY)
         try:
             st = os.fstat(fd)
             size = st.st_size
             if self._stamps.get(sid) == (st.st_ino, st.st_mtime_ns, size):
                 return  # checked in this boot and not written since
-            header = L.decode_segment_header(self.disk.pread(fd, L.SEG_HEADER_SIZE, 0, path), path)
+            header = decode_segment_header(self.disk.pread(fd, SEG_HEADER_SIZE, 0, path), path)
             if header.store_id != self.store_id:
                 raise CorruptSegment(path, 0, "segment belongs to another store")
-            trailer = L.decode_trailer(self.disk.pread(fd, L.SEG_TRAILER_SIZE, size - L.SEG_TRAILER_SIZE, path))
+            trailer = decode_trailer(self.disk.pread(fd, SEG_TRAILER_SIZE, size - SEG_TRAILER_SIZE, path))
             if trailer is None:
-                raise CorruptSegment(path, size - L.SEG_TRAILER_SIZE, "segment before the last is not sealed")
+                raise CorruptSegment(path, size - SEG_TRAILER_SIZE, "segment before the last is not sealed")
             body = self.disk.map_shared(fd, size, path, writable=False)
             try:
-                if zlib.crc32(memoryview(body)[: size - L.SEG_TRAILER_SIZE]) != trailer.segment_crc:
+                if zlib.crc32(memoryview(body)[: size - SEG_TRAILER_SIZE]) != trailer.segment_crc:
                     raise CorruptSegment(path, 0, "sealed segment checksum mismatch (a byte changed after sealing)")
             finally:
                 body.close()
@@ -631,16 +576,16 @@ class Engine:
             os.close(fd)
 
     def _frames_crc(self, fd: int, path: str, end: int) -> int:
-        if end <= L.SEG_HEADER_SIZE:
+        if end <= SEG_HEADER_SIZE:
             return 0
         mm = self.disk.map_shared(fd, end, path, writable=False)
         try:
-            return zlib.crc32(memoryview(mm)[L.SEG_HEADER_SIZE:end])
+            return zlib.crc32(memoryview(mm)[SEG_HEADER_SIZE:end])
         finally:
             mm.close()
 
     def _record_matches_frame(self, mm: Any, seq: int, segment_id: int) -> bool:
-        rec = L.RECORD.unpack_from(self._records_map, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE)
+        rec = RECORD.unpack_from(self._records_map, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)
         if rec[1] != segment_id:
             return False
         status, frame = scan_frame(mm, rec[2], rec[2] + rec[3])
@@ -648,7 +593,7 @@ class Engine:
 
     def _map_delta_file(self, generation: int) -> bool:
         """Map an existing delta table for writing (the same-boot restart path)."""
-        path = os.path.join(self._idx_dir, L.delta_name(generation))
+        path = os.path.join(self._idx_dir, delta_name(generation))
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
@@ -672,7 +617,7 @@ class Engine:
         empty or all zeros: its header is fsynced before any frame goes in, so it holds no
         event. Remove it (True); a file with any non-zero byte is left to the checks."""
         d = self.disk
-        path = os.path.join(self._seg_dir, L.segment_name(sid))
+        path = os.path.join(self._seg_dir, segment_name(sid))
         fd = d.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
@@ -690,20 +635,20 @@ class Engine:
         d.fsync_dir(self._seg_dir)
         return True
 
-    def _adopt_sealed(self, fd: int, path: str, size: int, trailer: L.Trailer, first_seq: int) -> int:
+    def _adopt_sealed(self, fd: int, path: str, size: int, trailer: Trailer, first_seq: int) -> int:
         """Check a sealed segment (whole-file checksum, footer) and make records.idx agree
         with its footer. Returns how many events it holds. No frame is decoded."""
         body = self.disk.map_shared(fd, size, path, writable=False)
         try:
-            if zlib.crc32(memoryview(body)[: size - L.SEG_TRAILER_SIZE]) != trailer.segment_crc:
+            if zlib.crc32(memoryview(body)[: size - SEG_TRAILER_SIZE]) != trailer.segment_crc:
                 raise CorruptSegment(path, 0, "sealed segment checksum mismatch (a byte changed after sealing)")
             foff, flen = trailer.footer_offset, trailer.footer_len
-            _, records = L.decode_footer(bytes(body[foff:foff + flen]), path, foff)
+            _, records = decode_footer(bytes(body[foff:foff + flen]), path, foff)
         finally:
             body.close()
-        count = len(records) // L.RECORD_SIZE
+        count = len(records) // RECORD_SIZE
         self._ensure_records(first_seq + count)
-        start = L.RECORDS_HEADER_SIZE + (first_seq - 1) * L.RECORD_SIZE
+        start = RECORDS_HEADER_SIZE + (first_seq - 1) * RECORD_SIZE
         if self._records_map[start:start + len(records)] != records:
             self._records_map[start:start + len(records)] = records
         return count
@@ -714,22 +659,22 @@ class Engine:
             return
         self._ensure_records(frames[-1].seq)
         last_in_entity: dict[bytes, int] = {}
-        pack = L.RECORD.pack_into
+        pack = RECORD.pack_into
         m = self._records_map
         for f in frames:
             prev = last_in_entity.get(f.entity)
             if prev is None:
                 prev = self._head_before(f.entity, f.prev_hash, f.clock) if f.clock > 1 else 0
             last_in_entity[f.entity] = f.seq
-            pack(m, L.RECORDS_HEADER_SIZE + (f.seq - 1) * L.RECORD_SIZE, f.clock, seg.segment_id,
-                 f.offset, f.frame_len, f.kind, f.flags, L.name_hash(f.entity), L.name_hash(f.scope),
+            pack(m, RECORDS_HEADER_SIZE + (f.seq - 1) * RECORD_SIZE, f.clock, seg.segment_id,
+                 f.offset, f.frame_len, f.kind, f.flags, name_hash(f.entity), name_hash(f.scope),
                  prev, f.idem_hash)
 
     def _head_before(self, entity: bytes, prev_hash: bytes, clock: int) -> int:
         """Sequence of an entity's event with clock ``clock - 1``, found through the lookup
         tables (the delta, when recovery kept it, then the base) and the records' back
         links. The index records below the scanned frames are trusted here."""
-        h = L.name_hash(entity)
+        h = name_hash(entity)
         candidates: list[int] = []
         if self._delta_map is not None:
             candidates += delta_candidates(self._delta_map, self._delta_cap, h)
@@ -737,7 +682,7 @@ class Engine:
             candidates += self._entity_base.entity_candidates(h)
         for seq in candidates:
             while seq:
-                rec = L.RECORD.unpack_from(self._records_map, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE)
+                rec = RECORD.unpack_from(self._records_map, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)
                 if rec[6] != h or rec[0] < clock - 1:
                     break
                 if rec[0] == clock - 1:
@@ -747,26 +692,26 @@ class Engine:
 
     # ------------------------------------------------------------------ index files
     def _open_records(self) -> None:
-        path = os.path.join(self._idx_dir, L.RECORDS_FILE)
+        path = os.path.join(self._idx_dir, RECORDS_FILE)
         self._records_path = path
         self._records_fd = self.disk.open(path, os.O_RDWR | os.O_CREAT)
         size = os.fstat(self._records_fd).st_size
-        if size < L.RECORDS_HEADER_SIZE + RECORDS_GROWTH * L.RECORD_SIZE:
-            size = L.RECORDS_HEADER_SIZE + RECORDS_GROWTH * L.RECORD_SIZE
+        if size < RECORDS_HEADER_SIZE + RECORDS_GROWTH * RECORD_SIZE:
+            size = RECORDS_HEADER_SIZE + RECORDS_GROWTH * RECORD_SIZE
             self.disk.truncate(self._records_fd, size, path)
         self._records_map = self.disk.map_shared(self._records_fd, size, path, writable=True)
-        self._records_trusted = L.records_header_matches(self._records_map[:L.RECORDS_HEADER_SIZE], self.store_key)
+        self._records_trusted = records_header_matches(self._records_map[:RECORDS_HEADER_SIZE], self.store_key)
         if not self._records_trusted:
             # another store's or an unlabelled file: its records are rewritten by the full recovery
-            self._records_map[:L.RECORDS_HEADER_SIZE] = L.encode_records_header(self.store_key)
+            self._records_map[:RECORDS_HEADER_SIZE] = encode_records_header(self.store_key)
 
     def _ensure_records(self, seq: int) -> None:
-        need = L.RECORDS_HEADER_SIZE + seq * L.RECORD_SIZE
+        need = RECORDS_HEADER_SIZE + seq * RECORD_SIZE
         if len(self._records_map) >= need:
             return
         size = len(self._records_map)
         while size < need:
-            size += RECORDS_GROWTH * L.RECORD_SIZE
+            size += RECORDS_GROWTH * RECORD_SIZE
         self.disk.truncate(self._records_fd, size, self._records_path)
         old = self._records_map
         self._records_map = self.disk.map_shared(self._records_fd, size, self._records_path, writable=True)
@@ -781,8 +726,8 @@ class Engine:
             return
         tables = []
         for name, magic, cols in (
-            (L.entities_base_name(through_segment), ENTITY_BASE_MAGIC, 2),
-            (L.idem_base_name(through_segment), IDEM_BASE_MAGIC, 3),
+            (entities_base_name(through_segment), ENTITY_BASE_MAGIC, 2),
+            (idem_base_name(through_segment), IDEM_BASE_MAGIC, 3),
         ):
             path = os.path.join(self._idx_dir, name)
             table = self._map_base(path, name, magic, cols, through_seq, verify)
@@ -828,7 +773,7 @@ class Engine:
         dtype = np.dtype([("clock", "<u8"), ("seg", "<u4"), ("off", "<u4"), ("len", "<u4"),
                           ("kind", "<u2"), ("flags", "<u2"), ("ent", "<u8"), ("scope", "<u8"),
                           ("prev", "<u8"), ("idem_lo", "<u8"), ("idem_hi", "<u8")])
-        recs = np.frombuffer(self._records_map, dtype=dtype, count=through_seq, offset=L.RECORDS_HEADER_SIZE)
+        recs = np.frombuffer(self._records_map, dtype=dtype, count=through_seq, offset=RECORDS_HEADER_SIZE)
         seqs = np.arange(1, through_seq + 1, dtype="<u8")
         # heads: sequences no later event of the same entity points back to (exact even
         # when two entities share a 64-bit hash)
@@ -848,14 +793,14 @@ class Engine:
         order = np.lexsort((lo, hi))
         idem_body = encode_idem_base(hi[order].astype("<u8").tobytes(), lo[order].astype("<u8").tobytes(),
                                      kseq[order].astype("<u8").tobytes(), through_seq)
-        self.disk.write_file_atomic(os.path.join(self._idx_dir, L.entities_base_name(through_segment)), ent_body)
-        self.disk.write_file_atomic(os.path.join(self._idx_dir, L.idem_base_name(through_segment)), idem_body)
+        self.disk.write_file_atomic(os.path.join(self._idx_dir, entities_base_name(through_segment)), ent_body)
+        self.disk.write_file_atomic(os.path.join(self._idx_dir, idem_base_name(through_segment)), idem_body)
 
     def _prune_index_files(self) -> None:
-        keep = {L.entities_base_name(self._base_segment), L.idem_base_name(self._base_segment),
-                L.RECORDS_FILE, L.FENCES_FILE, L.VERIFIED_FILE}
+        keep = {entities_base_name(self._base_segment), idem_base_name(self._base_segment),
+                RECORDS_FILE, FENCES_FILE, VERIFIED_FILE}
         if self._delta_gen:
-            keep.add(L.delta_name(self._delta_gen))
+            keep.add(delta_name(self._delta_gen))
         for name in self.disk.listdir(self._idx_dir):
             if name not in keep and (name.endswith(".tbl") or name.endswith(".tmp")):
                 self.disk.unlink(os.path.join(self._idx_dir, name))  # mapped readers keep their inode
@@ -867,9 +812,9 @@ class Engine:
                     if n.startswith("delta-") and n.endswith(".tbl") and n[6:-4].isdigit()]
         gen = max([*existing, self._delta_gen]) + 1
         seg_size = max(self.config.segment_max_bytes, self._seg.size if self._seg else 0)
-        max_frames = seg_size // (MIN_FRAME + L.RECORD_SIZE) + 1  # the delta never passes half full
+        max_frames = seg_size // (MIN_FRAME + RECORD_SIZE) + 1  # the delta never passes half full
         cap = delta_capacity_for(max_frames)
-        path = os.path.join(self._idx_dir, L.delta_name(gen))
+        path = os.path.join(self._idx_dir, delta_name(gen))
         fd = self.disk.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         try:
             self.disk.truncate(fd, TABLE_HEADER_SIZE + cap * DELTA_SLOT_SIZE, path)
@@ -887,7 +832,7 @@ class Engine:
         heads: dict[bytes, int] = {}
         for f in frames:
             prev = heads.get(f.entity, -1)
-            self._delta_slots[f.entity] = delta_upsert(m, cap, L.name_hash(f.entity), f.seq, prev)
+            self._delta_slots[f.entity] = delta_upsert(m, cap, name_hash(f.entity), f.seq, prev)
             heads[f.entity] = f.seq
             if f.idem_hash != ZERO_ID:
                 self._idem_active[f.idem_hash] = f.seq
@@ -904,21 +849,21 @@ class Engine:
             if ev.kind == (CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT):
                 ranges += [(int(a), int(b)) for a, b in ev.payload["ranges"]]
         self.revealed = ranges
-        body = b"".join(L.FENCE_RANGE.pack(a, b) for a, b in ranges)
-        head = L.FENCES_HEADER.pack(L.FENCES_MAGIC, L.FORMAT_VERSION, 0, len(ranges))
-        self.disk.write_file_atomic(os.path.join(self._idx_dir, L.FENCES_FILE), head + body)
+        body = b"".join(FENCE_RANGE.pack(a, b) for a, b in ranges)
+        head = FENCES_HEADER.pack(FENCES_MAGIC, FORMAT_VERSION, 0, len(ranges))
+        self.disk.write_file_atomic(os.path.join(self._idx_dir, FENCES_FILE), head + body)
         self.reader.view = self.view()
 
     def reveal(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Make fenced events visible: call after their FENCE_COMMIT event is committed
         (the event is the authority; this file only lets readers find out fast)."""
-        path = os.path.join(self._idx_dir, L.FENCES_FILE)
+        path = os.path.join(self._idx_dir, FENCES_FILE)
         fd = self.disk.open(path, os.O_RDWR)
         try:
-            body = b"".join(L.FENCE_RANGE.pack(a, b) for a, b in ranges)
-            self.disk.pwrite(fd, body, L.FENCES_HEADER.size + len(self.revealed) * L.FENCE_RANGE.size, path)
+            body = b"".join(FENCE_RANGE.pack(a, b) for a, b in ranges)
+            self.disk.pwrite(fd, body, FENCES_HEADER.size + len(self.revealed) * FENCE_RANGE.size, path)
             self.revealed = self.revealed + [(int(a), int(b)) for a, b in ranges]
-            self.disk.pwrite(fd, L.FENCES_HEADER.pack(L.FENCES_MAGIC, L.FORMAT_VERSION, 0, len(self.revealed)),
+            self.disk.pwrite(fd, FENCES_HEADER.pack(FENCES_MAGIC, FORMAT_VERSION, 0, len(self.revealed)),
                              0, path)
         finally:
             os.close(fd)
@@ -927,31 +872,31 @@ class Engine:
     # ------------------------------------------------------------------ segments
     def _create_segment(self, segment_id: int, first_seq: int, size: int) -> _Segment:
         d = self.disk
-        path = os.path.join(self._seg_dir, L.segment_name(segment_id))
+        path = os.path.join(self._seg_dir, segment_name(segment_id))
         fd = d.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         try:
             d.allocate(fd, size, path)
-            d.pwrite(fd, L.encode_segment_header(segment_id, self.store_id, first_seq, size), 0, path)
+            d.pwrite(fd, encode_segment_header(segment_id, self.store_id, first_seq, size), 0, path)
             d.fsync(fd, path)
             d.fsync_dir(self._seg_dir)
         except BaseException:
             os.close(fd)
             d.unlink(path)
             raise
-        return _Segment(segment_id, first_seq, size, fd, path, L.SEG_HEADER_SIZE, 0)
+        return _Segment(segment_id, first_seq, size, fd, path, SEG_HEADER_SIZE, 0)
 
     def _seal(self, seg: _Segment) -> None:
         """Write the index footer and trailer of a full segment and fsync it."""
-        start = L.RECORDS_HEADER_SIZE + (seg.first_seq - 1) * L.RECORD_SIZE
-        records = bytes(self._records_map[start:start + seg.count * L.RECORD_SIZE])
-        footer = L.encode_footer(seg.first_seq, records)
+        start = RECORDS_HEADER_SIZE + (seg.first_seq - 1) * RECORD_SIZE
+        records = bytes(self._records_map[start:start + seg.count * RECORD_SIZE])
+        footer = encode_footer(seg.first_seq, records)
         self.disk.pwrite(seg.fd, footer, seg.end, seg.path)
         body = self.disk.map_shared(seg.fd, seg.size, seg.path, writable=False)
         try:
-            crc = zlib.crc32(memoryview(body)[: seg.size - L.SEG_TRAILER_SIZE])
+            crc = zlib.crc32(memoryview(body)[: seg.size - SEG_TRAILER_SIZE])
         finally:
             body.close()
-        self.disk.pwrite(seg.fd, L.encode_trailer(seg.end, len(footer), crc), seg.size - L.SEG_TRAILER_SIZE,
+        self.disk.pwrite(seg.fd, encode_trailer(seg.end, len(footer), crc), seg.size - SEG_TRAILER_SIZE,
                          seg.path)
         self._fsync(seg.fd, seg.path)
         self._stamp(seg.segment_id, os.fstat(seg.fd))  # its checksum was just computed
@@ -990,7 +935,7 @@ class Engine:
         seg = self._seg
         if seg is None:
             return
-        self.disk.write_file_atomic(os.path.join(self.data_dir, L.CHECKPOINT_FILE), L.encode_checkpoint(
+        self.disk.write_file_atomic(os.path.join(self.data_dir, CHECKPOINT_FILE), encode_checkpoint(
             self.durable, seg.segment_id, seg.pub_end, self.visible, self._boot_id, self._delta_gen, self._base_segment,
             seg.crc))
 
@@ -1007,7 +952,7 @@ class Engine:
         if st is not None:
             return st
         head = self.reader.head_of(entity)
-        h = L.name_hash(entity)
+        h = name_hash(entity)
         if head:
             f = self.reader.frame(head)
             st = _Entity(f.entity_clock, f.event_hash, head, h)
@@ -1024,7 +969,7 @@ class Engine:
         if h is None:
             if len(self._scope_hashes) > 100_000:
                 self._scope_hashes.clear()
-            h = self._scope_hashes[scope] = L.name_hash(scope)
+            h = self._scope_hashes[scope] = name_hash(scope)
         return h
 
     def _idem_lookup(self, idem: bytes, group: _Group) -> int:
@@ -1098,7 +1043,7 @@ class Engine:
             except BatpakError as exc:
                 results[ri] = exc
                 continue
-            end_after = seg.end + group.nbytes + _SENTINEL_FOOTER_ROOM + (seg.count + group.count) * L.RECORD_SIZE
+            end_after = seg.end + group.nbytes + _SENTINEL_FOOTER_ROOM + (seg.count + group.count) * RECORD_SIZE
             if end_after > seg.size or seg.sealed:
                 # it does not fit: take it back out, write what fits, rotate, encode again
                 self._truncate_group(group, start)
@@ -1106,7 +1051,7 @@ class Engine:
                     self._write(group, results, placed)
                     group = _Group()
                     placed = []
-                self._rotate(L.SEG_HEADER_SIZE + nbytes + _SENTINEL_FOOTER_ROOM + len(items) * L.RECORD_SIZE)
+                self._rotate(SEG_HEADER_SIZE + nbytes + _SENTINEL_FOOTER_ROOM + len(items) * RECORD_SIZE)
                 seg = self._seg
                 assert seg is not None
                 start = 0
@@ -1288,7 +1233,7 @@ class Engine:
         assert seg is not None
         m_slots = self._delta_slots
         delta, cap = self._delta_map, self._delta_cap
-        pack = L.RECORD.pack_into
+        pack = RECORD.pack_into
         sid = seg.segment_id
         for p in self._pending[:groups]:
             group = p.group
@@ -1298,7 +1243,7 @@ class Engine:
             off = p.start
             # index: records, then delta slots (a reader that sees a slot finds its record)
             for (seq, clock, kind, flags, flen, prev, ent_h, scope_h, entity, idem) in group.metas:
-                pack(m, L.RECORDS_HEADER_SIZE + (seq - 1) * L.RECORD_SIZE, clock, sid, off, flen, kind, flags,
+                pack(m, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE, clock, sid, off, flen, kind, flags,
                      ent_h, scope_h, prev, idem)
                 slot = m_slots.get(entity)
                 if slot is None:
@@ -1479,25 +1424,3 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def receipt_matches(reader: Reader, receipt: Receipt, signer: Signer | None) -> bool:
-    """True when ``receipt`` describes the stored event exactly (and its signature, when
-    present, verifies). Shared by the engine and the client."""
-    try:
-        ev = reader.get(receipt.event_id)
-    except BatpakError:
-        return False
-    same = (
-        ev.global_sequence == receipt.global_sequence and ev.coordinate.entity == receipt.entity
-        and ev.coordinate.scope == receipt.scope and ev.entity_clock == receipt.entity_clock
-        and ev.event_hash == receipt.event_hash and ev.prev_hash == receipt.prev_hash
-        and ev.wall_ms == receipt.wall_ms
-    )
-    if not same:
-        return False
-    if receipt.signature is not None:
-        if signer is None:
-            return True  # nothing to check it against here; see bp.verify_receipt_signature
-        return signer.verify(receipt)
-    return True

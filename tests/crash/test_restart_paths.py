@@ -114,15 +114,15 @@ def test_restart_after_a_cold_recovery_takes_the_fast_path(data_dir: str) -> Non
 def test_same_boot_restart_rechecks_a_sealed_segment_written_since(data_dir: str) -> None:
     """Sealed segments checked in this boot are not re-read at a restart, unless the file
     changed since (any write moves its mtime): a flipped bit is still found at open."""
-    from batpak_mp._format import layout as L
+    from batpak_mp._format.directory import INDEX_DIR, SEGMENT_DIR, VERIFIED_FILE
 
     subprocess.run([sys.executable, "-c", CRASHER, data_dir, "200", "150"], check=True, timeout=120)
     with bp.Engine.open(data_dir, SMALL) as e:
         assert e.recovery_report.get("same_boot") is True
-        sealed = [n for n in sorted(os.listdir(os.path.join(data_dir, L.SEGMENT_DIR)))][:-1]
+        sealed = [n for n in sorted(os.listdir(os.path.join(data_dir, SEGMENT_DIR)))][:-1]
         assert sealed
-    assert os.path.exists(os.path.join(data_dir, L.INDEX_DIR, L.VERIFIED_FILE))
-    path = os.path.join(data_dir, L.SEGMENT_DIR, sealed[0])
+    assert os.path.exists(os.path.join(data_dir, INDEX_DIR, VERIFIED_FILE))
+    path = os.path.join(data_dir, SEGMENT_DIR, sealed[0])
     with open(path, "r+b") as f:
         f.seek(5000)
         byte = f.read(1)

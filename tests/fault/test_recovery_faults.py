@@ -39,9 +39,10 @@ from _engine_helpers import (
 from conftest import SMALL, assert_verified
 
 import batpak_mp as bp
-from batpak_mp._format import layout as L
+from batpak_mp._format.directory import CHECKPOINT_FILE, FORMAT_VERSION, INDEX_DIR, META_FILE, entities_base_name, segment_name
 from batpak_mp._format.frame import FRAME_VERSION, decode_frame
-from batpak_mp._storage.engine import prepare
+from batpak_mp._format.segment import SEG_HEADER, SEG_HEADER_SIZE, SEG_TRAILER_SIZE
+from batpak_mp._prepare import prepare
 from batpak_mp._storage.osio import Disk, FaultPlan
 
 K = bp.Kind(1, 7)
@@ -126,7 +127,7 @@ def _cut_offsets(active: SegmentLayout) -> list[int]:
         offsets |= set(range(f.offset, f.offset + 12))
     rng = random.Random(20240611)
     offsets |= set(rng.sample(range(region_start, active.end), 40))
-    return sorted(o for o in offsets if L.SEG_HEADER_SIZE <= o <= active.end)
+    return sorted(o for o in offsets if SEG_HEADER_SIZE <= o <= active.end)
 
 
 def test_torn_tail_at_every_offset(built: Built, fresh: str) -> None:
@@ -145,7 +146,7 @@ def test_torn_tail_at_every_offset(built: Built, fresh: str) -> None:
         size = os.path.getsize(seg)
         zero_range(seg, off, active.end)
         assert os.path.getsize(seg) == size
-        os.unlink(os.path.join(copy, L.CHECKPOINT_FILE))  # so the floor does not (rightly) flag the cut
+        os.unlink(os.path.join(copy, CHECKPOINT_FILE))  # so the floor does not (rightly) flag the cut
         expected = max([n for end, n in commit_ends if end <= off], default=sealed_count)
         kept = built.receipts[:expected]
         with bp.Engine.open(copy, SMALL) as e:
@@ -172,7 +173,7 @@ def test_torn_tail_inside_a_batch_keeps_no_part_of_it(built: Built, fresh: str) 
     batch = active.commits()[-2]
     copy = copy_store(built.path, os.path.join(fresh, "c"))
     zero_range(segment_path(copy, built.active_id), batch[-1].offset, active.end)
-    os.unlink(os.path.join(copy, L.CHECKPOINT_FILE))
+    os.unlink(os.path.join(copy, CHECKPOINT_FILE))
     with bp.Engine.open(copy, SMALL) as e:
         assert e.visible == batch[0].seq - 1
         assert e.recovery_report["torn_bytes_cut"] >= batch[0].frame_len + batch[1].frame_len
@@ -204,22 +205,22 @@ def _sealed_positions(layout: SegmentLayout) -> dict[str, list[int]]:
     foff, flen = layout.trailer.footer_offset, layout.trailer.footer_len
     rng = random.Random(7)
     regions = {
-        "header": (0, L.SEG_HEADER.size),
-        "header padding": (L.SEG_HEADER.size, L.SEG_HEADER_SIZE),
-        "frames": (L.SEG_HEADER_SIZE, foff),
+        "header": (0, SEG_HEADER.size),
+        "header padding": (SEG_HEADER.size, SEG_HEADER_SIZE),
+        "frames": (SEG_HEADER_SIZE, foff),
         "footer": (foff, foff + flen),
-        "padding": (foff + flen, layout.size - L.SEG_TRAILER_SIZE),
-        "trailer": (layout.size - L.SEG_TRAILER_SIZE, layout.size),
+        "padding": (foff + flen, layout.size - SEG_TRAILER_SIZE),
+        "trailer": (layout.size - SEG_TRAILER_SIZE, layout.size),
     }
     out = {name: rng.sample(range(a, b), min(6, b - a)) for name, (a, b) in regions.items()}
     out["frames"] += [f.offset + d for f in layout.frames[:3] for d in (0, 3, 4, 8, 150, 177)]
-    out["trailer"] += [layout.size - 1, layout.size - L.SEG_TRAILER_SIZE]
+    out["trailer"] += [layout.size - 1, layout.size - SEG_TRAILER_SIZE]
     return out
 
 
 def test_flipped_bit_in_a_sealed_segment(built: Built, fresh: str) -> None:
     layout = built.sealed()
-    name = L.segment_name(built.sealed_id)
+    name = segment_name(built.sealed_id)
     rng = random.Random(11)
     checked = 0
     for region, positions in _sealed_positions(layout).items():
@@ -242,7 +243,7 @@ def test_flipped_bit_in_a_sealed_segment(built: Built, fresh: str) -> None:
 
 def test_flipped_bit_in_the_active_segment_below_the_checkpoint(built: Built, fresh: str) -> None:
     layout = built.active()
-    name = L.segment_name(built.active_id)
+    name = segment_name(built.active_id)
     rng = random.Random(12)
     for f in layout.frames:  # every frame, durable per the checkpoint written at close
         for pos in (f.offset + rng.randrange(f.frame_len), f.offset + rng.randrange(8)):
@@ -260,7 +261,7 @@ def test_flipped_bit_in_the_active_segment_below_the_checkpoint(built: Built, fr
 
 def test_flipped_bit_in_the_active_header(built: Built, fresh: str) -> None:
     rng = random.Random(13)
-    for pos in [*rng.sample(range(L.SEG_HEADER.size), 6), L.SEG_HEADER_SIZE - 1]:
+    for pos in [*rng.sample(range(SEG_HEADER.size), 6), SEG_HEADER_SIZE - 1]:
         copy = copy_store(built.path, os.path.join(fresh, f"flip-{pos}"))
         flip_bit(segment_path(copy, built.active_id), pos, rng.randrange(8))
         assert not bp.verify(copy).ok
@@ -496,7 +497,7 @@ def test_next_segment_whose_header_never_landed(built: Built, fresh: str, state:
 def test_a_zeroed_header_with_frames_behind_it_is_not_dropped(built: Built, fresh: str) -> None:
     copy = copy_store(built.path, os.path.join(fresh, "c"))
     seg = segment_path(copy, built.active_id)
-    zero_range(seg, 0, L.SEG_HEADER_SIZE)
+    zero_range(seg, 0, SEG_HEADER_SIZE)
     with pytest.raises(bp.CorruptSegment):
         bp.Engine.open(copy, SMALL)
     assert os.path.exists(seg)
@@ -507,7 +508,7 @@ def test_reopening_keeps_the_base_tables(built: Built, fresh: str) -> None:
     """The base tables cover the sealed segments only; a clean reopen reuses them
     instead of rebuilding (and rewriting) them."""
     copy = copy_store(built.path, os.path.join(fresh, "c"))
-    base = os.path.join(copy, L.INDEX_DIR, L.entities_base_name(built.sealed_id))
+    base = os.path.join(copy, INDEX_DIR, entities_base_name(built.sealed_id))
     for _ in range(2):
         inode = os.stat(base).st_ino
         plan = FaultPlan()
@@ -520,15 +521,15 @@ def test_reopening_keeps_the_base_tables(built: Built, fresh: str) -> None:
 # ---- 5. future formats ---------------------------------------------------------------
 def test_future_store_meta(built: Built, fresh: str) -> None:
     copy = copy_store(built.path, os.path.join(fresh, "c"))
-    meta = os.path.join(copy, L.META_FILE)
+    meta = os.path.join(copy, META_FILE)
     with open(meta) as fh:
         doc = json.load(fh)
-    doc["format_version"] = L.FORMAT_VERSION + 1
+    doc["format_version"] = FORMAT_VERSION + 1
     with open(meta, "w") as fh:
         json.dump(doc, fh)
     with pytest.raises(bp.FutureFormat) as ei:
         bp.Engine.open(copy, SMALL)
-    assert ei.value.found == L.FORMAT_VERSION + 1 and ei.value.supported == L.FORMAT_VERSION
+    assert ei.value.found == FORMAT_VERSION + 1 and ei.value.supported == FORMAT_VERSION
     assert not bp.verify(copy).ok
 
 
@@ -537,15 +538,15 @@ def test_future_segment_header(built: Built, fresh: str, which: str) -> None:
     copy = copy_store(built.path, os.path.join(fresh, "c"))
     seg = segment_path(copy, built.sealed_id if which == "sealed" else built.active_id)
     with open(seg, "r+b") as fh:
-        head = bytearray(fh.read(L.SEG_HEADER_SIZE))
-        struct.pack_into("<I", head, 8, L.FORMAT_VERSION + 1)
-        struct.pack_into("<I", head, L.SEG_HEADER.size - 4, zlib.crc32(head[: L.SEG_HEADER.size - 4]))
+        head = bytearray(fh.read(SEG_HEADER_SIZE))
+        struct.pack_into("<I", head, 8, FORMAT_VERSION + 1)
+        struct.pack_into("<I", head, SEG_HEADER.size - 4, zlib.crc32(head[: SEG_HEADER.size - 4]))
         fh.seek(0)
         fh.write(head)
     before = file_digest(seg)
     with pytest.raises(bp.FutureFormat) as ei:
         bp.Engine.open(copy, SMALL)
-    assert ei.value.found == L.FORMAT_VERSION + 1
+    assert ei.value.found == FORMAT_VERSION + 1
     assert file_digest(seg) == before
     assert not bp.verify(copy).ok
 

@@ -40,7 +40,7 @@ def test_gates_through_the_service(service: Any) -> None:
         assert store.history("account:alice")[-1].payload["code"] == GATE_DEFECT
         assert [x.event_id for x in store.walk_ancestors(rd.event_id)] == [rd.event_id, r1.event_id]
         # hostile items straight to the writer (past the client's checks)
-        from batpak_mp._storage.engine import prepare
+        from batpak_mp._prepare import prepare
 
         def raw(type_id: int, payload: Any) -> Any:
             p = prepare(C, bp.Kind(CATEGORY_EFFECT, type_id), payload, idempotency_key="k" + str(type_id) + repr(payload)[:50],

@@ -13,7 +13,8 @@ import pytest
 from conftest import SMALL, assert_verified
 
 import batpak_mp as bp
-from batpak_mp._format import layout as L
+from batpak_mp._format.directory import CHECKPOINT_FILE, SEGMENT_DIR, segment_name
+from batpak_mp._format.segment import SEG_HEADER_SIZE
 from batpak_mp._ipc import wire as W
 from batpak_mp._ipc.control import ipc_prefix, request_queue_name
 
@@ -110,9 +111,9 @@ def test_damage_below_the_floor_is_reported_before_anything_is_zeroed(data_dir: 
     with bp.Engine.open(data_dir, SMALL) as e:
         for i in range(20):
             e.append(bp.Coordinate("a", "s"), K, {"i": i})
-    seg = os.path.join(data_dir, L.SEGMENT_DIR, L.segment_name(1))
+    seg = os.path.join(data_dir, SEGMENT_DIR, segment_name(1))
     with open(seg, "r+b") as f:
-        f.seek(L.SEG_HEADER_SIZE + 200 * 5)  # somewhere inside the first few frames
+        f.seek(SEG_HEADER_SIZE + 200 * 5)  # somewhere inside the first few frames
         f.write(b"\xff" * 64)
     before = _read(seg)
     with pytest.raises(bp.CorruptSegment):
@@ -126,7 +127,7 @@ def test_damaged_checkpoint_refuses_to_open(data_dir: str, tmp_path: os.PathLike
         e.append(bp.Coordinate("a", "s"), K, 1)
     copy = os.path.join(os.fspath(tmp_path), "copy")
     shutil.copytree(data_dir, copy)
-    path = os.path.join(copy, L.CHECKPOINT_FILE)
+    path = os.path.join(copy, CHECKPOINT_FILE)
     raw = bytearray(_read(path))
     raw[12] ^= 0x01
     with open(path, "wb") as f:

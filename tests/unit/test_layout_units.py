@@ -12,7 +12,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batpak_mp as bp
-from batpak_mp._format import layout as L
+from batpak_mp._format.checkpoint import CHECKPOINT, decode_checkpoint, encode_checkpoint
+from batpak_mp._format.directory import FORMAT_VERSION, idem_hash, name_hash
+from batpak_mp._format.ids import event_id_sequence, make_event_id
+from batpak_mp._format.meta import decode_meta, encode_meta
+from batpak_mp._format.record import RECORD, RECORD_SIZE
+from batpak_mp._format.segment import (
+    FOOTER_HEAD,
+    SEG_HEADER,
+    SEG_HEADER_SIZE,
+    SEG_TRAILER_SIZE,
+    SEGMENT_MAGIC,
+    decode_footer,
+    decode_segment_header,
+    decode_trailer,
+    encode_footer,
+    encode_segment_header,
+    encode_trailer,
+)
 from batpak_mp._format.tables import (
     DELTA_MAGIC,
     DELTA_SLOT_SIZE,
@@ -40,112 +57,112 @@ store_ids = st.binary(min_size=16, max_size=16)
 # ---- segment header ------------------------------------------------------------------
 @given(u32, store_ids, u64, u64)
 def test_segment_header_round_trip(segment_id: int, store_id: bytes, first_seq: int, size: int) -> None:
-    raw = L.encode_segment_header(segment_id, store_id, first_seq, size)
-    assert len(raw) == L.SEG_HEADER_SIZE and raw.startswith(L.SEGMENT_MAGIC)
-    assert not any(raw[L.SEG_HEADER.size:])
-    assert L.decode_segment_header(raw, "x.seg") == (segment_id, store_id, first_seq, size)
+    raw = encode_segment_header(segment_id, store_id, first_seq, size)
+    assert len(raw) == SEG_HEADER_SIZE and raw.startswith(SEGMENT_MAGIC)
+    assert not any(raw[SEG_HEADER.size:])
+    assert decode_segment_header(raw, "x.seg") == (segment_id, store_id, first_seq, size)
 
 
 @settings(max_examples=60)
-@given(store_ids, st.integers(0, L.SEG_HEADER.size * 8 - 1))
+@given(store_ids, st.integers(0, SEG_HEADER.size * 8 - 1))
 def test_segment_header_any_flipped_bit_is_corrupt(store_id: bytes, bit: int) -> None:
-    raw = bytearray(L.encode_segment_header(3, store_id, 100, 1 << 20))
+    raw = bytearray(encode_segment_header(3, store_id, 100, 1 << 20))
     raw[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(bp.CorruptSegment) as ei:
-        L.decode_segment_header(bytes(raw), "x.seg")
+        decode_segment_header(bytes(raw), "x.seg")
     assert ei.value.segment == "x.seg" and ei.value.offset == 0
 
 
 def test_segment_header_errors() -> None:
-    raw = L.encode_segment_header(1, b"s" * 16, 1, 1 << 20)
+    raw = encode_segment_header(1, b"s" * 16, 1, 1 << 20)
     with pytest.raises(bp.CorruptSegment, match="header is 10 bytes"):
-        L.decode_segment_header(raw[:10], "x.seg")
+        decode_segment_header(raw[:10], "x.seg")
     with pytest.raises(bp.CorruptSegment, match="magic"):
-        L.decode_segment_header(b"NOTASEG\0" + raw[8:], "x.seg")
+        decode_segment_header(b"NOTASEG\0" + raw[8:], "x.seg")
     # a newer version with a correct checksum: FutureFormat, not corruption
     body = bytearray(raw)
-    struct.pack_into("<I", body, 8, L.FORMAT_VERSION + 1)
-    struct.pack_into("<I", body, L.SEG_HEADER.size - 4, zlib.crc32(body[: L.SEG_HEADER.size - 4]))
+    struct.pack_into("<I", body, 8, FORMAT_VERSION + 1)
+    struct.pack_into("<I", body, SEG_HEADER.size - 4, zlib.crc32(body[: SEG_HEADER.size - 4]))
     with pytest.raises(bp.FutureFormat) as ei:
-        L.decode_segment_header(bytes(body), "x.seg")
-    assert (ei.value.found, ei.value.supported) == (L.FORMAT_VERSION + 1, L.FORMAT_VERSION)
+        decode_segment_header(bytes(body), "x.seg")
+    assert (ei.value.found, ei.value.supported) == (FORMAT_VERSION + 1, FORMAT_VERSION)
     # the padding after the checksummed part must stay zero
     padded = bytearray(raw)
-    padded[L.SEG_HEADER_SIZE - 1] = 1
+    padded[SEG_HEADER_SIZE - 1] = 1
     with pytest.raises(bp.CorruptSegment, match="padding"):
-        L.decode_segment_header(bytes(padded), "x.seg")
+        decode_segment_header(bytes(padded), "x.seg")
 
 
 # ---- trailer and seal footer ---------------------------------------------------------
 @given(u64, u64, u32)
 def test_trailer_round_trip(footer_offset: int, footer_len: int, crc: int) -> None:
-    raw = L.encode_trailer(footer_offset, footer_len, crc)
-    assert len(raw) == L.SEG_TRAILER_SIZE
-    assert L.decode_trailer(raw) == (footer_offset, footer_len, crc)
-    for bit in range(0, L.SEG_TRAILER_SIZE * 8, 7):
+    raw = encode_trailer(footer_offset, footer_len, crc)
+    assert len(raw) == SEG_TRAILER_SIZE
+    assert decode_trailer(raw) == (footer_offset, footer_len, crc)
+    for bit in range(0, SEG_TRAILER_SIZE * 8, 7):
         bad = bytearray(raw)
         bad[bit // 8] ^= 1 << (bit % 8)
-        assert L.decode_trailer(bytes(bad)) is None
+        assert decode_trailer(bytes(bad)) is None
 
 
 def test_trailer_absent() -> None:
-    assert L.decode_trailer(b"") is None
-    assert L.decode_trailer(bytes(L.SEG_TRAILER_SIZE)) is None
-    assert L.decode_trailer(L.encode_trailer(1, 2, 3)[:-1]) is None
+    assert decode_trailer(b"") is None
+    assert decode_trailer(bytes(SEG_TRAILER_SIZE)) is None
+    assert decode_trailer(encode_trailer(1, 2, 3)[:-1]) is None
 
 
-@given(u64, st.lists(st.binary(min_size=L.RECORD_SIZE, max_size=L.RECORD_SIZE), max_size=8))
+@given(u64, st.lists(st.binary(min_size=RECORD_SIZE, max_size=RECORD_SIZE), max_size=8))
 def test_footer_round_trip(first_seq: int, recs: list[bytes]) -> None:
     records = b"".join(recs)
-    raw = L.encode_footer(first_seq, records)
-    assert L.decode_footer(raw, "x.seg", 77) == (first_seq, records)
+    raw = encode_footer(first_seq, records)
+    assert decode_footer(raw, "x.seg", 77) == (first_seq, records)
 
 
 def test_footer_errors() -> None:
-    records = L.RECORD.pack(1, 1, 64, 200, 0x1007, 1, 5, 6, 0, b"i" * 16) * 3
-    raw = L.encode_footer(1, records)
+    records = RECORD.pack(1, 1, 64, 200, 0x1007, 1, 5, 6, 0, b"i" * 16) * 3
+    raw = encode_footer(1, records)
     cases = {
-        "truncated": raw[: L.FOOTER_HEAD.size - 1],
+        "truncated": raw[: FOOTER_HEAD.size - 1],
         "bad magic": b"X" + raw[1:],
         "does not match its count": raw[:-1],
         "checksum mismatch": raw[:-1] + bytes([raw[-1] ^ 1]),
     }
     for what, bad in cases.items():
         with pytest.raises(bp.CorruptSegment, match=what) as ei:
-            L.decode_footer(bad, "x.seg", 77)
+            decode_footer(bad, "x.seg", 77)
         assert ei.value.offset == 77
 
 
 # ---- checkpoint, meta ----------------------------------------------------------------
 @given(u64, u64, u64)
 def test_checkpoint_round_trip(seq: int, segment_id: int, end: int) -> None:
-    raw = L.encode_checkpoint(seq, segment_id, end)
-    assert len(raw) == L.CHECKPOINT.size
-    decoded = L.decode_checkpoint(raw)
+    raw = encode_checkpoint(seq, segment_id, end)
+    assert len(raw) == CHECKPOINT.size
+    decoded = decode_checkpoint(raw)
     assert decoded is not None and decoded[:3] == (seq, segment_id, end)
 
 
 def test_checkpoint_rejects_damage() -> None:
-    raw = L.encode_checkpoint(10, 2, 4096)
-    assert L.decode_checkpoint(raw[:-1]) is None
-    assert L.decode_checkpoint(raw + b"\0") is None
-    assert L.decode_checkpoint(b"") is None
+    raw = encode_checkpoint(10, 2, 4096)
+    assert decode_checkpoint(raw[:-1]) is None
+    assert decode_checkpoint(raw + b"\0") is None
+    assert decode_checkpoint(b"") is None
     for i in range(len(raw)):
         bad = bytearray(raw)
         bad[i] ^= 0x40
-        assert L.decode_checkpoint(bytes(bad)) is None
+        assert decode_checkpoint(bytes(bad)) is None
 
 
 @given(store_ids, st.integers(0, 1 << 50))
 def test_meta_round_trip(store_id: bytes, created_ms: int) -> None:
-    raw = L.encode_meta(store_id, created_ms)
+    raw = encode_meta(store_id, created_ms)
     doc = json.loads(raw)
-    assert doc["format_version"] == L.FORMAT_VERSION and doc["created_ms"] == created_ms
-    assert L.decode_meta(raw, "store.meta") == store_id
+    assert doc["format_version"] == FORMAT_VERSION and doc["created_ms"] == created_ms
+    assert decode_meta(raw, "store.meta") == store_id
 
 
 def _meta(**changes: object) -> bytes:
-    doc: dict[str, object] = {"format": "batpak-mp", "format_version": L.FORMAT_VERSION,
+    doc: dict[str, object] = {"format": "batpak-mp", "format_version": FORMAT_VERSION,
                               "store_id": "ab" * 16, "created_ms": 1}
     doc.update(changes)
     return json.dumps(doc).encode()
@@ -164,19 +181,19 @@ def _meta(**changes: object) -> bytes:
 ])
 def test_meta_errors(raw: bytes, match: str) -> None:
     with pytest.raises(bp.CorruptSegment, match=match):
-        L.decode_meta(raw, "store.meta")
+        decode_meta(raw, "store.meta")
 
 
 def test_meta_future_version() -> None:
     with pytest.raises(bp.FutureFormat) as ei:
-        L.decode_meta(_meta(format_version=L.FORMAT_VERSION + 1), "store.meta")
-    assert ei.value.found == L.FORMAT_VERSION + 1 and ei.value.path == "store.meta"
+        decode_meta(_meta(format_version=FORMAT_VERSION + 1), "store.meta")
+    assert ei.value.found == FORMAT_VERSION + 1 and ei.value.path == "store.meta"
 
 
 @given(st.binary(max_size=200))
 def test_meta_decoder_is_total(raw: bytes) -> None:
     try:
-        L.decode_meta(raw, "store.meta")
+        decode_meta(raw, "store.meta")
     except (bp.CorruptSegment, bp.FutureFormat):
         pass
 
@@ -184,40 +201,40 @@ def test_meta_decoder_is_total(raw: bytes) -> None:
 # ---- event ids and hashes ------------------------------------------------------------
 @given(st.integers(0, (1 << 48) - 1), st.integers(0, 0xFFFF), u64)
 def test_event_id_round_trip(wall_ms: int, tag: int, seq: int) -> None:
-    eid = L.make_event_id(wall_ms, tag, seq)
+    eid = make_event_id(wall_ms, tag, seq)
     assert len(eid) == 16
-    assert L.event_id_sequence(eid) == seq
+    assert event_id_sequence(eid) == seq
     assert int.from_bytes(eid[:6], "big") == wall_ms and int.from_bytes(eid[6:8], "big") == tag
 
 
 @given(st.lists(st.tuples(st.integers(0, (1 << 48) - 1), st.integers(1, 1 << 40)), min_size=2, max_size=20))
 def test_event_ids_sort_by_time_then_sequence(pairs: list[tuple[int, int]]) -> None:
-    ids = {L.make_event_id(ms, 7, seq): (ms, seq) for ms, seq in pairs}
+    ids = {make_event_id(ms, 7, seq): (ms, seq) for ms, seq in pairs}
     assert [ids[i] for i in sorted(ids)] == sorted(ids.values())
 
 
 def test_event_id_wall_clock_wraps_to_48_bits() -> None:
-    eid = L.make_event_id((1 << 48) + 5, 1, 9)
-    assert int.from_bytes(eid[:6], "big") == 5 and L.event_id_sequence(eid) == 9
+    eid = make_event_id((1 << 48) + 5, 1, 9)
+    assert int.from_bytes(eid[:6], "big") == 5 and event_id_sequence(eid) == 9
 
 
 @given(st.binary(max_size=64))
 def test_name_hash_is_never_zero(raw: bytes) -> None:
-    h = L.name_hash(raw)
+    h = name_hash(raw)
     assert 0 < h < 1 << 64  # 0 marks an empty table slot
 
 
 def test_idem_hash_separates_str_and_bytes() -> None:
-    assert L.idem_hash("k") != L.idem_hash(b"k")
-    assert L.idem_hash("k") == L.idem_hash("k") and len(L.idem_hash("k")) == 16
-    assert L.idem_hash("é") != L.idem_hash("é".encode())
+    assert idem_hash("k") != idem_hash(b"k")
+    assert idem_hash("k") == idem_hash("k") and len(idem_hash("k")) == 16
+    assert idem_hash("é") != idem_hash("é".encode())
 
 
 def test_idem_hash_of_a_lone_surrogate_is_typed_not_raw() -> None:
     """A str key that is not valid UTF-8 (a lone surrogate) still hashes, distinctly."""
-    h = L.idem_hash("\ud800")
+    h = idem_hash("\ud800")
     assert len(h) == 16
-    assert h not in {L.idem_hash("\ud801"), L.idem_hash(b"\xed\xa0\x80"), L.idem_hash("?")}
+    assert h not in {idem_hash("\ud801"), idem_hash(b"\xed\xa0\x80"), idem_hash("?")}
 
 
 # ---- delta table ---------------------------------------------------------------------
@@ -241,7 +258,7 @@ def test_delta_header_checks() -> None:
     with pytest.raises(bp.CorruptSegment, match="shorter"):
         check_header(buf[:10], DELTA_MAGIC, "d")
     future = bytearray(buf)
-    struct.pack_into("<I", future, 8, L.FORMAT_VERSION + 1)
+    struct.pack_into("<I", future, 8, FORMAT_VERSION + 1)
     with pytest.raises(bp.FutureFormat):
         check_header(future, DELTA_MAGIC, "d")
 
