@@ -20,7 +20,7 @@ import random
 import shutil
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -372,7 +372,7 @@ def test_fsync_eio_poisons_for_good(data_dir: str) -> None:
     assert ei.value.errno == errno.EIO and isinstance(ei.value, bp.StorageError)
     assert e.visible == 3  # nothing of the failed commit was published
     first = f.acked[0]
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: e.append(coord("e0"), K, 1),
         lambda: e.append_batch([bp.BatchItem(coord("e0"), K, 1)]),
         lambda: e.get(first.event_id),

@@ -31,7 +31,8 @@ def _seen_by_other_process(data_dir: str, ids: list[bytes]) -> list[bool]:
 
 def _other(data_dir: str, ids: list[bytes]) -> list[bool]:
     with mp.get_context("fork").Pool(1) as pool:
-        return pool.apply(_seen_by_other_process, (data_dir, ids))
+        seen: list[bool] = pool.apply(_seen_by_other_process, (data_dir, ids))
+    return seen
 
 
 def test_fence_hides_until_commit(service: tuple[bp.Service, str]) -> None:
