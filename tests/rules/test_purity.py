@@ -36,8 +36,13 @@ PURE_GLOBS = (
     "batpak_mp/_gates.py",
     "batpak_mp/_ipc/wire.py",
     "supervisor/batpak_supervisor/policy.py",
-    "batpak_mp/_storage/planning.py",  # the pure commit planning, once the engine split lands
+    "batpak_mp/_signing.py",
+    # Matched once they land (the IPC contract, the engine split, the conformance work):
+    "batpak_mp/_ipc/codes.py",         # exit codes and command lines; the supervisor's policy imports it
+    "batpak_mp/_storage/planning.py",  # the pure commit planning
     "batpak_mp/_storage/planning/*.py",
+    "batpak_mp/_storage/config.py",
+    "batpak_mp/_api.py",
 )
 # Must exist: a rename or move must update this file rather than silently drop the check.
 REQUIRED = ("batpak_mp/_format/frame.py", "batpak_mp/_prepare.py", "batpak_mp/_values.py",
