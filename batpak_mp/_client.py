@@ -4,6 +4,9 @@ Owns: the client's shared-memory area and doorbell semaphore, sending requests o
 store's queue, waiting for replies, riding through writer restarts (re-sending the same
 request, same idempotency keys, through a fresh area), fork safety (a child re-attaches
 on first use), and the lock-free read path (``Reader`` bounded by the control block).
+Implements ``_api.EventStore`` (the public API, shared with the in-process ``Engine``) and
+``_api.ReplayHost`` (what ``_replay``'s cursors, reactors and projections use; this module
+imports ``_replay``, never the reverse). IPC names come from ``_ipc.names``.
 Invariants: every append carries idempotency keys (generated when the caller gives
 none), so a re-send is applied at most once; a call ends in a receipt or a typed error,
 never a hang past its timeout. Must not import the writer, the engine's commit path or
@@ -26,6 +29,7 @@ from typing import Any
 
 import posix_ipc
 
+from ._api import EventStore, ReplayHost
 from ._errors import (
     BatpakError,
     FenceLost,
@@ -39,7 +43,8 @@ from ._errors import (
 )
 from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from ._ipc import wire as W
-from ._ipc.control import ControlBlock, ipc_prefix, request_queue_name
+from ._ipc.control import ControlBlock
+from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, ipc_prefix, request_queue_name, semaphore_name
 from ._prepare import Prepared, prepare
 from ._read.reader import Reader, View
 from ._read.receipts import receipt_matches
@@ -71,7 +76,6 @@ AREA_SHRINK_ABOVE = 1 << 20  # an area grown past 1 MiB for a large payload is g
 POLL_S = 0.05  # while waiting for a reply, the control block is checked this often
 MAX_PAYLOAD = 16 * 1024 * 1024
 _PER_ITEM_OVERHEAD = 64  # msgpack framing of one item beyond its variable fields
-_SHM_DIR = "/dev/shm"
 _MASK128 = (1 << 128) - 1
 _FENCE_COMMIT = Kind(0, SYSTEM_FENCE_COMMIT)
 
@@ -84,8 +88,6 @@ def _after_fork_in_child() -> None:
         # another thread of the parent may have held the lock at the fork: it would
         # never be released in the child
         store._lock = threading.RLock()
-        store._projections_lock = threading.Lock()
-        store._projections = {}
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -98,7 +100,7 @@ class _Area:
     def __init__(self, prefix: str, size: int) -> None:
         pid = os.getpid()
         for _ in range(100):
-            name = f"{prefix}-c{pid}-{secrets.token_hex(4)}"
+            name = area_name(prefix, pid, secrets.token_hex(AREA_TOKEN_BYTES))
             try:
                 shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
                 break
@@ -119,7 +121,7 @@ class _Area:
             raise WriterUnavailable(_shm_hint(size, exc)) from None
         shm.close_fd()
         try:
-            self.sem = posix_ipc.Semaphore(name + "s", posix_ipc.O_CREX, mode=0o600, initial_value=0)
+            self.sem = posix_ipc.Semaphore(semaphore_name(name), posix_ipc.O_CREX, mode=0o600, initial_value=0)
         except posix_ipc.Error as exc:
             self.mm.close()
             posix_ipc.unlink_shared_memory(name)
@@ -137,7 +139,8 @@ class _Area:
         except (BufferError, ValueError):
             pass
         self.sem.close()
-        for unlink, name in ((posix_ipc.unlink_shared_memory, self.name), (posix_ipc.unlink_semaphore, self.name + "s")):
+        for unlink, name in ((posix_ipc.unlink_shared_memory, self.name),
+                             (posix_ipc.unlink_semaphore, semaphore_name(self.name))):
             try:
                 unlink(name)
             except posix_ipc.ExistentialError:
@@ -146,11 +149,11 @@ class _Area:
 
 def _shm_hint(size: int, exc: BaseException) -> str:
     try:
-        st = os.statvfs(_SHM_DIR)
+        st = os.statvfs(SHM_DIR)
         free = st.f_bavail * st.f_frsize
-        where = f"{_SHM_DIR} has {free // 1024} KiB free"
+        where = f"{SHM_DIR} has {free // 1024} KiB free"
     except OSError:
-        where = f"{_SHM_DIR} is not available"
+        where = f"{SHM_DIR} is not available"
     return (f"cannot allocate a {size // 1024} KiB client area in shared memory ({exc}); {where}. "
             "Enlarge it (docker run --shm-size=256m) or use smaller batches/payloads.")
 
@@ -178,8 +181,6 @@ class Store:
         self._request_ids = itertools.count(1)
         self._reader = Reader(self.data_dir, self._view)
         self._public_key = self._load_public_key()
-        self._projections: dict[Any, Any] = {}  # project_if_changed's cache (see _replay)
-        self._projections_lock = threading.Lock()
         _live_stores.add(self)
 
     # -- plumbing --------------------------------------------------------------------------
@@ -323,10 +324,11 @@ class Store:
             prepared.append(p)
         return prepared
 
-    def _append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
+    def append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events of the store's own allowlisted reserved kinds (cursor positions,
-        gate audit records) together with ordinary ones, all or nothing. Used by the
-        cursor, reactor and gate layers; the writer checks the allowlist again."""
+        gate audit records) together with ordinary ones, all or nothing. For the store's
+        own layers (cursors, reactors, gates: ``_api.ReplayHost``); a reserved kind off
+        the allowlist is ``ReservedKind`` here, and the writer checks the allowlist again."""
         base = int.from_bytes(secrets.token_bytes(16), "little")
         prepared = []
         for i, it in enumerate(items):
@@ -348,7 +350,7 @@ class Store:
         """Append a store-recorded effect (reserved category 0xD): only an allowlisted
         type id with a payload of its shape (the writer checks both again)."""
         item = effect_item(coord, type_id, payload, causation_id=causation_id, idempotency_key=idempotency_key)
-        return self._append_store_kinds([item])[0]
+        return self.append_store_kinds([item])[0]
 
     def append_denial(self, coord: Coordinate, denial: Denial, *, proposal_kind: Kind | None = None,
                       causation_id: bytes | None = None) -> Receipt:
@@ -358,7 +360,7 @@ class Store:
     def append_bypass(self, item: BatchItem, reason: str, *, gates: Sequence[str] = ()) -> tuple[Receipt, Receipt]:
         """Append ``item`` past the gates together with its bypass audit record, all or
         nothing (the record is chained right after the event)."""
-        event, audit = self._append_store_kinds([item, bypass_audit_item(item, reason, gates)])
+        event, audit = self.append_store_kinds([item, bypass_audit_item(item, reason, gates)])
         return event, audit
 
     def _append(self, prepared: list[Prepared], fence: bytes | None = None) -> list[Receipt]:
@@ -439,7 +441,7 @@ class Store:
             raise InvalidArgument("after", after, "must be an int >= 0")
         return Subscription(self, after, entity, scope, kind, timeout)
 
-    def _entity_head(self, entity: str) -> Event | None:
+    def entity_head(self, entity: str) -> Event | None:
         """The newest visible event of ``entity``, or None: one table lookup (a cursor
         reads its position with it). Events of an uncommitted visibility fence are
         stepped over (back along the entity's chain)."""
@@ -455,6 +457,15 @@ class Store:
                 except NotFound:  # hidden inside a fence: its predecessor in the chain
                     seq = reader._retrying(functools.partial(reader.record, seq))[8]
             return None
+
+    def stream_page(self, after: int, limit: int, *, entity: str | None = None, scope: str | None = None,
+                    kind: Kind | None = None) -> tuple[list[Event], int]:
+        """The next page of the log after ``after`` in stream order (see ``_stream_page``)
+        and the last sequence looked at: what subscriptions, cursors and incremental
+        projections read (``_api.ReplayHost``)."""
+        with self._lock:
+            self._ensure_open()
+            return _stream_page(self._reader, after, limit, entity, scope, kind)
 
     # -- replay: cursors, reactors, causal links, projections (see _replay) -----------------
     def cursor(self, name: str, *, entity: str | None = None, scope: str | None = None, kind: Kind | None = None,
@@ -638,8 +649,8 @@ class Fence:
                 pass  # the original exception matters more; the fence stays hidden anyway
 
 
-def stream_page(reader: Reader, after: int, limit: int, entity: str | None, scope: str | None,
-                kind: Kind | None) -> tuple[list[Event], int]:
+def _stream_page(reader: Reader, after: int, limit: int, entity: str | None, scope: str | None,
+                 kind: Kind | None) -> tuple[list[Event], int]:
     """The next page of the log in *stream* order, for consumers that keep a position
     (subscriptions, cursors, reactors, incremental projections). An event written in a
     visibility fence is delivered where its FENCE_COMMIT event stands, not at its own
@@ -703,9 +714,8 @@ class Subscription:
             if bell is None:
                 raise StoreClosed()
             seen = bell.value  # read before looking: a publish after this wakes the wait
-            with store._lock:
-                store._ensure_open()
-                events, self.position = self._page(store._reader)
+            events, self.position = store.stream_page(self.position, self.PAGE, entity=self._entity,
+                                                      scope=self._scope, kind=self._kind)
             if events:
                 self._buffer.extend(events)
                 continue
@@ -719,9 +729,6 @@ class Subscription:
                     return None
             bell.wait(seen, wait)
         return None
-
-    def _page(self, reader: Reader) -> tuple[list[Event], int]:
-        return stream_page(reader, self.position, self.PAGE, self._entity, self._scope, self._kind)
 
     def close(self) -> None:
         self._closed = True
@@ -737,3 +744,8 @@ class Subscription:
 def connect(data_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> Store:
     """Attach to a served data directory. Cheap: maps files lazily, scans nothing."""
     return Store(data_dir, timeout=timeout)
+
+
+# The contracts Store implements, checked by mypy (a missing or renamed method fails it).
+_STORE_API: type[EventStore] = Store
+_REPLAY_HOST: type[ReplayHost] = Store

@@ -8,8 +8,9 @@ Owns:
 - ``Reactor``: runs a handler for each event and commits the reactions it returns together
   with the cursor's ack of the source event, in one all-or-nothing batch.
 - ``caused_by``: the events whose ``causation_id`` names an event (a bounded forward scan).
-- Projections: folding matching events into a state (``project``), the per-``Store`` cache
-  behind ``project_if_changed``, and snapshot files in ``<data_dir>/snapshots/``.
+- Projections: folding matching events into a state (``project``), the per-store cache
+  behind ``project_if_changed`` (kept here, weakly keyed by the store, new in a forked
+  child), and snapshot files in ``<data_dir>/snapshots/``.
 
 Invariants:
 - A cursor's position never moves backwards: an ack is appended only above the position
@@ -28,8 +29,9 @@ Invariants:
   journal: a snapshot that does not match exactly, or cannot be read, is ignored and the
   state is rebuilt from zero.
 
-Must not import the writer, the engine, the reader or the supervisor; ``_client`` only
-for type checking (the client imports this module).
+Depends on a store only through ``_api.ReplayHost`` (the client's ``Store`` implements it;
+the client imports this module, never the reverse). Must not import the client, the
+writer, the engine, the reader or the supervisor.
 """
 
 from __future__ import annotations
@@ -43,13 +45,15 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import msgpack
 
+from ._api import EventFeed, ReplayHost
 from ._errors import (
     BatpakError,
     ConcurrencyConflict,
@@ -70,9 +74,6 @@ from ._values import (
     check_name,
 )
 
-if TYPE_CHECKING:
-    from ._client import Store, Subscription
-
 CURSOR_SCOPE = "system"
 CURSOR_ACK = Kind(CATEGORY_SYSTEM, SYSTEM_CURSOR_ACK)
 ACK_RACES = 64  # tries against other instances of the same cursor before giving up
@@ -88,7 +89,7 @@ SNAPSHOT_DIR = "snapshots"
 SNAPSHOT_MAGIC = b"BPSNAP01"
 SNAPSHOT_FORMAT = 1
 DEFAULT_SNAPSHOT_EVERY = 1000  # sequences passed before a snapshot is rewritten
-CACHE_MAX = 256  # cached projection states per Store; the oldest is dropped beyond
+CACHE_MAX = 256  # cached projection states per store; the oldest is dropped beyond
 _KEY_PERSON = b"batpak-mp/rx1"  # blake2b personalisation of derived idempotency keys
 
 
@@ -160,7 +161,7 @@ class Cursor:
     drive a given cursor name at a time — a second one is safe (acks never move
     backwards) but both see the unacknowledged events."""
 
-    def __init__(self, store: Store, name: str, flt: EventFilter, *, start_after: int | None = 0,
+    def __init__(self, store: ReplayHost, name: str, flt: EventFilter, *, start_after: int | None = 0,
                  timeout: float | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidArgument("name", name, "must be a non-empty str")
@@ -187,7 +188,7 @@ class Cursor:
             if begin:
                 self._commit([], begin, _derived_key("cursor-start", name, begin))  # a restart starts there too
         self.delivered = self.acked
-        self._sub: Subscription = store.subscribe(self.acked, entity=flt.entity, scope=flt.scope, kind=flt.kind)
+        self._sub: EventFeed = store.subscribe(self.acked, entity=flt.entity, scope=flt.scope, kind=flt.kind)
 
     @property
     def position(self) -> int:
@@ -197,7 +198,7 @@ class Cursor:
     # -- the position in the journal -------------------------------------------------------
     def _load(self) -> tuple[int, int] | None:
         """(acknowledged position, entity clock) from the journal, or None for a new cursor."""
-        head = self._store._entity_head(self._coord.entity)
+        head = self._store.entity_head(self._coord.entity)
         if head is None:
             return None
         ack: Event | None = head
@@ -221,7 +222,7 @@ class Cursor:
             ack = BatchItem(self._coord, CURSOR_ACK, {"cursor": self.name, "through": through},
                             idempotency_key=key, expected_clock=self._clock)
             try:
-                receipts = self._store._append_store_kinds([*items, ack])
+                receipts = self._store.append_store_kinds([*items, ack])
             except ConcurrencyConflict as exc:
                 if exc.entity != self._coord.entity:
                     raise
@@ -351,7 +352,7 @@ class Reactor:
     A reactor is driven by one thread; ``stop()`` may be called from any thread (or
     from the handler) and takes effect within ``STOP_CHECK_S``."""
 
-    def __init__(self, store: Store, name: str, handler: Handler, flt: EventFilter, *, start_after: int | None = 0,
+    def __init__(self, store: ReplayHost, name: str, handler: Handler, flt: EventFilter, *, start_after: int | None = 0,
                  max_failures: int = DEFAULT_MAX_FAILURES, backoff: float = DEFAULT_BACKOFF_S,
                  max_backoff: float = DEFAULT_MAX_BACKOFF_S, ack_every: int = DEFAULT_ACK_EVERY,
                  on_error: Callable[[Event, BaseException], None] | None = None,
@@ -562,7 +563,7 @@ class Reactor:
         return f"Reactor({self.name!r}, acked={self.cursor.acked}, handled={self.handled}, failures={self._failures})"
 
 
-def caused_by(store: Store, event_id: bytes, *, limit: int = 100, within: int = 100_000) -> list[Event]:
+def caused_by(store: ReplayHost, event_id: bytes, *, limit: int = 100, within: int = 100_000) -> list[Event]:
     """The events whose ``causation_id`` is ``event_id``, in commit order.
 
     Effects always come after their cause, so this scans forward from the cause, reading
@@ -622,6 +623,37 @@ class _CacheEntry:
     snapshot_at: int = -1  # the position of the newest snapshot known (-1: none)
 
 
+# project_if_changed's caches: one per store, weakly keyed (a store's cache goes with it).
+_caches: weakref.WeakKeyDictionary[ReplayHost, dict[Any, _CacheEntry]] = weakref.WeakKeyDictionary()
+_caches_lock = threading.Lock()
+
+
+def _cache_entry(store: ReplayHost, key: Any) -> _CacheEntry:
+    """The cache entry of ``key`` for ``store`` (made on first use; beyond ``CACHE_MAX``
+    entries the oldest is dropped)."""
+    with _caches_lock:
+        cache = _caches.get(store)
+        if cache is None:
+            cache = _caches[store] = {}
+        entry = cache.get(key)
+        if entry is None:
+            entry = cache[key] = _CacheEntry()
+            while len(cache) > CACHE_MAX:
+                del cache[next(iter(cache))]
+        return entry
+
+
+def _forget_caches_after_fork() -> None:
+    """A forked child starts without caches: a lock another thread of the parent held at
+    the fork would never be released in the child."""
+    global _caches, _caches_lock
+    _caches = weakref.WeakKeyDictionary()
+    _caches_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_caches_after_fork)
+
+
 def _check_projection(projection: Any) -> tuple[str, int]:
     name = getattr(projection, "name", None)
     version = getattr(projection, "version", None)
@@ -639,7 +671,7 @@ def _initial(projection: Projection) -> Any:
     return init() if callable(init) else copy.deepcopy(init)
 
 
-def _fold(store: Store, projection: Projection, flt: EventFilter, start: _Fold) -> _Fold:
+def _fold(store: ReplayHost, projection: Projection, flt: EventFilter, start: _Fold) -> _Fold:
     """Bring ``start`` up to the visible frontier."""
     apply = projection.apply
     state = start.state
@@ -653,16 +685,13 @@ def _fold(store: Store, projection: Projection, flt: EventFilter, start: _Fold) 
             return _Fold(state, start.position, start.clock, visible)
         last = events[-1]
         return _Fold(state, last.global_sequence, last.entity_clock, max(visible, last.global_sequence))
-    from ._client import stream_page  # (the client imports this module)
 
     after = start.position
     admits = flt.admits
     while True:
         # stream order: a fenced event counts where its FENCE_COMMIT stands, so a cached
         # fold that had passed it still takes it in when the fence commits
-        with store._lock:
-            store._ensure_open()
-            events, end = stream_page(store._reader, after, PAGE, None, flt.scope, flt.kind)
+        events, end = store.stream_page(after, PAGE, scope=flt.scope, kind=flt.kind)
         for ev in events:
             if admits(ev):
                 state = apply(state, ev)
@@ -671,7 +700,7 @@ def _fold(store: Store, projection: Projection, flt: EventFilter, start: _Fold) 
         after = end
 
 
-def project(store: Store, projection: Projection, flt: EventFilter, *, snapshot: bool = False,
+def project(store: ReplayHost, projection: Projection, flt: EventFilter, *, snapshot: bool = False,
             snapshot_every: int = DEFAULT_SNAPSHOT_EVERY) -> Any:
     """Fold every matching event into ``projection``'s state (from a snapshot, if asked)."""
     _check_projection(projection)
@@ -686,22 +715,16 @@ def project(store: Store, projection: Projection, flt: EventFilter, *, snapshot:
     return result.state
 
 
-def project_if_changed(store: Store, projection: Projection, flt: EventFilter, *, snapshot: bool = False,
+def project_if_changed(store: ReplayHost, projection: Projection, flt: EventFilter, *, snapshot: bool = False,
                        snapshot_every: int = DEFAULT_SNAPSHOT_EVERY) -> Any:
-    """Like ``project``, from a cache in the ``Store``: the cached state itself when nothing
+    """Like ``project``, from this store's cache: the cached state itself when nothing
     was appended since (or nothing matching, for an entity), else the cached state with
     only the new events folded in. The returned state is the cached object: treat it as
     read-only (``apply`` may build on it in place)."""
     name, version = _check_projection(projection)
     _check_snapshot_args(snapshot, snapshot_every)
     key = (type(projection).__module__, type(projection).__qualname__, name, version, flt.key())
-    with store._projections_lock:
-        cache: dict[Any, _CacheEntry] = store._projections
-        entry = cache.get(key)
-        if entry is None:
-            entry = cache[key] = _CacheEntry()
-            while len(cache) > CACHE_MAX:
-                del cache[next(iter(cache))]
+    entry = _cache_entry(store, key)
     with entry.lock:
         visible = store.frontier().visible
         start = entry.fold
@@ -709,7 +732,7 @@ def project_if_changed(store: Store, projection: Projection, flt: EventFilter, *
             if start.visible == visible:
                 return start.state
             if flt.entity is not None:
-                head = store._entity_head(flt.entity)
+                head = store.entity_head(flt.entity)
                 if (head.entity_clock if head is not None else 0) == start.clock:
                     start.visible = visible  # nothing of this entity since
                     return start.state
@@ -752,7 +775,7 @@ def snapshot_path(data_dir: str, projection: Projection, flt: EventFilter) -> st
     return os.path.join(data_dir, SNAPSHOT_DIR, f"{safe}-{digest}.snap")
 
 
-def _anchor(store: Store, position: int) -> Event | None:
+def _anchor(store: ReplayHost, position: int) -> Event | None:
     if position <= 0:
         return None
     page = store.query_after(position - 1, limit=1)
@@ -760,7 +783,7 @@ def _anchor(store: Store, position: int) -> Event | None:
     return ev if ev is not None and ev.global_sequence == position else None
 
 
-def _load_snapshot(store: Store, projection: Projection, flt: EventFilter) -> _Fold | None:
+def _load_snapshot(store: ReplayHost, projection: Projection, flt: EventFilter) -> _Fold | None:
     """The snapshot's fold, or None if there is none or it does not match exactly."""
     name, version = _check_projection(projection)
     path = snapshot_path(store.data_dir, projection, flt)
@@ -795,7 +818,7 @@ def _load_snapshot(store: Store, projection: Projection, flt: EventFilter) -> _F
     return _Fold(doc["state"], position, clock, 0)
 
 
-def _save_snapshot(store: Store, projection: Projection, flt: EventFilter, fold: _Fold) -> None:
+def _save_snapshot(store: ReplayHost, projection: Projection, flt: EventFilter, fold: _Fold) -> None:
     """Write the snapshot atomically: a temporary file (0600), fsync, rename, fsync of
     the directory."""
     name, version = _check_projection(projection)

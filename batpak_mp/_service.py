@@ -1,9 +1,10 @@
 """``bp.serve()``: start the supervised service for a data directory and manage it.
 
-Owns: starting the supervisor process (``python -m batpak_supervisor``), waiting for
-its explicit ready line, reporting status from the control block, and stopping it
-(SIGTERM: the writer drains, fsyncs, exits) followed by unlinking the store's IPC
-objects. Never imports the supervisor package (it is a separate process role).
+Owns: starting the supervisor process (its command line is ``_ipc.codes.supervisor_argv``),
+waiting for its explicit ready line, reporting status from the control block, and
+stopping it (SIGTERM: the writer drains, fsyncs, exits) followed by unlinking the store's
+IPC objects (``cleanup_ipc``, by the names of ``_ipc.names``). Never imports the
+supervisor package (it is a separate process role).
 """
 
 from __future__ import annotations
@@ -11,20 +12,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from typing import Any
 
 import posix_ipc
 
 from ._errors import InvalidArgument, WriterTimeout, WriterUnavailable
-from ._ipc.control import ControlBlock, ipc_prefix, request_queue_name, state_name
+from ._ipc import codes as C
+from ._ipc.control import ControlBlock, state_name
+from ._ipc.names import SHM_DIR, client_objects, ipc_prefix, request_queue_name
 from ._storage.engine import EngineConfig, parse_sync
 from ._values import RestartPolicy, SyncMode
 
 READY_TIMEOUT_S = 60.0
-SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory and semaphores (listing only)
-EXIT_IN_USE = 4  # the supervisor's exit code when the directory is already served
 STOP_TIMEOUT_S = 30.0
 
 
@@ -114,24 +114,20 @@ def cleanup_ipc(data_dir: str) -> None:
     except posix_ipc.ExistentialError:
         pass
     ControlBlock.unlink(data_dir)
-    areas = ipc_prefix(data_dir)[1:] + "-c"
     try:
         entries = os.listdir(SHM_DIR)
     except OSError:
         return
-    for entry in entries:
-        is_sem = entry.startswith("sem.")
-        name = entry[4:] if is_sem else entry
-        if name.startswith(areas):
-            try:
-                (posix_ipc.unlink_semaphore if is_sem else posix_ipc.unlink_shared_memory)("/" + name)
-            except posix_ipc.ExistentialError:
-                pass
+    for obj in client_objects(entries, ipc_prefix(data_dir)):
+        try:
+            (posix_ipc.unlink_semaphore if obj.semaphore else posix_ipc.unlink_shared_memory)(obj.name)
+        except posix_ipc.ExistentialError:
+            pass
 
 
 def serve(data_dir: str | os.PathLike[str], *, restart: RestartPolicy | None = None,
           sync: SyncMode | str = SyncMode.GROUP, ready_timeout: float = READY_TIMEOUT_S,
-          hang_timeout_ms: int = 3000, **config: Any) -> Service:
+          hang_timeout_ms: int = C.HANG_TIMEOUT_MS, **config: Any) -> Service:
     """Start the supervisor (which starts the writer); return once the writer serves."""
     path = os.path.abspath(os.fspath(data_dir))
     policy = restart or RestartPolicy.once()
@@ -141,22 +137,22 @@ def serve(data_dir: str | os.PathLike[str], *, restart: RestartPolicy | None = N
     os.chmod(path, 0o700)
     wargs = writer_args(sync, config, path)
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "batpak_supervisor", path, "--restart", policy.spec(),
-           "--hang-timeout-ms", str(hang_timeout_ms), "--ready-fd", str(write_fd), "--", *wargs]
+    cmd = C.supervisor_argv(path, policy, hang_timeout_ms=hang_timeout_ms, ready_fd=write_fd, writer_args=wargs)
     try:
         proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, start_new_session=True)
     finally:
         os.close(write_fd)
     line = _read_line(read_fd, ready_timeout)
     os.close(read_fd)
-    if not line.startswith("ready"):
+    ready, detail = C.parse_announcement(line)
+    if not ready:
         if proc.poll() is None:
             proc.kill()
-        if proc.wait() != EXIT_IN_USE:  # exit 4: another live service owns these IPC objects
+        if proc.wait() != C.SupervisorExit.IN_USE:  # another live service owns these IPC objects
             cleanup_ipc(path)
         if not line:
             raise WriterTimeout("the service to become ready", ready_timeout)
-        raise WriterUnavailable(line.partition(" ")[2] or line)
+        raise WriterUnavailable(detail)
     return Service(path, proc, policy)
 
 

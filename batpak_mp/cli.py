@@ -39,6 +39,7 @@ import psutil
 
 from ._client import Store, connect
 from ._errors import BatpakError, ConcurrencyConflict, NotFound, StoreLocked, WriterUnavailable
+from ._ipc import codes as C
 from ._ipc.control import ControlBlock, ControlSnapshot, state_name
 from ._read.inspect import checkpoint_seq, frames_at, is_data_dir, jsonable, payload_preview, segment_ids, summary
 from ._read.verify import verify as verify_dir
@@ -370,13 +371,13 @@ def verify(data_dir: str, as_json: bool, progress_after: float) -> None:
 @click.option("--sync", type=click.Choice(["group", "interval", "none"]), default="group", show_default=True,
               help="When the writer fsyncs (group: before every acknowledgement).")
 @click.option("--segment-max-bytes", type=int, default=None, help="Size of each segment file (default 64 MiB).")
-@click.option("--hang-timeout-ms", type=click.IntRange(min=1), default=3000, show_default=True,
+@click.option("--hang-timeout-ms", type=click.IntRange(min=1), default=C.HANG_TIMEOUT_MS, show_default=True,
               help="A writer whose heartbeat is older than this is killed and restarted.")
-@click.option("--ready-timeout-ms", type=click.IntRange(min=1), default=30_000, show_default=True,
+@click.option("--ready-timeout-ms", type=click.IntRange(min=1), default=C.READY_TIMEOUT_MS, show_default=True,
               help="How long a starting writer may take to recover before it counts as failed.")
-@click.option("--stop-timeout-ms", type=click.IntRange(min=1), default=10_000, show_default=True,
+@click.option("--stop-timeout-ms", type=click.IntRange(min=1), default=C.STOP_TIMEOUT_MS, show_default=True,
               help="How long a drain may take before the writer is killed.")
-@click.option("--restart-delay-ms", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--restart-delay-ms", type=click.IntRange(min=0), default=C.RESTART_DELAY_MS, show_default=True,
               help="Pause before each restart.")
 @click.option("--sync-interval-ms", type=click.IntRange(min=1), default=None,
               help="With --sync interval: the longest an acknowledged event waits for its fsync.")
@@ -395,11 +396,10 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
     config = {key: value for key, value in (("segment_max_bytes", segment_max_bytes),
                                             ("sync_interval_ms", sync_interval_ms),
                                             ("max_payload_bytes", max_payload_bytes)) if value is not None}
-    cmd = [sys.executable, "-m", "batpak_supervisor", path, "--restart", policy.spec(),
-           "--hang-timeout-ms", str(hang_timeout_ms), "--ready-timeout-ms", str(ready_timeout_ms),
-           "--stop-timeout-ms", str(stop_timeout_ms), "--restart-delay-ms", str(restart_delay_ms)]
     ready_r, ready_w = os.pipe()
-    cmd += ["--ready-fd", str(ready_w), "--", *writer_args(sync, config, path)]
+    cmd = C.supervisor_argv(path, policy, hang_timeout_ms=hang_timeout_ms, ready_timeout_ms=ready_timeout_ms,
+                            stop_timeout_ms=stop_timeout_ms, restart_delay_ms=restart_delay_ms, ready_fd=ready_w,
+                            writer_args=writer_args(sync, config, path))
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(ready_w,))
     os.close(ready_w)
 
@@ -407,8 +407,9 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
         """Tell systemd (Type=notify) when the writer serves: the supervisor's ready line."""
         with os.fdopen(ready_r, "rb") as pipe:
             line = pipe.readline().decode(errors="replace").strip()
-        if line.startswith("ready"):
-            sd_notify(f"READY=1\nSTATUS=serving {path} (writer pid {line.partition(' ')[2]})")
+        ready, detail = C.parse_announcement(line)
+        if ready:
+            sd_notify(f"READY=1\nSTATUS=serving {path} (writer pid {detail})")
         elif line:
             sd_notify(f"STATUS={line}")
 
@@ -421,10 +422,10 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     code = proc.wait()
-    if code == 0:
+    if code == C.SupervisorExit.STOPPED:
         cleanup_ipc(path)  # a clean stop: nothing is left for clients to read
-    # 3 (failed): the control block keeps the reason for `status` and for clients;
-    # 4 (the directory is served by someone else): its IPC objects are not ours to remove
+    # FAILED: the control block keeps the reason for `status` and for clients;
+    # IN_USE (the directory is served by someone else): its IPC objects are not ours to remove
     sys.exit(128 - code if code < 0 else code)
 
 
@@ -475,18 +476,17 @@ def reset_ipc(data_dir: str, yes: bool) -> None:
     while a writer or supervisor runs for it. The data directory is not touched."""
     import os
 
-    from ._format.directory import LOCK_FILE
-    from ._ipc.control import ipc_prefix
+    from ._ipc.names import SHM_DIR, ipc_prefix, request_queue_name, store_files, supervisor_lock_path, writer_lock_path
     from ._service import cleanup_ipc
 
     path = os.path.abspath(data_dir)
-    for name in (LOCK_FILE, "supervisor.lock"):
-        if _lock_held(os.path.join(path, name)):
+    for lock in (writer_lock_path(path), supervisor_lock_path(path)):
+        if _lock_held(lock):
             raise StoreLocked(path)  # exit 3: a live service owns these objects; stop it first
-    prefix = ipc_prefix(path)[1:]
-    found = sorted(n for n in os.listdir("/dev/shm") if prefix in n) if os.path.isdir("/dev/shm") else []
+    found = store_files(os.listdir(SHM_DIR), ipc_prefix(path)) if os.path.isdir(SHM_DIR) else []
     if not yes:
-        click.echo(f"would remove the request queue {prefix}-req and {len(found)} object(s) in /dev/shm:")
+        click.echo(f"would remove the request queue {request_queue_name(path)[1:]} and {len(found)} object(s) "
+                   f"in {SHM_DIR}:")
         for n in found:
             click.echo(f"  {n}")
         click.echo("this forgets the old service's durable frontier (a recovery floor): run again with --yes")

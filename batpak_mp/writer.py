@@ -8,9 +8,9 @@ fsync of the previous one; replies wait for the fsync covering them), visibility
 held by clients, the control block's writer fields (epoch, state, heartbeat, frontiers,
 the subscribers' futex word), lifecycle events in the log, reclaiming IPC objects of
 dead clients, and a graceful drain on SIGTERM/SIGINT.
-Exit codes (the supervisor relies on them): 0 clean stop; 70 fail-closed (a failed
-fsync poisoned the store); 71 corruption or a newer format found at recovery; 72 the
-store is locked by another process; 2 bad usage.
+Exit codes (the supervisor relies on them; ``WriterExit`` in ``_ipc/codes.py``): 0 clean
+stop; 70 fail-closed (a failed fsync poisoned the store); 71 corruption or a newer format
+found at recovery; 72 the store is locked by another process; 2 bad usage.
 Must not import the client or the supervisor.
 """
 
@@ -50,7 +50,9 @@ from ._errors import (
 from ._format.frame import ZERO_ID
 from ._gates import check_effect
 from ._ipc import wire as W
-from ._ipc.control import ControlBlock, ipc_prefix, request_queue_name
+from ._ipc.codes import OPT_READY_FD, OPT_SUPERVISOR_PID, WRITER_READY_LINE, WriterExit
+from ._ipc.control import ControlBlock
+from ._ipc.names import SHM_DIR, client_objects, ipc_prefix, is_area_of, request_queue_name, semaphore_name
 from ._prepare import Prepared
 from ._storage.engine import Engine, EngineConfig, parse_sync
 from ._values import (
@@ -67,8 +69,6 @@ from ._values import (
     check_name,
 )
 
-EXIT_OK, EXIT_USAGE, EXIT_POISONED, EXIT_CORRUPT, EXIT_LOCKED = 0, 2, 70, 71, 72
-
 MIN_AREA = 4096  # bytes: a client area smaller than this is refused (the client makes 64 KiB)
 QUEUE_DEPTH = 10  # the kernel default msg_max: must work without raising limits
 HEARTBEAT_EVERY_NS = 50_000_000  # 50 ms: the supervisor's hang detection reads this
@@ -80,16 +80,11 @@ MAX_AREAS = 1024  # client areas kept mapped at once (LRU beyond)
 DRAIN_MAX = 64  # messages taken per group while draining at stop
 GROUP_MAX = 256  # requests in one commit group at most (one write, one fsync)
 INBOX_MAX = 1024  # messages the receiver thread holds before leaving the rest queued
-SHM_DIR = "/dev/shm"
 
 
 def _log(msg: str) -> None:
     sys.stderr.write(f"batpak-mp writer[{os.getpid()}]: {msg}\n")
     sys.stderr.flush()
-
-
-def semaphore_name(area: str) -> str:
-    return area + "s"
 
 
 def pid_alive(pid: int) -> bool:
@@ -260,7 +255,6 @@ class Writer:
         self.config = config
         self.supervisor_pid = supervisor_pid
         self.prefix = ipc_prefix(self.data_dir)
-        self.area_prefix = self.prefix + "-c"
         self.stopping = False
         self.dropped = 0
         self._areas: OrderedDict[str, _Area] = OrderedDict()
@@ -534,9 +528,12 @@ class Writer:
         if self.engine._poison is not None:
             raise self.engine._poison
 
+    def _is_our_area(self, name: str) -> bool:
+        return is_area_of(name, self.prefix)
+
     def _parse(self, raw: bytes) -> tuple[_Area, W.Request] | None:
         try:
-            msg = W.decode_message(raw, self.area_prefix)
+            msg = W.decode_message(raw, self._is_our_area)
         except ProtocolError:
             self.dropped += 1
             return None
@@ -600,23 +597,16 @@ class Writer:
             if not pid_alive(area.pid):
                 del self._areas[name]
                 area.close()
-        base = self.area_prefix[1:]
         try:
             entries = os.listdir(SHM_DIR)
         except OSError:
             return
-        for entry in entries:
-            shm_name = entry[4:] if entry.startswith("sem.") else entry
-            if not shm_name.startswith(base):
-                continue
-            pid_text = shm_name[len(base):].split("-", 1)[0]
-            if not pid_text.isdigit() or pid_alive(int(pid_text)):
+        for obj in client_objects(entries, self.prefix):
+            assert obj.area is not None
+            if pid_alive(obj.area.pid):
                 continue
             try:
-                if entry.startswith("sem."):
-                    posix_ipc.unlink_semaphore("/" + shm_name)
-                else:
-                    posix_ipc.unlink_shared_memory("/" + shm_name)
+                (posix_ipc.unlink_semaphore if obj.semaphore else posix_ipc.unlink_shared_memory)(obj.name)
             except posix_ipc.ExistentialError:
                 pass
 
@@ -652,8 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-interval-ms", type=int, default=EngineConfig.sync_interval_ms)
     p.add_argument("--max-payload-bytes", type=int, default=EngineConfig.max_payload_bytes)
     p.add_argument("--signing-key-file", default=None, help="file holding a hex Ed25519 private key")
-    p.add_argument("--ready-fd", type=int, default=-1)
-    p.add_argument("--supervisor-pid", type=int, default=0)
+    p.add_argument(OPT_READY_FD, dest="ready_fd", type=int, default=-1)
+    p.add_argument(OPT_SUPERVISOR_PID, dest="supervisor_pid", type=int, default=0)
     return p
 
 
@@ -672,12 +662,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.supervisor_pid:
         _die_with_parent()
         if os.getppid() != args.supervisor_pid:
-            return EXIT_OK
+            return WriterExit.OK
     try:
         config = config_from_args(args)
     except (BatpakError, OSError, ValueError) as exc:
         _log(f"bad configuration: {exc}")
-        return EXIT_USAGE
+        return WriterExit.USAGE
     stop_requested: list[bool] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -694,20 +684,20 @@ def main(argv: list[str] | None = None) -> int:
         writer = Writer(args.data_dir, config, args.supervisor_pid)
     except StoreLocked as exc:
         _log(str(exc))
-        return EXIT_LOCKED
+        return WriterExit.LOCKED
     except (CorruptSegment, FutureFormat) as exc:
         _log(f"recovery refused the store: {exc}")
         fail(str(exc))
-        return EXIT_CORRUPT
+        return WriterExit.CORRUPT
     except StorePoisoned as exc:
         _log(str(exc))
         fail(str(exc))
-        return EXIT_POISONED
+        return WriterExit.POISONED
     writer_ref.append(writer)
     writer.stopping = bool(stop_requested)
     if args.ready_fd >= 0:
         try:
-            os.write(args.ready_fd, b"ready\n")
+            os.write(args.ready_fd, WRITER_READY_LINE)
             os.close(args.ready_fd)
         except OSError:
             pass
@@ -719,10 +709,10 @@ def main(argv: list[str] | None = None) -> int:
     except StorePoisoned as exc:
         _log(f"failed closed: {exc}")
         writer.control.update(state=WriterState.FAILED, reason=f"failed closed: {exc}")
-        return EXIT_POISONED
+        return WriterExit.POISONED
     writer.close(clean=True)
     _log("stopped")
-    return EXIT_OK
+    return WriterExit.OK
 
 
 def _mark_failed(data_dir: str, reason: str) -> None:

@@ -1,15 +1,14 @@
 """The control block: a small shared-memory record of the service's state.
 
-Owns: its byte layout (docs/PROTOCOL.md §Control block), the seqlock that lets one
-writer update it while any number of readers read it without locks, and the IPC names
-derived from a data directory. Written by the writer (frontiers, state, heartbeat) and
+Owns: its byte layout (docs/PROTOCOL.md §4), and the seqlock that lets one writer update
+it while any number of readers read it without locks (its name is ``names.control_name``).
+Written by the writer (frontiers, state, heartbeat) and
 by the supervisor (state after it reaps a writer, restart count, failure reason); read
 by clients. Must not import the engine, the writer or the client.
 """
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import struct
@@ -21,6 +20,7 @@ import posix_ipc
 from .._errors import FutureFormat, ProtocolError, WriterUnavailable
 from .._values import WriterState
 from .futex import ReadOnlyMapping, Word, word_in_writable
+from .names import control_name
 
 CONTROL_MAGIC = 0x4C54435F504D5042  # "BPMP_CTL" little-endian
 CONTROL_VERSION = 1
@@ -64,20 +64,6 @@ class ControlSnapshot(NamedTuple):
     groups: int  # commit groups (one write + one fsync each) since this writer started
     requests: int  # append requests served by those groups: requests/groups = group commit at work
     reason: str
-
-
-def ipc_prefix(data_dir: str) -> str:
-    """The name prefix of every IPC object of a data directory (unique per path)."""
-    real = os.path.realpath(data_dir)
-    return "/bpmp-" + hashlib.blake2b(real.encode(), digest_size=6).hexdigest()
-
-
-def control_name(data_dir: str) -> str:
-    return ipc_prefix(data_dir) + "-ctl"
-
-
-def request_queue_name(data_dir: str) -> str:
-    return ipc_prefix(data_dir) + "-req"
 
 
 class ControlBlock:

@@ -8,8 +8,8 @@ never pickle. Must not import os, mmap, posix_ipc or any clock.
 
 from __future__ import annotations
 
-import re
 import struct
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgpack
@@ -34,7 +34,6 @@ STATUS_OK = 0
 STATUS_ERROR = 1
 
 LEN = struct.Struct("<I")  # every body in a shared area is prefixed by its length
-_AREA_NAME = re.compile(r"/bpmp-[0-9a-f]{12}-c[0-9]{1,10}-[0-9a-f]{1,32}")  # nothing else is ever opened
 
 
 class Message(NamedTuple):
@@ -81,7 +80,10 @@ def encode_message(msg: Message) -> bytes:
     return msgpack.packb([msg.version, msg.client_pid, msg.area, msg.request_id])  # type: ignore[no-any-return]
 
 
-def decode_message(data: bytes, area_prefix: str) -> Message:
+def decode_message(data: bytes, is_our_area: Callable[[str], bool]) -> Message:
+    """A queue message; ``is_our_area`` tells the names of this store's client areas
+    (``names.is_area_of``): a message naming anything else is refused, so the writer
+    never opens another object."""
     if len(data) > MAX_MESSAGE:
         raise E.ProtocolError(f"message of {len(data)} bytes is over {MAX_MESSAGE}")
     doc = _unpack(data, "message", MAX_MESSAGE)
@@ -92,7 +94,7 @@ def decode_message(data: bytes, area_prefix: str) -> Message:
         raise E.ProtocolError(f"wire version {version!r}, this writer speaks {WIRE_VERSION}")
     if type(pid) is not int or not 0 < pid < 1 << 31:
         raise E.ProtocolError(f"bad client pid {pid!r}")
-    if not isinstance(area, str) or not area.startswith(area_prefix) or not _AREA_NAME.fullmatch(area):
+    if not isinstance(area, str) or not is_our_area(area):
         raise E.ProtocolError(f"area {area!r} is not one of this store's client areas")
     if type(request_id) is not int or not 0 <= request_id < 1 << 63:
         raise E.ProtocolError(f"bad request id {request_id!r}")

@@ -1,18 +1,21 @@
 """``python -m batpak_supervisor``: the supervisor's command line.
 
 Owns: parsing arguments into a ``process.Config`` and mapping usage errors to exit 2.
+The option names, their defaults and the exit codes are the contract's
+(``batpak_mp._ipc.codes``, whose ``supervisor_argv`` builds what this parses).
 Everything else is in ``process`` (I/O) and ``policy`` (pure decisions).
 
     python -m batpak_supervisor DATA_DIR [--restart once|bounded:N:MS]
         [--hang-timeout-ms 3000] [--restart-delay-ms 0] [--ready-timeout-ms 30000]
         [--stop-timeout-ms 10000] [--ready-fd N] -- WRITER_ARGS...
 
-Exit codes: 0 stopped on request (SIGTERM/SIGINT/SIGHUP; the writer drained), 2 bad
+Exit codes (``SupervisorExit``): 0 stopped on request (SIGTERM/SIGINT/SIGHUP; the writer drained), 2 bad
 usage, 3 the service failed (restart policy exhausted, a fail-closed writer exit, or
 never ready; the control block says FAILED with the reason), 4 the data directory is
 already served by another supervisor or a writer this one did not start.
 
-Must not import the writer, the client or the engine.
+Must not import the writer, the client or the engine; from the library it imports only
+``batpak_mp._ipc``, ``batpak_mp._values`` and ``batpak_mp._errors``.
 """
 
 from __future__ import annotations
@@ -22,16 +25,17 @@ import os
 import sys
 
 from batpak_mp._errors import InvalidArgument
+from batpak_mp._ipc import codes as C
 from batpak_mp._values import RestartPolicy
 
-from .process import EXIT_USAGE, Config, run
+from .process import Config, run
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(EXIT_USAGE)
+        sys.exit(C.SupervisorExit.USAGE)
 
 
 def _ms(text: str) -> int:
@@ -69,26 +73,23 @@ def _fd(text: str) -> int:
 
 def parse(argv: list[str]) -> Config:
     """Split at the first ``--``: before it are ours, after it go to the writer verbatim."""
-    if "--" in argv:
-        cut = argv.index("--")
-        own, writer_args = argv[:cut], argv[cut + 1:]
-    else:
-        own, writer_args = argv, []
-    p = _Parser(prog="python -m batpak_supervisor",
+    own, writer_args = C.split_supervisor_args(argv)
+    p = _Parser(prog=f"python -m {C.SUPERVISOR_MODULE}",
                 usage="%(prog)s DATA_DIR [--restart once|bounded:N:MS] [options] [-- WRITER_ARGS...]",
                 description="Run the batpak-mp writer for DATA_DIR and restart it under a policy.",
                 epilog="Arguments after -- are passed to the writer (e.g. --segment-max-bytes N --sync group).")
     p.add_argument("data_dir", metavar="DATA_DIR")
-    p.add_argument("--restart", type=_policy, default=RestartPolicy.once(), metavar="once|bounded:N:MS",
-                   help="restart policy (default: once)")
-    p.add_argument("--hang-timeout-ms", type=_positive_ms, default=3_000,
-                   help="kill a ready writer whose heartbeat is older than this (default 3000)")
-    p.add_argument("--restart-delay-ms", type=_ms, default=0, help="pause before each restart (default 0)")
-    p.add_argument("--ready-timeout-ms", type=_positive_ms, default=30_000,
-                   help="kill a writer not ready this long after its start (default 30000)")
-    p.add_argument("--stop-timeout-ms", type=_positive_ms, default=10_000,
-                   help="SIGKILL a draining writer after this long (default 10000)")
-    p.add_argument("--ready-fd", type=_fd, default=None,
+    p.add_argument(C.OPT_RESTART, dest="restart", type=_policy, default=RestartPolicy.once(),
+                   metavar="once|bounded:N:MS", help="restart policy (default: once)")
+    p.add_argument(C.OPT_HANG_TIMEOUT_MS, dest="hang_timeout_ms", type=_positive_ms, default=C.HANG_TIMEOUT_MS,
+                   help=f"kill a ready writer whose heartbeat is older than this (default {C.HANG_TIMEOUT_MS})")
+    p.add_argument(C.OPT_RESTART_DELAY_MS, dest="restart_delay_ms", type=_ms, default=C.RESTART_DELAY_MS,
+                   help=f"pause before each restart (default {C.RESTART_DELAY_MS})")
+    p.add_argument(C.OPT_READY_TIMEOUT_MS, dest="ready_timeout_ms", type=_positive_ms, default=C.READY_TIMEOUT_MS,
+                   help=f"kill a writer not ready this long after its start (default {C.READY_TIMEOUT_MS})")
+    p.add_argument(C.OPT_STOP_TIMEOUT_MS, dest="stop_timeout_ms", type=_positive_ms, default=C.STOP_TIMEOUT_MS,
+                   help=f"SIGKILL a draining writer after this long (default {C.STOP_TIMEOUT_MS})")
+    p.add_argument(C.OPT_READY_FD, dest="ready_fd", type=_fd, default=None,
                    help="write 'ready <writer_pid>' or 'failed <reason>' here once, then close it")
     ns = p.parse_args(own)
     return Config(

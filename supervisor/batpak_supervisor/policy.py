@@ -14,27 +14,19 @@ and answers every later event with the same terminal action. Fail-closed writer 
 
 Must not import ``os``, ``time``, ``signal`` or anything that does I/O: time is passed in
 (``now_ms``, any monotonic millisecond clock), so the policy is tested with a fake clock.
-Imports only the ``RestartPolicy`` value of the library.
+Imports only the ``RestartPolicy`` value of the library and the writer's exit codes
+(``batpak_mp._ipc.codes``, pure).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from batpak_mp._ipc.codes import RESTART_CANNOT_HELP, WriterExit
 from batpak_mp._values import RestartPolicy
 
-# The writer's exit-code contract (batpak_mp.writer): these mean "restarting cannot help".
-EXIT_USAGE = 2  # bad arguments or configuration: the next start would fail the same way
-EXIT_POISONED = 70  # an fsync failed: the kernel may have dropped pages; never retry over them
-EXIT_CORRUPT = 71  # recovery found damage below the durable end: an operator must look
-EXIT_LOCKED = 72  # another live process holds the store's lock: this service does not own it
-
-TERMINAL_EXITS: dict[int, str] = {
-    EXIT_USAGE: "the writer refused its arguments or configuration (exit 2)",
-    EXIT_POISONED: "the writer stopped after a failed fsync; the store is poisoned (exit 70)",
-    EXIT_CORRUPT: "the writer found corruption during recovery (exit 71)",
-    EXIT_LOCKED: "the store is locked by another live process (exit 72)",
-}
+# The writer's exit codes that restarting cannot help (the contract: batpak_mp._ipc.codes).
+TERMINAL_EXITS: dict[int, str] = {code: f"{why} (exit {int(code)})" for code, why in RESTART_CANNOT_HELP.items()}
 
 
 # ---- events ---------------------------------------------------------------------------
@@ -150,7 +142,7 @@ def decide(state: PolicyState, event: Event, now_ms: int) -> tuple[PolicyState, 
     if isinstance(event, StopRequested):
         return replace(state, stopping=True), Stop()
     if isinstance(event, WriterExited) and event.signal is None and event.code in TERMINAL_EXITS:
-        fail = Fail(TERMINAL_EXITS[event.code], store_locked=event.code == EXIT_LOCKED)
+        fail = Fail(TERMINAL_EXITS[event.code], store_locked=event.code == WriterExit.LOCKED)
         return replace(state, outcome=fail), fail
     if state.stopping:  # the writer ended after a stop was asked for: done, whatever it said
         return replace(state, outcome=Stop()), Stop()

@@ -2,24 +2,26 @@
 
 Owns: the writer child process (spawn, readiness pipe, reaping, SIGTERM/SIGKILL), hang
 detection from the control block's heartbeat, the supervisor's own signals, its lock
-(``supervisor.lock`` in the data directory: one supervisor per directory), the fields of
-the control block the supervisor writes (``supervisor_pid``, ``restarts``, ``state`` and
-``reason`` between writers) and its exit codes. Every decision about restarting is asked
-of ``policy.decide``; this module only does the I/O around it.
+(``SUPERVISOR_LOCK_FILE`` in the data directory: one supervisor per directory), the
+fields of the control block the supervisor writes (``supervisor_pid``, ``restarts``,
+``state`` and ``reason`` between writers) and when it exits with which code. The names,
+codes and command lines are the contract's (``batpak_mp._ipc.names`` and ``codes``).
+Every decision about restarting is asked of ``policy.decide``; this module only does the
+I/O around it.
 
 Invariants:
 - The control block has one updater at a time: the supervisor writes it only while no
   writer of its own is alive (before the first spawn, after a reap). Before its first
   write it makes sure the directory is not someone else's (its own lock, then a probe of
   the writer's lock); a writer exit 72 leaves the block alone (it is the lock holder's).
-- Readiness is explicit: the writer writes ``b"ready\\n"`` on a pipe; nothing is ever
+- Readiness is explicit: the writer writes ``WRITER_READY_LINE`` on a pipe; nothing is ever
   "up because it ran for N seconds".
 - A writer is always reaped before it is replaced; the supervisor never leaves a child
   behind on a normal exit, and the child gets SIGTERM from the kernel if the supervisor
   dies (PR_SET_PDEATHSIG on Linux; the writer also watches ``--supervisor-pid`` itself).
 
 Must not import the writer, the client or the engine (roles never import each other);
-uses only ``batpak_mp._values``, ``batpak_mp._ipc.control`` and ``batpak_mp._errors``.
+uses only ``batpak_mp._values``, ``batpak_mp._ipc`` and ``batpak_mp._errors``.
 """
 
 from __future__ import annotations
@@ -38,20 +40,13 @@ from dataclasses import dataclass
 from types import FrameType
 
 from batpak_mp._errors import BatpakError
+from batpak_mp._ipc import codes as C
 from batpak_mp._ipc.control import ControlBlock
+from batpak_mp._ipc.names import supervisor_lock_path, writer_lock_path
 from batpak_mp._values import RestartPolicy, WriterState
 
 from . import policy as P
 
-# Exit codes of the supervisor process.
-EXIT_STOPPED = 0  # stopped on request; the writer drained and is gone
-EXIT_USAGE = 2  # bad command line
-EXIT_FAILED = 3  # the service failed: policy exhausted, fail-closed writer exit, never ready
-EXIT_IN_USE = 4  # another supervisor or a live writer already serves this data directory
-
-WRITER_MODULE = "batpak_mp.writer"
-LOCK_FILE = "supervisor.lock"  # flock'ed for the supervisor's life, holds its pid
-WRITER_LOCK_FILE = "writer.lock"  # batpak_mp._format.layout.LOCK_FILE: probed, never held
 WRITER_LOCK_WAIT_MS = 5_000  # an orphaned writer of a dead supervisor notices and exits within this
 POLL_MS = 100  # how often the heartbeat is checked; exits and signals wake the loop at once
 READY_LINE_MAX = 256  # bytes of readiness chatter accepted before the writer is judged broken
@@ -64,10 +59,10 @@ class Config:
     data_dir: str
     policy: RestartPolicy
     writer_args: tuple[str, ...] = ()
-    hang_timeout_ms: int = 3_000
-    restart_delay_ms: int = 0
-    ready_timeout_ms: int = 30_000
-    stop_timeout_ms: int = 10_000
+    hang_timeout_ms: int = C.HANG_TIMEOUT_MS
+    restart_delay_ms: int = C.RESTART_DELAY_MS
+    ready_timeout_ms: int = C.READY_TIMEOUT_MS
+    stop_timeout_ms: int = C.STOP_TIMEOUT_MS
     ready_fd: int | None = None
 
 
@@ -132,7 +127,7 @@ class _Writer:
         self.buf += chunk
         if b"\n" in self.buf:
             line = self.buf.split(b"\n", 1)[0].strip()
-            if line == b"ready":
+            if line == C.WRITER_READY_LINE.strip():
                 self.ready = True
                 self.ready_ns = self.last_alive_ns = time.monotonic_ns()
             else:
@@ -215,7 +210,7 @@ class Supervisor:
         when the directory is served by someone else."""
         d = self.cfg.data_dir
         os.makedirs(d, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(d, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(supervisor_lock_path(d), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -229,7 +224,7 @@ class Supervisor:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         deadline = time.monotonic() + WRITER_LOCK_WAIT_MS / 1000
-        path = os.path.join(d, WRITER_LOCK_FILE)
+        path = writer_lock_path(d)
         while True:
             try:
                 probe = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -261,8 +256,7 @@ class Supervisor:
         cfg = self.cfg
         r, w = os.pipe()
         os.set_blocking(r, False)
-        argv = [sys.executable, "-m", WRITER_MODULE, cfg.data_dir, *cfg.writer_args,
-                "--ready-fd", str(w), "--supervisor-pid", str(os.getpid())]
+        argv = C.writer_argv(cfg.data_dir, cfg.writer_args, ready_fd=w, supervisor_pid=os.getpid())
         try:
             proc = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.DEVNULL,
                                     preexec_fn=_set_pdeathsig,  # safe: the supervisor has one thread
@@ -354,7 +348,7 @@ class Supervisor:
         except BatpakError:
             epoch = ""
         _log(f"writer pid {wr.pid} ready{epoch}")
-        self._announce(f"ready {wr.pid}")
+        self._announce(C.ready_line(wr.pid))
 
     def _drain(self) -> P.Event:
         """Stop requested: SIGTERM the writer, wait, SIGKILL after the timeout (or at a
@@ -390,8 +384,8 @@ class Supervisor:
             busy = self._take_dir()
             if busy is not None:
                 _log(f"failed: {busy}")
-                self._announce(f"failed {busy}")
-                return EXIT_IN_USE
+                self._announce(C.failed_line(busy))
+                return C.SupervisorExit.IN_USE
             self.block = ControlBlock.create(cfg.data_dir)
             self._mark(supervisor_pid=os.getpid(), restarts=0, writer_pid=0,
                        state=int(WriterState.STARTING), reason="")
@@ -399,8 +393,8 @@ class Supervisor:
             return self._loop()
         except (BatpakError, OSError) as exc:  # no control block, no pipe, no fork: say so, once
             _log(f"failed: {exc}")
-            self._announce(f"failed {exc}")
-            return EXIT_FAILED
+            self._announce(C.failed_line(str(exc)))
+            return C.SupervisorExit.FAILED
         finally:
             if self.writer is not None and self.writer.proc.poll() is None:  # only on a crash of ours
                 self._kill()
@@ -437,17 +431,17 @@ class Supervisor:
         if isinstance(action, P.Stop):
             self._mark(state=int(WriterState.STOPPED), writer_pid=0)
             _log("stopped")
-            self._announce("failed stopped before the writer was ready")
-            return EXIT_STOPPED
+            self._announce(C.failed_line("stopped before the writer was ready"))
+            return C.SupervisorExit.STOPPED
         assert isinstance(action, P.Fail)
         if action.store_locked:  # the control block belongs to the live lock holder
             _log(f"failed: {action.reason}")
-            self._announce(f"failed {action.reason}")
-            return EXIT_IN_USE
+            self._announce(C.failed_line(action.reason))
+            return C.SupervisorExit.IN_USE
         self._mark(state=int(WriterState.FAILED), writer_pid=0, reason=action.reason)
         _log(f"failed: {action.reason}")
-        self._announce(f"failed {action.reason}")
-        return EXIT_FAILED
+        self._announce(C.failed_line(action.reason))
+        return C.SupervisorExit.FAILED
 
 
 def run(config: Config) -> int:

@@ -12,7 +12,7 @@ import multiprocess as mp
 import pytest
 
 import batpak_mp as bp
-from batpak_mp._ipc.control import control_name, ipc_prefix
+from batpak_mp._ipc.names import control_name, ipc_prefix
 
 K = bp.Kind(1, 1)
 CLIENTS = 200

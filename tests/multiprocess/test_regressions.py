@@ -16,7 +16,7 @@ import batpak_mp as bp
 from batpak_mp._format.directory import CHECKPOINT_FILE, SEGMENT_DIR, segment_name
 from batpak_mp._format.segment import SEG_HEADER_SIZE
 from batpak_mp._ipc import wire as W
-from batpak_mp._ipc.control import ipc_prefix, request_queue_name
+from batpak_mp._ipc.names import ipc_prefix, request_queue_name
 
 K = bp.Kind(1, 1)
 

@@ -12,7 +12,7 @@ import posix_ipc
 import pytest
 
 import batpak_mp as bp
-from batpak_mp._ipc.control import request_queue_name
+from batpak_mp._ipc.names import request_queue_name
 
 K = bp.Kind(1, 1)
 
