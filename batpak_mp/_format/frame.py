@@ -1,20 +1,28 @@
 """The frame codec: one event <-> bytes. Pure: bytes in, values out; no I/O, no clock.
 
-Owns: the byte layout of a frame (docs/FORMAT.md §Frames), the cumulative per-entity
-hash chain (``event_hash`` covers the predecessor's hash, every header field and the
-entity, scope and payload bytes), the CRC, and a total decoder: any byte string gives a
-frame, ``NEED_MORE``, ``EMPTY`` or one typed error, never ``IndexError``/``struct.error``.
+Owns: the byte layout of a frame (docs/FORMAT.md §3.2), declared once as the ``Header``
+NamedTuple (each field's struct code in its annotation; ``HEADER``, ``LEN_CRC``,
+``HASHED_HEADER``, the offsets and the ``H_*`` positions are derived from it); the flag
+bits and their names (§3.3); the cumulative per-entity hash chain (``event_hash`` covers
+the predecessor's hash, every header field and the entity, scope and payload bytes); the
+CRC; and **the frame validity rule**, written once in ``frame_header``: every decoder
+(``scan_frame``/``decode_frame``, the recovery scan, the reader, inspect) goes through it,
+so they accept and reject the same bytes. Decoders are total: any byte string gives a
+frame, "need more", the end marker or one typed error, never ``IndexError``/``struct.error``.
 Must not import os, mmap, posix_ipc or anything with a clock.
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
 import zlib
-from typing import TYPE_CHECKING, NamedTuple, TypeAlias
+from functools import reduce
+from operator import or_
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, TypeAlias
 
 from .._errors import CorruptSegment, FutureFormat
+from .._values import Coordinate, Event, Kind
+from .layout import fields_of, offset_of, position_of, struct_of
 
 if TYPE_CHECKING:
     import mmap
@@ -23,23 +31,72 @@ Buffer: TypeAlias = "bytes | bytearray | memoryview | mmap.mmap"
 
 FRAME_VERSION = 1
 
-# <frame_len u32><crc32 u32> then the hashed header:
-# version u16, flags u16, kind u16, entity_len u16, scope_len u16, payload_version u16,
-# payload_len u32, global_sequence u64, entity_clock u64, wall_ms u64,
-# event_id 16s, causation_id 16s, correlation_id 16s, idem_hash 16s, prev_hash 32s,
-# then event_hash 32s (not hashed: it *is* the hash), then entity, scope, payload bytes.
-HEADER = struct.Struct("<IIHHHHHHIQQQ16s16s16s16s32s32s")
+
+class Header(NamedTuple):
+    """The fixed 176-byte head of every frame, in byte order: the layout, defined here
+    and nowhere else. Then come entity, scope and payload bytes."""
+
+    frame_len: Annotated[int, "I"]  # whole frame, these 4 bytes included
+    crc: Annotated[int, "I"]  # crc32 of frame[8:frame_len]
+    version: Annotated[int, "H"]  # FRAME_VERSION; the hashed header starts here
+    flags: Annotated[int, "H"]
+    kind: Annotated[int, "H"]  # category << 12 | type_id
+    entity_len: Annotated[int, "H"]
+    scope_len: Annotated[int, "H"]
+    payload_version: Annotated[int, "H"]
+    payload_len: Annotated[int, "I"]
+    global_sequence: Annotated[int, "Q"]
+    entity_clock: Annotated[int, "Q"]
+    wall_ms: Annotated[int, "Q"]
+    event_id: Annotated[bytes, "16s"]
+    causation_id: Annotated[bytes, "16s"]
+    correlation_id: Annotated[bytes, "16s"]
+    idem_hash: Annotated[bytes, "16s"]
+    prev_hash: Annotated[bytes, "32s"]  # the hashed header ends here
+    event_hash: Annotated[bytes, "32s"]  # not hashed: it *is* the hash
+
+
+HEADER_FIELDS = fields_of(Header)
+HEADER = struct_of(HEADER_FIELDS)  # "<IIHHHHHHIQQQ16s16s16s16s32s32s"
 HEADER_SIZE = HEADER.size  # 176 bytes
-HASHED_START = 8  # the length and CRC frame the record; they are not part of the event
-HASH_OFFSET = HEADER_SIZE - 32  # where event_hash sits; bytes before it are hashed
+LEN_CRC = struct_of(HEADER_FIELDS, "frame_len", "crc")
+HASHED_HEADER = struct_of(HEADER_FIELDS, "version", "prev_hash")  # the header from version to prev_hash
+HASHED_START = offset_of(HEADER_FIELDS, "version")  # 8: length and CRC frame the record; they are not the event
+HASH_OFFSET = offset_of(HEADER_FIELDS, "event_hash")  # 144: bytes before it (from HASHED_START) are hashed
 MIN_FRAME = HEADER_SIZE + 2  # entity and scope are at least one byte each
 MAX_FRAME = 1 << 31  # a frame length beyond this is garbage, not a frame
 
+# positions in a tuple unpacked with HEADER (what ``frame_header`` returns)
+H_FRAME_LEN = position_of(HEADER_FIELDS, "frame_len")
+H_CRC = position_of(HEADER_FIELDS, "crc")
+H_VERSION = position_of(HEADER_FIELDS, "version")
+H_FLAGS = position_of(HEADER_FIELDS, "flags")
+H_KIND = position_of(HEADER_FIELDS, "kind")
+H_ENTITY_LEN = position_of(HEADER_FIELDS, "entity_len")
+H_SCOPE_LEN = position_of(HEADER_FIELDS, "scope_len")
+H_PAYLOAD_VERSION = position_of(HEADER_FIELDS, "payload_version")
+H_PAYLOAD_LEN = position_of(HEADER_FIELDS, "payload_len")
+H_GLOBAL_SEQUENCE = position_of(HEADER_FIELDS, "global_sequence")
+H_ENTITY_CLOCK = position_of(HEADER_FIELDS, "entity_clock")
+H_WALL_MS = position_of(HEADER_FIELDS, "wall_ms")
+H_EVENT_ID = position_of(HEADER_FIELDS, "event_id")
+H_CAUSATION_ID = position_of(HEADER_FIELDS, "causation_id")
+H_CORRELATION_ID = position_of(HEADER_FIELDS, "correlation_id")
+H_IDEM_HASH = position_of(HEADER_FIELDS, "idem_hash")
+H_PREV_HASH = position_of(HEADER_FIELDS, "prev_hash")
+H_EVENT_HASH = position_of(HEADER_FIELDS, "event_hash")
+
 FLAG_COMMIT_END = 0x1  # last frame of one request: recovery cuts after the last of these
-FLAG_HAS_CAUSATION = 0x2
-FLAG_HAS_CORRELATION = 0x4
+FLAG_HAS_CAUSATION = 0x2  # causation_id is set
+FLAG_HAS_CORRELATION = 0x4  # correlation_id is set
 FLAG_FENCED = 0x8  # written inside a visibility fence: hidden until a FENCE_COMMIT event reveals it
-KNOWN_FLAGS = FLAG_COMMIT_END | FLAG_HAS_CAUSATION | FLAG_HAS_CORRELATION | FLAG_FENCED
+FLAG_NAMES: dict[int, str] = {  # every flag bit a frame may carry, by the name FORMAT.md §3.3 gives it
+    FLAG_COMMIT_END: "COMMIT_END",
+    FLAG_HAS_CAUSATION: "HAS_CAUSATION",
+    FLAG_HAS_CORRELATION: "HAS_CORRELATION",
+    FLAG_FENCED: "FENCED",
+}
+KNOWN_FLAGS: int = reduce(or_, FLAG_NAMES)  # any other bit makes a frame bad
 
 ZERO_HASH = bytes(32)
 ZERO_ID = bytes(16)
@@ -49,6 +106,13 @@ OK = 0
 EMPTY = 1  # a zero length word: the end of written data
 NEED_MORE = 2  # the frame runs past the bytes available
 BAD = 3  # checksum, length or structure is wrong
+
+END = 0  # ``frame_header``'s answer for the end marker (a zero length word)
+NAMES_NOT_UTF8 = "entity or scope is not UTF-8"
+CHECKSUM_MISMATCH = "checksum mismatch"
+_CRC_COPY_MAX = 1 << 12  # frames up to this size are checksummed from a copy (cheaper than a memoryview)
+COORD_CACHE_MAX = 10_000  # decoded (entity, scope) pairs a reader keeps before starting over
+RawHeader: TypeAlias = "tuple[Any, ...]"  # a header unpacked with HEADER, indexed with H_*
 
 
 class Frame(NamedTuple):
@@ -72,6 +136,14 @@ class Frame(NamedTuple):
     payload: bytes
 
 
+def flag_names(flags: int) -> list[str]:
+    """The names of the bits set in ``flags``; a bit no frame may carry is ``unknown:0x..``."""
+    names = [name for bit, name in FLAG_NAMES.items() if flags & bit]
+    if flags & ~KNOWN_FLAGS:
+        names.append(f"unknown:{flags & ~KNOWN_FLAGS:#x}")
+    return names
+
+
 def chain_hash(hashed_header: bytes | memoryview, body: bytes | memoryview) -> bytes:
     """The event hash: blake2b-256 over the header (from version through prev_hash) and
     the entity, scope and payload bytes. prev_hash inside the header makes it cumulative."""
@@ -80,8 +152,6 @@ def chain_hash(hashed_header: bytes | memoryview, body: bytes | memoryview) -> b
     return h.digest()
 
 
-HASHED_HEADER = struct.Struct("<HHHHHHIQQQ16s16s16s16s32s")  # the header from version to prev_hash
-LEN_CRC = struct.Struct("<II")
 _pack_hashed = HASHED_HEADER.pack
 _pack_len_crc = LEN_CRC.pack
 _blake2b = hashlib.blake2b
@@ -133,57 +203,173 @@ def encode_frame(
     return b"".join(pieces), event_hash
 
 
-def scan_frame(buf: Buffer, off: int, limit: int) -> tuple[int, Frame | int | str | None]:
+def frame_header(buf: Buffer, off: int, limit: int, *, final: bool = False) -> RawHeader | int | str:
+    """The frame validity rule, the one place it is written down. Looks at the frame
+    starting at ``off`` using bytes up to ``limit`` (``0 <= off``, ``limit <= len(buf)``;
+    ``scan_frame`` checks that for any caller) and returns:
+
+    - the header (a tuple unpacked with ``HEADER``, indexed with ``H_*``) of a whole frame
+      that is valid: length in range, CRC, version, lengths that add up to the frame's,
+      non-empty entity and scope, no unknown flag bit;
+    - an int: ``END`` (0) for the end marker, a zero length word; else the number of bytes
+      the frame needs (it runs past ``limit``). ``final``: ``limit`` is the end of the
+      region (a segment's frame area), so fewer than 8 bytes there that are all zero are
+      the end too, not a cut length word;
+    - a str: why these bytes are not a frame (a newer version starts "future frame version").
+
+    Entity and scope must also be UTF-8 (``frame_names``); that is checked where the names
+    are decoded, which readers do once per distinct name."""
+    n = limit - off
+    if n < 8:
+        if (n >= 4 and not any(buf[off:off + 4])) or (final and not any(buf[off:limit])):
+            return END
+        return 8
+    h: RawHeader | None
+    frame_len: int
+    if n >= HEADER_SIZE:
+        h = _unpack_header(buf, off)
+        frame_len = h[H_FRAME_LEN]
+    else:
+        h = None
+        frame_len = _unpack_len_crc(buf, off)[0]
+    if frame_len == 0:
+        return END
+    if frame_len < MIN_FRAME or frame_len > MAX_FRAME:
+        return f"frame length {frame_len} out of range"
+    if frame_len > n or h is None:  # (h is None only when n < HEADER_SIZE < MIN_FRAME <= frame_len)
+        return frame_len
+    end = off + frame_len
+    body = buf[off + HASHED_START:end] if frame_len <= _CRC_COPY_MAX else memoryview(buf)[off + HASHED_START:end]
+    if _crc32(body) != h[H_CRC]:
+        return CHECKSUM_MISMATCH
+    version = h[H_VERSION]
+    if version != FRAME_VERSION:
+        return f"future frame version {version}" if version > FRAME_VERSION else f"unknown frame version {version}"
+    elen = h[H_ENTITY_LEN]
+    slen = h[H_SCOPE_LEN]
+    if HEADER_SIZE + elen + slen + h[H_PAYLOAD_LEN] != frame_len:
+        return "field lengths do not add up to the frame length"
+    if not elen or not slen:
+        return "empty entity or scope"
+    if h[H_FLAGS] & ~KNOWN_FLAGS:
+        return f"unknown flags {h[H_FLAGS]:#x}"
+    return h
+
+
+_unpack_header = HEADER.unpack_from
+_unpack_len_crc = LEN_CRC.unpack_from
+
+
+def frame_names(buf: Buffer, off: int, h: RawHeader) -> tuple[bytes, bytes] | None:
+    """(entity, scope) bytes of the valid frame at ``off`` whose header is ``h``; None
+    when either is not UTF-8 (then the frame is bad: ``NAMES_NOT_UTF8``)."""
+    e0 = off + HEADER_SIZE
+    e1 = e0 + h[H_ENTITY_LEN]
+    entity = bytes(buf[e0:e1])
+    scope = bytes(buf[e1:e1 + h[H_SCOPE_LEN]])
+    try:
+        entity.decode("utf-8")
+        scope.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return entity, scope
+
+
+def frame_from_header(buf: Buffer, off: int, h: RawHeader) -> Frame | None:
+    """The ``Frame`` of a valid frame whose header ``frame_header`` returned; None when
+    its names are not UTF-8."""
+    names = frame_names(buf, off, h)
+    if names is None:
+        return None
+    return Frame(
+        h[H_FRAME_LEN], h[H_FLAGS], h[H_KIND], h[H_PAYLOAD_VERSION], h[H_GLOBAL_SEQUENCE], h[H_ENTITY_CLOCK],
+        h[H_WALL_MS], h[H_EVENT_ID], h[H_CAUSATION_ID], h[H_CORRELATION_ID], h[H_IDEM_HASH], h[H_PREV_HASH],
+        h[H_EVENT_HASH], names[0], names[1],
+        bytes(buf[off + HEADER_SIZE + h[H_ENTITY_LEN] + h[H_SCOPE_LEN]:off + h[H_FRAME_LEN]]),
+    )
+
+
+_KINDS: dict[int, Kind] = {}  # packed kind -> Kind (at most 65,536 of them), filled as kinds are met
+
+
+def event_from_header(buf: bytes | mmap.mmap, off: int, h: RawHeader,
+                      coords: dict[bytes, tuple[int, Coordinate]]) -> Event | None:
+    """The ``Event`` of a valid frame whose header ``frame_header`` returned, built
+    straight from the buffer (the readers' hot path: ``get``, ``history``, ``query_after``,
+    ``scan``). ``coords`` caches decoded names across calls (entity and scope bytes ->
+    (entity length, Coordinate)); ``buf`` is bytes or an mmap, whose slices are bytes.
+    None when the names are not UTF-8."""
+    # unpacked in HEADER order (tests check this against the names of ``Header``)
+    (frame_len, _, _, flags, kind, elen, slen, pv, _, seq, clock, wall, event_id, causation, correlation,
+     _, prev, ehash) = h
+    e0 = off + HEADER_SIZE
+    p0 = e0 + elen + slen
+    names = buf[e0:p0]
+    hit = coords.get(names)
+    if hit is None or hit[0] != elen:  # ("ab", "c") and ("a", "bc") share their bytes
+        try:
+            coord = Coordinate._trusted(names[:elen], names[elen:])
+        except UnicodeDecodeError:
+            return None
+        if len(coords) >= COORD_CACHE_MAX:
+            coords.clear()
+        coords[names] = (elen, coord)
+    else:
+        coord = hit[1]
+    k = _KINDS.get(kind)
+    if k is None:
+        k = _KINDS[kind] = Kind.unpack(kind)
+    return Event(event_id, seq, coord, k, clock, wall, buf[p0:off + frame_len], pv, ehash, prev,
+                 causation if flags & FLAG_HAS_CAUSATION else None,
+                 correlation if flags & FLAG_HAS_CORRELATION else None)
+
+
+def frame_to_event(f: Frame) -> Event:
+    """The ``Event`` of a decoded ``Frame`` (whose names were checked by its decoder)."""
+    return Event(
+        f.event_id, f.global_sequence, Coordinate._trusted(f.entity, f.scope),
+        Kind.unpack(f.kind), f.entity_clock, f.wall_ms, f.payload, f.payload_version,
+        f.event_hash, f.prev_hash,
+        f.causation_id if f.flags & FLAG_HAS_CAUSATION else None,
+        f.correlation_id if f.flags & FLAG_HAS_CORRELATION else None,
+    )
+
+
+def header_fields(buf: Buffer, off: int, limit: int) -> dict[str, Any] | None:
+    """Every header field of the bytes at ``off`` by name, valid or not (for showing a
+    damaged frame); None when fewer than ``HEADER_SIZE`` bytes are there."""
+    if off < 0 or min(limit, len(buf)) - off < HEADER_SIZE:
+        return None
+    return Header._make(_unpack_header(buf, off))._asdict()
+
+
+def scan_frame(buf: Buffer, off: int, limit: int, *, final: bool = False) -> tuple[int, Frame | int | str | None]:
     """Look at the frame starting at ``off``, using bytes up to ``limit``.
 
     Returns (OK, Frame), (EMPTY, None), (NEED_MORE, needed_len) or (BAD, reason).
     Never raises for any input (a newer frame version is reported as BAD with a reason
-    starting "future"). This is the one decoder: recovery, readers and verify use it."""
+    starting "future"). ``final``: see ``frame_header``, whose rule this applies."""
     if off < 0 or limit > len(buf) or off > limit:
         return BAD, f"offset {off} outside buffer of {len(buf)} bytes (limit {limit})"
-    if limit - off < 8:
-        if limit - off >= 4 and buf[off:off + 4] == b"\0\0\0\0":
-            return EMPTY, None
-        if not any(buf[off:limit]):
-            return (EMPTY, None) if limit - off >= 4 else (NEED_MORE, 8)
-        return NEED_MORE, 8
-    frame_len, crc = struct.unpack_from("<II", buf, off)
-    if frame_len == 0:
-        return EMPTY, None
-    if frame_len < MIN_FRAME or frame_len > MAX_FRAME:
-        return BAD, f"frame length {frame_len} out of range"
-    if limit - off < frame_len:
-        return NEED_MORE, frame_len
+    h = frame_header(buf, off, limit, final=final)
+    if isinstance(h, tuple):
+        frame = frame_from_header(buf, off, h)
+        return (OK, frame) if frame is not None else (BAD, NAMES_NOT_UTF8)
+    if isinstance(h, str):
+        return BAD, h
+    return (EMPTY, None) if h == END else (NEED_MORE, h)
+
+
+def frame_hash(buf: Buffer, off: int, frame_len: int) -> bytes:
+    """The event hash the bytes of the frame at ``off`` give (to compare with the one it
+    stores): blake2b-256 over the hashed header and the entity, scope and payload."""
     mv = memoryview(buf)[off:off + frame_len]
-    if zlib.crc32(mv[HASHED_START:]) != crc:
-        return BAD, "checksum mismatch"
-    (_, _, version, flags, kind, entity_len, scope_len, payload_version, payload_len,
-     seq, clock, wall_ms, event_id, causation, correlation, idem_hash, prev_hash,
-     event_hash) = HEADER.unpack_from(mv, 0)
-    if version != FRAME_VERSION:
-        if version > FRAME_VERSION:
-            return BAD, f"future frame version {version}"
-        return BAD, f"unknown frame version {version}"
-    if HEADER_SIZE + entity_len + scope_len + payload_len != frame_len:
-        return BAD, "field lengths do not add up to the frame length"
-    if entity_len == 0 or scope_len == 0:
-        return BAD, "empty entity or scope"
-    if flags & ~KNOWN_FLAGS:
-        return BAD, f"unknown flags {flags:#x}"
-    e_end = HEADER_SIZE + entity_len
-    s_end = e_end + scope_len
-    return OK, Frame(
-        frame_len, flags, kind, payload_version, seq, clock, wall_ms, bytes(event_id),
-        bytes(causation), bytes(correlation), bytes(idem_hash), bytes(prev_hash),
-        bytes(event_hash), bytes(mv[HEADER_SIZE:e_end]), bytes(mv[e_end:s_end]),
-        bytes(mv[s_end:frame_len]),
-    )
+    return chain_hash(mv[HASHED_START:HASH_OFFSET], mv[HEADER_SIZE:])
 
 
 def hash_matches(buf: Buffer, off: int, frame: Frame) -> bool:
     """Recompute a decoded frame's event hash from its bytes and compare."""
-    mv = memoryview(buf)[off:off + frame.frame_len]
-    return chain_hash(mv[HASHED_START:HASH_OFFSET], mv[HEADER_SIZE:]) == frame.event_hash
+    return frame_hash(buf, off, frame.frame_len) == frame.event_hash
 
 
 class NeedMore(NamedTuple):
@@ -207,6 +393,12 @@ def decode_frame(data: bytes, *, segment: str = "<bytes>", offset: int = 0) -> F
         assert isinstance(value, int)
         return NeedMore(value)
     reason = str(value)
+    raise future_or_corrupt(segment, offset, reason)
+
+
+def future_or_corrupt(where: str, offset: int, reason: str) -> CorruptSegment | FutureFormat:
+    """The typed error for a ``frame_header`` reason: ``FutureFormat`` for a frame of a
+    newer version (never cut, never called damage), else ``CorruptSegment``."""
     if reason.startswith("future frame version"):
-        raise FutureFormat(segment, int(reason.rsplit(" ", 1)[1]), FRAME_VERSION)
-    raise CorruptSegment(segment, offset, reason)
+        return FutureFormat(where, int(reason.rsplit(" ", 1)[1]), FRAME_VERSION)
+    return CorruptSegment(where, offset, reason)

@@ -1,8 +1,12 @@
 """Segment files (docs/FORMAT.md §3.1 and §3.6): the 64-byte header at offset 0, the
 seal footer (the segment's index records) and the 32-byte trailer at the end.
 
-Owns: those three layouts, their encoders and total decoders. Frames, which fill the
-space between header and footer, are ``frame.py``'s. Pure: no I/O.
+Owns: those three layouts, their encoders and total decoders, and the one answer to "is
+this segment acceptable here" (``segment_verdict``: the header belongs to this store and
+continues the log, the seal state is allowed; ``sealed_verdict``: the whole-file checksum
+and the footer of a sealed one). Recovery, verify, inspect and the offline reader ask it;
+each decides what to do with a problem (refuse to open, report it, show it). Frames, which
+fill the space between header and footer, are ``frame.py``'s. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .._errors import CorruptSegment, FutureFormat
 from .directory import FORMAT_VERSION
 from .record import RECORD_SIZE
+
+if TYPE_CHECKING:
+    from .frame import Buffer
 
 SEGMENT_MAGIC = b"BPMPSEG\x00"
 SEG_HEADER = struct.Struct("<8sII16sQQI")  # magic, version, segment_id, store_id, first_seq, size, crc
@@ -97,3 +104,101 @@ def decode_footer(data: bytes, name: str, offset: int) -> tuple[int, bytes]:
     if hashlib.blake2b(records, digest_size=32).digest() != digest:
         raise CorruptSegment(name, offset, "seal footer checksum mismatch")
     return first_seq, records
+
+
+def footer_count(data: bytes) -> int | None:
+    """The record count a seal footer's head states (not verified), or None when ``data``
+    is too short or has no footer magic."""
+    if len(data) < FOOTER_HEAD.size:
+        return None
+    magic, _, count, _ = FOOTER_HEAD.unpack_from(data, 0)
+    return int(count) if magic == FOOTER_MAGIC else None
+
+
+class SegmentVerdict(NamedTuple):
+    """What ``segment_verdict`` found. ``problems`` is empty when the segment is
+    acceptable; otherwise each says what is wrong, with the segment and offset."""
+
+    header: SegmentHeader
+    trailer: Trailer | None  # None: not sealed
+    frames_end: int  # frames lie in [64, frames_end): the footer when sealed, else size - 32
+    problems: tuple[CorruptSegment, ...]
+
+    def check(self) -> None:
+        """Raise the first problem (for callers that refuse any)."""
+        if self.problems:
+            raise self.problems[0]
+
+
+def segment_verdict(
+    name: str, head: bytes, tail: bytes, size: int, *, store_id: bytes | None, first_seq: int | None,
+    unsealed_ok: bool, segment_id: int | None = None,
+) -> SegmentVerdict:
+    """Judge a segment from its first 64 bytes (``head``), its last 32 (``tail``) and its
+    size: does it belong to the store ``store_id``, start at ``first_seq`` (where the
+    log so far ends + 1), carry ``segment_id`` in its header (each checked when not None),
+    and is its seal state allowed (``unsealed_ok``: recovery accepts an unsealed segment
+    anywhere and seals it; verify only the newest)? A sealed segment's trailer must point
+    inside it.
+    Raises ``CorruptSegment``/``FutureFormat`` only when the header cannot be decoded
+    (then nothing else can be judged); every other finding is in ``problems``."""
+    header = decode_segment_header(head, name)
+    problems: list[CorruptSegment] = []
+    if store_id is not None and header.store_id != store_id:
+        problems.append(CorruptSegment(name, 0, "segment belongs to another store"))
+    if segment_id is not None and header.segment_id != segment_id:
+        problems.append(CorruptSegment(name, 0, f"header says segment {header.segment_id}, the file name {segment_id}"))
+    if first_seq is not None and header.first_seq != first_seq:
+        problems.append(CorruptSegment(name, 0, f"segment starts at sequence {header.first_seq}, expected {first_seq}"))
+    limit = size - SEG_TRAILER_SIZE
+    trailer = decode_trailer(tail) if size >= SEG_HEADER_SIZE + SEG_TRAILER_SIZE else None
+    frames_end = limit
+    if trailer is not None:
+        if trailer.footer_offset < SEG_HEADER_SIZE or trailer.footer_offset + trailer.footer_len > limit:
+            problems.append(CorruptSegment(name, limit, "trailer points outside the segment"))
+        else:
+            frames_end = trailer.footer_offset
+    elif not unsealed_ok:
+        problems.append(CorruptSegment(name, max(limit, 0), "segment before the last is not sealed"))
+    return SegmentVerdict(header, trailer, frames_end, tuple(problems))
+
+
+class SealedVerdict(NamedTuple):
+    """What ``sealed_verdict`` found: the footer's records (None when they could not be
+    read) and every problem (empty: the sealed segment is intact)."""
+
+    records: bytes | None
+    problems: tuple[CorruptSegment, ...]
+
+    def check(self) -> bytes | None:
+        """Raise the first problem; else the records."""
+        if self.problems:
+            raise self.problems[0]
+        return self.records
+
+
+def sealed_verdict(name: str, body: Buffer, trailer: Trailer, *, checksum: bool = True,
+                   footer: bool = True) -> SealedVerdict:
+    """Check a sealed segment's bytes (``body``: the whole file): (``checksum``) the crc32
+    of everything before the trailer, and (``footer``) that the seal footer decodes
+    (magic, length, digest). Never raises."""
+    problems: list[CorruptSegment] = []
+    limit = len(body) - SEG_TRAILER_SIZE
+    if checksum:
+        mv = memoryview(body)
+        try:
+            if zlib.crc32(mv[:limit]) != trailer.segment_crc:
+                problems.append(CorruptSegment(name, 0, "sealed segment checksum mismatch (a byte changed after sealing)"))
+        finally:
+            mv.release()
+    records = None
+    if footer:
+        start, end = trailer.footer_offset, trailer.footer_offset + trailer.footer_len
+        if start < SEG_HEADER_SIZE or end > limit:
+            problems.append(CorruptSegment(name, limit, "trailer points outside the segment"))
+        else:
+            try:
+                _, records = decode_footer(bytes(body[start:end]), name, start)
+            except CorruptSegment as exc:
+                problems.append(exc)
+    return SealedVerdict(records, tuple(problems))

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import struct
-import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,22 +29,28 @@ import psutil
 
 from .._errors import BatpakError, InvalidArgument
 from .._format.checkpoint import decode_checkpoint
-from .._format.directory import CHECKPOINT_FILE, INDEX_DIR, LOCK_FILE, META_FILE, SEGMENT_DIR, segment_name
+from .._format.directory import (
+    CHECKPOINT_FILE,
+    INDEX_DIR,
+    LOCK_FILE,
+    META_FILE,
+    SEGMENT_DIR,
+    parse_segment_name,
+    segment_name,
+)
 from .._format.frame import (
     BAD,
+    CHECKSUM_MISMATCH,
     EMPTY,
-    FLAG_COMMIT_END,
-    FLAG_HAS_CAUSATION,
-    FLAG_HAS_CORRELATION,
-    HASH_OFFSET,
-    HASHED_START,
-    HEADER,
     HEADER_SIZE,
+    LEN_CRC,
     MAX_FRAME,
     MIN_FRAME,
     NEED_MORE,
     OK,
-    chain_hash,
+    flag_names,
+    frame_hash,
+    header_fields,
     scan_frame,
 )
 from .._format.meta import decode_meta
@@ -58,14 +62,19 @@ from .._format.segment import (
     SEG_TRAILER_SIZE,
     Trailer,
     decode_footer,
-    decode_segment_header,
     decode_trailer,
+    footer_count,
+    sealed_verdict,
+    segment_verdict,
 )
 from .reader import map_readonly
 
+__all__ = [
+    "FrameInfo", "SegmentInfo", "checkpoint_seq", "decode_at", "flag_names", "frames_at", "is_data_dir", "jsonable",
+    "payload_preview", "segment_ids", "segment_info", "segment_path", "summary",
+]
+
 PREVIEW_CHARS = 120  # payload previews are cut to this many characters (JSON text)
-_FLAG_NAMES = ((FLAG_COMMIT_END, "COMMIT_END"), (FLAG_HAS_CAUSATION, "HAS_CAUSATION"),
-               (FLAG_HAS_CORRELATION, "HAS_CORRELATION"))
 
 
 def jsonable(value: Any) -> Any:
@@ -93,14 +102,6 @@ def payload_preview(raw: bytes, limit: int = PREVIEW_CHARS) -> str:
     except Exception:  # any byte string must give a preview, never an error
         text = "<not msgpack> " + raw[:limit // 2].hex()
     return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def flag_names(flags: int) -> list[str]:
-    names = [name for bit, name in _FLAG_NAMES if flags & bit]
-    rest = flags & ~(FLAG_COMMIT_END | FLAG_HAS_CAUSATION | FLAG_HAS_CORRELATION)
-    if rest:
-        names.append(f"unknown:{rest:#x}")
-    return names
 
 
 def _read(path: str) -> bytes | None:
@@ -152,7 +153,7 @@ def segment_ids(data_dir: str) -> list[int]:
         names = os.listdir(seg_dir)
     except FileNotFoundError:
         return []
-    return sorted(int(n[:-4]) for n in names if n.endswith(".seg") and n[:-4].isdigit())
+    return sorted(sid for sid in map(parse_segment_name, names) if sid is not None)
 
 
 def segment_path(data_dir: str, segment_id: int) -> str:
@@ -184,35 +185,29 @@ def _segment_info(m: mmap.mmap, segment_id: int, name: str, newest: bool) -> Seg
         info.state, info.problem = "unborn", "no header (a rotation was cut short)"
         return info
     try:
-        header = decode_segment_header(m[:SEG_HEADER_SIZE], name)
+        verdict = segment_verdict(name, m[:SEG_HEADER_SIZE], m[size - SEG_TRAILER_SIZE:], size, store_id=None,
+                                  first_seq=None, unsealed_ok=newest, segment_id=segment_id)
     except BatpakError as exc:
         info.problem = str(exc)
         return info
+    header, trailer = verdict.header, verdict.trailer
     info.first_seq = header.first_seq
-    if header.segment_id != segment_id:
-        info.problem = f"header says segment {header.segment_id}"
-    trailer = decode_trailer(m[size - SEG_TRAILER_SIZE:]) if size >= SEG_TRAILER_SIZE else None
+    problems = [p.reason for p in verdict.problems]
     if trailer is not None:
         info.state = "sealed"
         info.footer_offset, info.footer_len = trailer.footer_offset, trailer.footer_len
         info.data_end = trailer.footer_offset
-        end = trailer.footer_offset + trailer.footer_len
-        if trailer.footer_offset < SEG_HEADER_SIZE or end > size - SEG_TRAILER_SIZE:
-            info.footer_ok, info.problem = False, "trailer points outside the segment"
-            return info
-        try:
-            _, records = decode_footer(m[trailer.footer_offset:end], name, trailer.footer_offset)
-            info.footer_ok = True
-            info.frames = len(records) // RECORD_SIZE
-        except BatpakError as exc:
-            info.footer_ok, info.problem = False, str(exc)
-            if end - trailer.footer_offset >= FOOTER_HEAD.size:
-                info.frames = FOOTER_HEAD.unpack_from(m, trailer.footer_offset)[2]
+        inside = verdict.frames_end == trailer.footer_offset
+        sealed = sealed_verdict(name, m, trailer, checksum=False, footer=inside)  # whole-file CRC: verify's job
+        info.footer_ok = inside and not sealed.problems
+        problems += [p.reason for p in sealed.problems]
+        if sealed.records is not None:
+            info.frames = len(sealed.records) // RECORD_SIZE
+        elif inside:
+            info.frames = footer_count(m[trailer.footer_offset:trailer.footer_offset + FOOTER_HEAD.size]) or 0
     else:
         info.state = "active" if newest else "unsealed"
-        if not newest:
-            info.problem = "a segment before the newest is not sealed"
-        scan = scan_segment(m, SEG_HEADER_SIZE, size - SEG_TRAILER_SIZE, header.first_seq)
+        scan = scan_segment(m, SEG_HEADER_SIZE, verdict.frames_end, header.first_seq)
         info.frames = scan.committed
         info.data_end = scan.commit_end
         uncommitted = len(scan.frames) - scan.committed
@@ -221,6 +216,7 @@ def _segment_info(m: mmap.mmap, segment_id: int, name: str, newest: bool) -> Seg
         else:
             what = f"{uncommitted} frame(s) without COMMIT_END, then " if uncommitted else ""
             info.tail = f"{what}{scan.stop_reason} at offset {scan.stop_offset}"
+    info.problem = "; ".join(problems) or None
     if info.frames:
         info.last_seq = header.first_seq + info.frames - 1
     return info
@@ -347,49 +343,49 @@ def _footer_at(m: mmap.mmap, off: int, trailer: Trailer) -> FrameInfo:
 
 def decode_at(buf: Any, off: int, limit: int) -> FrameInfo:
     """Decode the frame at ``off`` as far as its bytes allow; never raises for any
-    bytes. ``limit``: where frames must end (the trailer of a segment starts there)."""
+    bytes. ``limit``: where frames must end (the trailer of a segment starts there). The
+    verdict is ``scan_frame``'s (the frame validity rule every decoder shares); the fields
+    are whatever the header bytes say, shown even when the frame is bad."""
     size = min(len(buf), limit)
-    if size - off < 8:
-        if not any(buf[off:size]):
-            return FrameInfo(off, "end", "end", "zeros up to the end of the segment")
-        return FrameInfo(off, "frame", "truncated", "a length word cut by the end of the segment")
-    frame_len, crc = struct.unpack_from("<II", buf, off)
-    if frame_len == 0:
-        return FrameInfo(off, "end", "end", "zero length word: the end of the written data")
-    status, value = scan_frame(buf, off, size)
+    status, value = scan_frame(buf, off, size, final=True)
+    if status == EMPTY:
+        detail = ("zeros up to the end of the segment" if size - off < 8
+                  else "zero length word: the end of the written data")
+        return FrameInfo(off, "end", "end", detail)
     info = FrameInfo(off, "frame", {OK: "ok", BAD: "bad", NEED_MORE: "truncated"}.get(status, "bad"))
     if status == BAD:
         info.detail = str(value)
     elif status == NEED_MORE:
-        info.detail = f"the frame needs {value} bytes, {size - off} remain"
+        info.detail = ("a length word cut by the end of the segment" if size - off < 8
+                       else f"the frame needs {value} bytes, {size - off} remain")
+    if size - off < 8:
+        return info
+    frame_len, crc = LEN_CRC.unpack_from(buf, off)
+    fields = header_fields(buf, off, size)
     f: dict[str, Any] = {"frame_len": frame_len, "crc": f"{crc:08x}"}
     sane_len = MIN_FRAME <= frame_len <= MAX_FRAME and off + frame_len <= size
     if sane_len:
-        f["crc_ok"] = zlib.crc32(memoryview(buf)[off + HASHED_START:off + frame_len]) == crc
         info.next_offset = off + frame_len
-    else:
-        f["crc_ok"] = False
-    if size - off >= HEADER_SIZE:
-        (_, _, version, flags, kind, elen, slen, pver, plen, seq, clock, wall_ms, event_id, causation,
-         correlation, idem, prev_hash, event_hash) = HEADER.unpack_from(buf, off)
+    # a whole frame fails its CRC first, or gets past it (OK, or bad for a later reason)
+    f["crc_ok"] = sane_len and value != CHECKSUM_MISMATCH
+    if fields is not None:
+        elen, slen, plen = fields["entity_len"], fields["scope_len"], fields["payload_len"]
         f.update({
-            "version": version, "flags": flags, "flag_names": flag_names(flags),
-            "kind": f"{kind >> 12}:{kind & 0xFFF}", "entity_len": elen, "scope_len": slen,
-            "payload_version": pver, "payload_len": plen, "global_sequence": seq, "entity_clock": clock,
-            "wall_ms": wall_ms, "event_id": event_id.hex(), "causation_id": causation.hex(),
-            "correlation_id": correlation.hex(), "idem_hash": idem.hex(), "prev_hash": prev_hash.hex(),
-            "event_hash": event_hash.hex(),
+            "version": fields["version"], "flags": fields["flags"], "flag_names": flag_names(fields["flags"]),
+            "kind": f"{fields['kind'] >> 12}:{fields['kind'] & 0xFFF}", "entity_len": elen, "scope_len": slen,
+            "payload_version": fields["payload_version"], "payload_len": plen,
+            "global_sequence": fields["global_sequence"], "entity_clock": fields["entity_clock"],
+            "wall_ms": fields["wall_ms"],
         })
-        body_end = off + HEADER_SIZE + elen + slen + plen
+        f.update({k: fields[k].hex() for k in ("event_id", "causation_id", "correlation_id", "idem_hash",
+                                                "prev_hash", "event_hash")})
         if sane_len and HEADER_SIZE + elen + slen + plen == frame_len:
             e_end = off + HEADER_SIZE + elen
             s_end = e_end + slen
             f["entity"] = bytes(buf[off + HEADER_SIZE:e_end]).decode("utf-8", "replace")
             f["scope"] = bytes(buf[e_end:s_end]).decode("utf-8", "replace")
-            f["payload_preview"] = payload_preview(bytes(buf[s_end:body_end]))
-            mv = memoryview(buf)
-            f["hash_ok"] = chain_hash(mv[off + HASHED_START:off + HASH_OFFSET], mv[off + HEADER_SIZE:body_end]) \
-                == event_hash
+            f["payload_preview"] = payload_preview(bytes(buf[s_end:off + frame_len]))
+            f["hash_ok"] = frame_hash(buf, off, frame_len) == fields["event_hash"]
         else:
             f["hash_ok"] = False
             if not info.detail:

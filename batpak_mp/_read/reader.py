@@ -14,9 +14,7 @@ import bisect
 import functools
 import mmap
 import os
-import struct
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -34,19 +32,31 @@ from .._format.directory import (
 from .._format.fences import FENCE_RANGE, FENCES_HEADER
 from .._format.frame import (
     FLAG_FENCED,
-    FLAG_HAS_CAUSATION,
-    FLAG_HAS_CORRELATION,
-    FRAME_VERSION,
-    HASHED_START,
-    HEADER,
-    HEADER_SIZE,
-    KNOWN_FLAGS,
-    MIN_FRAME,
+    H_FLAGS,
+    H_FRAME_LEN,
+    H_GLOBAL_SEQUENCE,
     OK,
     Frame,
+    event_from_header,
+    frame_header,
+    frame_to_event,
     scan_frame,
 )
-from .._format.record import RECORD, RECORD_SIZE, RECORDS_HEADER_SIZE
+from .._format.ids import event_id_sequence
+from .._format.record import (
+    R_ENTITY_CLOCK,
+    R_ENTITY_HASH,
+    R_FLAGS,
+    R_FRAME_LEN,
+    R_KIND,
+    R_OFFSET,
+    R_PREV_IN_ENTITY,
+    R_SCOPE_HASH,
+    R_SEGMENT_ID,
+    RECORD,
+    RECORD_SIZE,
+    RECORDS_HEADER_SIZE,
+)
 from .._format.tables import (
     DELTA_MAGIC,
     ENTITY_BASE_MAGIC,
@@ -54,16 +64,11 @@ from .._format.tables import (
     check_header,
     delta_candidates,
 )
-from .._values import Coordinate, Event, Kind, Page, check_name
+from .._values import Coordinate, Event, Page, check_name
+
+__all__ = ["Hidden", "Reader", "StaleView", "View", "frame_to_event", "map_readonly"]
 
 _rec_unpack = RECORD.unpack_from
-_len_crc = struct.Struct("<II").unpack_from
-_hdr_unpack = struct.Struct("<HHHHHHIQQQ16s16s16s16s32s32s").unpack_from  # header after length+crc
-_crc32 = zlib.crc32
-_KINDS: dict[int, Kind] = {}  # packed kind -> Kind, filled as kinds are met
-_q_unpack = struct.Struct("<Q").unpack_from
-_header_unpack = HEADER.unpack_from
-NO_ID = bytes(16)
 
 
 class View(NamedTuple):
@@ -81,16 +86,6 @@ class Hidden(Exception):
 
 class StaleView(Exception):
     """A record or slot did not match its frame: the index moved under us; refresh."""
-
-
-def frame_to_event(f: Frame) -> Event:
-    return Event(
-        f.event_id, f.global_sequence, Coordinate._trusted(f.entity, f.scope),
-        Kind.unpack(f.kind), f.entity_clock, f.wall_ms, f.payload, f.payload_version,
-        f.event_hash, f.prev_hash,
-        None if f.causation_id == NO_ID else f.causation_id,
-        None if f.correlation_id == NO_ID else f.correlation_id,
-    )
 
 
 def map_readonly(path: str) -> mmap.mmap | None:
@@ -129,7 +124,7 @@ class Reader:
         self._delta_cap = 0
         self._delta_gen = -1
         self.view = View(0, 0, 0)
-        self._coords: dict[tuple[bytes, int], Coordinate] = {}  # decoded names, reused across events
+        self._coords: dict[bytes, tuple[int, Coordinate]] = {}  # decoded names, reused across events
         self._revealed_first: list[int] = []  # committed fences' ranges, sorted by first sequence
         self._revealed_last: list[int] = []
 
@@ -242,53 +237,54 @@ class Reader:
 
     # -- primitive reads ----------------------------------------------------------------
     def record(self, seq: int) -> tuple[Any, ...]:
+        """The index record of ``seq``, unpacked (index it with ``_format.record.R_*``)."""
         m = self._records_map(seq)
         return _rec_unpack(m, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)
 
+    def prev_in_entity(self, seq: int) -> int:
+        """The sequence of the event before ``seq`` in its entity (0: ``seq`` is the first)."""
+        prev: int = self.record(seq)[R_PREV_IN_ENTITY]
+        return prev
+
     def frame(self, seq: int) -> Frame:
-        """The frame of a visible sequence, validated against its record."""
+        """The frame of a visible sequence, validated against its record (offset, length,
+        and everything ``frame_header`` checks, sequence included)."""
         rec = self.record(seq)
-        seg = self._segment(rec[1])
-        off, length = rec[2], rec[3]
+        seg = self._segment(rec[R_SEGMENT_ID])
+        off, length = rec[R_OFFSET], rec[R_FRAME_LEN]
         status, value = scan_frame(seg, off, min(off + length, len(seg)))
-        if status != OK or not isinstance(value, Frame) or value.global_sequence != seq:
+        if (status != OK or not isinstance(value, Frame) or value.global_sequence != seq
+                or value.frame_len != length):
             raise StaleView(f"sequence {seq}")
         return value
 
     def event(self, seq: int, *, include_hidden: bool = False) -> Event:
         """The Event of a visible sequence: the hot path of every read. Checks the
-        record against the frame (length, checksum, sequence) and builds the Event
-        straight from the mapped bytes; ``StaleView`` when they disagree."""
+        record against the frame (``frame_header``'s rule, then the length and sequence
+        the record names) and builds the Event straight from the mapped bytes;
+        ``StaleView`` when they disagree."""
         m = self._records
         rec_off = RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE
         if m is None or len(m) < rec_off + RECORD_SIZE:
             m = self._records_map(seq)
         rec = _rec_unpack(m, rec_off)
-        if rec[5] & FLAG_FENCED and not include_hidden and self.hidden(seq, rec[5]):
+        flags = rec[R_FLAGS]
+        if flags & FLAG_FENCED and not include_hidden and self.hidden(seq, flags):
             raise Hidden(seq)
-        seg = self._segments.get(rec[1]) or self._segment(rec[1])
-        off = rec[2]
-        end = off + rec[3]
-        if end > len(seg) or _len_crc(seg, off) != (rec[3], _crc32(memoryview(seg)[off + 8:end])):
+        sid = rec[R_SEGMENT_ID]
+        seg = self._segments.get(sid) or self._segment(sid)
+        off = rec[R_OFFSET]
+        flen = rec[R_FRAME_LEN]
+        end = off + flen
+        if end > len(seg):
             raise StaleView(f"sequence {seq}")
-        (version, _flags, kind, elen, slen, pv, _plen, gseq, clock, wall, event_id, causation, correlation,
-         _idem, prev, ehash) = _hdr_unpack(seg, off + 8)
-        if gseq != seq or version != FRAME_VERSION:
+        h = frame_header(seg, off, end)
+        if type(h) is not tuple or h[H_FRAME_LEN] != flen or h[H_GLOBAL_SEQUENCE] != seq:
             raise StaleView(f"sequence {seq}")
-        e0 = off + HEADER_SIZE
-        s0 = e0 + elen
-        p0 = s0 + slen
-        key = seg[e0:p0]
-        coord = self._coords.get((key, elen))
-        if coord is None:
-            if len(self._coords) > 10_000:
-                self._coords.clear()
-            coord = self._coords[(key, elen)] = Coordinate._trusted(key[:elen], key[elen:])
-        k = _KINDS.get(kind)
-        if k is None:
-            k = _KINDS[kind] = Kind.unpack(kind)
-        return Event(event_id, seq, coord, k, clock, wall, seg[p0:end], pv, ehash, prev,
-                     None if causation == NO_ID else causation, None if correlation == NO_ID else correlation)
+        ev = event_from_header(seg, off, h, self._coords)
+        if ev is None:
+            raise StaleView(f"sequence {seq}")
+        return ev
 
     def _retrying(self, fn: Callable[[], Any]) -> Any:
         """Run a read; on a stale index refresh the view once, then call it corruption."""
@@ -311,7 +307,7 @@ class Reader:
             for candidate in source:
                 seq = candidate
                 while seq > visible:  # walk back past events written but not yet published
-                    seq = self.record(seq)[8]
+                    seq = self.record(seq)[R_PREV_IN_ENTITY]
                 if seq and self.frame(seq).entity == entity_raw:
                     return seq
         return 0
@@ -338,7 +334,7 @@ class Reader:
     def get(self, event_id: bytes) -> Event:
         if not isinstance(event_id, (bytes, bytearray)) or len(event_id) != 16:
             raise InvalidArgument("event_id", event_id, "must be 16 bytes")
-        seq = int.from_bytes(event_id[8:], "big")
+        seq = event_id_sequence(event_id)
         if not 0 < seq <= self.view.visible:
             self.refresh()
             if not 0 < seq <= self.view.visible:
@@ -369,11 +365,11 @@ class Reader:
             seqs: list[int] = []
             while seq:
                 rec = self.record(seq)
-                if rec[0] <= floor:
+                if rec[R_ENTITY_CLOCK] <= floor:
                     break
-                if not (rec[5] & FLAG_FENCED and self.hidden(seq, rec[5])):
+                if not (rec[R_FLAGS] & FLAG_FENCED and self.hidden(seq, rec[R_FLAGS])):
                     seqs.append(seq)
-                seq = rec[8]
+                seq = rec[R_PREV_IN_ENTITY]
             seqs.reverse()
             if limit is not None:
                 seqs = seqs[:limit]
@@ -415,13 +411,13 @@ class Reader:
                 seq += 1
                 assert m is not None
                 rec = _rec_unpack(m, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)
-                if ent_h and rec[6] != ent_h:
+                if ent_h and rec[R_ENTITY_HASH] != ent_h:
                     continue
-                if scope_h and rec[7] != scope_h:
+                if scope_h and rec[R_SCOPE_HASH] != scope_h:
                     continue
-                if kind_packed >= 0 and rec[4] != kind_packed:
+                if kind_packed >= 0 and rec[R_KIND] != kind_packed:
                     continue
-                if rec[5] & FLAG_FENCED and (skip_fenced or self.hidden(seq, rec[5])):
+                if rec[R_FLAGS] & FLAG_FENCED and (skip_fenced or self.hidden(seq, rec[R_FLAGS])):
                     continue
                 ev = self.event(seq)
                 if entity is not None and ev.coordinate.entity != entity:
@@ -449,13 +445,13 @@ class Reader:
                 yield frame_to_event(frame)
                 count += 1
             expect_hash = frame.prev_hash
-            seq = self._retrying(functools.partial(self.record, seq))[8]
+            seq = self._retrying(functools.partial(self.prev_in_entity, seq))
 
     def _run_start(self, seq: int) -> tuple[mmap.mmap, int]:
         """Where the frame of ``seq`` starts (its segment map and offset), validated."""
         self.frame(seq)
         rec = self.record(seq)
-        return self._segment(rec[1]), rec[2]
+        return self._segment(rec[R_SEGMENT_ID]), rec[R_OFFSET]
 
     def scan(self, after: int = 0) -> Iterator[Event]:
         """Every event with ``global_sequence > after``, in commit order, up to the visible
@@ -467,40 +463,27 @@ class Reader:
         if type(after) is not int or after < 0:
             raise InvalidArgument("after", after, "must be an int >= 0")
         visible = self.refresh().visible
-        coords: dict[bytes, Coordinate] = {}
-        kinds: dict[int, Kind] = {}
-        crc32 = zlib.crc32
+        coords: dict[bytes, tuple[int, Coordinate]] = {}
         seq = after
         while seq < visible:
             m, off = self._retrying(functools.partial(self._run_start, seq + 1))
             run_from = seq
             limit = len(m)
-            while seq < visible and limit - off >= MIN_FRAME:
-                (frame_len, crc, version, flags, kind, elen, slen, pver, plen, fseq, clock, wall_ms, event_id,
-                 causation, correlation, _idem, prev_hash, event_hash) = _header_unpack(m, off)
-                end = off + frame_len
-                if (fseq != seq + 1 or version != FRAME_VERSION or end > limit or not elen or not slen
-                        or HEADER_SIZE + elen + slen + plen != frame_len or flags & ~KNOWN_FLAGS
-                        or crc32(m[off + HASHED_START:end]) != crc):
-                    break  # a segment's footer, or damage: the record index decides below
-                names_end = off + HEADER_SIZE + elen + slen
-                names = m[off + HEADER_SIZE:names_end]
-                coord = coords.get(names)
-                if coord is None or len(coord._entity_bytes) != elen:  # ("ab", "c") vs ("a", "bc")
-                    coord = coords[names] = Coordinate._trusted(names[:elen], names[elen:])
-                k = kinds.get(kind)
-                if k is None:
-                    k = kinds[kind] = Kind.unpack(kind)
-                if flags & FLAG_FENCED and self.hidden(fseq, flags):
-                    seq = fseq
-                    off = end
+            while seq < visible:
+                h = frame_header(m, off, limit)
+                # not a frame: a segment's footer, or damage (the record index decides below)
+                if type(h) is not tuple or h[H_GLOBAL_SEQUENCE] != seq + 1:
+                    break
+                flags = h[H_FLAGS]
+                if flags & FLAG_FENCED and self.hidden(seq + 1, flags):
+                    seq += 1
+                    off += h[H_FRAME_LEN]
                     continue
-                yield Event(
-                    event_id, fseq, coord, k, clock, wall_ms, m[names_end:end], pver, event_hash, prev_hash,
-                    causation if flags & FLAG_HAS_CAUSATION else None,
-                    correlation if flags & FLAG_HAS_CORRELATION else None,
-                )
-                seq = fseq
-                off = end
+                ev = event_from_header(m, off, h, coords)
+                if ev is None:
+                    break
+                yield ev
+                seq += 1
+                off += h[H_FRAME_LEN]
             if seq == run_from:
                 raise CorruptSegment(self.data_dir, off, f"scan found no valid frame for sequence {seq + 1}")

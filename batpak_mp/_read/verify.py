@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import mmap
 import os
-import zlib
 from typing import NamedTuple
 
 from .._errors import BatpakError
 from .._format.checkpoint import decode_checkpoint
-from .._format.directory import CHECKPOINT_FILE, INDEX_DIR, META_FILE, RECORDS_FILE, SEGMENT_DIR, name_hash
-from .._format.frame import BAD, FLAG_FENCED, NEED_MORE, OK, ZERO_HASH
+from .._format.directory import (
+    CHECKPOINT_FILE,
+    INDEX_DIR,
+    META_FILE,
+    RECORDS_FILE,
+    SEGMENT_DIR,
+    name_hash,
+    parse_segment_name,
+    segment_name,
+)
+from .._format.frame import FLAG_FENCED, ZERO_HASH
 from .._format.meta import decode_meta
-from .._format.record import RECORD, RECORD_SIZE, RECORDS_HEADER_SIZE
+from .._format.record import RECORD, record_offset
 from .._format.scan import scan_segment
-from .._format.segment import SEG_HEADER_SIZE, SEG_TRAILER_SIZE, decode_footer, decode_segment_header, decode_trailer
+from .._format.segment import SEG_HEADER_SIZE, SEG_TRAILER_SIZE, sealed_verdict, segment_verdict
 from .._values import Problem, VerifyReport
 from .reader import map_readonly
 
@@ -50,7 +58,7 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
     durable = _checkpoint_seq(os.path.join(root, CHECKPOINT_FILE), report)
     seg_dir = os.path.join(root, SEGMENT_DIR)
     try:
-        names = sorted(n for n in os.listdir(seg_dir) if n.endswith(".seg"))
+        names = [segment_name(sid) for sid in sorted(filter(None, map(parse_segment_name, os.listdir(seg_dir))))]
     except FileNotFoundError:
         names = []
     records = map_readonly(os.path.join(root, INDEX_DIR, RECORDS_FILE))
@@ -122,26 +130,17 @@ def _verify_segment(
     """Check one segment; return the next sequence and the offset where its committed
     frames end."""
     size = len(m)
-    header = decode_segment_header(m[: SEG_HEADER_SIZE], name)
-    if header.store_id != store_id:
-        report.problems.append(Problem(name, 0, "segment belongs to another store"))
-    if header.first_seq != next_seq:
-        report.problems.append(Problem(name, 0, f"starts at sequence {header.first_seq}, expected {next_seq}"))
-        next_seq = header.first_seq
-    trailer = decode_trailer(m[size - SEG_TRAILER_SIZE:])
-    limit = size - SEG_TRAILER_SIZE
+    verdict = segment_verdict(name, m[:SEG_HEADER_SIZE], m[size - SEG_TRAILER_SIZE:], size, store_id=store_id,
+                              first_seq=next_seq, unsealed_ok=is_last)
+    header, trailer, limit = verdict.header, verdict.trailer, verdict.frames_end
+    report.problems.extend(Problem(name, p.offset, p.reason) for p in verdict.problems)
+    next_seq = header.first_seq  # a gap or overlap is reported above; check the rest from where it says
     footer_records: bytes | None = None
     if trailer is not None:
-        if zlib.crc32(memoryview(m)[:limit]) != trailer.segment_crc:
-            report.problems.append(Problem(name, 0, "sealed segment checksum mismatch"))
-        try:
-            _, footer_records = decode_footer(m[trailer.footer_offset:trailer.footer_offset + trailer.footer_len],
-                                                name, trailer.footer_offset)
-        except BatpakError as exc:
-            report.problems.append(Problem(name, trailer.footer_offset, str(exc)))
-        limit = trailer.footer_offset
-    elif not is_last:
-        report.problems.append(Problem(name, size - SEG_TRAILER_SIZE, "segment before the last is not sealed"))
+        # the footer is read only where the trailer points inside the segment (else said above)
+        sealed = sealed_verdict(name, m, trailer, footer=limit == trailer.footer_offset)
+        report.problems.extend(Problem(name, p.offset, p.reason) for p in sealed.problems)
+        footer_records = sealed.records
     scan = scan_segment(m, SEG_HEADER_SIZE, limit, next_seq, check_hash=True)
     for off, what in scan.hash_errors:
         report.problems.append(Problem(name, off, what))
@@ -152,9 +151,7 @@ def _verify_segment(
     else:
         if scan.damage_mid_log:
             report.problems.append(Problem(name, scan.stop_offset, f"damaged frame inside the log: {scan.stop_reason}"))
-        elif scan.stop_status in (BAD, NEED_MORE, OK):
-            # an unpublished or torn tail of the active segment: recovery cuts it
-            pass
+        # otherwise what follows the last commit is an unpublished or torn tail: recovery cuts it
         frames = frames[: scan.committed]
     derived = bytearray()
     for f in frames:
@@ -178,7 +175,7 @@ def _verify_segment(
     if footer_records is not None and footer_records != bytes(derived):
         report.problems.append(Problem(name, limit, "seal footer does not match the segment's frames"))
     if records is not None and frames:
-        start = RECORDS_HEADER_SIZE + (next_seq - 1) * RECORD_SIZE
+        start = record_offset(next_seq)
         if records[start:start + len(derived)] != bytes(derived):
             report.problems.append(Problem(RECORDS_FILE, start, f"index records of {name} do not match the log"))
     end = frames[-1].offset + frames[-1].frame_len if frames else SEG_HEADER_SIZE

@@ -45,7 +45,8 @@ PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthC
 u16 = st.integers(0, 0xFFFF)
 u64 = st.integers(0, (1 << 64) - 1)
 id16 = st.binary(min_size=16, max_size=16)
-name = st.binary(min_size=1, max_size=40)
+# names are UTF-8 (FORMAT.md §3.2): other bytes make the frame bad (see test_names_must_be_utf8)
+name = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12).map(str.encode)
 
 
 @st.composite
