@@ -278,7 +278,7 @@ class Writer:
         # the engine takes the data directory's lock first: a writer that loses the race
         # for it (StoreLocked) must not touch the live service's control block
         self.engine = Engine.open(self.data_dir, config, durable_hint=(prev.store_key, prev.durable))
-        self.engine.on_index_change = self.publish  # new index files are named before old ones go
+        self.engine.set_index_listener(self.publish)  # new index files are named before old ones go
         self.fences: Fences = Fences(self.engine)
         self.epoch = self.control.read().writer_epoch + 1
         self.control.update(writer_epoch=self.epoch, writer_pid=os.getpid(), state=WriterState.STARTING,
@@ -304,9 +304,10 @@ class Writer:
     def publish(self, **extra: int | str) -> None:
         e = self.engine
         with self._control_lock:
-            self.control.update(visible=e.visible, durable=e.durable, base_segment=e._base_segment,
-                                delta_gen=e._delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self._areas),
-                                dropped_messages=self.dropped, revealed=len(e.revealed), groups=self.groups,
+            view = e.view()
+            self.control.update(visible=view.visible, durable=e.durable, base_segment=view.base_segment,
+                                delta_gen=view.delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self._areas),
+                                dropped_messages=self.dropped, revealed=view.revealed, groups=self.groups,
                                 requests=self.requests, **extra)
             if e.visible != self._rung_at or "state" in extra:
                 self._rung_at = e.visible
@@ -525,8 +526,8 @@ class Writer:
             if req.op != W.OP_FENCE_BEGIN:
                 data = [self.engine.visible, self.engine.durable]
             self.reply(area, W.Reply(req.request_id, self.epoch, W.STATUS_OK, data))
-        if self.engine._poison is not None:
-            raise self.engine._poison
+        if self.engine.poisoned is not None:
+            raise self.engine.poisoned
 
     def _is_our_area(self, name: str) -> bool:
         return is_area_of(name, self.prefix)

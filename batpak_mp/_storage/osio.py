@@ -1,10 +1,15 @@
 """The one seam through which the engine touches the operating system.
 
-Owns: every file-system call the engine and recovery make (open, pwrite, fsync,
-fallocate, hole punching, rename, unlink, flock, mmap). Each failure becomes a
-``StorageError`` naming the operation and the path, so no raw ``OSError`` escapes.
-Tests pass a ``Disk`` with a ``FaultPlan`` to make chosen calls fail (ENOSPC, EIO,
-short writes) without patching anything by string.
+Owns: every file-system call the write side makes (open, close, fstat, pread, pwrite,
+fsync, fallocate, hole punching, rename, unlink, listdir, flock, mmap, the lock file).
+Each failure becomes a ``StorageError`` naming the operation and the path, so no raw
+``OSError`` escapes. Tests pass a ``Disk`` with a ``FaultPlan`` to make chosen calls fail
+(ENOSPC, EIO, short writes) without patching anything by string; the op names a plan
+uses are the ``op`` of the errors (``"fsync"`` covers fsync, fdatasync and directory
+fsyncs).
+Invariants: the only module of ``batpak_mp._storage`` that calls ``os`` (checked by
+tests/rules/test_storage_seam.py); a failed ``close`` still releases the descriptor, as
+Linux does.
 Must not import the engine, the writer or the client.
 """
 
@@ -65,9 +70,9 @@ class Disk:
     def __init__(self, faults: FaultPlan | None = None) -> None:
         self.faults = faults
 
-    def _do(self, op: str, path: str, fn: Callable[[], T]) -> T:
+    def _do(self, op: str, path: str, fn: Callable[[], T], *, inject: bool = True) -> T:
         try:
-            if self.faults is not None:
+            if inject and self.faults is not None:
                 self.faults.check(op)
             return fn()
         except StorageError:
@@ -80,7 +85,35 @@ class Disk:
         return self._do("open", path, lambda: os.open(path, flags | os.O_CLOEXEC, mode))
 
     def close(self, fd: int, path: str = "") -> None:
-        self._do("close", path, lambda: os.close(fd))
+        """Close ``fd``. Even when this reports an error the descriptor is gone (Linux
+        releases it before reporting), so a caller never closes it again."""
+        def run() -> None:
+            try:
+                if self.faults is not None:
+                    self.faults.check("close")
+            finally:
+                os.close(fd)
+        self._do("close", path, run, inject=False)
+
+    def close_quietly(self, fd: int, path: str = "") -> None:
+        """Close ``fd`` when an error is already on its way or the file's data is already
+        fsynced: a failure here has nothing left to report."""
+        try:
+            self.close(fd, path)
+        except StorageError:
+            pass
+
+    def fstat(self, fd: int, path: str) -> os.stat_result:
+        return self._do("fstat", path, lambda: os.fstat(fd))
+
+    def open_existing(self, path: str, flags: int) -> int | None:
+        """``open`` without O_CREAT: None when the file does not exist."""
+        def run() -> int | None:
+            try:
+                return os.open(path, flags | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+        return self._do("open", path, run)
 
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int, path: str) -> None:
         """Write all of ``data`` at ``offset`` (loops over short writes)."""
@@ -222,9 +255,41 @@ class Disk:
                 return False
         return self._do("flock", path, run)
 
+    def take_lock(self, path: str) -> tuple[int, int]:
+        """Open the lock file ``path`` (created when missing), take its exclusive flock and
+        write this process's id into it: (fd, 0). When another process holds it: (-1, the
+        holder's pid as its file says, 0 when unreadable); nothing is left open."""
+        fd = self.open(path, os.O_RDWR | os.O_CREAT)
+        try:
+            if self.try_lock(fd, path):
+                self.truncate(fd, 0, path)
+                self.pwrite(fd, f"{os.getpid()}\n".encode(), 0, path)
+                return fd, 0
+            try:
+                holder = int(self.pread(fd, 32, 0, path).split(b"\n")[0] or 0)
+            except (StorageError, ValueError):
+                holder = 0
+        except BaseException:
+            self.close_quietly(fd, path)
+            raise
+        self.close_quietly(fd, path)  # the caller reports the lock as taken: that is the news
+        return -1, holder
+
     def map_shared(self, fd: int, size: int, path: str, *, writable: bool) -> mmap.mmap:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         return self._do("mmap", path, lambda: mmap.mmap(fd, size, mmap.MAP_SHARED, prot))
+
+    def map_readonly(self, path: str) -> mmap.mmap | None:
+        """A read-only shared mapping of a whole file, as every reader maps it (the
+        reader's own ``map_readonly``); None when it is missing or empty."""
+        fd = self.open_existing(path, os.O_RDONLY)
+        if fd is None:
+            return None
+        try:
+            size = self.fstat(fd, path).st_size
+            return self.map_shared(fd, size, path, writable=False) if size else None
+        finally:
+            self.close_quietly(fd, path)  # read-only: the mapping outlives the descriptor
 
 
 DEFAULT_DISK = Disk()
