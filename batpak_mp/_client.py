@@ -43,7 +43,7 @@ from ._errors import (
 )
 from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from ._ipc import wire as W
-from ._ipc.control import ControlBlock
+from ._ipc.control import ControlBlock, ControlSnapshot
 from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, ipc_prefix, request_queue_name, semaphore_name
 from ._prepare import Prepared, prepare
 from ._read.reader import Reader, View
@@ -158,6 +158,150 @@ def _shm_hint(size: int, exc: BaseException) -> str:
             "Enlarge it (docker run --shm-size=256m) or use smaller batches/payloads.")
 
 
+def _prepare_items(items: Sequence[BatchItem], *, store_kinds: bool = False) -> list[Prepared]:
+    """Validate and encode a batch; items without a key get generated ones (base + index),
+    so the request can be re-sent. ``store_kinds``: the store's own allowlisted reserved
+    kinds are accepted too (``Store.append_store_kinds``)."""
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        raise InvalidArgument("items", items, "must be a sequence of bp.BatchItem")
+    if not items:
+        raise InvalidArgument("items", [], "a batch needs at least one event")
+    base = int.from_bytes(secrets.token_bytes(16), "little")
+    prepared = []
+    for i, it in enumerate(items):
+        if not isinstance(it, BatchItem):
+            raise InvalidArgument(f"items[{i}]", it, "must be a bp.BatchItem")
+        reserved = store_kinds and it.kind[0] in RESERVED_CATEGORIES
+        if reserved and ((it.kind[0] << 12) | it.kind[1]) not in STORE_KINDS:
+            raise ReservedKind(it.kind[0], it.kind[1])
+        p = prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
+                    expected_clock=it.expected_clock, causation_id=it.causation_id,
+                    correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD, allow_reserved=reserved,
+                    payload_version=payload_version_for(it.kind) if it.payload_version is None else it.payload_version)
+        if it.idempotency_key is None:
+            p = p._replace(idem=((base + i) & _MASK128).to_bytes(16, "little"))
+        prepared.append(p)
+    return prepared
+
+
+def _check_state(snap: ControlSnapshot) -> None:
+    """``WriterUnavailable`` at once when the service failed or was stopped."""
+    if snap.state == WriterState.FAILED:
+        raise WriterUnavailable(snap.reason or "the service failed")
+    if snap.state == WriterState.STOPPED:
+        raise WriterUnavailable("the service was stopped")
+
+
+class _Channel:
+    """This process's line to the writer: the store's request queue, a shared-memory area
+    of its own (made on first use, grown for a large request and given back after it,
+    replaced after a writer restart or a fork) and the request ids. Not thread-safe: the
+    ``Store`` calls it under its lock."""
+
+    def __init__(self, data_dir: str, control: ControlBlock) -> None:
+        self.prefix = ipc_prefix(data_dir)
+        self._control = control
+        try:
+            self.queue = posix_ipc.MessageQueue(request_queue_name(data_dir), read=False, write=True)
+        except posix_ipc.ExistentialError:
+            raise WriterUnavailable(f"the request queue of {data_dir!r} does not exist (is the service up?)") from None
+        self.area: _Area | None = None
+        self._request_ids = itertools.count(1)
+
+    def _area_for(self, need: int) -> _Area:
+        area = self.area
+        oversized = area is not None and area.size > AREA_SHRINK_ABOVE and need * 16 < area.size
+        if area is None or area.size < need or area.pid != os.getpid() or oversized:
+            size = AREA_MIN
+            while size < need:
+                size *= 2
+            if size > AREA_MAX:
+                raise InvalidArgument("request", need, f"is larger than the {AREA_MAX} byte limit of one request")
+            if area is not None:
+                area.close()
+            self.area = None
+            area = self.area = _Area(self.prefix, size)
+        return area
+
+    def fresh_area(self) -> None:
+        """Drop the current area (a writer may still answer into it) and start anew."""
+        if self.area is not None:
+            self.area.close()
+            self.area = None
+
+    def forget_area(self) -> None:
+        """In a forked child: the parent's area is the parent's (not unlinked here)."""
+        self.area = None
+
+    def call(self, op: int, body: Any, reply_room: int, timeout: float) -> W.Reply:
+        """Send one request and wait for its reply, riding through writer restarts."""
+        deadline = time.monotonic() + timeout
+        request_id = next(self._request_ids)
+        snap = self._control.read()
+        _check_state(snap)
+        epoch = snap.writer_epoch
+        encoded = W.encode_request(W.Request(op, request_id, epoch, body))
+        need = max(len(encoded), reply_room)
+        sent = self._send(encoded, need, request_id, deadline, timeout)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.fresh_area()
+                raise WriterTimeout("the writer's reply", timeout)
+            try:
+                sent.sem.acquire(min(POLL_S, remaining))
+            except posix_ipc.BusyError:
+                snap = self._control.read()
+                _check_state(snap)
+                if snap.writer_epoch != epoch and snap.state == WriterState.READY:
+                    # a new writer: our request may be lost with the old one. Re-send the
+                    # same request (same keys) through a fresh area; duplicates are no-ops.
+                    epoch = snap.writer_epoch
+                    self.fresh_area()
+                    sent = self._send(encoded, need, request_id, deadline, timeout)
+                continue
+            reply = W.decode_reply(sent.mm)
+            if reply.request_id != request_id:
+                continue  # a late answer to an earlier request: keep waiting
+            if reply.status == W.STATUS_ERROR and isinstance(reply.data, list) and reply.data[:1] == ["ReplyTooLarge"]:
+                need = int(reply.data[1][0]) + 1024
+                self.fresh_area()
+                sent = self._send(encoded, need, request_id, deadline, timeout)
+                continue
+            return reply
+
+    def _send(self, encoded: bytes, need: int, request_id: int, deadline: float, timeout: float) -> _Area:
+        area = self._area_for(need)
+        area.mm[:len(encoded)] = encoded
+        msg = W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, request_id))
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WriterTimeout("room in the request queue", timeout)
+            try:
+                self.queue.send(msg, min(POLL_S, remaining))
+                return area
+            except posix_ipc.BusyError:
+                _check_state(self._control.read())
+            except posix_ipc.SignalError:
+                continue
+
+    def close(self) -> None:
+        """Say BYE (the writer unmaps our area), unlink our area, close the queue."""
+        area = self.area
+        if area is not None and area.pid == os.getpid():
+            try:
+                msg = W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, 0))
+                bye = W.encode_request(W.Request(W.OP_BYE, 0, 0, None))
+                area.mm[:len(bye)] = bye
+                self.queue.send(msg, 0)
+            except (posix_ipc.Error, ValueError, BatpakError):
+                pass
+            area.close()
+        self.area = None
+        self.queue.close()
+
+
 class Store:
     """A connection to a served data directory. Thread-safe; fork-safe."""
 
@@ -169,16 +313,13 @@ class Store:
         self._lock = threading.RLock()
         self._closed = False
         self._forked = False
-        self._prefix = ipc_prefix(self.data_dir)
         self._control = ControlBlock.attach(self.data_dir)
-        self._check_state(self._control.read())
         try:
-            self._queue = posix_ipc.MessageQueue(request_queue_name(self.data_dir), read=False, write=True)
-        except posix_ipc.ExistentialError:
+            _check_state(self._control.read())
+            self._channel = _Channel(self.data_dir, self._control)
+        except BaseException:
             self._control.close()
-            raise WriterUnavailable(f"the request queue of {self.data_dir!r} does not exist (is the service up?)") from None
-        self._area: _Area | None = None
-        self._request_ids = itertools.count(1)
+            raise
         self._reader = Reader(self.data_dir, self._view)
         self._public_key = self._load_public_key()
         _live_stores.add(self)
@@ -195,97 +336,25 @@ class Store:
         except (OSError, ValueError):
             return None
 
-    @staticmethod
-    def _check_state(snap: Any) -> None:
-        if snap.state == WriterState.FAILED:
-            raise WriterUnavailable(snap.reason or "the service failed")
-        if snap.state == WriterState.STOPPED:
-            raise WriterUnavailable("the service was stopped")
-
     def _ensure_open(self) -> None:
         if self._closed:
             raise StoreClosed()
         if self._forked:
             # a child of a fork: the parent's area is not ours; get our own
             self._forked = False
-            self._area = None
+            self._channel.forget_area()
             self._lock = threading.RLock()
             self._reader = Reader(self.data_dir, self._view)
 
-    def _area_for(self, need: int) -> _Area:
-        area = self._area
-        oversized = area is not None and area.size > AREA_SHRINK_ABOVE and need * 16 < area.size
-        if area is None or area.size < need or area.pid != os.getpid() or oversized:
-            size = AREA_MIN
-            while size < need:
-                size *= 2
-            if size > AREA_MAX:
-                raise InvalidArgument("request", need, f"is larger than the {AREA_MAX} byte limit of one request")
-            if area is not None:
-                area.close()
-            self._area = None
-            area = self._area = _Area(self._prefix, size)
-        return area
-
-    def _fresh_area(self) -> None:
-        """Drop the current area (a writer may still answer into it) and start anew."""
-        if self._area is not None:
-            self._area.close()
-            self._area = None
-
-    def _call(self, op: int, body: Any, reply_room: int = 0, timeout: float | None = None) -> W.Reply:
-        """Send one request and wait for its reply, riding through writer restarts."""
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        request_id = next(self._request_ids)
-        snap = self._control.read()
-        self._check_state(snap)
-        epoch = snap.writer_epoch
-        encoded = W.encode_request(W.Request(op, request_id, epoch, body))
-        need = max(len(encoded), reply_room)
-        sent = self._send(encoded, need, request_id, deadline, timeout)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._fresh_area()
-                raise WriterTimeout("the writer's reply", timeout)
-            try:
-                sent.sem.acquire(min(POLL_S, remaining))
-            except posix_ipc.BusyError:
-                snap = self._control.read()
-                self._check_state(snap)
-                if snap.writer_epoch != epoch and snap.state == WriterState.READY:
-                    # a new writer: our request may be lost with the old one. Re-send the
-                    # same request (same keys) through a fresh area; duplicates are no-ops.
-                    epoch = snap.writer_epoch
-                    self._fresh_area()
-                    sent = self._send(encoded, need, request_id, deadline, timeout)
-                continue
-            reply = W.decode_reply(sent.mm)
-            if reply.request_id != request_id:
-                continue  # a late answer to an earlier request: keep waiting
-            if reply.status == W.STATUS_ERROR and isinstance(reply.data, list) and reply.data[:1] == ["ReplyTooLarge"]:
-                need = int(reply.data[1][0]) + 1024
-                self._fresh_area()
-                sent = self._send(encoded, need, request_id, deadline, timeout)
-                continue
-            return reply
-
-    def _send(self, encoded: bytes, need: int, request_id: int, deadline: float, timeout: float) -> _Area:
-        area = self._area_for(need)
-        area.mm[:len(encoded)] = encoded
-        msg = W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, request_id))
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WriterTimeout("room in the request queue", timeout)
-            try:
-                self._queue.send(msg, min(POLL_S, remaining))
-                return area
-            except posix_ipc.BusyError:
-                self._check_state(self._control.read())
-            except posix_ipc.SignalError:
-                continue
+    def _request(self, op: int, body: Any, reply_room: int = 0, timeout: float | None = None) -> Any:
+        """One request to the writer (riding through its restarts): the reply's data, or
+        the typed error the reply carries, raised."""
+        with self._lock:
+            self._ensure_open()
+            reply = self._channel.call(op, body, reply_room, self.timeout if timeout is None else timeout)
+        if reply.status != W.STATUS_OK:
+            raise W.error_from_wire(reply.data)
+        return reply.data
 
     # -- writes ----------------------------------------------------------------------------
     def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
@@ -303,47 +372,14 @@ class Store:
 
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events all-or-nothing (across entities)."""
-        return self._append(self._prepare_batch(items))
-
-    def _prepare_batch(self, items: Sequence[BatchItem]) -> list[Prepared]:
-        if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-            raise InvalidArgument("items", items, "must be a sequence of bp.BatchItem")
-        if not items:
-            raise InvalidArgument("items", [], "a batch needs at least one event")
-        base = int.from_bytes(secrets.token_bytes(16), "little")  # generated keys: base + index
-        prepared = []
-        for i, it in enumerate(items):
-            if not isinstance(it, BatchItem):
-                raise InvalidArgument(f"items[{i}]", it, "must be a bp.BatchItem")
-            p = prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
-                        expected_clock=it.expected_clock, causation_id=it.causation_id,
-                        correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD,
-                        payload_version=payload_version_for(it.kind) if it.payload_version is None else it.payload_version)
-            if it.idempotency_key is None:
-                p = p._replace(idem=((base + i) & _MASK128).to_bytes(16, "little"))
-            prepared.append(p)
-        return prepared
+        return self._append(_prepare_items(items))
 
     def append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events of the store's own allowlisted reserved kinds (cursor positions,
         gate audit records) together with ordinary ones, all or nothing. For the store's
         own layers (cursors, reactors, gates: ``_api.ReplayHost``); a reserved kind off
         the allowlist is ``ReservedKind`` here, and the writer checks the allowlist again."""
-        base = int.from_bytes(secrets.token_bytes(16), "little")
-        prepared = []
-        for i, it in enumerate(items):
-            packed = (it.kind[0] << 12) | it.kind[1]
-            reserved = it.kind[0] in RESERVED_CATEGORIES
-            if reserved and packed not in STORE_KINDS:
-                raise ReservedKind(it.kind[0], it.kind[1])
-            p = prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
-                        expected_clock=it.expected_clock, causation_id=it.causation_id,
-                        correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD, allow_reserved=reserved,
-                        payload_version=payload_version_for(it.kind) if it.payload_version is None else it.payload_version)
-            if it.idempotency_key is None:
-                p = p._replace(idem=((base + i) & _MASK128).to_bytes(16, "little"))
-            prepared.append(p)
-        return self._append(prepared)
+        return self._append(_prepare_items(items, store_kinds=True))
 
     def append_effect(self, coord: Coordinate, type_id: int, payload: Any, *, causation_id: bytes | None = None,
                       idempotency_key: str | bytes | None = None) -> Receipt:
@@ -369,15 +405,10 @@ class Store:
                  for p in prepared]
         room = sum(len(p.payload) + len(p.entity) + len(p.scope) + W.RECEIPT_WIRE_MAX + _PER_ITEM_OVERHEAD
                    for p in prepared) + 1024
-        with self._lock:
-            self._ensure_open()
-            if fence is None:
-                reply = self._call(W.OP_APPEND, items, room)
-            else:
-                reply = self._call(W.OP_APPEND_FENCED, [fence, items], room + 64)
-        if reply.status != W.STATUS_OK:
-            raise W.error_from_wire(reply.data)
-        data = reply.data
+        if fence is None:
+            data = self._request(W.OP_APPEND, items, room)
+        else:
+            data = self._request(W.OP_APPEND_FENCED, [fence, items], room + 64)
         if not isinstance(data, list) or len(data) != len(prepared):
             raise ProtocolError("append reply does not hold one receipt per event")
         out = []
@@ -524,12 +555,7 @@ class Store:
 
     def sync(self, timeout: float | None = None) -> int:
         """Ask the writer to fsync now; returns the durable frontier."""
-        with self._lock:
-            self._ensure_open()
-            reply = self._call(W.OP_SYNC, None, timeout=timeout)
-        if reply.status != W.STATUS_OK:
-            raise W.error_from_wire(reply.data)
-        return int(reply.data[1])
+        return int(self._request(W.OP_SYNC, None, timeout=timeout)[1])
 
     def wait_for_durable(self, sequence: int, timeout: float) -> None:
         """Return once ``sequence`` is on disk; ``WriterTimeout`` otherwise."""
@@ -543,7 +569,7 @@ class Store:
             snap = self._control.read()
             if snap.durable >= sequence:
                 return
-            self._check_state(snap)
+            _check_state(snap)
             if not asked and snap.visible >= sequence:
                 asked = True  # weaker sync modes: ask for the fsync instead of waiting for it
                 try:
@@ -562,19 +588,8 @@ class Store:
             return
         self._closed = True
         _live_stores.discard(self)
-        area = self._area
-        if area is not None and area.pid == os.getpid():
-            try:
-                msg = W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, 0))
-                bye = W.encode_request(W.Request(W.OP_BYE, 0, 0, None))
-                area.mm[:len(bye)] = bye
-                self._queue.send(msg, 0)
-            except (posix_ipc.Error, ValueError, BatpakError):
-                pass
-            area.close()
-        self._area = None
+        self._channel.close()
         self._reader.close()
-        self._queue.close()
         self._control.close()
 
     def __enter__(self) -> Store:
@@ -585,8 +600,8 @@ class Store:
 
     def __del__(self) -> None:
         try:
-            if not self._closed and self._area is not None:
-                self._area.close()
+            if not self._closed:
+                self._channel.fresh_area()
         except Exception:
             pass
 
@@ -599,12 +614,7 @@ class Fence:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        with store._lock:
-            store._ensure_open()
-            reply = store._call(W.OP_FENCE_BEGIN, None)
-        if reply.status != W.STATUS_OK:
-            raise W.error_from_wire(reply.data)
-        self.token: bytes = reply.data[0]
+        self.token: bytes = store._request(W.OP_FENCE_BEGIN, None)[0]
         self.done = False
 
     def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
@@ -616,17 +626,13 @@ class Fence:
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         if self.done:
             raise FenceLost(self.token, "the fence was already committed or cancelled")
-        return self._store._append(self._store._prepare_batch(items), fence=self.token)
+        return self._store._append(_prepare_items(items), fence=self.token)
 
     def _finish(self, op: int) -> None:
         if self.done:
             return
         self.done = True
-        with self._store._lock:
-            self._store._ensure_open()
-            reply = self._store._call(op, self.token)
-        if reply.status != W.STATUS_OK:
-            raise W.error_from_wire(reply.data)
+        self._store._request(op, self.token)
 
     def commit(self) -> None:
         """Reveal every event written through this fence, at once."""
@@ -721,7 +727,7 @@ class Subscription:
                 continue
             if store._control.frontier()[0] > self.position:
                 continue  # more to look at (a page of non-matching events)
-            Store._check_state(store._control.read())
+            _check_state(store._control.read())
             wait = self.STATE_CHECK_S
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())

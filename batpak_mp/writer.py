@@ -153,7 +153,7 @@ class WireItems:
             if clock is not None and clock < 0:
                 raise InvalidArgument("expected_clock", clock, "must be an int >= 0")
             try:
-                unpack(payload)
+                unpack(payload, strict_map_key=False)  # as Event.payload reads it: int keys are fine
             except Exception as exc:
                 raise InvalidPayload(f"payload bytes are not msgpack: {type(exc).__name__}") from None
             out.append(Prepared(entity, scope, kind, payload, pv, idem, clock,

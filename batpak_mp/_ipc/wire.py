@@ -188,6 +188,21 @@ def receipt_fields(r: Any) -> list[Any]:
 RECEIPT_WIRE_MAX = 256  # bytes one receipt takes in a reply, at most (with a signature)
 
 
+_PLAIN = (type(None), bool, int, float, str, bytes)  # what a field value may travel as, as it is
+_PLAIN_MAX = 1024  # bytes or characters of a plain value sent as it is; beyond, its repr, cut
+
+
+def _wire_value(value: Any) -> Any:
+    """The value an error field names, as it travels: plain data as it is (so the caller
+    gets the value it passed back), anything else as its repr."""
+    kind = type(value)
+    if kind in (str, bytes):
+        fits = len(value) <= _PLAIN_MAX
+    else:
+        fits = kind in _PLAIN and (kind is not int or -(1 << 63) <= value < 1 << 64)  # msgpack's int range
+    return value if fits else repr(value)[:_PLAIN_MAX]
+
+
 def error_to_wire(exc: BaseException) -> list[Any]:
     """[class name, fields] of a typed error (only data, never code)."""
     if isinstance(exc, E.ConcurrencyConflict):
@@ -197,11 +212,11 @@ def error_to_wire(exc: BaseException) -> list[Any]:
     if isinstance(exc, E.ReservedKind):
         return ["ReservedKind", [exc.category, exc.type_id]]
     if isinstance(exc, E.InvalidKind):
-        return ["InvalidKind", [repr(exc.category), repr(exc.type_id), exc.reason]]
+        return ["InvalidKind", [_wire_value(exc.category), _wire_value(exc.type_id), exc.reason]]
     if isinstance(exc, E.InvalidCoordinate):
-        return ["InvalidCoordinate", [exc.field, repr(exc.value), exc.reason]]
+        return ["InvalidCoordinate", [exc.field, _wire_value(exc.value), exc.reason]]
     if isinstance(exc, E.InvalidArgument):
-        return ["InvalidArgument", [exc.name, repr(exc.value), exc.reason]]
+        return ["InvalidArgument", [exc.name, _wire_value(exc.value), exc.reason]]
     if isinstance(exc, E.InvalidPayload):
         return ["InvalidPayload", [exc.reason]]
     if isinstance(exc, E.ProtocolError):

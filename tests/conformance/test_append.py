@@ -61,8 +61,6 @@ def test_payload_round_trip(impl: Impl, given: Any, read: Any) -> None:
     assert shapes.event(impl.api.get(r.event_id)) == event_at(1, c, 1, read, payload_bytes=packb(given))
 
 
-@differs("store", "the writer re-checks payload bytes with msgpack's strict_map_key=True, so a map with "
-                  "int keys (which Event.payload reads back) is refused as InvalidPayload")
 def test_payload_map_with_int_keys(impl: Impl) -> None:
     shapes = impl.shapes()
     c = impl.coord()

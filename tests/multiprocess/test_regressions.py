@@ -171,6 +171,6 @@ def test_client_area_is_given_back_after_a_large_payload(service: tuple[bp.Servi
     _, data_dir = service
     with bp.connect(data_dir) as s:
         s.append(bp.Coordinate("big", "s"), K, b"x" * (4 << 20))
-        assert s._area is not None and s._area.size >= 4 << 20
+        assert s._channel.area is not None and s._channel.area.size >= 4 << 20
         s.append(bp.Coordinate("big", "s"), K, 1)
-        assert s._area is not None and s._area.size == 64 * 1024
+        assert s._channel.area is not None and s._channel.area.size == 64 * 1024

@@ -122,12 +122,12 @@ def test_garbage_request_in_area_gets_protocol_error(service: tuple[bp.Service, 
 
     with bp.connect(data_dir) as s:
         s.append(bp.Coordinate("x", "y"), K, 1)  # creates the area
-        area = s._area
+        area = s._channel.area
         assert area is not None
         for body in (b"\x00\x00\x00\x05hello", W.LEN.pack(7) + b"\x94\x01\x01\x00\xc0" + b"zz",
                      W.LEN.pack(10**6)):
             area.mm[: len(body)] = body
-            s._queue.send(W.encode_message(W.Message(1, os.getpid(), area.name, 1)), 2)
+            s._channel.queue.send(W.encode_message(W.Message(1, os.getpid(), area.name, 1)), 2)
             area.sem.acquire(5)
             reply = W.decode_reply(area.mm)
             assert reply.status == W.STATUS_ERROR and reply.data[0] == "ProtocolError"
@@ -154,7 +154,7 @@ def test_client_killed_mid_request(service: tuple[bp.Service, str]) -> None:
         assert len(hist) % 5000 == 0  # whole batches only
         assert s.get(r.event_id).payload == 1
         # the dead clients' areas are reclaimed by the writer's sweep (every 5 s)
-        pattern = re.compile(re.escape(s._prefix[1:]) + r"-c(\d+)-")
+        pattern = re.compile(re.escape(s._channel.prefix[1:]) + r"-c(\d+)-")
 
         def dead() -> list[str]:
             return [n for n in os.listdir("/dev/shm")
