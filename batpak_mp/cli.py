@@ -12,8 +12,9 @@ could not be used (service down or failed, directory locked by a writer, corrupt
 I/O error).
 
 Reads (get, history, tail) go through a running service (``connect``) and, when none
-runs, open the directory in-process (``Engine.open``: takes the writer lock, recovers);
-``tail --follow`` needs the service. ``status`` and ``inspect`` never take the lock.
+runs, open the directory read-only (``OfflineStore``: no lock, no recovery, no writes, so
+a read never changes a byte and never keeps a writer from starting); ``tail --follow``
+needs the service. ``status`` and ``inspect`` never take the lock.
 Must not import the supervisor package (``serve`` starts it as a process) or the writer.
 """
 
@@ -42,8 +43,8 @@ from ._errors import BatpakError, ConcurrencyConflict, NotFound, StoreLocked, Wr
 from ._ipc import codes as C
 from ._ipc.control import ControlBlock, ControlSnapshot, state_name
 from ._read.inspect import checkpoint_seq, frames_at, is_data_dir, jsonable, payload_preview, segment_ids, summary
+from ._read.offline import OfflineStore
 from ._read.verify import verify as verify_dir
-from ._storage.engine import Engine
 from ._values import Coordinate, Event, Kind, Receipt, VerifyReport, WriterState
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
@@ -254,38 +255,35 @@ def _durable_hint(path: str) -> tuple[int, int] | None:
     return (snap.store_key, snap.durable) if snap is not None and snap.store_key else None
 
 
-def _open_offline(path: str, why: WriterUnavailable) -> Engine:
+def _open_offline(path: str) -> OfflineStore:
+    """The directory opened read-only: no lock, no recovery, no writes (safe beside a
+    writer that is starting)."""
     if not is_data_dir(path):
         _fail(EXIT_USAGE, f"{path!r} is not a batpak-mp data directory (no store.meta), and no service runs for it")
-    try:
-        engine = Engine.open(path, durable_hint=_durable_hint(path))
-    except StoreLocked as exc:
-        holder = f" by pid {exc.holder_pid}" if exc.holder_pid else ""
-        _fail(EXIT_STORE, f"no service answers for {path!r} ({why.reason}) and the directory is locked{holder} "
-                          "(a writer starting or stopping?); try again")
+    store = OfflineStore.open(path, durable_hint=_durable_hint(path))
     if sys.stderr.isatty():  # for people; scripts get clean stderr (errors stay one line)
-        click.echo(f"note: no service is running for {path!r}; reading it in-process", err=True)
-    return engine
+        click.echo(f"note: no service is running for {path!r}; reading its files read-only", err=True)
+    return store
 
 
 @contextmanager
-def _reader(data_dir: str, *, offline_ok: bool = True) -> Iterator[Store | Engine]:
-    """A running service's store, or (``offline_ok``, no service) the engine in-process."""
+def _reader(data_dir: str, *, offline_ok: bool = True) -> Iterator[Store | OfflineStore]:
+    """A running service's store, or (``offline_ok``, no service) the files read-only."""
     path = os.path.abspath(data_dir)
-    source: Store | Engine
+    source: Store | OfflineStore
     try:
         source = connect(path)
-    except WriterUnavailable as exc:
+    except WriterUnavailable:
         if not offline_ok:
             raise
-        source = _open_offline(path, exc)
+        source = _open_offline(path)
     try:
         yield source
     finally:
         source.close()
 
 
-def _visible(source: Store | Engine) -> int:
+def _visible(source: Store | OfflineStore) -> int:
     return source.frontier().visible if isinstance(source, Store) else source.visible
 
 
@@ -633,7 +631,7 @@ class _Stop(BaseException):
     swallowed there."""
 
 
-def _newest(source: Store | Engine, n: int, entity: str | None, scope: str | None,
+def _newest(source: Store | OfflineStore, n: int, entity: str | None, scope: str | None,
             kind: Kind | None) -> tuple[list[Event], int]:
     """The ``n`` newest events matching the filters, and the sequence to follow from."""
     if entity is None and scope is None and kind is None:

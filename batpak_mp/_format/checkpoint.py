@@ -1,7 +1,8 @@
 """The checkpoint, ``durable.ckpt`` (docs/FORMAT.md §7): the durable floor recovery holds
 the log to, and what a same-boot restart needs to trust the index files.
 
-Owns: its layout, encoder and decoder. Pure: no I/O.
+Owns: its layout, encoder and decoder. Pure: no I/O. Must not import os, mmap,
+posix_ipc or anything with a clock.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""Event ids (docs/FORMAT.md §2): 48-bit wall ms, 16-bit store tag, 64-bit sequence.
+"""Event ids (docs/FORMAT.md §2): 48-bit wall ms, 16-bit store tag, 64-bit sequence;
+and the two numbers derived from a store id (§1): the store tag and the store key.
 
-Owns: building an event id and reading the sequence back out of one. Pure.
+Owns: building an event id and reading the sequence back out of one (readers slice no
+id by hand); ``store_tag_of`` and ``store_key_of``. Pure. Must not import os, mmap,
+posix_ipc or anything with a clock.
 """
 
 from __future__ import annotations
@@ -24,3 +27,9 @@ def event_id_prefix(wall_ms: int, store_tag: int) -> bytes:
 def store_tag_of(store_id: bytes) -> int:
     """The 16-bit tag of a store id that every event id carries."""
     return int.from_bytes(store_id[:2], "big")
+
+
+def store_key_of(store_id: bytes) -> int:
+    """The 64-bit key of a store id in the ``records.idx`` header and the control block
+    (never 0: 0 means "no store")."""
+    return int.from_bytes(store_id[:8], "little") or 1

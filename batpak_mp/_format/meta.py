@@ -1,6 +1,7 @@
 """``store.meta`` (docs/FORMAT.md §8): the store id and the directory's format version.
 
-Owns: its JSON document, encoder and decoder. Pure: no I/O.
+Owns: its JSON document, encoder and decoder. Pure: no I/O. Must not import os, mmap,
+posix_ipc or anything with a clock.
 """
 
 from __future__ import annotations

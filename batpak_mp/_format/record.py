@@ -7,6 +7,7 @@ derived from it. One record per global sequence, at ``record_offset(seq)`` in
 records.idx; the seal footer of a segment holds the same records. Readers index an
 unpacked record with the ``R_*`` constants (module constants, cheap in hot loops), never
 with a bare number. Pure: no I/O; numpy is imported only inside ``numpy_dtype``.
+Must not import os, mmap, posix_ipc or anything with a clock.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ continuity, finding the last whole commit (the last frame flagged COMMIT_END), a
 deciding whether what follows is a torn tail (cut it) or damage below the durable floor
 (fail closed): ``scan_segment`` finds, ``committed_through`` decides. Input is a buffer
 and numbers; output is a plain result or a typed error. No os, mmap or clock here: the
-engine and the offline reader do the I/O and tests feed bytes.
+engine and the offline reader do the I/O and tests feed bytes. Must not import os, mmap,
+posix_ipc or anything with a clock.
 """
 
 from __future__ import annotations
@@ -98,13 +99,13 @@ def scan_segment(
                 status, reason = NEED_MORE, (f"frame of {h} bytes runs past the end" if limit - off >= 8
                                              else "truncated length word")
             break
-        seq = h[H_GLOBAL_SEQUENCE]
-        if seq != seq_next:
-            status, reason = OK, f"sequence {seq} where {seq_next} was expected"
-            break
         names = frame_names(buf, off, h)
         if names is None:
             status, reason = BAD, NAMES_NOT_UTF8
+            break
+        seq = h[H_GLOBAL_SEQUENCE]
+        if seq != seq_next:
+            status, reason = OK, f"sequence {seq} where {seq_next} was expected"
             break
         frame_len = h[H_FRAME_LEN]
         if check_hash and frame_hash(buf, off, frame_len) != h[H_EVENT_HASH]:

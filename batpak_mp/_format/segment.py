@@ -6,7 +6,8 @@ this segment acceptable here" (``segment_verdict``: the header belongs to this s
 continues the log, the seal state is allowed; ``sealed_verdict``: the whole-file checksum
 and the footer of a sealed one). Recovery, verify, inspect and the offline reader ask it;
 each decides what to do with a problem (refuse to open, report it, show it). Frames, which
-fill the space between header and footer, are ``frame.py``'s. Pure: no I/O.
+fill the space between header and footer, are ``frame.py``'s. Pure: no I/O. Must not
+import os, mmap, posix_ipc or anything with a clock.
 """
 
 from __future__ import annotations

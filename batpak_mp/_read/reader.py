@@ -57,6 +57,7 @@ from .._format.record import (
     RECORD_SIZE,
     RECORDS_HEADER_SIZE,
 )
+from .._format.segment import SEG_HEADER_SIZE
 from .._format.tables import (
     DELTA_MAGIC,
     ENTITY_BASE_MAGIC,
@@ -107,6 +108,23 @@ def map_readonly(path: str) -> mmap.mmap | None:
         os.close(fd)
 
 
+def unborn_segment(path: str) -> bool:
+    """A segment file that is empty or all zeros: its header was never written, so no
+    frame was either (a rotation being made, or cut short by a crash; the engine removes
+    such a newest file when it opens the directory)."""
+    m = map_readonly(path)
+    if m is None:
+        return True
+    try:
+        if any(m[:SEG_HEADER_SIZE + 8]):  # the header, and a frame's length word after it
+            return False
+        size = len(m)
+        step = 1 << 20
+        return all(m[i:i + step].count(0) == min(step, size - i) for i in range(0, size, step))
+    finally:
+        m.close()
+
+
 class Reader:
     """Lock-free reads over the data directory, bounded by ``view_fn()``."""
 
@@ -116,7 +134,7 @@ class Reader:
         self._seg_dir = os.path.join(data_dir, SEGMENT_DIR)
         self._idx_dir = os.path.join(data_dir, INDEX_DIR)
         self._segments: dict[int, mmap.mmap] = {}
-        self._records: mmap.mmap | None = None
+        self._records: mmap.mmap | bytes | None = None  # bytes: records held in memory (the offline reader)
         self._base: BaseTable | None = None
         self._base_map: mmap.mmap | None = None
         self._base_segment = -1
@@ -204,11 +222,11 @@ class Reader:
         i = bisect.bisect_right(self._revealed_first, seq) - 1
         return i < 0 or self._revealed_last[i] < seq
 
-    def _records_map(self, seq: int) -> mmap.mmap:
+    def _records_map(self, seq: int) -> mmap.mmap | bytes:
         m = self._records
         end = RECORDS_HEADER_SIZE + seq * RECORD_SIZE
         if m is None or len(m) < end:
-            if m is not None:
+            if isinstance(m, mmap.mmap):
                 m.close()
             m = map_readonly(os.path.join(self._idx_dir, RECORDS_FILE))
             if m is None or len(m) < end:
@@ -231,9 +249,9 @@ class Reader:
         for m in self._segments.values():
             m.close()
         self._segments.clear()
-        if self._records is not None:
+        if isinstance(self._records, mmap.mmap):
             self._records.close()
-            self._records = None
+        self._records = None
 
     # -- primitive reads ----------------------------------------------------------------
     def record(self, seq: int) -> tuple[Any, ...]:

@@ -31,7 +31,7 @@ from .._format.record import RECORD, record_offset
 from .._format.scan import scan_segment
 from .._format.segment import SEG_HEADER_SIZE, SEG_TRAILER_SIZE, sealed_verdict, segment_verdict
 from .._values import Problem, VerifyReport
-from .reader import map_readonly
+from .reader import map_readonly, unborn_segment
 
 
 class _Head(NamedTuple):
@@ -65,7 +65,7 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
     heads: dict[bytes, _Head] = {}
     next_seq = 1
     end_name, end_offset = CHECKPOINT_FILE, 0  # where the log ends
-    if names and _unborn(os.path.join(seg_dir, names[-1])):
+    if names and unborn_segment(os.path.join(seg_dir, names[-1])):
         names.pop()  # being created (or a crash cut its creation short): it holds no event
     for pos, name in enumerate(names):
         path = os.path.join(seg_dir, name)
@@ -105,22 +105,6 @@ def _checkpoint_seq(path: str, report: VerifyReport) -> int:
         report.problems.append(Problem(CHECKPOINT_FILE, 0, "the durable checkpoint is damaged"))
         return 0
     return ckpt[0]
-
-
-def _unborn(path: str) -> bool:
-    """A segment file that is empty or all zeros: its header was never written, so no
-    frame was either (the engine removes such a file when it opens the directory)."""
-    m = map_readonly(path)
-    if m is None:
-        return True
-    try:
-        if any(m[: SEG_HEADER_SIZE + 8]):
-            return False
-        size = len(m)
-        step = 1 << 20
-        return all(m[i:i + step].count(0) == min(step, size - i) for i in range(0, size, step))
-    finally:
-        m.close()
 
 
 def _verify_segment(

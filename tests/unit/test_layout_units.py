@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -438,3 +439,204 @@ def test_restart_policy_bounded_errors(n: object, ms: object, name: str) -> None
     with pytest.raises(bp.InvalidArgument) as ei:
         RestartPolicy.bounded(n, ms)  # type: ignore[arg-type]
     assert ei.value.name == name
+
+
+# ---- layouts declared once: everything else derived ------------------------------------
+def test_record_layout_is_derived_from_its_declaration() -> None:
+    from batpak_mp._format import record as R
+
+    assert RECORD_SIZE == 64 and RECORD.format == "<QIIIHHQQQ16s"  # FORMAT.md §4
+    assert [n for n, _ in R.RECORD_FIELDS] == list(R.Record._fields)
+    positions = {n: getattr(R, "R_" + n.upper()) for n in R.Record._fields}
+    assert positions == {n: i for i, n in enumerate(R.Record._fields)}
+    values = R.Record(7, 2, 4096, 300, 0x1007, 0x9, 11, 12, 5, b"k" * 16)
+    rec = RECORD.pack(*values)
+    assert R.Record._make(RECORD.unpack(rec)) == values
+    assert R.IDEM_OF_RECORD.unpack(rec) == (b"k" * 16,) and R.PREV_OF_RECORD.unpack(rec) == (5,)
+    assert R.record_offset(1) == R.RECORDS_HEADER_SIZE and R.record_offset(3) == R.RECORDS_HEADER_SIZE + 128
+
+
+def test_record_numpy_dtype_reads_packed_records() -> None:
+    import numpy as np
+
+    from batpak_mp._format import record as R
+
+    dtype = R.numpy_dtype()
+    assert dtype.itemsize == RECORD_SIZE
+    rows = [R.Record(i, 1, 64 * i, 200, i & 0xFFFF, i & 0xF, i * 3, i * 5, i - 1, i.to_bytes(16, "little"))
+            for i in range(1, 6)]
+    recs = np.frombuffer(b"".join(RECORD.pack(*r) for r in rows), dtype=dtype)
+    for name in R.Record._fields:
+        if name == "idem_hash":
+            assert recs["idem_hash_lo"].tolist() == [int.from_bytes(r.idem_hash[:8], "little") for r in rows]
+            assert recs["idem_hash_hi"].tolist() == [int.from_bytes(r.idem_hash[8:], "little") for r in rows]
+        else:
+            assert recs[name].tolist() == [getattr(r, name) for r in rows], name
+
+
+def test_frame_header_layout_is_derived_from_its_declaration() -> None:
+    from batpak_mp._format import frame as F
+    from batpak_mp._format.layout import offset_of
+
+    # FORMAT.md §3.2 and §3.4
+    assert F.HEADER.format == "<IIHHHHHHIQQQ16s16s16s16s32s32s" and F.HEADER_SIZE == 176
+    assert F.HASHED_START == 8 and F.HASH_OFFSET == 144 and F.HASHED_HEADER.size == 136
+    assert F.LEN_CRC.format == "<II"
+    assert offset_of(F.HEADER_FIELDS, "global_sequence") == 24 and offset_of(F.HEADER_FIELDS, "event_id") == 48
+    assert {n: getattr(F, "H_" + n.upper()) for n in F.Header._fields} == {n: i for i, n in enumerate(F.Header._fields)}
+
+
+def test_event_from_header_unpacks_in_header_order() -> None:
+    """event_from_header unpacks the header tuple by position (the readers' hot path): it
+    must name each position as the declaration does."""
+    from batpak_mp._format import frame as F
+
+    data, ehash = F.encode_frame(flags=F.FLAG_COMMIT_END | F.FLAG_HAS_CAUSATION | F.FLAG_HAS_CORRELATION,
+                                 kind=0x1007, payload_version=3, global_sequence=9, entity_clock=4, wall_ms=77,
+                                 event_id=b"e" * 16, causation_id=b"c" * 16, correlation_id=b"r" * 16,
+                                 idem_hash=b"i" * 16, prev_hash=b"p" * 32, entity=b"ent", scope=b"sc", payload=b"\x01")
+    h = F.frame_header(data, 0, len(data))
+    assert isinstance(h, tuple)
+    named = F.Header._make(h)
+    ev = F.event_from_header(data, 0, h, {})
+    assert ev is not None
+    assert (ev.event_id, ev.global_sequence, ev.entity_clock, ev.wall_ms, ev.payload_version, ev.event_hash,
+            ev.prev_hash, ev.causation_id, ev.correlation_id, ev.kind, ev.payload_bytes) == (
+        named.event_id, named.global_sequence, named.entity_clock, named.wall_ms, named.payload_version,
+        named.event_hash, named.prev_hash, named.causation_id, named.correlation_id, bp.Kind(1, 7), b"\x01")
+    assert (ev.coordinate.entity, ev.coordinate.scope) == ("ent", "sc") and ehash == named.event_hash
+
+
+def test_flag_names() -> None:
+    from batpak_mp._format.frame import FLAG_NAMES, KNOWN_FLAGS, flag_names
+
+    assert FLAG_NAMES == {0x1: "COMMIT_END", 0x2: "HAS_CAUSATION", 0x4: "HAS_CORRELATION", 0x8: "FENCED"}
+    assert KNOWN_FLAGS == 0xF
+    assert flag_names(0x9) == ["COMMIT_END", "FENCED"]
+    assert flag_names(0x31) == ["COMMIT_END", "unknown:0x30"]
+
+
+def test_inspect_names_a_fenced_frame(tmp_path: Path) -> None:
+    """inspect printed FENCED frames as unknown:0x8 (it had its own list of names)."""
+    import os
+
+    from batpak_mp._format.directory import SEGMENT_DIR, segment_name
+    from batpak_mp._format.frame import FLAG_COMMIT_END, FLAG_FENCED, encode_frame
+    from batpak_mp._read.inspect import frames_at
+
+    data = encode_frame(flags=FLAG_COMMIT_END | FLAG_FENCED, kind=1, payload_version=0, global_sequence=1,
+                        entity_clock=1, wall_ms=1, event_id=bytes(16), causation_id=bytes(16),
+                        correlation_id=bytes(16), idem_hash=bytes(16), prev_hash=bytes(32), entity=b"e",
+                        scope=b"s", payload=b"\x01")[0]
+    root = os.fspath(tmp_path)
+    os.makedirs(os.path.join(root, SEGMENT_DIR))
+    size = SEG_HEADER_SIZE + 1024
+    with open(os.path.join(root, SEGMENT_DIR, segment_name(1)), "wb") as f:
+        f.write(encode_segment_header(1, b"s" * 16, 1, size) + data + bytes(size - SEG_HEADER_SIZE - len(data)))
+    first = frames_at(root, 1, None, 1)["positions"][0]
+    assert first["status"] == "ok" and first["fields"]["flag_names"] == ["COMMIT_END", "FENCED"]
+
+
+def test_store_key_and_tag() -> None:
+    from batpak_mp._format.ids import store_key_of, store_tag_of
+
+    assert store_tag_of(b"\x01\x02" + bytes(14)) == 0x0102
+    assert store_key_of(b"\x01" + bytes(15)) == 1 and store_key_of(bytes(16)) == 1  # never 0
+    assert store_key_of(bytes(range(16))) == int.from_bytes(bytes(range(8)), "little")
+
+
+# ---- is this segment acceptable here ---------------------------------------------------
+def _segment(store_id: bytes = b"s" * 16, first_seq: int = 1, size: int = 4096, sealed: bool = False,
+             segment_id: int = 1) -> bytearray:
+    buf = bytearray(encode_segment_header(segment_id, store_id, first_seq, size).ljust(size, b"\0"))
+    if sealed:
+        footer = encode_footer(first_seq, b"")
+        buf[SEG_HEADER_SIZE:SEG_HEADER_SIZE + len(footer)] = footer
+        crc = zlib.crc32(buf[:size - SEG_TRAILER_SIZE])
+        buf[size - SEG_TRAILER_SIZE:] = encode_trailer(SEG_HEADER_SIZE, len(footer), crc)
+    return buf
+
+
+def _verdict(buf: bytearray, **kw: object) -> object:
+    from batpak_mp._format.segment import segment_verdict
+
+    args: dict[str, object] = {"store_id": b"s" * 16, "first_seq": 1, "unsealed_ok": True, **kw}
+    return segment_verdict("seg", bytes(buf[:SEG_HEADER_SIZE]), bytes(buf[-SEG_TRAILER_SIZE:]), len(buf),
+                           **args)  # type: ignore[arg-type]
+
+
+def test_segment_verdict() -> None:
+    from batpak_mp._format.segment import SegmentVerdict, sealed_verdict
+
+    ok = _verdict(_segment())
+    assert isinstance(ok, SegmentVerdict) and not ok.problems and ok.trailer is None and ok.frames_end == 4096 - 32
+    ok.check()
+    sealed = _verdict(_segment(sealed=True), unsealed_ok=False)
+    assert isinstance(sealed, SegmentVerdict) and not sealed.problems and sealed.frames_end == SEG_HEADER_SIZE
+    assert sealed.trailer is not None
+    assert sealed_verdict("seg", bytes(_segment(sealed=True)), sealed.trailer).check() == b""
+    reasons = {
+        "segment belongs to another store": _verdict(_segment(store_id=b"x" * 16)),
+        "segment starts at sequence 5, expected 1": _verdict(_segment(first_seq=5)),
+        "segment before the last is not sealed": _verdict(_segment(), unsealed_ok=False),
+        "header says segment 2, the file name 1": _verdict(_segment(segment_id=2), segment_id=1),
+    }
+    for reason, verdict in reasons.items():
+        assert isinstance(verdict, SegmentVerdict)
+        assert [p.reason for p in verdict.problems] == [reason]
+        with pytest.raises(bp.CorruptSegment, match=reason):
+            verdict.check()
+    # checks that are not asked for are not made
+    lax = _verdict(_segment(store_id=b"x" * 16, first_seq=5), store_id=None, first_seq=None)
+    assert isinstance(lax, SegmentVerdict) and not lax.problems
+    with pytest.raises(bp.CorruptSegment):
+        _verdict(bytearray(4096))  # no header: nothing can be judged
+
+
+def test_sealed_verdict_finds_a_changed_byte_and_a_bad_trailer() -> None:
+    from batpak_mp._format.segment import decode_trailer as dt
+    from batpak_mp._format.segment import sealed_verdict
+
+    buf = _segment(sealed=True)
+    trailer = dt(bytes(buf[-SEG_TRAILER_SIZE:]))
+    assert trailer is not None
+    buf[1000] ^= 1
+    assert [p.reason for p in sealed_verdict("seg", bytes(buf), trailer).problems] == [
+        "sealed segment checksum mismatch (a byte changed after sealing)"]
+    assert not sealed_verdict("seg", bytes(buf), trailer, checksum=False).problems
+    outside = trailer._replace(footer_offset=4096)
+    assert [p.reason for p in sealed_verdict("seg", bytes(buf), outside, checksum=False).problems] == [
+        "trailer points outside the segment"]
+    buf = _segment(sealed=True)
+    buf[-SEG_TRAILER_SIZE:] = encode_trailer(4000, 500, zlib.crc32(buf[:-SEG_TRAILER_SIZE]))
+    verdict = _verdict(buf)
+    assert [p.reason for p in verdict.problems] == ["trailer points outside the segment"]  # type: ignore[attr-defined]
+
+
+# ---- recovery's decision over a scan -----------------------------------------------------
+def test_committed_through() -> None:
+    from batpak_mp._format.frame import FLAG_COMMIT_END, encode_frame
+    from batpak_mp._format.scan import committed_through, scan_segment
+
+    def frame(seq: int, flags: int = FLAG_COMMIT_END) -> bytes:
+        return encode_frame(flags=flags, kind=1, payload_version=0, global_sequence=seq, entity_clock=seq,
+                            wall_ms=1, event_id=bytes(16), causation_id=bytes(16), correlation_id=bytes(16),
+                            idem_hash=bytes(16), prev_hash=bytes(32), entity=b"e", scope=b"s", payload=b"x")[0]
+
+    log = frame(1) + frame(2) + frame(3, 0)  # the third frame's request never ended
+    scan = scan_segment(log + bytes(50), 0, len(log) + 50, 1)
+    assert committed_through("seg", scan, 1, 0) == 2 and committed_through("seg", scan, 1, 2) == 2
+    with pytest.raises(bp.CorruptSegment, match="log ends at sequence 2, but sequence 3 was durable"):
+        committed_through("seg", scan, 1, 3)
+    torn = scan_segment(log[:-5], 0, len(log) - 5, 1)
+    with pytest.raises(bp.CorruptSegment, match="runs past the end"):
+        committed_through("seg", torn, 1, 3)  # a torn frame below the durable floor
+    middle = bytearray(frame(1) + frame(2) + frame(3))
+    middle[len(frame(1)) + 100] ^= 1
+    with pytest.raises(bp.CorruptSegment, match="checksum"):
+        committed_through("seg", scan_segment(bytes(middle), 0, len(middle), 1), 1, 0)
+    future = bytearray(frame(1) + frame(2))
+    struct.pack_into("<H", future, len(frame(1)) + 8, 2)
+    struct.pack_into("<I", future, len(frame(1)) + 4, zlib.crc32(future[len(frame(1)) + 8:]))
+    with pytest.raises(bp.FutureFormat):
+        committed_through("seg", scan_segment(bytes(future), 0, len(future), 1), 1, 0)
