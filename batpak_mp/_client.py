@@ -414,9 +414,13 @@ class Store:
         out = []
         for p, f in zip(prepared, data, strict=True):
             try:
-                event_id, seq, clock, ehash, prev, wall, durable, sig = f
-                out.append(Receipt(event_id, seq, p.entity.decode(), p.scope.decode(), clock, ehash, prev, wall,
-                                   bool(durable), sig))
+                event_id, seq, clock, ehash, prev, wall, durable, sig, *named = f
+                # entity and scope travel only when they are not the request's (another
+                # event's receipt: a duplicate key sent with another coordinate)
+                entity, scope = named if named else (p.entity.decode(), p.scope.decode())
+                if type(entity) is not str or type(scope) is not str:
+                    raise TypeError
+                out.append(Receipt(event_id, seq, entity, scope, clock, ehash, prev, wall, bool(durable), sig))
             except (TypeError, ValueError):
                 raise ProtocolError("malformed receipt in reply") from None
         return out
@@ -486,7 +490,7 @@ class Store:
                 try:
                     return reader.get_seq(seq)
                 except NotFound:  # hidden inside a fence: its predecessor in the chain
-                    seq = reader._retrying(functools.partial(reader.record, seq))[8]
+                    seq = reader._retrying(functools.partial(reader.prev_in_entity, seq))
             return None
 
     def stream_page(self, after: int, limit: int, *, entity: str | None = None, scope: str | None = None,

@@ -568,7 +568,7 @@ class Writer:
                 continue
             if req.op == W.OP_APPEND_FENCED:
                 self.fences.written(req.body[0], res[0].global_sequence, res[-1].global_sequence)
-            self.reply_receipts(area, req.request_id, res)
+            self.reply_receipts(area, req, res)
 
     def reply(self, area: _Area, reply: W.Reply) -> None:
         body = W.encode_reply(reply)
@@ -583,8 +583,10 @@ class Writer:
         except (posix_ipc.Error, ValueError, IndexError, OSError):
             self.dropped += 1
 
-    def reply_receipts(self, area: _Area, request_id: int, receipts: list[Receipt]) -> None:
-        self.reply(area, W.Reply(request_id, self.epoch, W.STATUS_OK, [W.receipt_fields(r) for r in receipts]))
+    def reply_receipts(self, area: _Area, req: W.Request, receipts: list[Receipt]) -> None:
+        items = req.body[1] if req.op == W.OP_APPEND_FENCED else req.body  # one receipt per item
+        fields = [W.receipt_fields(r, it[0], it[1]) for r, it in zip(receipts, items, strict=True)]
+        self.reply(area, W.Reply(req.request_id, self.epoch, W.STATUS_OK, fields))
 
     def reply_error(self, area: _Area, request_id: int, exc: BaseException) -> None:
         self.reply(area, W.Reply(request_id, self.epoch, W.STATUS_ERROR, W.error_to_wire(exc)))

@@ -17,7 +17,7 @@ import msgpack
 from .. import _errors as E
 from .._format.frame import Buffer
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: a receipt names its entity and scope when they are not the request's (§8.1)
 MAX_MESSAGE = 8192  # the kernel's default msgsize_max: a queue message never exceeds it
 
 OP_APPEND = 1  # body: [item, ...]; all-or-nothing
@@ -179,10 +179,16 @@ def decode_reply(area: Buffer) -> Reply:
 
 
 # -- receipts and errors on the wire ---------------------------------------------------
-def receipt_fields(r: Any) -> list[Any]:
-    """A receipt without entity/scope (the client knows them): compact on the wire."""
-    return [r.event_id, r.global_sequence, r.entity_clock, r.event_hash, r.prev_hash, r.wall_ms, r.durable,
-            r.signature]
+def receipt_fields(r: Any, entity: bytes, scope: bytes) -> list[Any]:
+    """A receipt as it travels, compact: without entity and scope when they are the ones
+    of the request item it answers (``entity``, ``scope``: the client knows them); with
+    them, as two more fields, when they are not (a duplicate idempotency key sent with
+    another coordinate is answered with the stored event's receipt)."""
+    fields = [r.event_id, r.global_sequence, r.entity_clock, r.event_hash, r.prev_hash, r.wall_ms, r.durable,
+              r.signature]
+    if r.entity.encode() != entity or r.scope.encode() != scope:
+        fields += [r.entity, r.scope]
+    return fields
 
 
 RECEIPT_WIRE_MAX = 256  # bytes one receipt takes in a reply, at most (with a signature)

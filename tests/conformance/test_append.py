@@ -11,7 +11,7 @@ import pytest
 
 import batpak_mp as bp
 
-from ._contract import KIND, PAYLOAD_LIMIT, Has, Impl, check_error, differs, event_at, packb, receipt_at
+from ._contract import KIND, PAYLOAD_LIMIT, Has, Impl, check_error, event_at, packb, receipt_at
 
 
 def test_receipts_and_events_chain_per_entity(impl: Impl) -> None:
@@ -88,9 +88,6 @@ def test_key_kind_is_part_of_the_key(impl: Impl) -> None:
     assert shapes.receipts(rs) == [receipt_at(1, c, 1), receipt_at(2, c, 2, prev="h#1")]
 
 
-@differs("store", "the receipt of a duplicate key sent with another coordinate names the caller's entity and "
-                  "scope (the client fills them in from the request) instead of the stored event's, and "
-                  "verify_receipt rejects it")
 def test_duplicate_key_on_another_coordinate_returns_the_stored_event(impl: Impl) -> None:
     api, shapes = impl.api, impl.shapes()
     a, b = impl.coord("a"), impl.coord("b")

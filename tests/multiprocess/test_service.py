@@ -127,7 +127,7 @@ def test_garbage_request_in_area_gets_protocol_error(service: tuple[bp.Service, 
         for body in (b"\x00\x00\x00\x05hello", W.LEN.pack(7) + b"\x94\x01\x01\x00\xc0" + b"zz",
                      W.LEN.pack(10**6)):
             area.mm[: len(body)] = body
-            s._channel.queue.send(W.encode_message(W.Message(1, os.getpid(), area.name, 1)), 2)
+            s._channel.queue.send(W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, 1)), 2)
             area.sem.acquire(5)
             reply = W.decode_reply(area.mm)
             assert reply.status == W.STATUS_ERROR and reply.data[0] == "ProtocolError"
