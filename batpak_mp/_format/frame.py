@@ -220,41 +220,41 @@ def frame_header(buf: Buffer, off: int, limit: int, *, final: bool = False) -> R
     Entity and scope must also be UTF-8 (``frame_names``); that is checked where the names
     are decoded, which readers do once per distinct name."""
     n = limit - off
-    if n < 8:
-        if (n >= 4 and not any(buf[off:off + 4])) or (final and not any(buf[off:limit])):
-            return END
-        return 8
-    h: RawHeader | None
-    frame_len: int
     if n >= HEADER_SIZE:
         h = _unpack_header(buf, off)
-        frame_len = h[H_FRAME_LEN]
-    else:
-        h = None
+        frame_len: int = h[0]
+        if MIN_FRAME <= frame_len <= n:  # a whole frame's bytes are there: check them
+            if _crc32(buf[off + 8:off + frame_len] if frame_len <= _CRC_COPY_MAX
+                      else memoryview(buf)[off + 8:off + frame_len]) != h[1]:
+                return CHECKSUM_MISMATCH
+            version: int = h[2]
+            if version != FRAME_VERSION:
+                return f"future frame version {version}" if version > FRAME_VERSION else f"unknown frame version {version}"
+            if HEADER_SIZE + h[5] + h[6] + h[8] != frame_len:
+                return "field lengths do not add up to the frame length"
+            if not h[5] or not h[6]:
+                return "empty entity or scope"
+            if h[3] & ~KNOWN_FLAGS:
+                return f"unknown flags {h[3]:#x}"
+            return h
+    elif n >= 8:
         frame_len = _unpack_len_crc(buf, off)[0]
+    else:
+        end_marker = (n >= 4 and not any(buf[off:off + 4])) or (final and not any(buf[off:limit]))
+        return END if end_marker else 8
+    # the length word alone decides: the end marker, garbage, or a frame past ``limit``
     if frame_len == 0:
         return END
     if frame_len < MIN_FRAME or frame_len > MAX_FRAME:
         return f"frame length {frame_len} out of range"
-    if frame_len > n or h is None:  # (h is None only when n < HEADER_SIZE < MIN_FRAME <= frame_len)
-        return frame_len
-    end = off + frame_len
-    body = buf[off + HASHED_START:end] if frame_len <= _CRC_COPY_MAX else memoryview(buf)[off + HASHED_START:end]
-    if _crc32(body) != h[H_CRC]:
-        return CHECKSUM_MISMATCH
-    version = h[H_VERSION]
-    if version != FRAME_VERSION:
-        return f"future frame version {version}" if version > FRAME_VERSION else f"unknown frame version {version}"
-    elen = h[H_ENTITY_LEN]
-    slen = h[H_SCOPE_LEN]
-    if HEADER_SIZE + elen + slen + h[H_PAYLOAD_LEN] != frame_len:
-        return "field lengths do not add up to the frame length"
-    if not elen or not slen:
-        return "empty entity or scope"
-    if h[H_FLAGS] & ~KNOWN_FLAGS:
-        return f"unknown flags {h[H_FLAGS]:#x}"
-    return h
+    return frame_len
 
+
+# frame_header indexes the header with literal positions (constants, not global lookups:
+# it runs for every event every reader returns). They must be the declaration's:
+if (H_FRAME_LEN, H_CRC, H_VERSION, H_FLAGS, H_ENTITY_LEN, H_SCOPE_LEN, H_PAYLOAD_LEN, HASHED_START) != (
+        0, 1, 2, 3, 5, 6, 8, 8):
+    raise ImportError("frame_header's literal header positions no longer match Header")
 
 _unpack_header = HEADER.unpack_from
 _unpack_len_crc = LEN_CRC.unpack_from

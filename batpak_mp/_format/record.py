@@ -17,7 +17,7 @@ from typing import Annotated, Any, NamedTuple
 
 from .._errors import FutureFormat
 from .directory import FORMAT_VERSION, RECORDS_FILE
-from .layout import field_struct, fields_of, position_of, struct_of
+from .layout import field_struct, fields_of, offset_of, position_of, struct_of
 
 
 class Record(NamedTuple):
@@ -51,6 +51,12 @@ R_ENTITY_HASH = position_of(RECORD_FIELDS, "entity_hash")
 R_SCOPE_HASH = position_of(RECORD_FIELDS, "scope_hash")
 R_PREV_IN_ENTITY = position_of(RECORD_FIELDS, "prev_in_entity")
 R_IDEM_HASH = position_of(RECORD_FIELDS, "idem_hash")
+
+# where the frame is (segment_id, offset, frame_len, kind, flags): the run of fields a
+# reader's hot path needs, unpacked without the rest (no 16-byte idem_hash object)
+LOCATION = struct_of(RECORD_FIELDS, "segment_id", "flags")
+LOCATION_FIELDS = tuple(name for name, _ in RECORD_FIELDS[R_SEGMENT_ID:R_FLAGS + 1])
+LOCATION_OFFSET = offset_of(RECORD_FIELDS, "segment_id")
 
 # one field read alone (e.g. every idempotency hash of a run of records, with iter_unpack)
 IDEM_OF_RECORD = field_struct(RECORD_FIELDS, "idem_hash")

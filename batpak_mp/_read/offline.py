@@ -71,7 +71,7 @@ from .._format.record import (
     record_offset,
     records_header_matches,
 )
-from .._format.scan import ScannedFrame, committed_through, scan_segment
+from .._format.scan import ScannedFrame, committed_through
 from .._format.segment import (
     FOOTER_HEAD,
     SEG_HEADER_SIZE,
@@ -80,6 +80,7 @@ from .._format.segment import (
     sealed_verdict,
     segment_verdict,
 )
+from .._native import scan_segment  # the active codec: C when built, else _format's
 from .._values import FENCE_ENTITY, Event, Kind, Page
 from .reader import Reader, StaleView, View, map_readonly, unborn_segment
 

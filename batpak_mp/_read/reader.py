@@ -38,12 +38,12 @@ from .._format.frame import (
     OK,
     Frame,
     event_from_header,
-    frame_header,
     frame_to_event,
-    scan_frame,
 )
 from .._format.ids import event_id_sequence
 from .._format.record import (
+    LOCATION,
+    LOCATION_OFFSET,
     R_ENTITY_CLOCK,
     R_ENTITY_HASH,
     R_FLAGS,
@@ -65,11 +65,13 @@ from .._format.tables import (
     check_header,
     delta_candidates,
 )
-from .._values import Coordinate, Event, Page, check_name
+from .._native import frame_header, scan_frame  # the active codec: C when built, else _format's
+from .._values import Coordinate, Event, Page, check_kind, check_name
 
 __all__ = ["Hidden", "Reader", "StaleView", "View", "frame_to_event", "map_readonly"]
 
 _rec_unpack = RECORD.unpack_from
+_locate = LOCATION.unpack_from
 
 
 class View(NamedTuple):
@@ -285,14 +287,10 @@ class Reader:
         rec_off = RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE
         if m is None or len(m) < rec_off + RECORD_SIZE:
             m = self._records_map(seq)
-        rec = _rec_unpack(m, rec_off)
-        flags = rec[R_FLAGS]
+        sid, off, flen, _kind, flags = _locate(m, rec_off + LOCATION_OFFSET)  # LOCATION_FIELDS, in order
         if flags & FLAG_FENCED and not include_hidden and self.hidden(seq, flags):
             raise Hidden(seq)
-        sid = rec[R_SEGMENT_ID]
         seg = self._segments.get(sid) or self._segment(sid)
-        off = rec[R_OFFSET]
-        flen = rec[R_FRAME_LEN]
         end = off + flen
         if end > len(seg):
             raise StaleView(f"sequence {seq}")
@@ -417,7 +415,7 @@ class Reader:
         if kind is not None:
             if not isinstance(kind, tuple) or len(kind) != 2:
                 raise InvalidArgument("kind", kind, "must be a bp.Kind")
-            kind_packed = (kind[0] << 12) | kind[1]
+            kind_packed = check_kind(kind, allow_reserved=True)  # out of range: InvalidKind, not "no match"
         view = self.refresh()
         visible = view.visible if upto is None else min(view.visible, upto)
 
@@ -449,11 +447,15 @@ class Reader:
         return page
 
     def walk_ancestors(self, event_id: bytes, limit: int | None = None) -> Iterator[Event]:
+        """The event and its predecessors in its entity, newest first, checking the hash
+        chain. A bad argument or an unknown id raises here, at the call (as ``Store``
+        does), not at the first ``next()``."""
         if limit is not None and (type(limit) is not int or limit < 0):
             raise InvalidArgument("limit", limit, "must be an int >= 0")
-        ev = self.get(event_id)
+        return self._walk(self.get(event_id).global_sequence, limit)
+
+    def _walk(self, seq: int, limit: int | None) -> Iterator[Event]:
         count = 0
-        seq = ev.global_sequence
         expect_hash: bytes | None = None
         while seq and (limit is None or count < limit):
             frame = self._retrying(functools.partial(self.frame, seq))

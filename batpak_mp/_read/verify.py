@@ -28,8 +28,8 @@ from .._format.directory import (
 from .._format.frame import FLAG_FENCED, ZERO_HASH
 from .._format.meta import decode_meta
 from .._format.record import RECORD, record_offset
-from .._format.scan import scan_segment
 from .._format.segment import SEG_HEADER_SIZE, SEG_TRAILER_SIZE, sealed_verdict, segment_verdict
+from .._native import scan_segment  # the active codec: C when built, else _format's
 from .._values import Problem, VerifyReport
 from .reader import map_readonly, unborn_segment
 

@@ -3,7 +3,8 @@
 The decoders: ``frame.scan_frame`` and ``frame.decode_frame`` (the codec), the recovery
 scan ``scan.scan_segment``, the reader's frame paths (``Reader.event``, the hot path of
 ``get``/``history``/``query_after``, and ``Reader.frame``, behind ``walk_ancestors``), and
-``inspect``'s ``frames_at``. Each example is one candidate frame area B; the reader and
+``inspect``'s ``frames_at``; and the active codec of ``batpak_mp._native`` (the C
+mirror when it is built, which the reader, verify and the offline reader use). Each example is one candidate frame area B; the reader and
 inspect see it as the frame area of a real segment file (a header, B, an unsealed
 trailer area) with a record for sequence 1 that spans at most B. They must agree:
 
@@ -32,7 +33,7 @@ from _engine_helpers import set_frame_field
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from batpak_mp import CorruptSegment, FutureFormat
+from batpak_mp import CorruptSegment, FutureFormat, _native
 from batpak_mp._format.directory import INDEX_DIR, RECORDS_FILE, SEGMENT_DIR, segment_name
 from batpak_mp._format.frame import (
     BAD,
@@ -207,6 +208,9 @@ def test_every_decoder_gives_the_same_verdict(area: bytes) -> None:
     stream_status, _ = scan_frame(area, 0, len(area))
     scan = scan_segment(area, 0, len(area), SEQ, check_hash=True)
     accepted = status == OK and isinstance(value, Frame) and value.global_sequence == SEQ
+    # the active codec (C when built) answers exactly as the reference
+    assert _native.scan_frame(area, 0, len(area), final=True) == (status, value)
+    assert _native.scan_segment(area, 0, len(area), SEQ, check_hash=True) == scan
 
     # acceptance
     assert bool(scan.frames) == accepted
