@@ -37,6 +37,7 @@ PURE_GLOBS = (
     "batpak_mp/_ipc/wire.py",
     "supervisor/batpak_supervisor/policy.py",
     "batpak_mp/_signing.py",
+    "batpak_mp/_native/_pure.py",      # the reference of the C codec's encode_group / unpack_record
     # Matched once they land (the IPC contract, the engine split, the conformance work):
     "batpak_mp/_ipc/codes.py",         # exit codes and command lines; the supervisor's policy imports it
     "batpak_mp/_storage/planning.py",  # the pure commit planning
