@@ -4,9 +4,10 @@ The decoders: ``frame.scan_frame`` and ``frame.decode_frame`` (the codec), the r
 scan ``scan.scan_segment``, the reader's frame paths (``Reader.event``, the hot path of
 ``get``/``history``/``query_after``, and ``Reader.frame``, behind ``walk_ancestors``), and
 ``inspect``'s ``frames_at``; and the active codec of ``batpak_mp._native`` (the C
-mirror when it is built, which the reader, verify and the offline reader use). Each example is one candidate frame area B; the reader and
-inspect see it as the frame area of a real segment file (a header, B, an unsealed
-trailer area) with a record for sequence 1 that spans at most B. They must agree:
+mirror when it is built, which the reader, verify and the offline reader use). Each
+example is one candidate frame area B; the reader and inspect see it as the frame area
+of a real segment file (a header, B, an unsealed trailer area) with a record for
+sequence 1 that spans at most B. They must agree:
 
 - on acceptance: the codec accepts B exactly when the scan keeps a first frame, the
   reader returns an event (both with sequence 1 expected), inspect says "ok" (it has no
