@@ -52,7 +52,7 @@ REQUIRED = ("batpak_mp/_format/frame.py", "batpak_mp/_prepare.py", "batpak_mp/_v
 
 KNOWN: dict[tuple[str, str], str] = {
     ("batpak_mp/_gates.py", "threading"):
-        "TODO(lead): remove when ApprovalLedger's lock is passed in or lives in the caller",
+        "TODO(lead): remove when Pipeline's ledger lock (l.433) is passed in or lives in the caller",
     ("batpak_mp/_prepare.py", "threading"):
         "TODO(lead): remove when the per-thread msgpack Packer cache leaves _prepare",
 }
