@@ -14,7 +14,7 @@ import zlib
 from typing import NamedTuple
 
 import batpak_mp as bp
-from batpak_mp._format.directory import SEGMENT_DIR, segment_name
+from batpak_mp._format.directory import SEGMENT_DIR, parse_segment_name, segment_name
 from batpak_mp._format.frame import FLAG_COMMIT_END, HASHED_START
 from batpak_mp._format.scan import ScannedFrame, scan_segment
 from batpak_mp._format.segment import (
@@ -33,7 +33,7 @@ def segment_path(data_dir: str, segment_id: int) -> str:
 
 def segment_ids(data_dir: str) -> list[int]:
     names = os.listdir(os.path.join(data_dir, SEGMENT_DIR))
-    return sorted(int(n[:-4]) for n in names if n.endswith(".seg"))
+    return sorted(sid for sid in map(parse_segment_name, names) if sid is not None)
 
 
 _CHUNK = 1 << 16

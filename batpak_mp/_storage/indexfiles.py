@@ -35,7 +35,22 @@ from .._format.directory import (
     parse_delta_name,
 )
 from .._format.frame import MIN_FRAME, OK, ZERO_ID, Frame, scan_frame
-from .._format.record import RECORD, RECORD_SIZE, RECORDS_HEADER_SIZE, encode_records_header, records_header_matches
+from .._format.record import (
+    IDEM_OF_RECORD,
+    R_ENTITY_CLOCK,
+    R_ENTITY_HASH,
+    R_FRAME_LEN,
+    R_OFFSET,
+    R_PREV_IN_ENTITY,
+    R_SEGMENT_ID,
+    RECORD,
+    RECORD_SIZE,
+    RECORDS_HEADER_SIZE,
+    encode_records_header,
+    numpy_dtype,
+    record_offset,
+    records_header_matches,
+)
 from .._format.scan import ScannedFrame
 from .._format.tables import (
     DELTA_MAGIC,
@@ -54,12 +69,11 @@ from .._format.tables import (
     verify_base,
 )
 from .osio import Disk
-from .planning import EventMeta
+from .planning import M_IDEM, M_SEQ, EventMeta
 
 RECORDS_GROWTH = 1 << 16  # records.idx grows by this many records (4 MiB) at a time
 _u64 = struct.Struct("<Q")
 _SLOT_HEAD_AT = 8  # a delta slot's head sequence follows its entity hash (tables.DELTA_SLOT)
-_IDEM_OF_RECORD = struct.Struct("<48x16s")  # the idempotency hash at the end of an index record
 _two_u64 = struct.Struct("<QQ")  # an idempotency hash as the (lo, hi) halves the idem base sorts by
 
 
@@ -113,7 +127,7 @@ class IndexFiles:
 
     def ensure_records(self, seq: int) -> None:
         """Room in records.idx for the record of ``seq``."""
-        need = RECORDS_HEADER_SIZE + seq * RECORD_SIZE
+        need = record_offset(seq) + RECORD_SIZE
         if len(self.records_map) >= need:
             return
         size = len(self.records_map)
@@ -125,14 +139,14 @@ class IndexFiles:
         old.close()
 
     def holds_records_through(self, seq: int) -> bool:
-        return bool(len(self.records_map) >= RECORDS_HEADER_SIZE + seq * RECORD_SIZE)
+        return bool(len(self.records_map) >= record_offset(seq) + RECORD_SIZE)
 
     def record(self, seq: int) -> tuple[Any, ...]:
-        return RECORD.unpack_from(self.records_map, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)
+        return RECORD.unpack_from(self.records_map, record_offset(seq))
 
     def records_of(self, first_seq: int, count: int) -> bytes:
         """The records of ``count`` sequences from ``first_seq`` (a segment's footer)."""
-        start = RECORDS_HEADER_SIZE + (first_seq - 1) * RECORD_SIZE
+        start = record_offset(first_seq)
         return bytes(self.records_map[start:start + count * RECORD_SIZE])
 
     def adopt_records(self, first_seq: int, records: bytes) -> int:
@@ -140,7 +154,7 @@ class IndexFiles:
         records it holds."""
         count = len(records) // RECORD_SIZE
         self.ensure_records(first_seq + count)
-        start = RECORDS_HEADER_SIZE + (first_seq - 1) * RECORD_SIZE
+        start = record_offset(first_seq)
         if self.records_map[start:start + len(records)] != records:
             self.records_map[start:start + len(records)] = records
         return count
@@ -152,7 +166,7 @@ class IndexFiles:
         m = self.records_map
         slots = self.delta_slots
         delta, cap = self.delta_map, self.delta_cap
-        pack = RECORD.pack_into
+        pack = RECORD.pack_into  # record_offset is inlined in this loop: it runs per event
         for (seq, clock, kind, flags, flen, prev, ent_h, scope_h, entity, idem) in metas:
             pack(m, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE, clock, segment_id, offset, flen, kind, flags,
                  ent_h, scope_h, prev, idem)
@@ -167,8 +181,8 @@ class IndexFiles:
         """A group was written to the active segment: its keys are taken from now on."""
         idem_active = self.idem_active
         for meta in metas:
-            if meta[9] != ZERO_ID:
-                idem_active[meta[9]] = meta[0]
+            if meta[M_IDEM] != ZERO_ID:
+                idem_active[meta[M_IDEM]] = meta[M_SEQ]
 
     def write_scanned(self, segment_id: int, frames: list[ScannedFrame]) -> None:
         """Rebuild the records of a scanned (unsealed) segment's frames."""
@@ -200,19 +214,20 @@ class IndexFiles:
         for seq in candidates:
             while seq:
                 rec = self.record(seq)
-                if rec[6] != h or rec[0] < clock - 1:
+                if rec[R_ENTITY_HASH] != h or rec[R_ENTITY_CLOCK] < clock - 1:
                     break
-                if rec[0] == clock - 1:
+                if rec[R_ENTITY_CLOCK] == clock - 1:
                     return int(seq)
-                seq = rec[8]
+                seq = rec[R_PREV_IN_ENTITY]
         raise CorruptSegment(self._seg_dir, 0, f"predecessor of entity {entity!r} clock {clock} not found")
 
     def record_matches_frame(self, segment: Any, seq: int, segment_id: int) -> bool:
         """Whether the record of ``seq`` names a whole frame of ``seq`` in ``segment``."""
         rec = self.record(seq)
-        if rec[1] != segment_id:
+        if rec[R_SEGMENT_ID] != segment_id:
             return False
-        status, frame = scan_frame(segment, rec[2], rec[2] + rec[3])
+        off = rec[R_OFFSET]
+        status, frame = scan_frame(segment, off, off + rec[R_FRAME_LEN])
         return status == OK and isinstance(frame, Frame) and frame.global_sequence == seq
 
     # -- keys -----------------------------------------------------------------------------
@@ -287,12 +302,12 @@ class IndexFiles:
         """Same-boot restart: the active segment's keys from its trusted records
         ``first..trusted``, then the scanned ``tail`` (already in records.idx) into the
         mapped delta table and the keys."""
-        start = RECORDS_HEADER_SIZE + (first - 1) * RECORD_SIZE
+        start = record_offset(first)
         keys = self.records_map[start:start + (trusted - first + 1) * RECORD_SIZE]
-        self.idem_active = {k: first + i for i, (k,) in enumerate(_IDEM_OF_RECORD.iter_unpack(keys)) if k != ZERO_ID}
+        self.idem_active = {k: first + i for i, (k,) in enumerate(IDEM_OF_RECORD.iter_unpack(keys)) if k != ZERO_ID}
         self.delta_slots = {}
         for f in tail:
-            delta_upsert(self.delta_map, self.delta_cap, name_hash(f.entity), f.seq, self.record(f.seq)[8])
+            delta_upsert(self.delta_map, self.delta_cap, name_hash(f.entity), f.seq, self.record(f.seq)[R_PREV_IN_ENTITY])
             if f.idem_hash != ZERO_ID:
                 self.idem_active[f.idem_hash] = f.seq
 
@@ -304,28 +319,39 @@ class IndexFiles:
 
     # -- base tables ----------------------------------------------------------------------
     def open_bases(self, through_segment: int, through_seq: int, *, verify: bool = True) -> None:
-        """Map the base tables for sealed segments, rebuilding them when missing/bad
-        (with ``verify`` off: a same-boot restart; missing or bad is CorruptSegment)."""
+        """Map the base tables for the sealed segments through ``through_segment``,
+        rebuilding them when missing/bad (with ``verify`` off: a same-boot restart;
+        missing or bad is CorruptSegment). All or nothing: when it fails, the tables
+        mapped before stay (a rotation that fails here leaves a consistent index)."""
+        mapped: list[tuple[BaseTable, Any]] = []
+        try:
+            if through_segment:
+                for name, magic, cols in ((entities_base_name(through_segment), ENTITY_BASE_MAGIC, 2),
+                                          (idem_base_name(through_segment), IDEM_BASE_MAGIC, 3)):
+                    mapped.append(self._map_or_build(name, magic, cols, through_segment, through_seq, verify))
+        except BaseException:
+            for base, m in mapped:
+                base.release()
+                m.close()
+            raise
         self.close_bases()
         self.base_segment = through_segment
-        if not through_segment:
-            return
-        tables = []
-        for name, magic, cols in (
-            (entities_base_name(through_segment), ENTITY_BASE_MAGIC, 2),
-            (idem_base_name(through_segment), IDEM_BASE_MAGIC, 3),
-        ):
-            path = os.path.join(self.dir, name)
-            table = self._map_base(path, name, magic, cols, through_seq, verify)
-            if table is None and not verify:
-                raise CorruptSegment(path, 0, "index table missing or not for this log")
-            if table is None:
-                self.build_bases(through_segment, through_seq)
-                table = self._map_base(path, name, magic, cols, through_seq)
-                if table is None:
-                    raise CorruptSegment(path, 0, "rebuilt index table does not verify")
-            tables.append(table)
-        self.entity_base, self.idem_base = tables
+        if mapped:
+            (self.entity_base, entity_map), (self.idem_base, idem_map) = mapped
+            self._base_maps = [entity_map, idem_map]
+
+    def _map_or_build(self, name: str, magic: bytes, cols: int, through_segment: int, through_seq: int,
+                      verify: bool) -> tuple[BaseTable, Any]:
+        path = os.path.join(self.dir, name)
+        got = self._map_base(path, name, magic, cols, through_seq, verify)
+        if got is None and not verify:
+            raise CorruptSegment(path, 0, "index table missing or not for this log")
+        if got is None:
+            self.build_bases(through_segment, through_seq)
+            got = self._map_base(path, name, magic, cols, through_seq)
+            if got is None:
+                raise CorruptSegment(path, 0, "rebuilt index table does not verify")
+        return got
 
     def close_bases(self) -> None:
         for table in (self.entity_base, self.idem_base):
@@ -337,7 +363,9 @@ class IndexFiles:
         self._base_maps = []
 
     def _map_base(self, path: str, name: str, magic: bytes, cols: int, through_seq: int,
-                  verify: bool = True) -> BaseTable | None:
+                  verify: bool = True) -> tuple[BaseTable, Any] | None:
+        """A verified base table and its mapping, or None when missing, bad or not
+        through ``through_seq``."""
         m = self.disk.map_readonly(path)  # the same read-only mapping every reader makes
         if m is None:
             return None
@@ -349,32 +377,28 @@ class IndexFiles:
         if through != through_seq:
             m.close()
             return None
-        self._base_maps.append(m)
-        return BaseTable(m, count, cols)
+        return BaseTable(m, count, cols), m
 
     def build_bases(self, through_segment: int, through_seq: int) -> None:
         """Fold every record up to ``through_seq`` into fresh base tables (numpy)."""
         import numpy as np
 
-        dtype = np.dtype([("clock", "<u8"), ("seg", "<u4"), ("off", "<u4"), ("len", "<u4"),
-                          ("kind", "<u2"), ("flags", "<u2"), ("ent", "<u8"), ("scope", "<u8"),
-                          ("prev", "<u8"), ("idem_lo", "<u8"), ("idem_hi", "<u8")])
-        recs = np.frombuffer(self.records_map, dtype=dtype, count=through_seq, offset=RECORDS_HEADER_SIZE)
+        recs = np.frombuffer(self.records_map, dtype=numpy_dtype(), count=through_seq, offset=RECORDS_HEADER_SIZE)
         seqs = np.arange(1, through_seq + 1, dtype="<u8")
         # heads: sequences no later event of the same entity points back to (exact even
         # when two entities share a 64-bit hash)
         is_head = np.ones(through_seq + 1, dtype=bool)
-        prev = recs["prev"]
+        prev = recs["prev_in_entity"]
         is_head[prev[prev > 0]] = False
         heads = seqs[is_head[1:]]
-        ent = recs["ent"][heads - 1]
+        ent = recs["entity_hash"][heads - 1]
         order = np.argsort(ent, kind="stable")
         ent_body = encode_entity_base(ent[order].astype("<u8").tobytes(), heads[order].astype("<u8").tobytes(),
                                       through_seq)
-        keyed = (recs["idem_lo"] != 0) | (recs["idem_hi"] != 0)
+        keyed = (recs["idem_hash_lo"] != 0) | (recs["idem_hash_hi"] != 0)
         # idem hash bytes are stored as 16 bytes: compare as (hi, lo) of their u64 halves
-        lo = recs["idem_lo"][keyed]
-        hi = recs["idem_hi"][keyed]
+        lo = recs["idem_hash_lo"][keyed]
+        hi = recs["idem_hash_hi"][keyed]
         kseq = seqs[keyed]
         order = np.lexsort((lo, hi))
         idem_body = encode_idem_base(hi[order].astype("<u8").tobytes(), lo[order].astype("<u8").tobytes(),

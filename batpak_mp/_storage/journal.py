@@ -86,6 +86,7 @@ class Journal:
         self._pending: list[_Pending] = []  # groups written, waiting for the fsync that publishes them
         self.groups_written = self.groups_published = 0  # monotonic: the writer's pipeline counts on them
         self.index_listener: Callable[[], None] = lambda: None
+        self.reader_stale = False  # a rotation failed before the reader mapped the index files it made
         self.planner = Planner(
             Lookups(self._published_state, index.idem_seq, self._receipt_of_written),
             BatchLimits(config.max_batch_events, config.max_batch_bytes), store_tag,
@@ -122,6 +123,8 @@ class Journal:
     def commit(self, requests: Sequence[Sequence[Prepared]], fenced: Sequence[bool] | None = None, *,
                settle: bool = True) -> Results:
         """See ``Engine.commit``."""
+        if self.reader_stale:
+            self.refresh_reader()  # planning asks the reader for entity heads
         results: Results = [[] for _ in requests]
         plan = self.planner
         group = plan.group(self._clock_ms())
@@ -307,23 +310,34 @@ class Journal:
         self.stamps.stamp(seg.segment_id, st)  # its checksum was just computed
 
     def _rotate(self, need_bytes: int) -> None:
-        """Seal the active segment, fold it into the base tables, start the next one."""
+        """Seal the active segment, fold it into the base tables, start the next one.
+        The index files for the next segment are made (each step all or nothing) before
+        the switch to it: a rotation that fails leaves the sealed segment active with a
+        consistent index, and the next commit rotates again from where this one stopped."""
         self.settle()  # the footer lists every frame: all of them must be indexed first
         seg = self.seg
-        assert seg is not None and self.reader is not None
+        assert seg is not None
         if not seg.sealed:  # sealed already when a previous rotation failed after sealing
             self.seal(seg)
         through = seg.next_seq - 1
+        size = max(self.config.segment_max_bytes, need_bytes)
         self.index.build_bases(seg.segment_id, through)
-        self.seg = self.segments.next_after(seg, max(self.config.segment_max_bytes, need_bytes))
-        self.segments.retire(seg)
+        self.reader_stale = True  # from here the view may name index files the reader has not mapped
         self.index.open_bases(seg.segment_id, through)
-        self.index.new_delta([], self._segment_bytes())
+        self.index.new_delta([], size)
+        self.refresh_reader()
+        self.seg = self.segments.next_after(seg, size)
+        self.segments.retire(seg)
         self.stamps.save()
         self.write_checkpoint()
-        self.reader.refresh()
         self.index_listener()  # the writer publishes the new tables before the old go
         self.index.prune()
+
+    def refresh_reader(self) -> None:
+        """Map the index files the view names (after a rotation changed them)."""
+        assert self.reader is not None
+        self.reader.refresh()
+        self.reader_stale = False
 
     # ------------------------------------------------------------------ what planning asks
     def _published_state(self, entity: bytes) -> EntityState:

@@ -55,8 +55,12 @@ EventMeta = tuple[int, int, int, int, int, int, int, int, bytes, bytes]
 (seq, clock, kind, flags, frame_len, prev_seq, entity_hash, scope_hash, entity, idem)."""
 M_SEQ: Final = 0  # positions in an EventMeta (Final: mypy reads each index's type)
 M_CLOCK: Final = 1
+M_KIND: Final = 2
+M_FLAGS: Final = 3
 M_FRAME_LEN: Final = 4
+M_PREV_SEQ: Final = 5
 M_ENTITY_HASH: Final = 6
+M_SCOPE_HASH: Final = 7
 M_ENTITY: Final = 8
 M_IDEM: Final = 9
 

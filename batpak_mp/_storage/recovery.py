@@ -178,10 +178,8 @@ class Recovery:
         segs = self.segments
         seg = segs.open(sid, os.O_RDWR)
         try:
-            header, trailer = segs.read_ends(seg)
-            if header.first_seq != walk.next_seq:
-                raise CorruptSegment(seg.path, 0, f"segment starts at sequence {header.first_seq}, "
-                                     f"expected {walk.next_seq}")
+            verdict = segs.judge(seg, first_seq=walk.next_seq)
+            header, trailer = verdict.header, verdict.trailer
             if trailer is not None:  # sealed: check it whole, and make records.idx agree with its footer
                 records = segs.check_sealed(seg, trailer, footer=True)
                 walk.next_seq += self.index.adopt_records(walk.next_seq, records)
@@ -260,7 +258,8 @@ class Recovery:
 
     def _resume_active(self, seg: OpenedSegment, ckpt: Checkpoint, floor: int, sealed: int) -> Recovered | None:
         d, idx, size = self.disk, self.index, seg.size
-        header, trailer = self.segments.read_ends(seg)
+        verdict = self.segments.judge(seg, first_seq=None)
+        header, trailer = verdict.header, verdict.trailer
         if ckpt.end_offset > size - SEG_TRAILER_SIZE or trailer is not None:
             return None
         first, trusted = header.first_seq, ckpt.visible
@@ -303,9 +302,8 @@ class Recovery:
         try:
             if self.stamps.unchanged(sid, seg.stat):
                 return  # checked in this boot and not written since
-            trailer = segs.read_ends(seg)[1]
-            if trailer is None:
-                raise CorruptSegment(seg.path, seg.size - SEG_TRAILER_SIZE, "segment before the last is not sealed")
+            trailer = segs.judge(seg, first_seq=None, unsealed_ok=False).trailer
+            assert trailer is not None
             segs.check_sealed(seg, trailer, footer=False)
             self.stamps.stamp(sid, seg.stat)
         finally:

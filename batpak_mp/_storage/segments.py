@@ -5,7 +5,8 @@ published and checksummed ends); listing the segments of a directory; creating o
 (preallocated, header fsynced, directory fsynced); sealing one (index footer, trailer
 with the whole-file checksum, fsync); the mechanics of rotation (the next segment after
 a sealed one, retiring the sealed one's descriptor); dropping a newest file whose header
-never landed; checking a sealed segment's checksum and footer; checksums of frames.
+never landed; asking ``_format.segment``'s one rule whether a segment is acceptable
+(``segment_verdict``, ``sealed_verdict``: the rule verify applies too); checksums.
 Invariants: a segment is never truncated or shrunk (readers may map it); nothing is
 written after its seal; a created segment's header is on disk before any frame goes in.
 Every OS call goes through ``osio.Disk``. Must not import the engine, the index files,
@@ -20,19 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .._errors import CorruptSegment
 from .._format.directory import parse_segment_name, segment_name
 from .._format.segment import (
     SEG_HEADER_SIZE,
     SEG_TRAILER_SIZE,
-    SegmentHeader,
+    SegmentVerdict,
     Trailer,
-    decode_footer,
-    decode_segment_header,
-    decode_trailer,
     encode_footer,
     encode_segment_header,
     encode_trailer,
+    sealed_verdict,
+    segment_verdict,
 )
 from .osio import Disk
 
@@ -167,28 +166,28 @@ class SegmentFiles:
             d.close_quietly(fd, path)
             raise
 
-    def read_ends(self, seg: OpenedSegment) -> tuple[SegmentHeader, Trailer | None]:
-        """A segment's header (checked: this store's) and its trailer (None: not sealed)."""
+    def judge(self, seg: OpenedSegment, *, first_seq: int | None, unsealed_ok: bool = True) -> SegmentVerdict:
+        """The one rule of whether a segment is acceptable (``segment_verdict``, as
+        verify applies it): this store's, starting at ``first_seq`` (None: not checked),
+        a trailer pointing inside it, sealed unless ``unsealed_ok``. Raises the first
+        problem; returns its header and trailer (None: not sealed)."""
         d = self.disk
-        header = decode_segment_header(d.pread(seg.fd, SEG_HEADER_SIZE, 0, seg.path), seg.path)
-        if header.store_id != self.store_id:
-            raise CorruptSegment(seg.path, 0, "segment belongs to another store")
-        return header, decode_trailer(d.pread(seg.fd, SEG_TRAILER_SIZE, seg.size - SEG_TRAILER_SIZE, seg.path))
+        head = d.pread(seg.fd, SEG_HEADER_SIZE, 0, seg.path)
+        tail = d.pread(seg.fd, SEG_TRAILER_SIZE, seg.size - SEG_TRAILER_SIZE, seg.path)
+        verdict = segment_verdict(seg.path, head, tail, seg.size, store_id=self.store_id, first_seq=first_seq,
+                                  unsealed_ok=unsealed_ok)
+        verdict.check()
+        return verdict
 
     def check_sealed(self, seg: OpenedSegment, trailer: Trailer, *, footer: bool) -> bytes:
-        """Check a sealed segment's whole-file checksum; with ``footer``, return the
-        index records its footer holds (checked too), else b""."""
-        size = seg.size
-        body = self.disk.map_shared(seg.fd, size, seg.path, writable=False)
+        """Check a sealed segment's whole-file checksum (``sealed_verdict``); with
+        ``footer``, its footer too, and return the index records it holds (else b"")."""
+        body = self.disk.map_shared(seg.fd, seg.size, seg.path, writable=False)
         try:
-            if zlib.crc32(memoryview(body)[: size - SEG_TRAILER_SIZE]) != trailer.segment_crc:
-                raise CorruptSegment(seg.path, 0, "sealed segment checksum mismatch (a byte changed after sealing)")
-            if not footer:
-                return b""
-            foff, flen = trailer.footer_offset, trailer.footer_len
-            return decode_footer(bytes(body[foff:foff + flen]), seg.path, foff)[1]
+            records = sealed_verdict(seg.path, body, trailer, footer=footer).check()
         finally:
             body.close()
+        return records or b""
 
     def checksum(self, fd: int, path: str, size: int) -> int:
         """crc32 of a segment file of ``size`` bytes, all but its trailer."""
