@@ -12,14 +12,15 @@ Must not import the storage, IPC or read layers, or any process role.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgpack
 
-from ._errors import InvalidArgument, InvalidPayload, PayloadTooLarge
+from ._errors import InvalidArgument, InvalidPayload, PayloadTooLarge, ReservedKind
 from ._format.directory import idem_hash
 from ._format.frame import ZERO_ID
-from ._values import RESERVED_CATEGORIES, Coordinate, Kind, check_kind
+from ._values import RESERVED_CATEGORIES, STORE_KINDS, BatchItem, Coordinate, Kind, check_kind, payload_version_for
 
 
 class Prepared(NamedTuple):
@@ -79,10 +80,12 @@ def prepare(
     """Validate caller input and encode it for the commit path (pure)."""
     if not isinstance(coord, Coordinate):
         raise InvalidArgument("coord", coord, "must be a bp.Coordinate")
-    packed_kind = _checked_kinds.get(kind) if type(kind) is Kind else None
+    # the cache is keyed by the tuple, and Kind(True, 7) == Kind(1, 7): only plain ints use it
+    cacheable = type(kind) is Kind and type(kind[0]) is int and type(kind[1]) is int
+    packed_kind = _checked_kinds.get(kind) if cacheable else None
     if packed_kind is None:
         packed_kind = check_kind(kind, allow_reserved=allow_reserved)
-        if type(kind) is Kind and (packed_kind >> 12) not in RESERVED_CATEGORIES and len(_checked_kinds) < 65536:
+        if cacheable and (packed_kind >> 12) not in RESERVED_CATEGORIES and len(_checked_kinds) < 65536:
             _checked_kinds[kind] = packed_kind
     if payload_is_encoded:
         raw = bytes(payload)
@@ -106,3 +109,27 @@ def prepare(
     )
 
 
+
+
+def prepare_items(items: Sequence[BatchItem], *, max_payload: int, store_kinds: bool = False) -> list[Prepared]:
+    """Validate and encode a batch, all or nothing: the one batch check the engine and
+    the client share. Each item's payload version defaults to its kind's registered one.
+    ``store_kinds``: the store's own allowlisted reserved kinds (cursor positions, gate
+    audit records) are accepted too; any other reserved kind is ``ReservedKind``."""
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        raise InvalidArgument("items", items, "must be a sequence of bp.BatchItem")
+    if not items:
+        raise InvalidArgument("items", [], "a batch needs at least one event")
+    prepared = []
+    for i, it in enumerate(items):
+        if not isinstance(it, BatchItem):
+            raise InvalidArgument(f"items[{i}]", it, "must be a bp.BatchItem")
+        reserved = store_kinds and it.kind[0] in RESERVED_CATEGORIES
+        if reserved and ((it.kind[0] << 12) | it.kind[1]) not in STORE_KINDS:
+            raise ReservedKind(it.kind[0], it.kind[1])
+        prepared.append(prepare(
+            it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key, expected_clock=it.expected_clock,
+            causation_id=it.causation_id, correlation_id=it.correlation_id, max_payload=max_payload,
+            allow_reserved=reserved,
+            payload_version=payload_version_for(it.kind) if it.payload_version is None else it.payload_version))
+    return prepared

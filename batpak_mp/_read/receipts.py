@@ -6,15 +6,22 @@ Must not import the write side, the IPC layer or any process role.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .._errors import BatpakError
-from .._signing import Signer
 from .._values import Receipt
 from .reader import Reader
 
 
-def receipt_matches(reader: Reader, receipt: Receipt, signer: Signer | None) -> bool:
-    """True when ``receipt`` describes the stored event exactly (and its signature, when
-    present, verifies). Shared by the engine and the client."""
+def receipt_matches(reader: Reader, receipt: Receipt,
+                    verify_signature: Callable[[Receipt], bool] | None) -> bool:
+    """True when ``receipt`` describes the stored event exactly. ``verify_signature``:
+    the store signs its receipts (pass the check of its key), so a receipt must carry a
+    signature that verifies; a receipt stripped of its signature does not match. None:
+    the store does not sign, and any signature field is not checked. Shared by the
+    engine and the client."""
+    if not isinstance(receipt, Receipt):
+        return False
     try:
         ev = reader.get(receipt.event_id)
     except BatpakError:
@@ -27,8 +34,6 @@ def receipt_matches(reader: Reader, receipt: Receipt, signer: Signer | None) -> 
     )
     if not same:
         return False
-    if receipt.signature is not None:
-        if signer is None:
-            return True  # nothing to check it against here; see bp.verify_receipt_signature
-        return signer.verify(receipt)
-    return True
+    if verify_signature is None:
+        return True
+    return receipt.signature is not None and verify_signature(receipt)

@@ -33,7 +33,7 @@ from .._format.directory import CHECKPOINT_FILE, INDEX_DIR, LOCK_FILE, META_FILE
 from .._format.ids import store_tag_of
 from .._format.meta import decode_meta, encode_meta
 from .._gates import Denial, bypass_audit_item, denial_payload, effect_item
-from .._prepare import Prepared, prepare
+from .._prepare import Prepared, prepare, prepare_items
 from .._read.reader import Reader, View
 from .._read.receipts import receipt_matches
 from .._signing import Signer
@@ -319,7 +319,7 @@ class Engine:
         """Append a store-recorded effect (reserved category 0xD): only an allowlisted
         type id (``EFFECT_DENIAL``, ``EFFECT_BYPASS``) with a payload of its shape."""
         item = effect_item(coord, type_id, payload, causation_id=causation_id, idempotency_key=idempotency_key)
-        return self._append_items([(item, True)])[0]
+        return self.append_store_kinds([item])[0]
 
     def append_denial(self, coord: Coordinate, denial: Denial, *, proposal_kind: Kind | None = None,
                       causation_id: bytes | None = None) -> Receipt:
@@ -329,29 +329,18 @@ class Engine:
     def append_bypass(self, item: BatchItem, reason: str, *, gates: Sequence[str] = ()) -> tuple[Receipt, Receipt]:
         """Append ``item`` past the gates together with its bypass audit record, all or
         nothing (the record is chained right after the event)."""
-        event, audit = self._append_items([(item, False), (bypass_audit_item(item, reason, gates), True)])
+        event, audit = self.append_store_kinds([item, bypass_audit_item(item, reason, gates)])
         return event, audit
 
-    def _append_items(self, items: Sequence[tuple[BatchItem, bool]]) -> list[Receipt]:
-        """Append (item, allow_reserved) pairs as one all-or-nothing request."""
+    def append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
+        """``append_batch`` that also accepts the store's own allowlisted reserved kinds
+        (as ``Store.append_store_kinds``)."""
         self._check_open()
-        return self._commit_one([
-            prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
-                    expected_clock=it.expected_clock, causation_id=it.causation_id,
-                    correlation_id=it.correlation_id, max_payload=self.config.max_payload_bytes,
-                    allow_reserved=reserved)
-            for it, reserved in items
-        ])
+        return self._commit_one(prepare_items(items, max_payload=self.config.max_payload_bytes, store_kinds=True))
 
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         self._check_open()
-        return self._commit_one([
-            prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
-                    expected_clock=it.expected_clock, causation_id=it.causation_id,
-                    correlation_id=it.correlation_id, max_payload=self.config.max_payload_bytes,
-                    payload_version=payload_version_for(it.kind) if it.payload_version is None else it.payload_version)
-            for it in items
-        ])
+        return self._commit_one(prepare_items(items, max_payload=self.config.max_payload_bytes))
 
     def _commit_one(self, prepared: list[Prepared]) -> list[Receipt]:
         """Commit one request on its own; its refusal is raised."""
@@ -379,4 +368,4 @@ class Engine:
 
     def verify_receipt(self, receipt: Receipt) -> bool:
         self._check_open()
-        return receipt_matches(self.reader, receipt, self.signer)
+        return receipt_matches(self.reader, receipt, self.signer.verify if self.signer is not None else None)

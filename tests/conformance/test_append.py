@@ -204,9 +204,6 @@ def test_invalid_coordinates(impl: Impl) -> None:
     assert impl.visible() == start
 
 
-@pytest.mark.xfail(strict=True, reason="both: prepare() caches validated kinds in a dict keyed by the Kind tuple, "
-                                       "and Kind(True, 7) == Kind(1.0, 7) == Kind(1, 7), so once Kind(1, 7) was "
-                                       "appended a bool or float category is accepted (as category 1)")
 @pytest.mark.parametrize("category", [True, 1.0], ids=["bool", "float"])
 def test_kind_validation_does_not_depend_on_earlier_appends(impl: Impl, category: Any) -> None:
     impl.api.append(impl.coord(), bp.Kind(1, 7), 1)  # Kind(1, 7) is now known valid

@@ -59,9 +59,6 @@ def test_a_forged_signature_fails(impl: Impl) -> None:
     assert bp.verify_receipt_signature(forged, PUBLIC_KEY) is False
 
 
-@pytest.mark.xfail(strict=True, reason="both: with signing on, a receipt stripped of its signature (signature=None) "
-                                       "still verifies: verify_receipt checks a signature only when one is present "
-                                       "(DESIGN §1: 'and its signature, when signing is on')")
 def test_a_stripped_signature_fails(impl: Impl) -> None:
     r = impl.api.append(impl.coord(), KIND, 1)
     assert impl.api.verify_receipt(r._replace(signature=None)) is False

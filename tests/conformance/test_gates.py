@@ -20,7 +20,6 @@ from ._contract import (
     Has,
     Impl,
     check_error,
-    differs,
     event_at,
     receipt_at,
 )
@@ -192,9 +191,6 @@ def versioned_kind() -> Iterator[bp.Kind]:
     bp.unregister_payload(kind)
 
 
-@differs("engine", "append_bypass stamps the bypassed event with payload version 0: it ignores both the "
-                   "kind's registered version (bp.register_payload) and BatchItem.payload_version, which "
-                   "append, append_batch and the store's append_bypass all honour")
 @pytest.mark.parametrize(("given", "stored"), [(None, 2), (1, 1), (7, 7)], ids=["registered", "explicit-1", "explicit-7"])
 def test_bypass_payload_version(impl: Impl, versioned_kind: bp.Kind, given: int | None, stored: int) -> None:
     api, shapes = impl.api, impl.shapes()
