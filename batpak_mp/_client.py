@@ -15,6 +15,7 @@ the supervisor.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import mmap
@@ -43,7 +44,7 @@ from ._errors import (
 )
 from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from ._ipc import wire as W
-from ._ipc.control import ControlBlock, ControlSnapshot
+from ._ipc.control import ControlBlock, ControlSnapshot, state_name
 from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, ipc_prefix, request_queue_name, semaphore_name
 from ._prepare import Prepared, prepare
 from ._read.reader import Reader, View
@@ -70,6 +71,9 @@ from ._values import (
 )
 
 DEFAULT_TIMEOUT_S = 30.0
+STALE_HEARTBEAT_NS = 300_000_000  # 300 ms (six 50 ms heartbeats): only then are the service's pids looked at
+START_SLACK_NS = 20_000_000  # /proc start times count clock ticks (10 ms): a process started this soon
+# after the block's last stamp may still be the service's own (benefit of the doubt: wait on)
 AREA_MIN = 64 * 1024  # a client's area: 64 KiB (200 clients fit Docker's 64 MiB /dev/shm)
 AREA_MAX = 1 << 30
 AREA_SHRINK_ABOVE = 1 << 20  # an area grown past 1 MiB for a large payload is given back afterwards
@@ -88,6 +92,8 @@ def _after_fork_in_child() -> None:
         # another thread of the parent may have held the lock at the fork: it would
         # never be released in the child
         store._lock = threading.RLock()
+        store._pin_lock = threading.Lock()
+        store._pins = 0  # the threads that had it pinned do not exist here
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -185,11 +191,146 @@ def _prepare_items(items: Sequence[BatchItem], *, store_kinds: bool = False) -> 
 
 
 def _check_state(snap: ControlSnapshot) -> None:
-    """``WriterUnavailable`` at once when the service failed or was stopped."""
+    """``WriterUnavailable`` at once when the service failed, was stopped, or is gone
+    although its control block does not say so (``service_gone``)."""
     if snap.state == WriterState.FAILED:
         raise WriterUnavailable(snap.reason or "the service failed")
     if snap.state == WriterState.STOPPED:
         raise WriterUnavailable("the service was stopped")
+    gone = service_gone(snap, time.monotonic_ns(), process_started_ns)
+    if gone is not None:
+        raise WriterUnavailable(gone)
+
+
+def service_gone(snap: ControlSnapshot, now_ns: int, started_ns: Callable[[int], int | None]) -> str | None:
+    """Why the service behind ``snap`` is gone although its block says it runs (its
+    writer and its supervisor both died, e.g. SIGKILLed together), or None. Pure.
+
+    Looked at only once the block's last stamp (``heartbeat_ns``: every 50 ms from a
+    live writer; the supervisor stamps each of its writes) is older than
+    ``STALE_HEARTBEAT_NS``, so a restart by a live supervisor and a long recovery are
+    waited for as before. ``now_ns``: CLOCK_MONOTONIC; ``started_ns(pid)``: when the
+    process that now has ``pid`` started, on that clock (None: no live process; a value
+    at or before the stamp: it may be the service's own). A pid reused by a process
+    that started after the stamp is not the service's."""
+    if snap.state in (WriterState.STOPPED, WriterState.FAILED):
+        return None  # the block says so itself
+    if now_ns - snap.heartbeat_ns < STALE_HEARTBEAT_NS:
+        return None
+    for pid in (snap.writer_pid, snap.supervisor_pid):
+        if pid:
+            start = started_ns(pid)
+            if start is not None and start <= snap.heartbeat_ns + START_SLACK_NS:
+                return None
+    state = state_name(snap.state).upper()
+    return (f"the service is gone: neither its writer (pid {snap.writer_pid or '-'}) nor its supervisor "
+            f"(pid {snap.supervisor_pid or '-'}) runs any more, although its control block still says {state} "
+            f"(last written {(now_ns - snap.heartbeat_ns) // 1_000_000} ms ago); start it again")
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_started_ns(pid: int) -> int | None:
+    """When the live process ``pid`` started, in CLOCK_MONOTONIC ns; None when no such
+    process runs (a zombie counts as gone); 0 when it runs but its start is unknown
+    (another user's without /proc access, or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        fields = raw[raw.rindex(b")") + 2:].split()  # after "pid (comm)": comm may hold anything
+        if fields[0] in (b"Z", b"X"):
+            return None
+        ticks = int(fields[19])  # field 22, starttime: clock ticks since boot (CLOCK_BOOTTIME)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except (OSError, ValueError, IndexError):
+        return 0 if _pid_exists(pid) else None
+    boot_minus_mono = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+    return ticks * 1_000_000_000 // _CLOCK_TICKS - boot_minus_mono
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: it exists, it is someone else's
+    return True
+
+
+# -- replies ------------------------------------------------------------------------------
+_FRONTIER_OPS = (W.OP_SYNC, W.OP_PING, W.OP_FENCE_COMMIT, W.OP_FENCE_CANCEL)  # reply: [visible, durable]
+
+
+def reply_data(op: int, reply: W.Reply) -> Any:
+    """The data of the writer's reply to ``op``, checked for the shape that op answers
+    with; the typed error an error reply carries, raised; anything else (wrong shape,
+    wrong types) ``ProtocolError``. Pure."""
+    status, data = reply.status, reply.data
+    if status == W.STATUS_ERROR and type(status) is int:
+        err = _error_from_wire(data)
+        raise err
+    if status != W.STATUS_OK or type(status) is not int:
+        raise ProtocolError(f"reply status {status!r:.40} is neither ok nor error")
+    if op in _FRONTIER_OPS:
+        ok = isinstance(data, list) and len(data) == 2 and all(type(v) is int and v >= 0 for v in data)
+    elif op == W.OP_FENCE_BEGIN:
+        ok = isinstance(data, list) and len(data) == 1 and isinstance(data[0], bytes) and len(data[0]) == 16
+    else:
+        ok = isinstance(data, list)  # receipts: checked one by one (``receipts_from_reply``)
+    if not ok:
+        raise ProtocolError(f"malformed reply to op {op}: {data!r:.200}")
+    return data
+
+
+def _error_from_wire(data: Any) -> BatpakError:
+    try:
+        return W.error_from_wire(data)
+    except Exception:  # a typed error built from hostile fields: its constructor may choke
+        return ProtocolError(f"unreadable error reply {data!r:.200}")
+
+
+def reply_too_large(reply: W.Reply) -> int | None:
+    """The size a reply needs when the writer said the area is too small for it, else None."""
+    data = reply.data
+    if reply.status != W.STATUS_ERROR or not isinstance(data, list) or data[:1] != ["ReplyTooLarge"]:
+        return None
+    try:
+        (size,) = data[1]
+    except (IndexError, TypeError, ValueError):
+        raise ProtocolError(f"malformed ReplyTooLarge reply {data!r:.200}") from None
+    if type(size) is not int or not 0 < size <= AREA_MAX:
+        raise ProtocolError(f"ReplyTooLarge names an impossible size {size!r:.40}")
+    return size
+
+
+def receipts_from_reply(prepared: Sequence[Prepared], data: Any) -> list[Receipt]:
+    """One ``Receipt`` per prepared item from an append reply's data (``reply_data``);
+    ``ProtocolError`` unless each has the fields and types of PROTOCOL.md §8.1."""
+    if not isinstance(data, list) or len(data) != len(prepared):
+        raise ProtocolError("append reply does not hold one receipt per event")
+    return [_receipt(p, f) for p, f in zip(prepared, data, strict=True)]
+
+
+def _receipt(p: Prepared, f: Any) -> Receipt:
+    if not isinstance(f, list) or len(f) not in (8, 10):
+        raise ProtocolError(f"malformed receipt in reply: {f!r:.200}")
+    event_id, seq, clock, ehash, prev, wall, durable, sig, *named = f
+    # entity and scope travel only when they are not the request's (another event's
+    # receipt: a duplicate key sent with another coordinate)
+    entity, scope = named if named else (p.entity.decode(), p.scope.decode())
+    ints_ok = all(type(v) is int and v >= 0 for v in (seq, clock, wall))
+    bytes_ok = (_is_bytes(event_id, 16) and _is_bytes(ehash, 32) and _is_bytes(prev, 32)
+                and (sig is None or isinstance(sig, bytes)))
+    if not (ints_ok and bytes_ok and type(durable) is bool and type(entity) is str and type(scope) is str):
+        raise ProtocolError(f"malformed receipt in reply: {f!r:.200}")
+    return Receipt(event_id, seq, entity, scope, clock, ehash, prev, wall, durable, sig)
+
+
+def _is_bytes(value: Any, size: int) -> bool:
+    return isinstance(value, bytes) and len(value) == size
 
 
 class _Channel:
@@ -250,6 +391,8 @@ class _Channel:
                 raise WriterTimeout("the writer's reply", timeout)
             try:
                 sent.sem.acquire(min(POLL_S, remaining))
+            except posix_ipc.SignalError:  # a signal handler ran: wait on
+                continue
             except posix_ipc.BusyError:
                 snap = self._control.read()
                 _check_state(snap)
@@ -261,10 +404,13 @@ class _Channel:
                     sent = self._send(encoded, need, request_id, deadline, timeout)
                 continue
             reply = W.decode_reply(sent.mm)
+            if type(reply.request_id) is not int:
+                raise ProtocolError(f"reply names request {reply.request_id!r:.40}, not a number")
             if reply.request_id != request_id:
                 continue  # a late answer to an earlier request: keep waiting
-            if reply.status == W.STATUS_ERROR and isinstance(reply.data, list) and reply.data[:1] == ["ReplyTooLarge"]:
-                need = int(reply.data[1][0]) + 1024
+            larger = reply_too_large(reply)
+            if larger is not None:
+                need = larger + 1024
                 self.fresh_area()
                 sent = self._send(encoded, need, request_id, deadline, timeout)
                 continue
@@ -313,10 +459,17 @@ class Store:
         self._lock = threading.RLock()
         self._closed = False
         self._forked = False
-        self._control = ControlBlock.attach(self.data_dir)
+        # threads using the control block outside the lock (subscriptions, frontier): the
+        # last one out after ``close`` unmaps it (``_pinned``)
+        self._pin_lock = threading.Lock()
+        self._pins = 0
+        self._control_closed = False
+        with _ipc_errors(f"cannot reach the service of {self.data_dir!r}"):
+            self._control = ControlBlock.attach(self.data_dir)
         try:
-            _check_state(self._control.read())
-            self._channel = _Channel(self.data_dir, self._control)
+            with _ipc_errors(f"cannot reach the service of {self.data_dir!r}"):
+                _check_state(self._control.read())
+                self._channel = _Channel(self.data_dir, self._control)
         except BaseException:
             self._control.close()
             raise
@@ -328,6 +481,31 @@ class Store:
     def _view(self) -> View:
         vis, base, delta, _state, revealed = self._control.frontier()
         return View(vis, base, delta, revealed)
+
+    @contextlib.contextmanager
+    def _pinned(self) -> Iterator[ControlBlock]:
+        """The control block, kept mapped for the block although another thread may
+        ``close`` the store meanwhile; ``StoreClosed`` once it is closed."""
+        with self._pin_lock:
+            if self._closed:
+                raise StoreClosed()
+            self._pins += 1
+        try:
+            yield self._control
+        finally:
+            with self._pin_lock:
+                self._pins -= 1
+            if self._closed:
+                self._drop_control()
+
+    def _drop_control(self) -> None:
+        """Unmap the control block once the store is closed and nobody has it pinned
+        (under the store lock: a read that began before ``close`` uses it too)."""
+        with self._lock, self._pin_lock:
+            if self._pins or self._control_closed:
+                return
+            self._control_closed = True
+            self._control.close()
 
     def _load_public_key(self) -> bytes | None:
         try:
@@ -351,10 +529,13 @@ class Store:
         the typed error the reply carries, raised."""
         with self._lock:
             self._ensure_open()
-            reply = self._channel.call(op, body, reply_room, self.timeout if timeout is None else timeout)
-        if reply.status != W.STATUS_OK:
-            raise W.error_from_wire(reply.data)
-        return reply.data
+            try:
+                with _ipc_errors("the request channel to the writer failed"):
+                    reply = self._channel.call(op, body, reply_room, self.timeout if timeout is None else timeout)
+            except ProtocolError:
+                self._channel.fresh_area()  # whatever answered into it is not trusted again
+                raise
+        return reply_data(op, reply)
 
     # -- writes ----------------------------------------------------------------------------
     def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
@@ -409,27 +590,15 @@ class Store:
             data = self._request(W.OP_APPEND, items, room)
         else:
             data = self._request(W.OP_APPEND_FENCED, [fence, items], room + 64)
-        if not isinstance(data, list) or len(data) != len(prepared):
-            raise ProtocolError("append reply does not hold one receipt per event")
-        out = []
-        for p, f in zip(prepared, data, strict=True):
-            try:
-                event_id, seq, clock, ehash, prev, wall, durable, sig, *named = f
-                # entity and scope travel only when they are not the request's (another
-                # event's receipt: a duplicate key sent with another coordinate)
-                entity, scope = named if named else (p.entity.decode(), p.scope.decode())
-                if type(entity) is not str or type(scope) is not str:
-                    raise TypeError
-                out.append(Receipt(event_id, seq, entity, scope, clock, ehash, prev, wall, bool(durable), sig))
-            except (TypeError, ValueError):
-                raise ProtocolError("malformed receipt in reply") from None
-        return out
+        return receipts_from_reply(prepared, data)
 
     # -- reads (no round trip) -------------------------------------------------------------
     def get(self, event_id: bytes) -> Event:
         if self._closed or self._forked:
             self._ensure_open()
         with self._lock:
+            if self._closed:  # closed by another thread since
+                raise StoreClosed()
             return self._reader.get(event_id)
 
     def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None) -> list[Event]:
@@ -471,7 +640,8 @@ class Store:
         ``timeout`` the iteration ends after that many idle seconds."""
         self._ensure_open()
         if after is None:
-            after = self._control.frontier()[0]
+            with self._pinned() as control:
+                after = control.frontier()[0]
         elif type(after) is not int or after < 0:
             raise InvalidArgument("after", after, "must be an int >= 0")
         return Subscription(self, after, entity, scope, kind, timeout)
@@ -550,7 +720,8 @@ class Store:
     # -- frontier --------------------------------------------------------------------------
     def frontier(self) -> Frontier:
         self._ensure_open()
-        s = self._control.read()
+        with self._pinned() as control:
+            s = control.read()
         try:
             state = WriterState(s.state)
         except ValueError:
@@ -570,7 +741,8 @@ class Store:
         asked = False
         delay = 0.0002
         while True:
-            snap = self._control.read()
+            with self._pinned() as control:
+                snap = control.read()
             if snap.durable >= sequence:
                 return
             _check_state(snap)
@@ -588,13 +760,19 @@ class Store:
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Close the store: a request in flight in another thread is let finish first;
+        a subscription waiting in another thread ends with ``StoreClosed`` (within its
+        1 s state check)."""
+        with self._pin_lock:
+            if self._closed:
+                return
+            self._closed = True
         _live_stores.discard(self)
-        self._channel.close()
-        self._reader.close()
-        self._control.close()
+        with self._lock:
+            with contextlib.suppress(posix_ipc.Error, OSError, ValueError):
+                self._channel.close()
+            self._reader.close()
+        self._drop_control()
 
     def __enter__(self) -> Store:
         return self
@@ -720,24 +898,25 @@ class Subscription:
         while not self._closed:
             if self._buffer:
                 return self._buffer.popleft()
-            bell = store._control.bell
-            if bell is None:
-                raise StoreClosed()
-            seen = bell.value  # read before looking: a publish after this wakes the wait
-            events, self.position = store.stream_page(self.position, self.PAGE, entity=self._entity,
-                                                      scope=self._scope, kind=self._kind)
-            if events:
-                self._buffer.extend(events)
-                continue
-            if store._control.frontier()[0] > self.position:
-                continue  # more to look at (a page of non-matching events)
-            _check_state(store._control.read())
-            wait = self.STATE_CHECK_S
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    return None
-            bell.wait(seen, wait)
+            with store._pinned() as control:  # StoreClosed once another thread closed the store
+                bell = control.bell
+                if bell is None:
+                    raise StoreClosed()
+                seen = bell.value  # read before looking: a publish after this wakes the wait
+                events, self.position = store.stream_page(self.position, self.PAGE, entity=self._entity,
+                                                          scope=self._scope, kind=self._kind)
+                if events:
+                    self._buffer.extend(events)
+                    continue
+                if control.frontier()[0] > self.position:
+                    continue  # more to look at (a page of non-matching events)
+                _check_state(control.read())
+                wait = self.STATE_CHECK_S
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return None
+                bell.wait(seen, wait)
         return None
 
     def close(self) -> None:
@@ -749,6 +928,15 @@ class Subscription:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _ipc_errors(what: str) -> Iterator[None]:
+    """``posix_ipc`` errors (not OSErrors) as ``WriterUnavailable``: none escapes the API."""
+    try:
+        yield
+    except posix_ipc.Error as exc:
+        raise WriterUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 def connect(data_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> Store:
