@@ -106,6 +106,31 @@ class StoreLocked(BatpakError):
         super().__init__(f"data directory {data_dir!r} is locked by another writer{who}")
 
 
+class AlreadyServed(StoreLocked):
+    """``serve`` found the data directory served by another live supervisor (or a writer
+    it did not start); the running service was left untouched."""
+
+    def __init__(self, data_dir: str, supervisor_pid: int | None, detail: str = "") -> None:
+        self.data_dir = data_dir
+        self.holder_pid = self.supervisor_pid = supervisor_pid
+        self.detail = detail
+        who = f"supervisor pid {supervisor_pid}" if supervisor_pid else "another live process"
+        BatpakError.__init__(self, f"data directory {data_dir!r} is already served by {who}; that service "
+                                   f"was left untouched (stop it first){': ' + detail if detail else ''}")
+
+
+class UnsafeDirectory(BatpakError, PermissionError):
+    """A data directory other users could reach into: owned by another uid, or with
+    group/other permission bits. ``serve`` refuses it rather than chmod it."""
+
+    def __init__(self, path: str, mode: int, owner_uid: int, reason: str) -> None:
+        self.path = path
+        self.mode = mode
+        self.owner_uid = owner_uid
+        self.reason = reason
+        super().__init__(f"data directory {path!r} (mode {mode:04o}, owner uid {owner_uid}) {reason}")
+
+
 class WriterUnavailable(BatpakError, ConnectionError):
     """The writer is down, failed closed, or the supervisor gave up restarting it."""
 

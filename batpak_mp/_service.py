@@ -1,31 +1,60 @@
 """``bp.serve()``: start the supervised service for a data directory and manage it.
 
-Owns: starting the supervisor process (its command line is ``_ipc.codes.supervisor_argv``),
-waiting for its explicit ready line, reporting status from the control block, and
-stopping it (SIGTERM: the writer drains, fsyncs, exits) followed by unlinking the store's
-IPC objects (``cleanup_ipc``, by the names of ``_ipc.names``). Never imports the
-supervisor package (it is a separate process role).
+Owns: checking the data directory before anything is started (created 0700 when
+missing; one owned by another uid or open to group/other is refused, never chmodded),
+starting the supervisor process (its command line is ``_ipc.codes.supervisor_argv``,
+with our pid as its ``--parent-pid``: the service lives as long as the process that
+started it), waiting for its explicit ready line, reporting status from the control
+block, and stopping it (SIGTERM: the writer drains, fsyncs, exits) followed by
+unlinking the store's IPC objects (``cleanup_ipc``, by the names of ``_ipc.names``).
+
+Invariants: IPC objects are unlinked only while nobody serves the directory: under the
+supervisor lock, with the writer lock free (``cleanup_ipc_if_unserved``). A ``serve``
+that finds the directory served by someone else leaves that service untouched and
+raises ``AlreadyServed`` naming its supervisor pid. ``posix_ipc`` errors never escape.
+Never imports the supervisor package (it is a separate process role).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import select
 import signal
+import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import posix_ipc
 
-from ._errors import InvalidArgument, WriterTimeout, WriterUnavailable
+from ._errors import (
+    AlreadyServed,
+    InvalidArgument,
+    StorageError,
+    UnsafeDirectory,
+    WriterTimeout,
+    WriterUnavailable,
+)
 from ._ipc import codes as C
 from ._ipc.control import ControlBlock, state_name
-from ._ipc.names import SHM_DIR, client_objects, ipc_prefix, request_queue_name
+from ._ipc.names import (
+    SHM_DIR,
+    client_objects,
+    ipc_prefix,
+    request_queue_name,
+    supervisor_lock_path,
+    writer_lock_path,
+)
 from ._storage.engine import EngineConfig, parse_sync
 from ._values import RestartPolicy, SyncMode
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+ANNOUNCED_EXIT_S = 10.0  # a supervisor that announced its failure exits right after; kill it past this
+DIR_MODE = 0o700  # a data directory: its owner only (the root of trust, docs/OPERATIONS.md)
 
 
 def writer_args(sync: SyncMode | str, config: dict[str, Any], data_dir: str) -> list[str]:
@@ -55,8 +84,129 @@ def writer_args(sync: SyncMode | str, config: dict[str, Any], data_dir: str) -> 
     return args
 
 
+# -- the data directory ---------------------------------------------------------------------
+def directory_problem(mode: int, owner_uid: int, euid: int) -> str | None:
+    """Why a directory with ``mode`` (``st_mode``) owned by ``owner_uid`` must not be
+    served by ``euid``, or None. Pure."""
+    if not stat.S_ISDIR(mode):
+        return "is not a directory"
+    if owner_uid != euid:
+        return f"is owned by another user (this process runs as uid {euid}); serve it as its owner"
+    if stat.S_IMODE(mode) & 0o077:
+        return (f"gives group/other permission bits ({stat.S_IMODE(mode) & 0o077:03o}); a data directory must be "
+                f"{DIR_MODE:04o} (chmod {DIR_MODE:o} it yourself: serve never changes a directory it is given)")
+    return None
+
+
+def prepare_data_dir(path: str) -> None:
+    """Create ``path`` 0700 when it is missing; refuse one another user owns or that
+    group/other may enter (``UnsafeDirectory``, naming its mode). Never chmods."""
+    try:
+        os.makedirs(path, mode=DIR_MODE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StorageError("mkdir", path, exc) from None
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise StorageError("stat", path, exc) from None
+    problem = directory_problem(st.st_mode, st.st_uid, os.geteuid())
+    if problem is not None:
+        raise UnsafeDirectory(path, stat.S_IMODE(st.st_mode), st.st_uid, problem)
+
+
+def lock_holder(path: str) -> int | None:
+    """The pid a live holder of the flock on ``path`` wrote there (0 when unreadable);
+    None when nobody holds it (or there is no such file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        try:
+            words = os.pread(fd, 64, 0).split(b"\n")[0].split()
+            return int(words[0]) if words and words[0].isdigit() and len(words[0]) < 11 else 0
+        except OSError:
+            return 0
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _unserved(data_dir: str) -> Iterator[bool]:
+    """Hold the supervisor lock for the block (so no service starts meanwhile); yields
+    whether the directory is unserved: our lock taken and no writer holding its own."""
+    try:
+        fd = os.open(supervisor_lock_path(data_dir), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1  # no supervisor ever ran here
+    except OSError:
+        yield False
+        return
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+        yield lock_holder(writer_lock_path(data_dir)) is None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def cleanup_ipc(data_dir: str) -> None:
+    """Unlink the store's queue, control block and every client area and semaphore
+    (after the service has stopped: a client still attached makes a fresh area when it
+    sees the next writer). Callers make sure nobody serves the directory
+    (``cleanup_ipc_if_unserved``, or ``reset-ipc``'s lock probes)."""
+    try:
+        posix_ipc.unlink_message_queue(request_queue_name(data_dir))
+    except posix_ipc.Error:
+        pass  # gone already, or not ours to remove (another user's: the writer refuses it)
+    with contextlib.suppress(posix_ipc.Error):
+        ControlBlock.unlink(data_dir)
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for obj in client_objects(entries, ipc_prefix(data_dir)):
+        try:
+            (posix_ipc.unlink_semaphore if obj.semaphore else posix_ipc.unlink_shared_memory)(obj.name)
+        except posix_ipc.Error:
+            pass
+
+
+def cleanup_ipc_if_unserved(data_dir: str) -> bool:
+    """``cleanup_ipc`` unless a supervisor or a writer (still) serves the directory;
+    whether it ran. A failed or second ``serve`` never removes a live service's objects."""
+    with _unserved(data_dir) as free:
+        if free:
+            cleanup_ipc(data_dir)
+        return free
+
+
+# -- the service ------------------------------------------------------------------------------
+def _stop_process(proc: subprocess.Popen[bytes], timeout: float, *, terminate: bool = True) -> int:
+    """Wait up to ``timeout`` for ``proc`` to end (after a SIGTERM when ``terminate``),
+    then SIGKILL it; its exit code."""
+    if proc.poll() is None and terminate:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 class Service:
-    """A running supervisor + writer for one data directory."""
+    """A running supervisor + writer for one data directory. It stops (draining the
+    writer) when the process that called ``serve`` ends, however it ends."""
 
     def __init__(self, data_dir: str, proc: subprocess.Popen[bytes], policy: RestartPolicy) -> None:
         self.data_dir = data_dir
@@ -86,16 +236,9 @@ class Service:
         """Drain and stop; returns the supervisor's exit code. Idempotent."""
         if self.exit_code is not None:
             return self.exit_code
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self.exit_code = self._proc.returncode
+        self.exit_code = _stop_process(self._proc, timeout)
         self._control.close()
-        cleanup_ipc(self.data_dir)
+        cleanup_ipc_if_unserved(self.data_dir)
         return self.exit_code
 
     def __enter__(self) -> Service:
@@ -105,60 +248,52 @@ class Service:
         self.stop()
 
 
-def cleanup_ipc(data_dir: str) -> None:
-    """Unlink the store's queue, control block and every client area and semaphore
-    (after the service has stopped: a client still attached makes a fresh area when it
-    sees the next writer)."""
-    try:
-        posix_ipc.unlink_message_queue(request_queue_name(data_dir))
-    except posix_ipc.ExistentialError:
-        pass
-    ControlBlock.unlink(data_dir)
-    try:
-        entries = os.listdir(SHM_DIR)
-    except OSError:
-        return
-    for obj in client_objects(entries, ipc_prefix(data_dir)):
-        try:
-            (posix_ipc.unlink_semaphore if obj.semaphore else posix_ipc.unlink_shared_memory)(obj.name)
-        except posix_ipc.ExistentialError:
-            pass
-
-
 def serve(data_dir: str | os.PathLike[str], *, restart: RestartPolicy | None = None,
           sync: SyncMode | str = SyncMode.GROUP, ready_timeout: float = READY_TIMEOUT_S,
           hang_timeout_ms: int = C.HANG_TIMEOUT_MS, **config: Any) -> Service:
-    """Start the supervisor (which starts the writer); return once the writer serves."""
+    """Start the supervisor (which starts the writer); return once the writer serves.
+    The service stops when the calling process ends (``--parent-pid``)."""
     path = os.path.abspath(os.fspath(data_dir))
     policy = restart or RestartPolicy.once()
     if not isinstance(policy, RestartPolicy):
         raise InvalidArgument("restart", restart, "must be a bp.RestartPolicy")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+    prepare_data_dir(path)
     wargs = writer_args(sync, config, path)
     read_fd, write_fd = os.pipe()
-    cmd = C.supervisor_argv(path, policy, hang_timeout_ms=hang_timeout_ms, ready_fd=write_fd, writer_args=wargs)
+    cmd = C.supervisor_argv(path, policy, hang_timeout_ms=hang_timeout_ms, ready_fd=write_fd, writer_args=wargs,
+                            parent_pid=os.getpid())
     try:
         proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, start_new_session=True)
     finally:
         os.close(write_fd)
-    line = _read_line(read_fd, ready_timeout)
-    os.close(read_fd)
+    try:
+        line = _read_line(read_fd, ready_timeout)
+    finally:
+        os.close(read_fd)
     ready, detail = C.parse_announcement(line)
-    if not ready:
-        if proc.poll() is None:
-            proc.kill()
-        if proc.wait() != C.SupervisorExit.IN_USE:  # another live service owns these IPC objects
-            cleanup_ipc(path)
-        if not line:
-            raise WriterTimeout("the service to become ready", ready_timeout)
-        raise WriterUnavailable(detail)
-    return Service(path, proc, policy)
+    if ready:
+        try:
+            return Service(path, proc, policy)
+        except BaseException:
+            _stop_process(proc, STOP_TIMEOUT_S)
+            raise
+    raise _not_served(path, proc, line, detail, ready_timeout)
+
+
+def _not_served(path: str, proc: subprocess.Popen[bytes], line: str, detail: str, ready_timeout: float) -> Exception:
+    """The supervisor did not get ready: let it end (it exits right after a failure it
+    announced; one that said nothing is stopped), remove the IPC objects only if nobody
+    serves the directory, and say why."""
+    code = _stop_process(proc, ANNOUNCED_EXIT_S, terminate=False) if line else _stop_process(proc, STOP_TIMEOUT_S)
+    if code == C.SupervisorExit.IN_USE:  # another live service owns the directory: hands off
+        return AlreadyServed(path, lock_holder(supervisor_lock_path(path)) or None, detail)
+    cleanup_ipc_if_unserved(path)
+    if not line:
+        return WriterTimeout("the service to become ready", ready_timeout)
+    return WriterUnavailable(detail)
 
 
 def _read_line(fd: int, timeout: float) -> str:
-    import select
-
     deadline = time.monotonic() + timeout
     buf = b""
     while b"\n" not in buf:

@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-import psutil
 
-from ._client import Store, connect
+from ._client import Store, connect, process_started_ns, service_gone
 from ._errors import BatpakError, ConcurrencyConflict, NotFound, StoreLocked, WriterUnavailable
 from ._ipc import codes as C
 from ._ipc.control import ControlBlock, ControlSnapshot, state_name
@@ -229,7 +228,8 @@ def _snapshot(path: str) -> ControlSnapshot | None:
 
 
 def _alive(pid: int) -> bool:
-    return bool(pid) and psutil.pid_exists(pid)
+    """A live process has ``pid`` (a zombie nobody reaped yet counts as gone)."""
+    return bool(pid) and process_started_ns(pid) is not None
 
 
 def _down_reason(snap: ControlSnapshot) -> str | None:
@@ -239,10 +239,7 @@ def _down_reason(snap: ControlSnapshot) -> str | None:
         return f"the service failed: {snap.reason or 'no reason recorded'}"
     if snap.state == WriterState.STOPPED:
         return "the service was stopped"
-    if not (_alive(snap.supervisor_pid) or _alive(snap.writer_pid)):
-        who = f"supervisor pid {snap.supervisor_pid}" if snap.supervisor_pid else f"writer pid {snap.writer_pid}"
-        return f"the service is gone ({who} is not running; its control block is stale)"
-    return None
+    return service_gone(snap, time.monotonic_ns(), process_started_ns)  # the clients' own judgement
 
 
 def _durable_hint(path: str) -> tuple[int, int] | None:
@@ -384,20 +381,22 @@ def verify(data_dir: str, as_json: bool, progress_after: float) -> None:
 def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None, hang_timeout_ms: int,
           ready_timeout_ms: int, stop_timeout_ms: int, restart_delay_ms: int, sync_interval_ms: int | None,
           max_payload_bytes: int | None) -> None:
-    """Run the service for DATA_DIR in the foreground until SIGTERM/SIGINT (graceful drain)."""
-    from ._service import cleanup_ipc, writer_args
+    """Run the service for DATA_DIR in the foreground until SIGTERM/SIGINT (graceful drain).
+    DATA_DIR is created 0700 when missing; one open to group/other or owned by another user
+    is refused. If this process dies, even by SIGKILL, the service drains and stops."""
+    from ._service import cleanup_ipc_if_unserved, prepare_data_dir, writer_args
     from ._values import RestartPolicy
 
     policy = RestartPolicy.parse(restart)
     path = os.path.abspath(data_dir)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    prepare_data_dir(path)
     config = {key: value for key, value in (("segment_max_bytes", segment_max_bytes),
                                             ("sync_interval_ms", sync_interval_ms),
                                             ("max_payload_bytes", max_payload_bytes)) if value is not None}
     ready_r, ready_w = os.pipe()
     cmd = C.supervisor_argv(path, policy, hang_timeout_ms=hang_timeout_ms, ready_timeout_ms=ready_timeout_ms,
                             stop_timeout_ms=stop_timeout_ms, restart_delay_ms=restart_delay_ms, ready_fd=ready_w,
-                            writer_args=writer_args(sync, config, path))
+                            writer_args=writer_args(sync, config, path), parent_pid=os.getpid())
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(ready_w,))
     os.close(ready_w)
 
@@ -421,7 +420,7 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
         signal.signal(sig, forward)
     code = proc.wait()
     if code == C.SupervisorExit.STOPPED:
-        cleanup_ipc(path)  # a clean stop: nothing is left for clients to read
+        cleanup_ipc_if_unserved(path)  # a clean stop: nothing is left for clients to read
     # FAILED: the control block keeps the reason for `status` and for clients;
     # IN_USE (the directory is served by someone else): its IPC objects are not ours to remove
     sys.exit(128 - code if code < 0 else code)

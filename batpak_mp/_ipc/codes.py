@@ -63,6 +63,7 @@ OPT_READY_TIMEOUT_MS = "--ready-timeout-ms"
 OPT_STOP_TIMEOUT_MS = "--stop-timeout-ms"
 OPT_READY_FD = "--ready-fd"  # the supervisor's and the writer's: where to write the readiness line
 OPT_SUPERVISOR_PID = "--supervisor-pid"  # the writer's: stop when the parent is no longer this pid
+OPT_PARENT_PID = "--parent-pid"  # the supervisor's: drain and stop when its parent is no longer this pid
 
 HANG_TIMEOUT_MS = 3_000  # a ready writer whose heartbeat (every 50 ms) is older than this is killed
 RESTART_DELAY_MS = 0  # pause before each restart (restart policies, not back-off, bound restarts)
@@ -73,14 +74,18 @@ STOP_TIMEOUT_MS = 10_000  # a draining writer is SIGKILLed after this
 def supervisor_argv(data_dir: str, restart: RestartPolicy, *, hang_timeout_ms: int = HANG_TIMEOUT_MS,
                     restart_delay_ms: int = RESTART_DELAY_MS, ready_timeout_ms: int = READY_TIMEOUT_MS,
                     stop_timeout_ms: int = STOP_TIMEOUT_MS, ready_fd: int | None = None,
-                    writer_args: Sequence[str] = (), python: str | None = None) -> list[str]:
+                    writer_args: Sequence[str] = (), python: str | None = None,
+                    parent_pid: int | None = None) -> list[str]:
     """The command line that starts a supervisor for ``data_dir`` (``python``: the
-    interpreter, default this one)."""
+    interpreter, default this one; ``parent_pid``: the supervisor stops, draining its
+    writer, once its parent is no longer that process)."""
     argv = [python or sys.executable, "-m", SUPERVISOR_MODULE, data_dir, OPT_RESTART, restart.spec(),
             OPT_HANG_TIMEOUT_MS, str(hang_timeout_ms), OPT_RESTART_DELAY_MS, str(restart_delay_ms),
             OPT_READY_TIMEOUT_MS, str(ready_timeout_ms), OPT_STOP_TIMEOUT_MS, str(stop_timeout_ms)]
     if ready_fd is not None:
         argv += [OPT_READY_FD, str(ready_fd)]
+    if parent_pid is not None:
+        argv += [OPT_PARENT_PID, str(parent_pid)]
     return [*argv, WRITER_ARGS_AFTER, *writer_args]
 
 

@@ -7,7 +7,10 @@ Everything else is in ``process`` (I/O) and ``policy`` (pure decisions).
 
     python -m batpak_supervisor DATA_DIR [--restart once|bounded:N:MS]
         [--hang-timeout-ms 3000] [--restart-delay-ms 0] [--ready-timeout-ms 30000]
-        [--stop-timeout-ms 10000] [--ready-fd N] -- WRITER_ARGS...
+        [--stop-timeout-ms 10000] [--ready-fd N] [--parent-pid PID] -- WRITER_ARGS...
+
+With ``--parent-pid`` the supervisor drains its writer and stops (exit 0) once its parent
+is no longer PID (``bp.serve`` and ``batpak-mp serve`` pass their own pid).
 
 Exit codes (``SupervisorExit``): 0 stopped on request (SIGTERM/SIGINT/SIGHUP; the writer drained), 2 bad
 usage, 3 the service failed (restart policy exhausted, a fail-closed writer exit, or
@@ -71,6 +74,16 @@ def _fd(text: str) -> int:
     return fd
 
 
+def _pid(text: str) -> int:
+    try:
+        pid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id") from None
+    if pid < 1:
+        raise argparse.ArgumentTypeError(f"{pid} must be >= 1")
+    return pid
+
+
 def parse(argv: list[str]) -> Config:
     """Split at the first ``--``: before it are ours, after it go to the writer verbatim."""
     own, writer_args = C.split_supervisor_args(argv)
@@ -91,12 +104,14 @@ def parse(argv: list[str]) -> Config:
                    help=f"SIGKILL a draining writer after this long (default {C.STOP_TIMEOUT_MS})")
     p.add_argument(C.OPT_READY_FD, dest="ready_fd", type=_fd, default=None,
                    help="write 'ready <writer_pid>' or 'failed <reason>' here once, then close it")
+    p.add_argument(C.OPT_PARENT_PID, dest="parent_pid", type=_pid, default=None,
+                   help="drain the writer and stop once the parent process is no longer this pid")
     ns = p.parse_args(own)
     return Config(
         data_dir=ns.data_dir, policy=ns.restart, writer_args=tuple(writer_args),
         hang_timeout_ms=ns.hang_timeout_ms, restart_delay_ms=ns.restart_delay_ms,
         ready_timeout_ms=ns.ready_timeout_ms, stop_timeout_ms=ns.stop_timeout_ms,
-        ready_fd=ns.ready_fd,
+        ready_fd=ns.ready_fd, parent_pid=ns.parent_pid,
     )
 
 

@@ -19,6 +19,14 @@ Invariants:
 - A writer is always reaped before it is replaced; the supervisor never leaves a child
   behind on a normal exit, and the child gets SIGTERM from the kernel if the supervisor
   dies (PR_SET_PDEATHSIG on Linux; the writer also watches ``--supervisor-pid`` itself).
+- With ``--parent-pid`` (``bp.serve`` and ``batpak-mp serve`` pass their own pid) the
+  supervisor outlives its parent by at most a drain: once its parent is gone (even
+  SIGKILLed) it stops as if asked to, so no orphaned supervisor and writer keep the
+  directory from the next ``serve``. While it stops, its lock file says so
+  (``"<pid> stopping"``) and a new supervisor waits for the lock instead of refusing.
+- Every control-block write of the supervisor stamps ``heartbeat_ns``: the last
+  stamp is a moment at which every process named in the block was already running,
+  which lets a client tell a reused pid from the service's own.
 
 Must not import the writer, the client or the engine (roles never import each other);
 uses only ``batpak_mp._values``, ``batpak_mp._ipc`` and ``batpak_mp._errors``.
@@ -48,6 +56,8 @@ from batpak_mp._values import RestartPolicy, WriterState
 from . import policy as P
 
 WRITER_LOCK_WAIT_MS = 5_000  # an orphaned writer of a dead supervisor notices and exits within this
+STOPPING_LOCK_GRACE_MS = 2_000  # beyond the holder's stop timeout: its last log lines and exit
+STOPPING_MARK = "stopping"  # second word of the lock file's line while its supervisor stops
 POLL_MS = 100  # how often the heartbeat is checked; exits and signals wake the loop at once
 READY_LINE_MAX = 256  # bytes of readiness chatter accepted before the writer is judged broken
 
@@ -64,6 +74,7 @@ class Config:
     ready_timeout_ms: int = C.READY_TIMEOUT_MS
     stop_timeout_ms: int = C.STOP_TIMEOUT_MS
     ready_fd: int | None = None
+    parent_pid: int | None = None
 
 
 def _log(msg: str) -> None:
@@ -159,6 +170,8 @@ class Supervisor:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self._ready_fd = config.ready_fd
+        self._parent_fd: int | None = None  # a pidfd of the parent: readable once it is gone
+        self._parent_gone = False
         self._old_handlers: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
 
     # -- signals --------------------------------------------------------------------------
@@ -180,16 +193,44 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
 
     def _sleep(self, seconds: float, fds: tuple[int, ...] = ()) -> list[int]:
-        """Wait up to ``seconds`` for one of ``fds`` or any signal; return readable fds."""
+        """Wait up to ``seconds`` for one of ``fds``, any signal or the parent's end;
+        return the readable ``fds``."""
+        own = [self._wake_r] + ([self._parent_fd] if self._parent_fd is not None else [])
         try:
-            readable, _, _ = select.select([self._wake_r, *fds], [], [], max(0.0, seconds))
+            readable, _, _ = select.select([*own, *fds], [], [], max(0.0, seconds))
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
             return []
         if self._wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 while os.read(self._wake_r, 512):
                     pass
-        return [fd for fd in readable if fd != self._wake_r]
+        self._check_parent()
+        return [fd for fd in readable if fd not in own]
+
+    # -- the parent (--parent-pid) ------------------------------------------------------------
+    def _watch_parent(self) -> None:
+        """Open a pidfd of the parent (Linux 5.3+) so its end wakes the loop at once;
+        elsewhere ``getppid`` is compared at every wake-up (at least every POLL_MS)."""
+        pid = self.cfg.parent_pid
+        if pid is None:
+            return
+        with contextlib.suppress(AttributeError, OSError):
+            self._parent_fd = os.pidfd_open(pid)
+        self._check_parent()  # after the open: the pidfd cannot name a later holder of the pid
+
+    def _check_parent(self) -> None:
+        """Once the parent is gone (we were re-parented), stop as if asked to: once."""
+        pid = self.cfg.parent_pid
+        if pid is None or self._parent_gone or os.getppid() == pid:
+            return
+        self._parent_gone = True
+        if self._parent_fd is not None:
+            os.close(self._parent_fd)
+            self._parent_fd = None
+        _log(f"parent pid {pid} is gone: stopping")
+        if not self.stop_signals:
+            self.stop_signals = 1
+        self._note_stopping()
 
     # -- the supervisor's ready fd ----------------------------------------------------------
     def _announce(self, line: str) -> None:
@@ -211,18 +252,12 @@ class Supervisor:
         d = self.cfg.data_dir
         os.makedirs(d, mode=0o700, exist_ok=True)
         fd = os.open(supervisor_lock_path(d), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.pread(fd, 32, 0).split(b"\n")[0].decode() or "?"
-            except (OSError, UnicodeDecodeError):
-                holder = "?"
+        holder = self._lock_or_holder(fd)
+        if holder is not None:
             os.close(fd)
             return f"{d} is already supervised (supervisor pid {holder})"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        self._write_lock_line("")
         deadline = time.monotonic() + WRITER_LOCK_WAIT_MS / 1000
         path = writer_lock_path(d)
         while True:
@@ -241,6 +276,34 @@ class Supervisor:
                 return f"{d} is served by a live writer (pid {holder}) that this supervisor did not start"
             self._sleep(0.05)
 
+    def _lock_or_holder(self, fd: int) -> str | None:
+        """Take the supervisor lock (None), waiting while its holder says it is stopping;
+        else the holder's pid, as text."""
+        deadline = time.monotonic() + (self.cfg.stop_timeout_ms + STOPPING_LOCK_GRACE_MS) / 1000
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return None
+            except BlockingIOError:
+                try:
+                    words = os.pread(fd, 64, 0).split(b"\n")[0].decode().split()
+                except (OSError, UnicodeDecodeError):
+                    words = []
+            if STOPPING_MARK not in words[1:] or time.monotonic() >= deadline or self.stop_signals:
+                return words[0] if words else "?"
+            self._sleep(0.05)
+
+    def _write_lock_line(self, note: str) -> None:
+        """``"<pid>[ <note>]"`` in our lock file: who holds it, and whether it is stopping."""
+        if self._lock_fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, f"{os.getpid()}{' ' + note if note else ''}\n".encode(), 0)
+
+    def _note_stopping(self) -> None:
+        self._write_lock_line(STOPPING_MARK)
+
     def _release_dir(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -249,7 +312,7 @@ class Supervisor:
     # -- the control block (only while no writer of ours is alive) --------------------------
     def _mark(self, **fields: int | str) -> None:
         if self.block is not None:
-            self.block.update(**fields)
+            self.block.update(heartbeat_ns=time.monotonic_ns(), **fields)
 
     # -- the writer -------------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -314,6 +377,7 @@ class Supervisor:
         cfg = self.cfg
         while True:
             if self.stop_signals:
+                self._note_stopping()
                 return P.StopRequested()
             if wr.proc.poll() is not None:
                 if wr.ready_r is not None and not wr.ready:
@@ -381,6 +445,7 @@ class Supervisor:
         cfg = self.cfg
         self._install_signals()
         try:
+            self._watch_parent()
             busy = self._take_dir()
             if busy is not None:
                 _log(f"failed: {busy}")
@@ -404,6 +469,8 @@ class Supervisor:
             self._restore_signals()
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
+            if self._parent_fd is not None:
+                os.close(self._parent_fd)
 
     def _loop(self) -> int:
         while True:

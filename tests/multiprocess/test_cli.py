@@ -357,7 +357,7 @@ def test_serve_in_the_foreground_until_sigterm(tmp_path: Path) -> None:
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
-        while run("status", data_dir).returncode != 0:
+        while '"state": "ready"' not in run("status", data_dir, "--json").stdout:  # not merely starting
             assert time.monotonic() < deadline and proc.poll() is None, "serve did not become ready"
             time.sleep(0.1)
         r = as_json(run("append", data_dir, "s:1", "s", "--kind", "3:9", "--payload", "1", "--json"))
