@@ -219,6 +219,12 @@ class StorePoisoned(StorageError):
         return f"store poisoned by failed {self.op} on {self.path}: [errno {self.errno}] {self.strerror}"
 
 
+class DiskFull(StorageError):
+    """The file system of the data directory is full (ENOSPC, or EDQUOT: the owner's
+    quota). The request that met it was not written (nothing of it is kept); reads and
+    the service stay up, and the same request succeeds once space is freed."""
+
+
 class ApprovalError(BatpakError, ValueError):
     """An approval cannot be committed: it was already ``used``, was minted by another
     pipeline (``foreign``), its proposal ``changed`` after approval, or it ``expired``."""

@@ -1,15 +1,19 @@
 """The one seam through which the engine touches the operating system.
 
-Owns: every file-system call the write side makes (open, close, fstat, pread, pwrite,
-fsync, fallocate, hole punching, rename, unlink, listdir, flock, mmap, the lock file).
-Each failure becomes a ``StorageError`` naming the operation and the path, so no raw
-``OSError`` escapes. Tests pass a ``Disk`` with a ``FaultPlan`` to make chosen calls fail
-(ENOSPC, EIO, short writes) without patching anything by string; the op names a plan
-uses are the ``op`` of the errors (``"fsync"`` covers fsync, fdatasync and directory
-fsyncs).
+Owns: every file-system call the write side makes (open, close, dup, fstat, pread,
+pwrite, fsync, fallocate, zeroing and hole punching, rename, unlink, listdir, flock,
+mmap, the lock file). Each failure becomes a ``StorageError`` naming the operation and
+the path, so no raw ``OSError`` escapes; a full file system (ENOSPC, EDQUOT) is its
+subclass ``DiskFull``. Tests pass a ``Disk`` with a ``FaultPlan`` to make chosen calls
+fail (ENOSPC, EIO, short writes) without patching anything by string; the op names a
+plan uses are the ``op`` of the errors (``"fsync"`` covers fsync, fdatasync and
+directory fsyncs).
 Invariants: the only module of ``batpak_mp._storage`` that calls ``os`` (checked by
 tests/rules/test_storage_seam.py); a failed ``close`` still releases the descriptor, as
-Linux does.
+Linux does; zeroing a range keeps its blocks allocated where the file system lets it (a
+preallocated segment must not have to allocate again, and meet ENOSPC, mid-append);
+``allocate`` never shrinks a file; a file written through a mapping is allocated first
+(a write to a sparse mapping on a full file system is SIGBUS, not an error).
 Must not import the engine, the writer or the client.
 """
 
@@ -25,13 +29,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .._errors import StorageError
+from .._errors import DiskFull, StorageError
 
 T = TypeVar("T")
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_ZERO_CHUNK = 1 << 20  # bytes written per call when hole punching is not supported
+_FALLOC_FL_ZERO_RANGE = 0x10  # zeros that stay allocated (ext4, xfs); tmpfs and btrfs lack it
+_ZERO_CHUNK = 1 << 20  # bytes written per call when neither zeroing nor hole punching is supported
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # fallocate modes a file system lacks
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # the file system (or the owner's quota) is full
 
 _libc: ctypes.CDLL | None
 try:
@@ -78,7 +85,7 @@ class Disk:
         except StorageError:
             raise
         except OSError as exc:
-            raise StorageError(op, path, exc) from exc
+            raise (DiskFull if exc.errno in _FULL else StorageError)(op, path, exc) from exc
 
     # -- files --------------------------------------------------------------------------
     def open(self, path: str, flags: int, mode: int = 0o600) -> int:
@@ -152,14 +159,16 @@ class Disk:
         self._do("fsync", path, run)
 
     def allocate(self, fd: int, size: int, path: str) -> None:
-        """Reserve ``size`` bytes so later writes cannot hit ENOSPC mid-frame."""
+        """Make the file at least ``size`` bytes long with all of them allocated, so later
+        writes (through ``pwrite`` or a mapping) cannot meet ENOSPC. Never shrinks it."""
         def run() -> None:
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                if exc.errno not in _UNSUPPORTED:
                     raise
-                os.ftruncate(fd, size)
+                if os.fstat(fd).st_size < size:  # no allocation here: at least the size
+                    os.ftruncate(fd, size)
         self._do("fallocate", path, run)
 
     def truncate(self, fd: int, size: int, path: str) -> None:
@@ -167,36 +176,51 @@ class Disk:
 
     def zero_range(self, fd: int, offset: int, length: int, path: str) -> None:
         """Make [offset, offset+length) read as zeros without changing the file size
-        (readers may have the file mapped: shrinking it would SIGBUS them)."""
+        (readers may have the file mapped: shrinking it would SIGBUS them) and keep it
+        allocated (a preallocated segment must not allocate again mid-append): zero it
+        in place (FALLOC_FL_ZERO_RANGE) where the file system can; else punch a hole and
+        allocate the range again; else write zeros. The zeros are the guarantee; when the
+        file system is full the range may stay a hole (a later write there then fails
+        typed, as any write on a full disk does)."""
         def run() -> None:
             if length <= 0:
                 return
-            if _libc is not None:
-                rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-                if rc == 0:
-                    return
-                err = ctypes.get_errno()
-                if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise OSError(err, os.strerror(err))
+            if _fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length, _UNSUPPORTED + _FULL):
+                return
+            if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length, _UNSUPPORTED):
+                _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length, _UNSUPPORTED + _FULL)
+                return
             zeros = bytes(min(_ZERO_CHUNK, length))
             pos = 0
             while pos < length:
-                n = min(len(zeros), length - pos)
-                os.pwrite(fd, zeros[:n], offset + pos)
+                n = os.pwrite(fd, memoryview(zeros)[:min(len(zeros), length - pos)], offset + pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, "pwrite wrote nothing")
                 pos += n
         self._do("zero_range", path, run)
 
+    def dup(self, fd: int, path: str) -> int:
+        """A second descriptor of the same open file: its holder (another thread) may
+        use it, and must close it, whatever happens to ``fd`` meanwhile."""
+        return self._do("dup", path, lambda: os.dup(fd))
+
     def write_file_atomic(self, path: str, data: bytes) -> None:
-        """Write a small file by temp + fsync + rename + directory fsync."""
+        """Write a small file by temp + fsync + rename + directory fsync. Every byte is
+        written (short writes are continued) or it fails typed: the temp file is then
+        removed (it holds space a full disk needs back) and ``path`` is left as it was."""
         tmp = path + ".tmp"
         def run() -> None:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
         self._do("write", path, run)
         self.fsync_dir(os.path.dirname(path) or ".")
 
@@ -232,6 +256,13 @@ class Disk:
             except FileNotFoundError:
                 pass
         self._do("unlink", path, run)
+
+    def unlink_quietly(self, path: str) -> None:
+        """Remove a file of a step that failed: an error is already on its way."""
+        try:
+            self.unlink(path)
+        except StorageError:
+            pass
 
     def boot_id(self) -> bytes:
         """16 bytes naming this boot of the kernel (zeros when unknown). Data written in
@@ -290,6 +321,38 @@ class Disk:
             return self.map_shared(fd, size, path, writable=False) if size else None
         finally:
             self.close_quietly(fd, path)  # read-only: the mapping outlives the descriptor
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int, declined: tuple[int, ...]) -> bool:
+    """fallocate(2) with ``mode``: True when done, False when it failed with an errno in
+    ``declined`` (or there is no libc to call); any other failure raises."""
+    if _libc is None:
+        return False
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in declined:
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``write`` until every byte is written: a short write (a file system filling up,
+    a signal) is continued, and the call after it reports why it stopped."""
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        n = os.write(fd, view[pos:])
+        if n <= 0:
+            raise OSError(errno.EIO, "write wrote nothing")
+        pos += n
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 DEFAULT_DISK = Disk()
