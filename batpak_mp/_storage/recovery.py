@@ -2,7 +2,8 @@
 
 Owns: reading the durable checkpoint; the full recovery (every sealed segment's
 checksum and footer checked and its records adopted, every unsealed segment scanned,
-its torn tail zeroed, a segment left unsealed by a crash sealed now, a newest file whose
+its torn tail zeroed, a segment left unsealed by a crash sealed now, a seal torn by a
+power cut (trailer on disk, footer not, every frame whole) finished, a newest file whose
 header never landed dropped); the same-boot fast path (after a process crash the page
 cache still holds what the last writer wrote: trust the index files through the
 checkpoint and scan only the active segment's tail); and the checksum stamps of sealed
@@ -10,9 +11,10 @@ segments checked in this boot (``verified.tbl``), which let a same-boot restart 
 re-reading those unchanged since.
 Invariants: nothing at or below the durable floor (checkpoint, or the caller's hint) is
 ever cut: damage there is ``CorruptSegment``, raised before anything is zeroed; a frame
-of a newer format is ``FutureFormat``, never cut; the fast path only ever declines
-(the full recovery then decides and reports), it never guesses. Sealed segments are
-never modified.
+of a newer format is ``FutureFormat``, never cut; a torn seal is never corruption, and a
+failed seal check with a damaged frame below the footer always is; the fast path only
+ever declines (the full recovery then decides and reports), it never guesses. Sealed
+segments are never modified (a torn seal is not a seal: it is finished).
 Every OS call goes through ``osio.Disk``. Must not import the engine, the read side or
 any process role.
 """
@@ -30,9 +32,9 @@ import msgpack
 from .._errors import CorruptSegment, FutureFormat
 from .._format.checkpoint import Checkpoint, decode_checkpoint
 from .._format.directory import VERIFIED_FILE
-from .._format.frame import BAD, FRAME_VERSION, NEED_MORE
+from .._format.frame import BAD, EMPTY, FRAME_VERSION, NEED_MORE
 from .._format.scan import ScannedFrame, SegmentScan, scan_segment
-from .._format.segment import SEG_HEADER_SIZE, SEG_TRAILER_SIZE
+from .._format.segment import SEG_HEADER_SIZE, SEG_TRAILER_SIZE, Trailer, sealed_verdict
 from .indexfiles import IndexFiles
 from .osio import Disk
 from .segments import ActiveSegment, OpenedSegment, SegmentFiles
@@ -180,26 +182,55 @@ class Recovery:
         try:
             verdict = segs.judge(seg, first_seq=walk.next_seq)
             header, trailer = verdict.header, verdict.trailer
-            if trailer is not None:  # sealed: check it whole, and make records.idx agree with its footer
-                records = segs.check_sealed(seg, trailer, footer=True)
-                walk.next_seq += self.index.adopt_records(walk.next_seq, records)
-                self.stamps.stamp(sid, seg.stat)
-                walk.sealed.append(sid)
+            if trailer is None:
+                self._walk_unsealed(walk, sid, seg, header.first_seq, floor, seal=not is_last)
                 return
-            self._walk_unsealed(walk, sid, seg, header.first_seq, is_last, floor)
+            try:  # sealed: check it whole, and make records.idx agree with its footer
+                records = segs.check_sealed(seg, trailer, footer=True)
+            except CorruptSegment as damage:
+                if not self._footer_torn(seg, trailer, walk.next_seq):
+                    raise
+                # a power cut tore the seal (the trailer on disk, not all of its footer):
+                # finish it from the frames, which are all whole. The floor is checked only
+                # when nothing follows: otherwise the segments after it carry the log on.
+                self._walk_unsealed(walk, sid, seg, header.first_seq, floor if is_last else 0, seal=True,
+                                    torn=(trailer, damage))
+                return
+            walk.next_seq += self.index.adopt_records(walk.next_seq, records)
+            self.stamps.stamp(sid, seg.stat)
+            walk.sealed.append(sid)
         finally:
             if walk.active is None or walk.active.fd != seg.fd:
                 self.disk.close_quietly(seg.fd, seg.path)
 
-    def _walk_unsealed(self, walk: _Walk, sid: int, seg: OpenedSegment, first_seq: int, is_last: bool,
-                       floor: int) -> None:
+    def _footer_torn(self, seg: OpenedSegment, trailer: Trailer, first_seq: int) -> bool:
+        """Whether a sealed segment whose check failed may hold a torn seal: its footer
+        does not verify while the frames from the header up to the footer's offset are
+        all whole, in sequence from ``first_seq``, and end with a whole commit. (Whether
+        the seal rebuilt from them is the one the trailer names is checked next.)"""
+        mm = self.disk.map_shared(seg.fd, seg.size, seg.path, writable=False)
+        try:
+            if not sealed_verdict(seg.path, mm, trailer, checksum=False).problems:
+                return False  # the footer is whole: what failed is damage, not a torn seal
+            scan = scan_segment(mm, SEG_HEADER_SIZE, trailer.footer_offset, first_seq)
+        finally:
+            mm.close()
+        return (scan.stop_status == EMPTY and scan.stop_offset == scan.commit_end == trailer.footer_offset
+                and scan.committed == len(scan.frames))
+
+    def _walk_unsealed(self, walk: _Walk, sid: int, seg: OpenedSegment, first_seq: int, floor: int, *, seal: bool,
+                       torn: tuple[Trailer, CorruptSegment] | None = None) -> None:
         """Scan an unsealed segment (its first events link back into the base tables),
-        cut its torn tail, and seal it unless it is the last."""
+        cut its torn tail, and ``seal`` it (a segment before the last, or one whose seal
+        was ``torn``: its frames end at the trailer's footer offset) or make it the
+        active one. A torn seal is finished only when the seal rebuilt from the frames is
+        the one its trailer names, sector by sector; else its ``CorruptSegment`` stands."""
         d, idx, size = self.disk, self.index, seg.size
         idx.open_bases(walk.sealed[-1] if walk.sealed else 0, walk.next_seq - 1)
         mm = d.map_shared(seg.fd, size, seg.path, writable=False)
         try:
-            scan = scan_segment(mm, SEG_HEADER_SIZE, size - SEG_TRAILER_SIZE, walk.next_seq)
+            scan = scan_segment(mm, SEG_HEADER_SIZE, torn[0].footer_offset if torn else size - SEG_TRAILER_SIZE,
+                                walk.next_seq)
         finally:
             mm.close()
         kept = scan.frames[: scan.committed]
@@ -210,20 +241,25 @@ class Recovery:
         if last_kept < floor:  # checked before anything is zeroed: keep the evidence
             raise CorruptSegment(seg.path, scan.commit_end, f"log ends at sequence {last_kept}, "
                                  f"but sequence {floor} was durable")
+        idx.write_scanned(sid, kept)
+        if torn is not None and not self.segments.seal_matches(seg, torn[0], first_seq,
+                                                               idx.records_of(first_seq, len(kept))):
+            raise torn[1]
         cut = scan.commit_end
-        # bytes past the last commit: a torn tail, or never written. Zero them without
-        # shrinking the file (it may be mapped), so stale frames can never come back.
-        d.zero_range(seg.fd, cut, size - SEG_TRAILER_SIZE - cut, seg.path)
+        # bytes past the last commit: a torn tail, or never written; and the last 32 bytes,
+        # which hold no valid trailer (or the torn seal's, written again below). Zero them
+        # without shrinking the file (it may be mapped), keeping them allocated, so stale
+        # frames can never come back.
+        d.zero_range(seg.fd, cut, size - cut, seg.path)
         walk.cut_bytes += max(scan.stop_offset - cut, 0)
         active = ActiveSegment(sid, first_seq, size, seg.fd, seg.path, cut, len(kept))
         active.crc = active.write_crc = self.segments.frames_crc(seg.fd, seg.path, cut)
-        idx.write_scanned(sid, kept)
         walk.next_seq += len(kept)
         walk.scanned = kept
-        if is_last:
+        if not seal:
             walk.active = active
             return
-        # a crash between a segment's last commit and its seal: seal it now
+        # a crash between a segment's last commit and its seal, or during the seal: seal it now
         d.fdatasync(seg.fd, seg.path)
         self.seal(active)
         walk.sealed.append(sid)

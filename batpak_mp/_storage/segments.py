@@ -3,7 +3,7 @@
 Owns: ``ActiveSegment`` (the file frames are written to: its descriptor and the written,
 published and checksummed ends); listing the segments of a directory; creating one
 (preallocated, header fsynced, directory fsynced); sealing one (index footer, trailer
-with the whole-file checksum, fsync); the mechanics of rotation (the next segment after
+with the whole-file checksum, each fsynced in turn); the mechanics of rotation (the next segment after
 a sealed one, retiring the sealed one's descriptor); dropping a newest file whose header
 never landed; asking ``_format.segment``'s one rule whether a segment is acceptable
 (``segment_verdict``, ``sealed_verdict``: the rule verify applies too); checksums.
@@ -36,6 +36,8 @@ from .._format.segment import (
 from .osio import Disk
 
 UNBORN_CHUNK = 1 << 20  # bytes read per call when checking that a newest segment is all zeros
+SECTOR = 512  # bytes: the smallest write a disk makes whole or not at all (what a power cut can tear)
+ZERO_CHUNK = 1 << 20  # bytes checked or checksummed at a time when a range must be (or reads as) zeros
 
 
 @dataclass
@@ -111,11 +113,15 @@ class SegmentFiles:
         return ActiveSegment(segment_id, first_seq, size, fd, path, SEG_HEADER_SIZE, 0)
 
     def seal(self, seg: ActiveSegment, records: bytes, fsync: Callable[[int, str], None]) -> os.stat_result:
-        """Write the index footer (``records``: one per frame) and the trailer of a full
-        segment, then ``fsync`` it. Returns its stat as sealed (for the checksum stamps)."""
+        """Write the index footer (``records``: one per frame) of a full segment and
+        ``fsync`` it, then its trailer and ``fsync`` again (FORMAT.md §3.6): a power cut
+        can leave a footer without its trailer (not sealed: the footer is cut as a torn
+        tail) but never a trailer whose footer is not on disk. Returns its stat as
+        sealed (for the checksum stamps)."""
         d = self.disk
         footer = encode_footer(seg.first_seq, records)
         d.pwrite(seg.fd, footer, seg.end, seg.path)
+        fsync(seg.fd, seg.path)
         crc = self.checksum(seg.fd, seg.path, seg.size)
         d.pwrite(seg.fd, encode_trailer(seg.end, len(footer), crc), seg.size - SEG_TRAILER_SIZE, seg.path)
         fsync(seg.fd, seg.path)
@@ -189,6 +195,27 @@ class SegmentFiles:
             body.close()
         return records or b""
 
+    def seal_matches(self, seg: OpenedSegment, trailer: Trailer, first_seq: int, records: bytes) -> bool:
+        """Whether ``trailer`` is the seal of the frames whose index records are
+        ``records``, torn by a power cut and nothing else: the footer they make has the
+        trailer's length; each sector from the footer to the trailer reads as that seal
+        wrote it or as zeros (not written yet: the space past the frames is zero until the
+        seal); and the whole-file checksum of the finished seal is the trailer's. A flipped
+        bit is neither what was written nor zeros, so it stays corruption."""
+        footer = encode_footer(first_seq, records)
+        start, limit = trailer.footer_offset, seg.size - SEG_TRAILER_SIZE
+        if len(footer) != trailer.footer_len or start + len(footer) > limit:
+            return False
+        mm = self.disk.map_shared(seg.fd, seg.size, seg.path, writable=False)
+        body = memoryview(mm)
+        try:
+            return (_written_or_zero(body, start, footer) and _all_zero(body, start + len(footer), limit)
+                    and _crc_with_zeros(zlib.crc32(footer, zlib.crc32(body[:start])), limit - start - len(footer))
+                    == trailer.segment_crc)
+        finally:
+            body.release()
+            mm.close()
+
     def checksum(self, fd: int, path: str, size: int) -> int:
         """crc32 of a segment file of ``size`` bytes, all but its trailer."""
         body = self.disk.map_shared(fd, size, path, writable=False)
@@ -206,3 +233,34 @@ class SegmentFiles:
             return zlib.crc32(memoryview(mm)[SEG_HEADER_SIZE:end])
         finally:
             mm.close()
+
+
+def _written_or_zero(body: memoryview, start: int, data: bytes) -> bool:
+    """Each sector of ``body[start:start+len(data)]`` holds ``data``'s bytes or zeros."""
+    end = start + len(data)
+    off = start
+    while off < end:
+        nxt = min(end, (off // SECTOR + 1) * SECTOR)
+        got = bytes(body[off:nxt])
+        if got != data[off - start:nxt - start] and got.count(0) != len(got):
+            return False
+        off = nxt
+    return True
+
+
+def _all_zero(body: memoryview, start: int, end: int) -> bool:
+    for off in range(start, end, ZERO_CHUNK):
+        chunk = bytes(body[off:min(end, off + ZERO_CHUNK)])
+        if chunk.count(0) != len(chunk):
+            return False
+    return True
+
+
+def _crc_with_zeros(crc: int, zeros: int) -> int:
+    """``crc`` continued over ``zeros`` zero bytes."""
+    block = bytes(min(ZERO_CHUNK, max(zeros, 0)))
+    while zeros > 0:
+        n = min(zeros, len(block))
+        crc = zlib.crc32(memoryview(block)[:n], crc)
+        zeros -= n
+    return crc
