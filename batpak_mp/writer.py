@@ -44,6 +44,7 @@ from ._errors import (
     PayloadTooLarge,
     ProtocolError,
     ReservedKind,
+    StorageError,
     StoreLocked,
     StorePoisoned,
 )
@@ -269,6 +270,7 @@ class Writer:
         # their commit, area, request, results, index)
         self._waiting: list[tuple[int, _Area, W.Request, list[Any], int]] = []
         self._ckpt_seq = 0
+        self._ckpt_failing = False  # the last checkpoint failed (logged once per streak)
         # _last_beat: the receiver thread's heartbeat; _last_publish: the loop's own
         self._last_beat = self._last_publish = self._last_ckpt = self._last_sweep = 0
         self.items = WireItems(config.max_payload_bytes)
@@ -444,10 +446,15 @@ class Writer:
         if now - self._last_ckpt >= CHECKPOINT_EVERY_NS or self.engine.visible - self._ckpt_seq >= CHECKPOINT_EVERY_EVENTS:
             self._last_ckpt = now
             self._ckpt_seq = self.engine.visible
-            self.engine.checkpoint()
+            self._checkpoint()
         if now - self._last_sweep >= SWEEP_EVERY_NS:
             self._last_sweep = now
-            self.sweep_dead_clients()
+            try:
+                self.sweep_dead_clients()
+            except StorePoisoned:
+                raise
+            except StorageError as exc:  # a dead owner's FENCE_CANCEL met a full disk: next sweep
+                _log(f"sweep: {exc}")
             self._answer_published()  # a cancelled fence appended (and settled) an event
             self.publish()
 
@@ -465,6 +472,22 @@ class Writer:
             _, old = self._areas.popitem(last=False)
             old.close()
         return area
+
+    def _checkpoint(self) -> None:
+        """Persist the durable floor. A failure (a full disk) is logged and retried at the
+        next tick: the older checkpoint stays valid and the writer stays up."""
+        try:
+            self.engine.checkpoint()
+        except StorePoisoned:
+            raise
+        except StorageError as exc:
+            if not self._ckpt_failing:
+                _log(f"checkpoint failed (retried every second): {exc}")
+            self._ckpt_failing = True
+            return
+        if self._ckpt_failing:
+            _log("checkpoint written again")
+            self._ckpt_failing = False
 
     def handle(self, raw_messages: list[bytes], *, pipelined: bool = False) -> None:
         """One commit group: parse every message and commit every append together.

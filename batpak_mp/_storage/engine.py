@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .._errors import BatpakError, CorruptSegment, StoreClosed, StoreLocked, StorePoisoned
+from .._errors import BatpakError, CorruptSegment, DiskFull, StoreClosed, StoreLocked, StorePoisoned
 from .._format.directory import CHECKPOINT_FILE, INDEX_DIR, LOCK_FILE, META_FILE, SEGMENT_DIR
 from .._format.ids import store_tag_of
 from .._format.meta import decode_meta, encode_meta
@@ -162,7 +162,10 @@ class Engine:
         try:
             if self.poisoned is None and self._seg is not None:
                 self.sync()
-                self._journal.write_checkpoint()
+                try:
+                    self._journal.write_checkpoint()
+                except DiskFull:
+                    pass  # the log is fsynced; the older checkpoint only holds less of it (write_checkpoint)
         finally:
             self._closed = True
             self._release()

@@ -8,8 +8,10 @@ base tables of the sealed segments (entity heads and idempotency keys: map, veri
 build with numpy, prune old generations), and the writer's in-memory view of the
 active segment's keys and delta slots.
 Invariants: index files are derived data: anything that does not verify is rebuilt from
-the segments, never trusted; a record is written before the delta slot that names it
-(a reader that sees the slot finds the record); the base tables cover sealed segments
+the segments, never trusted; a file written through a mapping (records.idx, the delta
+table) is allocated before it is mapped or grown (on a full disk a write to a hole of a
+mapping is SIGBUS; allocating first turns it into ``DiskFull``); a record is written
+before the delta slot that names it (a reader that sees the slot finds the record); the base tables cover sealed segments
 only and the delta table the active one; a table file is replaced, never rewritten in
 place, except the delta table, which is written only past readers' frontier.
 Every OS call goes through ``osio.Disk``. Must not import the engine, segments,
@@ -115,10 +117,8 @@ class IndexFiles:
     def open_records(self) -> None:
         path = self.records_path
         self.records_fd = self.disk.open(path, os.O_RDWR | os.O_CREAT)
-        size = self.disk.fstat(self.records_fd, path).st_size
-        if size < RECORDS_HEADER_SIZE + RECORDS_GROWTH * RECORD_SIZE:
-            size = RECORDS_HEADER_SIZE + RECORDS_GROWTH * RECORD_SIZE
-            self.disk.truncate(self.records_fd, size, path)
+        size = max(self.disk.fstat(self.records_fd, path).st_size, RECORDS_HEADER_SIZE + RECORDS_GROWTH * RECORD_SIZE)
+        self.disk.allocate(self.records_fd, size, path)  # written through the mapping: no holes
         self.records_map = self.disk.map_shared(self.records_fd, size, path, writable=True)
         self.records_trusted = records_header_matches(self.records_map[:RECORDS_HEADER_SIZE], self.store_key)
         if not self.records_trusted:
@@ -126,14 +126,15 @@ class IndexFiles:
             self.records_map[:RECORDS_HEADER_SIZE] = encode_records_header(self.store_key)
 
     def ensure_records(self, seq: int) -> None:
-        """Room in records.idx for the record of ``seq``."""
+        """Room in records.idx for the record of ``seq``, allocated (a full disk is
+        ``DiskFull`` here, never SIGBUS on a write through the mapping)."""
         need = record_offset(seq) + RECORD_SIZE
         if len(self.records_map) >= need:
             return
         size = len(self.records_map)
         while size < need:
             size += RECORDS_GROWTH * RECORD_SIZE
-        self.disk.truncate(self.records_fd, size, self.records_path)
+        self.disk.allocate(self.records_fd, size, self.records_path)
         old = self.records_map
         self.records_map = self.disk.map_shared(self.records_fd, size, self.records_path, writable=True)
         old.close()
@@ -254,11 +255,12 @@ class IndexFiles:
         size = TABLE_HEADER_SIZE + cap * DELTA_SLOT_SIZE
         fd = self.disk.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         try:
-            self.disk.truncate(fd, size, path)
+            self.disk.allocate(fd, size, path)  # written through the mapping: no holes
             self.disk.pwrite(fd, delta_header(cap, gen), 0, path)
             m = self.disk.map_shared(fd, size, path, writable=True)
         except BaseException:
             self.disk.close_quietly(fd, path)
+            self.disk.unlink_quietly(path)  # a half-made table holds space a full disk needs back
             raise
         self._drop_delta()
         self.delta_fd, self.delta_map, self.delta_cap, self.delta_gen = fd, m, cap, gen
@@ -289,6 +291,7 @@ class IndexFiles:
             cap, _, gen, _ = check_header(m, DELTA_MAGIC, path)
             if gen != generation or size != TABLE_HEADER_SIZE + cap * DELTA_SLOT_SIZE:
                 raise CorruptSegment(path, 0, "not the delta table the checkpoint names")
+            self.disk.allocate(fd, size, path)  # made sparse by an older writer: fill its holes
         except (BatpakError, ValueError):
             if m is not None:
                 m.close()
@@ -380,7 +383,15 @@ class IndexFiles:
         return BaseTable(m, count, cols), m
 
     def build_bases(self, through_segment: int, through_seq: int) -> None:
-        """Fold every record up to ``through_seq`` into fresh base tables (numpy)."""
+        """Fold every record up to ``through_seq`` into fresh base tables (numpy). The
+        files are written after the arrays over records.idx are gone: a failed write's
+        traceback must not keep a view of the mapping alive (it could not be remapped)."""
+        ent_body, idem_body = self._base_bodies(through_seq)
+        self.disk.write_file_atomic(os.path.join(self.dir, entities_base_name(through_segment)), ent_body)
+        self.disk.write_file_atomic(os.path.join(self.dir, idem_base_name(through_segment)), idem_body)
+
+    def _base_bodies(self, through_seq: int) -> tuple[bytes, bytes]:
+        """The entity and idempotency base tables through ``through_seq``, encoded."""
         import numpy as np
 
         recs = np.frombuffer(self.records_map, dtype=numpy_dtype(), count=through_seq, offset=RECORDS_HEADER_SIZE)
@@ -403,8 +414,7 @@ class IndexFiles:
         order = np.lexsort((lo, hi))
         idem_body = encode_idem_base(hi[order].astype("<u8").tobytes(), lo[order].astype("<u8").tobytes(),
                                      kseq[order].astype("<u8").tobytes(), through_seq)
-        self.disk.write_file_atomic(os.path.join(self.dir, entities_base_name(through_segment)), ent_body)
-        self.disk.write_file_atomic(os.path.join(self.dir, idem_base_name(through_segment)), idem_body)
+        return ent_body, idem_body
 
     def prune(self) -> None:
         """Remove table files of older generations (mapped readers keep their inode)."""

@@ -10,7 +10,9 @@ writer's pipeline drives ``commit(settle=False)``, ``pending_sync_target`` and
 Invariants: ``visible`` never passes a frame that recovery could cut (in the default
 sync mode a group is published only after its fsync); groups are published in the
 order they were written; a failed fsync poisons for good and the unacknowledged frames
-are zeroed (best effort); a failed write takes back only its own group.
+are zeroed (best effort); a failed write takes back only its own group; a full disk
+(``DiskFull``: no room for the group's records, a write, or the next segment) fails the
+requests that meet it, nothing of them written, and the journal goes on.
 Every OS call goes through ``osio.Disk``. Must not import the writer, the client, the
 IPC layer or posix_ipc.
 """
@@ -149,7 +151,16 @@ class Journal:
                 if group.count:
                     self._write(group, results, placed)
                     group, placed = plan.next_group(group), []
-                self._rotate(segment_bytes_for(nbytes, len(items)))
+                try:
+                    self._rotate(segment_bytes_for(nbytes, len(items)))
+                except StorePoisoned:
+                    raise
+                except StorageError as exc:
+                    # no next segment (a full disk, most often): this request and the rest
+                    # fail with it, nothing of them written; the next commit rotates again
+                    for rest in range(ri, len(requests)):
+                        results[rest] = exc
+                    break
                 seg = self.seg
                 assert seg is not None
                 start = 0
@@ -173,11 +184,17 @@ class Journal:
         assert seg is not None
         data = group.data()
         try:
+            # room for the group's records first (allocated: on a full disk this fails
+            # here, before anything is written, not after the fsync when it is published)
+            self.index.ensure_records(group.metas[-1][M_SEQ])
+        except StorageError as exc:
+            self._refuse_group(group, results, placed, exc)
+            return
+        try:
             self.disk.pwrite(seg.fd, data, seg.end, seg.path)
         except StorageError as exc:
             self._abandon_write(seg, len(data), group)
-            for ri, _, _ in placed:
-                results[ri] = exc
+            self._refuse_group(group, results, placed, exc)
             return
         crc_after = zlib.crc32(data, seg.write_crc)
         self._pending.append(_Pending(group, results, list(placed), seg.end, seg.end + len(data), crc_after))
@@ -189,13 +206,19 @@ class Journal:
         self.index.written(group.metas)
 
     def _abandon_write(self, seg: ActiveSegment, length: int, group: Group) -> None:
-        """A write failed: zero what may have landed and forget the group; if even that
-        fails, poison (the segment's tail is unknown)."""
+        """A write failed: zero what may have landed; if even that fails, poison (the
+        segment's tail is unknown)."""
         try:
             self.disk.zero_range(seg.fd, seg.end, length, seg.path)
         except StorageError as exc:
             self.poison = StorePoisoned(exc.op, exc.path, exc.cause)
+
+    def _refuse_group(self, group: Group, results: Results, placed: list[tuple[int, int, int]],
+                      exc: StorageError) -> None:
+        """A group that could not be written: forget it, and fail each of its requests."""
         self.planner.abandon(group)
+        for ri, _, _ in placed:
+            results[ri] = exc
 
     # ------------------------------------------------------------------ fsync and publish
     def settle(self) -> None:
@@ -291,7 +314,11 @@ class Journal:
             self.sync()
 
     def write_checkpoint(self) -> None:
-        """Persist the durable floor recovery will hold the log to."""
+        """Persist the durable floor recovery will hold the log to. When this fails (a
+        full disk) the older checkpoint stays, whole: its floor is lower (damage above it
+        would be taken for a torn tail rather than reported; the control block's durable
+        still counts after a process crash), and the same-boot restart declines when it
+        names another segment. The writer retries every second."""
         seg = self.seg
         if seg is None:
             return
@@ -328,8 +355,11 @@ class Journal:
         self.refresh_reader()
         self.seg = self.segments.next_after(seg, size)
         self.segments.retire(seg)
-        self.stamps.save()
-        self.write_checkpoint()
+        try:
+            self.stamps.save()
+            self.write_checkpoint()
+        except StorageError:
+            pass  # the switch is done: these only speed up and tighten the next open (write_checkpoint)
         self.index_listener()  # the writer publishes the new tables before the old go
         self.index.prune()
 

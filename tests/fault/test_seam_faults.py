@@ -29,7 +29,10 @@ from batpak_mp._storage.osio import Disk, FaultPlan
 K = bp.Kind(1, 7)
 OTHER_BOOT = bytes.fromhex("cd" * 16)
 OPEN_OPS = ["fstat", "pread", "listdir", "open", "close", "mmap"]
-ROTATION_OPS = ["fstat", "listdir", "open", "close", "mmap", "pwrite", "ftruncate", "write", "unlink"]
+ROTATION_OPS = ["fstat", "listdir", "open", "close", "mmap", "pwrite", "fallocate", "write", "unlink"]
+# calls of a rotation made after the switch to the next segment, whose failure refuses
+# nothing: verified.tbl and the checkpoint (best effort: the writer retries the checkpoint)
+AFTER_SWITCH = {"write": 2}
 MAX_CALLS = 400  # a loop guard: no open or rotation makes this many calls of one op
 
 
@@ -200,7 +203,7 @@ def test_every_call_of_a_rotation_can_fail(near_rotation: Store, scratch: str, o
     else:
         pytest.fail(f"more than {MAX_CALLS} calls of {op}")
     assert n >= 1, f"a rotation never calls {op}"
-    assert failed == (0 if op == "close" else n)
+    assert failed == (0 if op == "close" else n - AFTER_SWITCH.get(op, 0))
 
 
 def _clock_of(receipts: list[bp.Receipt], entity: str) -> int:
