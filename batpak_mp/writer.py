@@ -359,6 +359,8 @@ class Writer:
                 self._inbox.put(_SyncDone(target, None, path))
             except OSError as exc:
                 self._inbox.put(_SyncDone(target, exc, path))
+            finally:  # the job's own duplicate (pending_sync_target): a rotation cannot close it
+                self.engine.disk.close_quietly(fd, path)
 
     def _sync_done(self, done: _SyncDone) -> None:
         self._syncing = False

@@ -281,7 +281,9 @@ class Engine:
 
     def pending_sync_target(self) -> tuple[int, str, int]:
         """(fd, path, groups) for an fsync that another thread may run while this one
-        writes the next group: on success, ``publish_through(groups, True)``."""
+        writes the next group: on success, ``publish_through(groups, True)``. ``fd`` is
+        the caller's own duplicate of the segment's descriptor (valid whatever a rotation
+        does meanwhile): close it with ``disk.close_quietly`` after the fsync."""
         return self._journal.pending_sync_target()
 
     def publish_through(self, groups: int, synced: bool) -> None:

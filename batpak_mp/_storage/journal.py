@@ -259,10 +259,12 @@ class Journal:
             raise self.poison from exc
 
     def pending_sync_target(self) -> tuple[int, str, int]:
-        """See ``Engine.pending_sync_target``."""
+        """See ``Engine.pending_sync_target``: the descriptor is a duplicate the caller
+        owns (a rotation may close the segment's own before the fsync runs, and the number
+        be reused by the next file)."""
         seg = self.seg
         assert seg is not None
-        return seg.fd, seg.path, len(self._pending)
+        return self.disk.dup(seg.fd, seg.path), seg.path, len(self._pending)
 
     def sync_failed(self, exc: OSError, path: str) -> StorePoisoned:
         """See ``Engine.sync_failed``."""
