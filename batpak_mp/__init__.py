@@ -33,6 +33,7 @@ from ._errors import (
     WriterUnavailable,
 )
 from ._gates import Approval, Denial, Denied, Evaluation, Gate, GateSet, Pipeline, Proposal
+from ._native import codec_backend
 from ._read.verify import verify
 from ._replay import Cursor, Projection, Reactor, ReactorFailure
 from ._service import Service, serve
@@ -112,6 +113,7 @@ __all__ = [
     "WriterTimeout",
     "WriterUnavailable",
     "__version__",
+    "codec_backend",
     "connect",
     "register_payload",
     "serve",

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import msgpack
 
 from ._errors import InvalidArgument, InvalidPayload, PayloadTooLarge, ReservedKind
-from ._format.directory import idem_hash
 from ._format.frame import ZERO_ID
+from ._native import idem_hash  # the active codec: C when built, else _format.directory's
 from ._values import RESERVED_CATEGORIES, STORE_KINDS, BatchItem, Coordinate, Kind, check_kind, payload_version_for
 
 
@@ -37,6 +37,7 @@ class Prepared(NamedTuple):
     correlation: bytes
 
 
+_new_tuple = tuple.__new__  # builds a Prepared without its Python-level __new__ (one per event)
 _tls = threading.local()  # one msgpack Packer per thread (a Packer is not thread-safe)
 _checked_kinds: dict[Any, int] = {}  # caller kinds already validated (never reserved ones)
 
@@ -101,12 +102,12 @@ def prepare(
         raise InvalidArgument("idempotency_key", idempotency_key, "must be a non-empty str or bytes of at most 1024")
     if not 0 <= payload_version <= 0xFFFF:
         raise InvalidArgument("payload_version", payload_version, "must be 0..65535")
-    return Prepared(
+    return _new_tuple(Prepared, (
         coord._entity_bytes, coord._scope_bytes, packed_kind, raw, payload_version, idem,
         None if expected_clock is None else _check_clock(expected_clock),
         ZERO_ID if causation_id is None else _check_id("causation_id", causation_id),
         ZERO_ID if correlation_id is None else _check_id("correlation_id", correlation_id),
-    )
+    ))
 
 
 

@@ -79,11 +79,14 @@ if codec is not None:
     from ._codec import (
         encode_group,
         encode_parts,
+        event_at,
         frame_hash,
         frame_header,
         hash_matches,
         idem_hash,
         name_hash,
+        pack_records,
+        scan_events,
         scan_frame,
         scan_segment,
         unpack_record,
@@ -92,14 +95,20 @@ else:
     from .._format.directory import idem_hash, name_hash
     from .._format.frame import encode_parts, frame_hash, frame_header, hash_matches, scan_frame
     from .._format.scan import scan_segment
-    from ._pure import encode_group, unpack_record
+    from ._pure import encode_group, event_at, pack_records, scan_events, unpack_record
 
 __all__ = [
-    "BACKEND", "PURE_ENV", "REQUIRE_ENV", "UNAVAILABLE", "backend", "codec", "encode_group", "encode_parts",
-    "frame_hash", "frame_header", "hash_matches", "idem_hash", "name_hash", "scan_frame", "scan_segment", "unpack_record",
+    "BACKEND", "PURE_ENV", "REQUIRE_ENV", "UNAVAILABLE", "backend", "codec", "codec_backend", "encode_group", "encode_parts",
+    "event_at", "frame_hash", "frame_header", "hash_matches", "idem_hash", "name_hash", "pack_records",
+    "scan_events", "scan_frame", "scan_segment", "unpack_record",
 ]
 
 
-def backend() -> str:
-    """Which codec serves this process: ``"native"`` (the C extension) or ``"python"``."""
+def codec_backend() -> str:
+    """Which codec serves this process: ``"native"`` (the compiled C extension, built by
+    ``pip install``) or ``"python"`` (the pure-Python reference: the extension is not
+    built or is stale, or ``BATPAK_MP_PURE=1`` forces it). Public as ``bp.codec_backend``."""
     return BACKEND
+
+
+backend = codec_backend  # the name the loader's own tests use

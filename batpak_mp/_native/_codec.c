@@ -8,7 +8,10 @@
  *                         group in one call, prev hashes chained inside it),
  *   _format/directory.py  name_hash, idem_hash,
  *   _format/scan.py       scan_segment,
- *   _format/record.py     unpack_record (RECORD.unpack_from at a sequence's slot).
+ *   _format/record.py     unpack_record (RECORD.unpack_from at a sequence's slot),
+ * and of the pure functions in _native/_pure.py built on them: pack_records (a commit
+ * group's records into records.idx), event_at and scan_events (an Event, or a run of
+ * them, straight from the frames: the reader's get, history and scan).
  *
  * Invariants: the Python modules are the reference. Every byte produced and every verdict
  * (status codes, reason strings, NamedTuple types imported from Python, never redefined)
@@ -24,6 +27,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>  /* T_OBJECT_EX: the member type of a __slots__ slot */
 #include <stdint.h>
 #include <string.h>
 
@@ -37,6 +41,9 @@
 #define MIN_FRAME (HEADER_SIZE + 2)
 #define MAX_FRAME 2147483648ULL  /* 1 << 31 */
 #define FLAG_COMMIT_END 0x1
+#define FLAG_HAS_CAUSATION 0x2
+#define FLAG_HAS_CORRELATION 0x4
+#define FLAG_FENCED 0x8
 #define KNOWN_FLAGS 0xF
 #define ST_OK 0
 #define ST_EMPTY 1
@@ -1554,6 +1561,460 @@ done:
     return r;
 }
 
+/* ====================================================================================
+ * pack_records(buf, metas, segment_id, offset): _pure.pack_records, the records of a
+ * published group written into records.idx exactly as RECORD.pack_into writes them
+ * (the record zeroed, then each field in order: an error leaves the same bytes behind).
+ * ==================================================================================== */
+static int pack_field(PyObject *v, char code, uint8_t *dst)
+{
+    unsigned long long x;
+    switch (code) {
+    case 'Q':
+        if (pack_uint(v, 'Q', ~0ULL, &x) < 0)
+            return -1;
+        st64(dst, x);
+        return 0;
+    case 'I':
+        if (pack_uint(v, 'I', 0xFFFFFFFFULL, &x) < 0)
+            return -1;
+        st32(dst, (uint32_t)x);
+        return 0;
+    default:
+        if (pack_uint(v, 'H', 0xFFFF, &x) < 0)
+            return -1;
+        st16(dst, (uint16_t)x);
+        return 0;
+    }
+}
+
+/* Where RECORD.pack_into(buf, seq * RECORD_SIZE, ...) packs in a buffer of len bytes
+ * (seq already an int that fits), with struct's errors; -1 raised. */
+static Py_ssize_t record_slot(long long seq, int ovf, Py_ssize_t len)
+{
+    if (ovf || seq > (long long)(PY_SSIZE_T_MAX / RECORD_SIZE) || seq < (long long)(PY_SSIZE_T_MIN / RECORD_SIZE)) {
+        PyErr_SetString(PyExc_IndexError, "cannot fit 'int' into an index-sized integer");
+        return -1;
+    }
+    Py_ssize_t off = (Py_ssize_t)seq * RECORD_SIZE;  /* RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE */
+    if (off < 0) {  /* struct counts a negative offset from the end */
+        if (off + RECORD_SIZE > 0) {
+            PyErr_Format(StructError, "no space to pack %d bytes at offset %zd", RECORD_SIZE, off);
+            return -1;
+        }
+        if (off + len < 0) {
+            PyErr_Format(StructError, "offset %zd out of range for %zd-byte buffer", off, len);
+            return -1;
+        }
+        off += len;
+    }
+    if (len - off < RECORD_SIZE) {
+        PyErr_Format(StructError, "pack_into requires a buffer of at least %zd bytes for packing %d bytes at offset "
+                     "%zd (actual buffer size is %zd)", off + RECORD_SIZE, RECORD_SIZE, off, len);
+        return -1;
+    }
+    return off;
+}
+
+/* The writable buffer pack_into takes: TypeError (struct's) for a read-only one. */
+static int writable_view(PyObject *obj, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) == 0)
+        return 0;
+    if (PyErr_ExceptionMatches(PyExc_BufferError) || PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "argument must be read-write bytes-like object, not %.100s", Py_TYPE(obj)->tp_name);
+    }
+    return -1;
+}
+
+static PyObject *py_pack_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)self;
+    static const char *const names[] = {"buf", "metas", "segment_id", "offset"};
+    /* the record's fields in RECORD order, as positions in a meta tuple (-1: segment_id, -2: the offset) */
+    static const int from_meta[9] = {1, -1, -2, 4, 2, 3, 6, 7, 5};
+    static const char codes[9] = {'Q', 'I', 'I', 'I', 'H', 'H', 'Q', 'Q', 'Q'};
+    static const int at[9] = {0, 8, 12, 16, 20, 22, 24, 32, 40};
+    PyObject *a[4];
+    if (bind_args("pack_records", args, nargs, kwnames, names, 4, 4, 4, a) < 0)
+        return NULL;
+    PyObject *metas = PySequence_Fast(a[1], "pack_records: metas must be iterable");
+    if (!metas)
+        return NULL;
+    Py_buffer view = {0};  /* taken at the first record, as pack_into takes it */
+    PyObject *offset = Py_NewRef(a[3]), *result = NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(metas);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *meta = PySequence_Tuple(PySequence_Fast_GET_ITEM(metas, i));
+        if (!meta)
+            goto done;
+        if (PyTuple_GET_SIZE(meta) != 10) {
+            if (PyTuple_GET_SIZE(meta) > 10)
+                PyErr_SetString(PyExc_ValueError, "too many values to unpack (expected 10)");
+            else
+                PyErr_Format(PyExc_ValueError, "not enough values to unpack (expected 10, got %zd)", PyTuple_GET_SIZE(meta));
+            Py_DECREF(meta);
+            goto done;
+        }
+        long long seq;
+        int ovf;
+        int rc = as_ll(PyTuple_GET_ITEM(meta, 0), &seq, &ovf);
+        if (rc == 0 && !view.obj)
+            rc = writable_view(a[0], &view);
+        Py_ssize_t off = rc < 0 ? -1 : record_slot(seq, ovf, view.len);
+        rc = off < 0 ? -1 : 0;
+        uint8_t *p = rc < 0 ? NULL : (uint8_t *)view.buf + off;
+        if (p)
+            memset(p, 0, RECORD_SIZE);  /* struct zeroes the record first, then packs field by field */
+        for (int f = 0; f < 9 && rc == 0; f++) {
+            PyObject *v = from_meta[f] >= 0 ? PyTuple_GET_ITEM(meta, from_meta[f]) : from_meta[f] == -1 ? a[2] : offset;
+            rc = pack_field(v, codes[f], p + at[f]);
+        }
+        if (rc == 0)
+            rc = pack_fixed(PyTuple_GET_ITEM(meta, 9), p + 48, 16);
+        if (rc == 0) {  /* offset += frame_len */
+            PyObject *next = PyNumber_Add(offset, PyTuple_GET_ITEM(meta, 4));
+            rc = next ? 0 : -1;
+            if (next)
+                Py_SETREF(offset, next);
+        }
+        Py_DECREF(meta);
+        if (rc < 0)
+            goto done;
+    }
+    result = Py_NewRef(offset);
+done:
+    Py_DECREF(offset);
+    if (view.obj)
+        PyBuffer_Release(&view);
+    Py_DECREF(metas);
+    return result;
+}
+
+/* ====================================================================================
+ * The reader's hot path: an Event built straight from a valid frame (_format.frame's
+ * event_from_header after frame_header), one at a time (event_at) or a run (scan_events).
+ * Event is a __slots__ class of _values: its instances are allocated by its type and
+ * their slots filled at the offsets its member descriptors name (what Event.__init__
+ * assigns, without running Python); Coordinate and Kind objects are built by their own
+ * Python constructors on a cache miss and reused after.
+ * ==================================================================================== */
+enum { EV_PAYLOAD_CACHE, EV_CAUSATION, EV_COORD, EV_CORRELATION, EV_CLOCK, EV_HASH, EV_ID, EV_SEQ, EV_KIND,
+       EV_PAYLOAD, EV_PV, EV_PREV, EV_WALL, EV_SLOTS };
+static const char *const EV_NAMES[EV_SLOTS] = {
+    "_payload", "causation_id", "coordinate", "correlation_id", "entity_clock", "event_hash", "event_id",
+    "global_sequence", "kind", "payload_bytes", "payload_version", "prev_hash", "wall_ms",
+};
+static PyTypeObject *EventType;     /* batpak_mp._values.Event */
+static Py_ssize_t ev_offset[EV_SLOTS];
+static PyObject *Undecoded;         /* batpak_mp._values._UNDECODED: the payload is not decoded yet */
+static PyObject *CoordTrusted;      /* batpak_mp._values.Coordinate._trusted */
+static PyObject *KindUnpack;        /* batpak_mp._values.Kind.unpack */
+static PyObject *KindCache;         /* batpak_mp._format.frame._KINDS: packed kind -> Kind, shared with Python */
+static Py_ssize_t CoordCacheMax;    /* batpak_mp._format.frame.COORD_CACHE_MAX */
+
+static int load_event_types(void)
+{
+    if (EventType)
+        return 0;
+    PyObject *type = import_attr("batpak_mp._values", "Event");
+    PyObject *coord = type ? import_attr("batpak_mp._values", "Coordinate") : NULL;
+    PyObject *kind = coord ? import_attr("batpak_mp._values", "Kind") : NULL;
+    PyObject *undecoded = kind ? import_attr("batpak_mp._values", "_UNDECODED") : NULL;
+    PyObject *kinds = undecoded ? import_attr("batpak_mp._format.frame", "_KINDS") : NULL;
+    PyObject *cmax = kinds ? import_attr("batpak_mp._format.frame", "COORD_CACHE_MAX") : NULL;
+    PyObject *trusted = cmax ? PyObject_GetAttrString(coord, "_trusted") : NULL;
+    PyObject *unpack = trusted ? PyObject_GetAttrString(kind, "unpack") : NULL;
+    Py_ssize_t offsets[EV_SLOTS], max = -1;
+    int ok = unpack != NULL;
+    if (ok && (!PyType_Check(type) || !PyDict_Check(kinds) || (max = PyLong_AsSsize_t(cmax)) < 0)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ImportError, "Event must be a class and _KINDS a dict");
+        ok = 0;
+    }
+    PyTypeObject *tp = ok ? (PyTypeObject *)type : NULL;
+    /* every slot a plain object slot (T_OBJECT_EX), and no other field: the layout this code fills */
+    if (ok) {
+        Py_ssize_t members = 0;
+        for (PyMemberDef *m = tp->tp_members; m && m->name; m++)
+            members++;
+        ok = members == EV_SLOTS && tp->tp_dictoffset == 0 && tp->tp_base == &PyBaseObject_Type;
+        for (int i = 0; ok && i < EV_SLOTS; i++) {
+            PyObject *d = PyDict_GetItemString(tp->tp_dict, EV_NAMES[i]);
+            ok = d && Py_IS_TYPE(d, &PyMemberDescr_Type) && ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX;
+            if (ok)
+                offsets[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+        }
+        if (!ok)
+            PyErr_SetString(PyExc_ImportError, "batpak_mp._values.Event is not the __slots__ class this codec fills");
+    }
+    Py_XDECREF(coord);
+    Py_XDECREF(kind);
+    Py_XDECREF(cmax);
+    if (!ok) {
+        Py_XDECREF(type);
+        Py_XDECREF(undecoded);
+        Py_XDECREF(kinds);
+        Py_XDECREF(trusted);
+        Py_XDECREF(unpack);
+        return -1;
+    }
+    memcpy(ev_offset, offsets, sizeof offsets);
+    Undecoded = undecoded;
+    KindCache = kinds;
+    CoordTrusted = trusted;
+    KindUnpack = unpack;
+    CoordCacheMax = max;
+    EventType = tp;  /* last: it says all of the above is set */
+    return 0;
+}
+
+/* The Coordinate of a frame's names through the reader's cache (new reference); NULL with
+ * no exception set when the names are not UTF-8 (event_from_header's None). */
+static PyObject *coordinate_of(const uint8_t *names, const header_t *h, PyObject *coords)
+{
+    PyObject *key = bytes_at(names, (size_t)h->elen + h->slen);
+    if (!key)
+        return NULL;
+    PyObject *hit = PyDict_GetItemWithError(coords, key), *coord = NULL;
+    if (hit && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 2 && PyLong_Check(PyTuple_GET_ITEM(hit, 0))
+        && PyLong_AsLong(PyTuple_GET_ITEM(hit, 0)) == (long)h->elen) {
+        coord = Py_NewRef(PyTuple_GET_ITEM(hit, 1));
+        Py_DECREF(key);
+        return coord;
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    PyObject *entity = bytes_at(names, h->elen);
+    PyObject *scope = entity ? bytes_at(names + h->elen, h->slen) : NULL;
+    if (scope)
+        coord = PyObject_CallFunctionObjArgs(CoordTrusted, entity, scope, NULL);
+    Py_XDECREF(entity);
+    Py_XDECREF(scope);
+    if (!coord) {
+        if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            PyErr_Clear();
+        Py_DECREF(key);
+        return NULL;
+    }
+    PyObject *entry = Py_BuildValue("(iO)", (int)h->elen, coord);
+    int rc = entry ? 0 : -1;
+    if (rc == 0 && PyDict_GET_SIZE(coords) >= CoordCacheMax)
+        PyDict_Clear(coords);
+    if (rc == 0)
+        rc = PyDict_SetItem(coords, key, entry);
+    Py_XDECREF(entry);
+    Py_DECREF(key);
+    if (rc < 0)
+        Py_CLEAR(coord);
+    return coord;
+}
+
+static PyObject *kind_of(unsigned kind)
+{
+    PyObject *key = PyLong_FromUnsignedLong(kind);
+    if (!key)
+        return NULL;
+    PyObject *k = PyDict_GetItemWithError(KindCache, key);
+    if (k) {
+        Py_DECREF(key);
+        return Py_NewRef(k);
+    }
+    if (!PyErr_Occurred() && (k = PyObject_CallOneArg(KindUnpack, key)) != NULL && PyDict_SetItem(KindCache, key, k) < 0)
+        Py_CLEAR(k);
+    Py_DECREF(key);
+    return k;
+}
+
+/* The Event of the valid frame at p whose header is h (event_from_header): a new
+ * reference, Py_None (new) when the names are not UTF-8, NULL on error. */
+static PyObject *event_object(const uint8_t *p, const header_t *h, PyObject *coords)
+{
+    PyObject *coord = coordinate_of(p + HEADER_SIZE, h, coords);
+    if (!coord)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    PyObject *v[EV_SLOTS];
+    v[EV_COORD] = coord;
+    v[EV_PAYLOAD_CACHE] = Py_NewRef(Undecoded);
+    v[EV_KIND] = kind_of(h->kind);
+    v[EV_ID] = bytes_at(p + 48, 16);
+    v[EV_SEQ] = PyLong_FromUnsignedLongLong(h->seq);
+    v[EV_CLOCK] = PyLong_FromUnsignedLongLong(h->clock);
+    v[EV_WALL] = PyLong_FromUnsignedLongLong(h->wall);
+    v[EV_PAYLOAD] = bytes_at(p + HEADER_SIZE + h->elen + h->slen, h->plen);
+    v[EV_PV] = PyLong_FromLong(h->pv);
+    v[EV_HASH] = bytes_at(p + HASH_OFFSET, 32);
+    v[EV_PREV] = bytes_at(p + 112, 32);
+    v[EV_CAUSATION] = h->flags & FLAG_HAS_CAUSATION ? bytes_at(p + 64, 16) : Py_NewRef(Py_None);
+    v[EV_CORRELATION] = h->flags & FLAG_HAS_CORRELATION ? bytes_at(p + 80, 16) : Py_NewRef(Py_None);
+    PyObject *ev = NULL;
+    int complete = 1;
+    for (int i = 0; i < EV_SLOTS; i++)
+        complete &= v[i] != NULL;
+    if (complete)
+        ev = EventType->tp_alloc(EventType, 0);
+    if (!ev) {
+        for (int i = 0; i < EV_SLOTS; i++)
+            Py_XDECREF(v[i]);
+        return NULL;
+    }
+    for (int i = 0; i < EV_SLOTS; i++)  /* the slots take the references */
+        *(PyObject **)((char *)ev + ev_offset[i]) = v[i];
+    return ev;
+}
+
+/* event_at(buf, off, limit, seq, coords) -> Event | None: _pure.event_at */
+static PyObject *py_event_at(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)self;
+    static const char *const names[] = {"buf", "off", "limit", "seq", "coords"};
+    PyObject *a[5];
+    if (bind_args("event_at", args, nargs, kwnames, names, 5, 5, 5, a) < 0)
+        return NULL;
+    if (!PyDict_Check(a[4])) {
+        PyErr_SetString(PyExc_TypeError, "event_at: coords must be a dict");
+        return NULL;
+    }
+    if (load_event_types() < 0)
+        return NULL;
+    long long off, limit;
+    int ovf_off, ovf_limit;
+    if (as_ll(a[1], &off, &ovf_off) < 0 || as_ll(a[2], &limit, &ovf_limit) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(a[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *r = NULL;
+    header_t h;
+    int why;
+    uint32_t need;
+    if (off < 0 || limit > view.len || off > limit
+        || header_at(view_bytes(&view), view.len, off, limit, 0, &h, &why, &need) != HV_VALID
+        || h.frame_len != (unsigned long long)(limit - off)) {
+        r = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *frame_seq = PyLong_FromUnsignedLongLong(h.seq);
+    int differs = frame_seq ? PyObject_RichCompareBool(frame_seq, a[3], Py_NE) : -1;
+    Py_XDECREF(frame_seq);
+    if (differs < 0)
+        goto done;
+    r = differs ? Py_NewRef(Py_None) : event_object(view_bytes(&view) + off, &h, a[4]);
+done:
+    PyBuffer_Release(&view);
+    return r;
+}
+
+/* A sequence number argument as a u64: 1 and *out when it is an int in [0, 2**64), 0 when
+ * it is an int outside (no frame carries it), -1 with TypeError when it is not an int. */
+static int as_u64(PyObject *o, unsigned long long *out)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "expected an int, got %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* scan_events(buf, off, limit, seq, last, coords, max_events) -> (events, off, seq):
+ * _pure.scan_events, a run of frames front to back as Events. Stops before a frame that
+ * is not valid, does not carry the next sequence, is written in a fence (the caller
+ * decides whether it is hidden) or whose names are not UTF-8; after `last`; after
+ * max_events. */
+static PyObject *py_scan_events(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)self;
+    static const char *const names[] = {"buf", "off", "limit", "seq", "last", "coords", "max_events"};
+    PyObject *a[7];
+    if (bind_args("scan_events", args, nargs, kwnames, names, 7, 7, 7, a) < 0)
+        return NULL;
+    if (!PyDict_Check(a[5])) {
+        PyErr_SetString(PyExc_TypeError, "scan_events: coords must be a dict");
+        return NULL;
+    }
+    if (load_event_types() < 0)
+        return NULL;
+    long long off, limit, max_events;
+    int ovf_off, ovf_limit, ovf_max;
+    unsigned long long seq = 0, last = 0;
+    if (as_ll(a[1], &off, &ovf_off) < 0 || as_ll(a[2], &limit, &ovf_limit) < 0 || as_ll(a[6], &max_events, &ovf_max) < 0)
+        return NULL;
+    int seq_ok = as_u64(a[3], &seq);
+    if (seq_ok < 0)
+        return NULL;
+    if (!PyLong_Check(a[4])) {
+        PyErr_Format(PyExc_TypeError, "expected an int, got %.100s", Py_TYPE(a[4])->tp_name);
+        return NULL;
+    }
+    int last_sign = _PyLong_Sign(a[4]);
+    int last_ok = as_u64(a[4], &last);
+    if (last_ok < 0)
+        return NULL;
+    if (!last_ok)  /* an int outside the u64 range: past every sequence, or below all of them */
+        last = last_sign > 0 ? ~0ULL : 0;
+    Py_buffer view;
+    if (PyObject_GetBuffer(a[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *events = NULL, *result = NULL;
+    if (off < 0 || limit > view.len) {
+        PyErr_Format(PyExc_ValueError, "scan_events: offset %S or limit %S outside buffer of %zd bytes", a[1], a[2],
+                     view.len);
+        goto done;
+    }
+    events = PyList_New(0);
+    if (!events)
+        goto done;
+    const uint8_t *base = view_bytes(&view);
+    long long at = off;
+    Py_ssize_t count = 0;
+    /* seq <= last, with a negative last below every sequence */
+    int more = seq_ok && (last_ok || last_sign > 0) && seq <= last;
+    long long cap = ovf_max > 0 ? LLONG_MAX : ovf_max < 0 ? 0 : max_events;
+    while (more && count < cap) {
+        header_t h;
+        int why;
+        uint32_t need;
+        if (at > limit || header_at(base, view.len, at, limit, 0, &h, &why, &need) != HV_VALID || h.seq != seq
+            || (h.flags & FLAG_FENCED))
+            break;
+        PyObject *ev = event_object(base + at, &h, a[5]);
+        if (!ev)
+            goto done;
+        if (ev == Py_None) {
+            Py_DECREF(ev);
+            break;
+        }
+        int rc = PyList_Append(events, ev);
+        Py_DECREF(ev);
+        if (rc < 0)
+            goto done;
+        count++;
+        at += h.frame_len;
+        more = seq != last;  /* (seq == 2**64 - 1 ends every run: the next can be no frame's) */
+        seq++;
+    }
+    PyObject *n = PyLong_FromSsize_t(count);
+    PyObject *next_seq = n ? PyNumber_Add(a[3], n) : NULL;
+    Py_XDECREF(n);
+    if (next_seq)
+        result = Py_BuildValue("(OLN)", events, at, next_seq);
+done:
+    Py_XDECREF(events);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* ==================================================================================== */
 #define FASTKW(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_FASTCALL | METH_KEYWORDS, doc}
 
@@ -1577,6 +2038,12 @@ static PyMethodDef codec_methods[] = {
            "scan_segment(buf, start, limit, expect_seq, *, check_hash=False) -> SegmentScan: _format.scan.scan_segment."),
     FASTKW("unpack_record", py_unpack_record,
            "unpack_record(buf, seq) -> tuple: RECORD.unpack_from(buf, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)."),
+    FASTKW("pack_records", py_pack_records,
+           "pack_records(buf, metas, segment_id, offset) -> int: _native._pure.pack_records, a group's records."),
+    FASTKW("event_at", py_event_at,
+           "event_at(buf, off, limit, seq, coords) -> Event | None: _native._pure.event_at, the reader's get."),
+    FASTKW("scan_events", py_scan_events,
+           "scan_events(buf, off, limit, seq, last, coords, max_events) -> (events, off, seq): _native._pure.scan_events."),
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from batpak_mp._format.frame import Buffer, Frame
 from batpak_mp._format.scan import SegmentScan
+from batpak_mp._values import Coordinate, Event
 
 # An encode_group item: the 14 fields of encode_parts; prev_hash (index 10) may be the
 # int index of an earlier item of the same group, whose event hash is then used.
@@ -63,3 +64,14 @@ def scan_segment(buf: Buffer, start: int, limit: int, expect_seq: int, *, check_
 
 def unpack_record(buf: Buffer, seq: int) -> tuple[int, int, int, int, int, int, int, int, int, bytes]:
     """RECORD.unpack_from(buf, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)."""
+
+def pack_records(buf: Any, metas: Sequence[tuple[int, int, int, int, int, int, int, int, bytes, bytes]],
+                 segment_id: int, offset: int) -> int:
+    """_native._pure.pack_records: a published group's records into records.idx."""
+
+def event_at(buf: Buffer, off: int, limit: int, seq: int, coords: dict[bytes, tuple[int, Coordinate]]) -> Event | None:
+    """_native._pure.event_at: the Event of the frame of seq filling buf[off:limit]."""
+
+def scan_events(buf: Buffer, off: int, limit: int, seq: int, last: int, coords: dict[bytes, tuple[int, Coordinate]],
+                max_events: int) -> tuple[list[Event], int, int]:
+    """_native._pure.scan_events: a run of frames as Events."""

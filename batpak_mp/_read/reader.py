@@ -65,13 +65,14 @@ from .._format.tables import (
     check_header,
     delta_candidates,
 )
-from .._native import frame_header, scan_frame  # the active codec: C when built, else _format's
+from .._native import event_at, frame_header, scan_events, scan_frame, unpack_record  # the active codec
 from .._values import Coordinate, Event, Page, check_kind, check_name
 
 __all__ = ["Hidden", "Reader", "StaleView", "View", "frame_to_event", "map_readonly"]
 
 _rec_unpack = RECORD.unpack_from
 _locate = LOCATION.unpack_from
+SCAN_RUN = 1024  # events ``scan`` builds per call of the codec (a run ends early at a fence or a segment's end)
 
 
 class View(NamedTuple):
@@ -258,8 +259,7 @@ class Reader:
     # -- primitive reads ----------------------------------------------------------------
     def record(self, seq: int) -> tuple[Any, ...]:
         """The index record of ``seq``, unpacked (index it with ``_format.record.R_*``)."""
-        m = self._records_map(seq)
-        return _rec_unpack(m, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)
+        return unpack_record(self._records_map(seq), seq)
 
     def prev_in_entity(self, seq: int) -> int:
         """The sequence of the event before ``seq`` in its entity (0: ``seq`` is the first)."""
@@ -281,8 +281,8 @@ class Reader:
     def event(self, seq: int, *, include_hidden: bool = False) -> Event:
         """The Event of a visible sequence: the hot path of every read. Checks the
         record against the frame (``frame_header``'s rule, then the length and sequence
-        the record names) and builds the Event straight from the mapped bytes;
-        ``StaleView`` when they disagree."""
+        the record names) and builds the Event straight from the mapped bytes (the active
+        codec's ``event_at``); ``StaleView`` when they disagree."""
         m = self._records
         rec_off = RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE
         if m is None or len(m) < rec_off + RECORD_SIZE:
@@ -291,13 +291,7 @@ class Reader:
         if flags & FLAG_FENCED and not include_hidden and self.hidden(seq, flags):
             raise Hidden(seq)
         seg = self._segments.get(sid) or self._segment(sid)
-        end = off + flen
-        if end > len(seg):
-            raise StaleView(f"sequence {seq}")
-        h = frame_header(seg, off, end)
-        if type(h) is not tuple or h[H_FRAME_LEN] != flen or h[H_GLOBAL_SEQUENCE] != seq:
-            raise StaleView(f"sequence {seq}")
-        ev = event_from_header(seg, off, h, self._coords)
+        ev = event_at(seg, off, off + flen, seq, self._coords)
         if ev is None:
             raise StaleView(f"sequence {seq}")
         return ev
@@ -490,19 +484,23 @@ class Reader:
             run_from = seq
             limit = len(m)
             while seq < visible:
+                # a run of plain frames in one call of the active codec
+                events, off, after = scan_events(m, off, limit, seq + 1, visible, coords, SCAN_RUN)
+                seq = after - 1
+                yield from events
+                if events or seq >= visible:
+                    continue
+                # it stopped before a frame written in a fence (shown once revealed), or
+                # before what is not a frame: a segment's footer, or damage (the record
+                # index decides below)
                 h = frame_header(m, off, limit)
-                # not a frame: a segment's footer, or damage (the record index decides below)
                 if type(h) is not tuple or h[H_GLOBAL_SEQUENCE] != seq + 1:
                     break
-                flags = h[H_FLAGS]
-                if flags & FLAG_FENCED and self.hidden(seq + 1, flags):
-                    seq += 1
-                    off += h[H_FRAME_LEN]
-                    continue
-                ev = event_from_header(m, off, h, coords)
-                if ev is None:
-                    break
-                yield ev
+                if not self.hidden(seq + 1, h[H_FLAGS]):
+                    ev = event_from_header(m, off, h, coords)
+                    if ev is None:
+                        break
+                    yield ev
                 seq += 1
                 off += h[H_FRAME_LEN]
             if seq == run_from:

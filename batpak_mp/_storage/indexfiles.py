@@ -33,10 +33,9 @@ from .._format.directory import (
     delta_name,
     entities_base_name,
     idem_base_name,
-    name_hash,
     parse_delta_name,
 )
-from .._format.frame import MIN_FRAME, OK, ZERO_ID, Frame, scan_frame
+from .._format.frame import MIN_FRAME, OK, ZERO_ID, Frame
 from .._format.record import (
     IDEM_OF_RECORD,
     R_ENTITY_CLOCK,
@@ -70,8 +69,9 @@ from .._format.tables import (
     encode_idem_base,
     verify_base,
 )
+from .._native import name_hash, pack_records, scan_frame, unpack_record  # the active codec
 from .osio import Disk
-from .planning import M_IDEM, M_SEQ, EventMeta
+from .planning import M_ENTITY, M_ENTITY_HASH, M_IDEM, M_PREV_SEQ, M_SEQ, EventMeta
 
 RECORDS_GROWTH = 1 << 16  # records.idx grows by this many records (4 MiB) at a time
 _u64 = struct.Struct("<Q")
@@ -143,7 +143,7 @@ class IndexFiles:
         return bool(len(self.records_map) >= record_offset(seq) + RECORD_SIZE)
 
     def record(self, seq: int) -> tuple[Any, ...]:
-        return RECORD.unpack_from(self.records_map, record_offset(seq))
+        return unpack_record(self.records_map, seq)
 
     def records_of(self, first_seq: int, count: int) -> bytes:
         """The records of ``count`` sequences from ``first_seq`` (a segment's footer)."""
@@ -161,22 +161,23 @@ class IndexFiles:
         return count
 
     def index_group(self, metas: Sequence[EventMeta], segment_id: int, offset: int) -> None:
-        """Index a published group whose first frame is at ``offset``: its records, then
-        the delta slots of its entities (a reader that sees a slot finds its record)."""
-        self.ensure_records(metas[-1][0])
-        m = self.records_map
+        """Index a published group whose first frame is at ``offset``: its records (one
+        call of the active codec), then the delta slots of its entities, each pointed
+        at the entity's newest event of the group (a reader that sees a slot finds its
+        record)."""
+        self.ensure_records(metas[-1][M_SEQ])
+        pack_records(self.records_map, metas, segment_id, offset)
         slots = self.delta_slots
         delta, cap = self.delta_map, self.delta_cap
-        pack = RECORD.pack_into  # record_offset is inlined in this loop: it runs per event
-        for (seq, clock, kind, flags, flen, prev, ent_h, scope_h, entity, idem) in metas:
-            pack(m, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE, clock, segment_id, offset, flen, kind, flags,
-                 ent_h, scope_h, prev, idem)
-            slot = slots.get(entity)
-            if slot is None:
-                slot = slots[entity] = delta_upsert(delta, cap, ent_h, seq, prev)
-            else:
-                _u64.pack_into(delta, slot + _SLOT_HEAD_AT, seq)
-            offset += flen
+        heads: dict[int, int] = {}  # slot offset -> the newest sequence of its entity in the group
+        for meta in metas:
+            slot = slots.get(meta[M_ENTITY])
+            if slot is None:  # the entity's first event in this segment
+                slot = slots[meta[M_ENTITY]] = delta_upsert(delta, cap, meta[M_ENTITY_HASH], meta[M_SEQ],
+                                                             meta[M_PREV_SEQ])
+            heads[slot] = meta[M_SEQ]
+        for slot, seq in heads.items():
+            _u64.pack_into(delta, slot + _SLOT_HEAD_AT, seq)
 
     def written(self, metas: Sequence[EventMeta]) -> None:
         """A group was written to the active segment: its keys are taken from now on."""

@@ -4,8 +4,9 @@ Owns: the batch checks (empty, too many events, too many bytes, one key twice in
 batch), the idempotency guard (all of a batch's keys seen before: the original receipts;
 some but not all: refused), the expected-clock guard, entity states within a group and
 across written groups, encoding a request into a group (sequences, clocks, flags, event
-ids, receipts), taking a request back out (partial rollback), and whether a group still
-fits in the active segment.
+ids, receipts; a request's frames in one call of the active codec's ``encode_group``, its
+in-request chain given as indices), taking a request back out (partial rollback), and
+whether a group still fits in the active segment.
 Invariants: a request is planned all or nothing: a refused one leaves the group and
 ``next_seq`` exactly as they were; sequences are contiguous within a group and across
 groups; a group's entity states and keys are those of its own events, the last one of an
@@ -23,8 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NamedTuple
 
-from .._errors import BatpakError, ConcurrencyConflict, InvalidArgument, PayloadTooLarge
-from .._format.directory import name_hash
+from .._errors import ConcurrencyConflict, InvalidArgument, PayloadTooLarge
 from .._format.frame import (
     FLAG_COMMIT_END,
     FLAG_FENCED,
@@ -32,11 +32,12 @@ from .._format.frame import (
     FLAG_HAS_CORRELATION,
     ZERO_HASH,
     ZERO_ID,
-    encode_parts,
 )
 from .._format.ids import event_id_prefix
 from .._format.record import RECORD_SIZE
 from .._format.segment import FOOTER_HEAD, SEG_HEADER_SIZE, SEG_TRAILER_SIZE
+from .._native import encode_group, name_hash  # the active codec: C when built, else _format's
+from .._native._pure import GroupItem
 from .._prepare import Prepared
 from .._values import Receipt
 
@@ -45,10 +46,15 @@ if TYPE_CHECKING:
 
 FOOTER_ROOM = FOOTER_HEAD.size + SEG_TRAILER_SIZE  # bytes a segment keeps free past its frames for the
 # footer's head and the trailer; the footer's records come on top (RECORD_SIZE bytes per event)
-PARTS_PER_EVENT = 4  # encode_parts gives (length+CRC, hashed header, event hash, body)
 ENTITY_CACHE_MAX = 1_000_000  # entity states remembered across groups; past it (and with nothing
 # written but unpublished) the cache starts over: every state can be read back from the log
 SCOPE_CACHE_MAX = 100_000  # scope name hashes remembered; past it the cache starts over
+
+_new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (one per event)
+_Chain = tuple[int, bytes | int, int, int]
+"""What an event chains onto, as ``EntityState`` orders it: (clock, head hash, head sequence,
+entity name hash); the head hash is an int inside a request: the index of the request's
+event that is the head (``encode_group`` resolves it to that event's hash)."""
 
 EventMeta = tuple[int, int, int, int, int, int, int, int, bytes, bytes]
 """What the index needs of one planned event, a plain tuple (one is built per event):
@@ -126,7 +132,8 @@ class Group:
 
     wall_ms: int  # of every event of the group
     id_prefix: bytes  # the first 8 bytes of their event ids (wall ms, store tag)
-    parts: list[bytes] = field(default_factory=list)  # frame pieces, joined once at write
+    parts: list[bytes] = field(default_factory=list)  # the frames of each request, joined once at write
+    part_starts: list[int] = field(default_factory=list)  # index of the first event of each of ``parts``
     nbytes: int = 0
     metas: list[EventMeta] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
@@ -205,52 +212,54 @@ class Planner:
 
     def encode(self, group: Group, items: Sequence[Prepared], fenced: bool = False) -> int:
         """Check each event's expected clock and encode the request's frames into
-        ``group`` (all or nothing: on a conflict the group is left as it was). Returns
-        the request's byte size."""
-        start = group.count
-        seq = self.next_seq
-        ents, parts, metas, receipts = group.entities, group.parts, group.metas, group.receipts
-        wall_ms, id_prefix = group.wall_ms, group.id_prefix
+        ``group`` with one call of the active codec's ``encode_group`` (all or nothing:
+        on a conflict the group is left as it was). Returns the request's byte size."""
+        seq = first = self.next_seq
+        ents, wall_ms, id_prefix = group.entities, group.wall_ms, group.id_prefix
         last = len(items) - 1
         fence_flag = FLAG_FENCED if fenced else 0
-        durable = self.durable_receipts
-        signer = self.signer
-        nbytes = 0
-        try:
-            for i, p in enumerate(items):
-                entity = p.entity
-                st = ents.get(entity) or self._entity_state(entity)
-                if p.expected_clock is not None and p.expected_clock != st.clock:
-                    raise ConcurrencyConflict(entity.decode(), p.expected_clock, st.clock)
-                clock = st.clock + 1
-                flags = (FLAG_COMMIT_END if i == last else 0) | fence_flag
-                if p.causation != ZERO_ID:
-                    flags |= FLAG_HAS_CAUSATION
-                if p.correlation != ZERO_ID:
-                    flags |= FLAG_HAS_CORRELATION
-                event_id = id_prefix + seq.to_bytes(8, "big")
-                scope = p.scope
-                pieces, ehash, frame_len = encode_parts(flags, p.kind, p.payload_version, seq, clock, wall_ms,
-                                                        event_id, p.causation, p.correlation, p.idem, st.head_hash,
-                                                        entity, scope, p.payload)
-                parts += pieces
-                nbytes += frame_len
-                metas.append((seq, clock, p.kind, flags, frame_len, st.head_seq, st.name_hash,
-                              self._scope_hash(scope), entity, p.idem))
-                sig = signer.sign(event_id, seq, entity, scope, clock, ehash, st.head_hash, wall_ms) if signer else None
-                receipts.append(Receipt(event_id, seq, entity.decode(), scope.decode(), clock, ehash, st.head_hash,
-                                        wall_ms, durable, sig))
-                ents[entity] = EntityState(clock, ehash, seq, st.name_hash)
-                if p.idem != ZERO_ID:
-                    group.idem[p.idem] = seq
-                seq += 1
-        except BatpakError:
-            self.next_seq = seq
-            self.truncate(group, start)
-            raise
-        group.nbytes += nbytes
+        rows: list[GroupItem] = []
+        chained: list[_Chain] = []  # per event: what it chains onto
+        mine: dict[bytes, _Chain] = {}  # entities moved by this request: (clock, index of its event, seq, hash)
+        for i, p in enumerate(items):
+            entity = p.entity
+            st = mine.get(entity) or ents.get(entity) or self._entity_state(entity)
+            if p.expected_clock is not None and p.expected_clock != st[0]:
+                raise ConcurrencyConflict(entity.decode(), p.expected_clock, st[0])
+            flags = (FLAG_COMMIT_END if i == last else 0) | fence_flag
+            if p.causation != ZERO_ID:
+                flags |= FLAG_HAS_CAUSATION
+            if p.correlation != ZERO_ID:
+                flags |= FLAG_HAS_CORRELATION
+            rows.append((flags, p.kind, p.payload_version, seq, st[0] + 1, wall_ms, id_prefix + seq.to_bytes(8, "big"),
+                         p.causation, p.correlation, p.idem, st[1], entity, p.scope, p.payload))
+            chained.append(st)
+            mine[entity] = (st[0] + 1, i, seq, st[3])  # an in-request predecessor is named by its index
+            seq += 1
+        data, hashes, lens = encode_group(rows)
+        self._add(group, items, rows, chained, hashes, lens)
+        group.parts.append(data)
+        group.part_starts.append(group.count - len(items))
+        group.nbytes += len(data)
         self.next_seq = seq
-        return nbytes
+        assert seq == first + len(items)
+        return len(data)
+
+    def _add(self, group: Group, items: Sequence[Prepared], rows: list[GroupItem], chained: list[_Chain],
+             hashes: list[bytes], lens: list[int]) -> None:
+        """Record an encoded request in ``group``: metas, receipts, entity states, keys."""
+        metas, receipts, ents, keys = group.metas, group.receipts, group.entities, group.idem
+        durable, signer, wall_ms, scope_hash = self.durable_receipts, self.signer, group.wall_ms, self._scope_hash
+        for p, row, st, ehash, flen in zip(items, rows, chained, hashes, lens, strict=True):
+            prev = hashes[head] if isinstance(head := st[1], int) else head  # an in-request head: by index
+            seq, clock, event_id, entity, scope = row[3], row[4], row[6], p.entity, p.scope
+            metas.append((seq, clock, p.kind, row[0], flen, st[2], st[3], scope_hash(scope), entity, p.idem))
+            sig = signer.sign(event_id, seq, entity, scope, clock, ehash, prev, wall_ms) if signer else None
+            receipts.append(_new_tuple(Receipt, (event_id, seq, entity.decode(), scope.decode(), clock, ehash, prev,
+                                                  wall_ms, durable, sig)))
+            ents[entity] = _new_tuple(EntityState, (clock, ehash, seq, st[3]))
+            if p.idem != ZERO_ID:
+                keys[p.idem] = seq
 
     def truncate(self, group: Group, keep: int) -> None:
         """Take the group's events from index ``keep`` on back out (one request's worth,
@@ -258,9 +267,14 @@ class Planner:
         dropped = group.metas[keep:]
         if not dropped:
             return
+        while group.part_starts and group.part_starts[-1] >= keep:
+            group.part_starts.pop()
+            group.parts.pop()
+        if group.part_starts:  # ``keep`` inside a request's frames: keep that request's first ones
+            first = group.part_starts[-1]
+            group.parts[-1] = group.parts[-1][:sum(m[M_FRAME_LEN] for m in group.metas[first:keep])]
         del group.metas[keep:]
         del group.receipts[keep:]
-        del group.parts[keep * PARTS_PER_EVENT:]
         group.nbytes = sum(m[M_FRAME_LEN] for m in group.metas)
         self.next_seq -= len(dropped)
         for m in dropped:

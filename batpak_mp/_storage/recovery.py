@@ -33,8 +33,9 @@ from .._errors import CorruptSegment, FutureFormat
 from .._format.checkpoint import Checkpoint, decode_checkpoint
 from .._format.directory import VERIFIED_FILE
 from .._format.frame import BAD, EMPTY, FRAME_VERSION, NEED_MORE
-from .._format.scan import ScannedFrame, SegmentScan, scan_segment
+from .._format.scan import ScannedFrame, SegmentScan
 from .._format.segment import SEG_HEADER_SIZE, SEG_TRAILER_SIZE, Trailer, sealed_verdict
+from .._native import scan_segment  # the active codec: C when built, else _format.scan's
 from .indexfiles import IndexFiles
 from .osio import Disk
 from .segments import ActiveSegment, OpenedSegment, SegmentFiles

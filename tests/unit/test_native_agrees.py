@@ -5,7 +5,10 @@ Every encoder's bytes, every decoder's status, value and reason string, on valid
 truncations at every length, single bit flips anywhere (with and without a fixed CRC),
 random garbage, future versions, unknown flags, zero words and offsets outside the
 buffer; CRC-32 and BLAKE2b against zlib and hashlib; a commit group in one call against
-sequential ``encode_parts``; the same exception types for arguments struct would reject.
+sequential ``encode_parts``; a group's records against ``RECORD.pack_into`` (the bytes
+left behind by an error too); the reader's Events (``event_at``, ``scan_events``) slot
+by slot against ``event_from_header``; the same exception types for arguments struct
+would reject.
 Results are compared by value and by type, recursively (a ``Frame`` must be a ``Frame``).
 tools/native_sanitize.sh runs this file against an ASan/UBSan build of the extension.
 
@@ -31,6 +34,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from batpak_mp import _values as bp_values
 from batpak_mp._format import directory, frame, record, scan
 from batpak_mp._format.frame import FLAG_COMMIT_END, HASHED_START, HEADER_SIZE, KNOWN_FLAGS, MIN_FRAME
 from batpak_mp._native import _pure
@@ -660,6 +664,130 @@ def test_unpack_record_matches(data: bytes, seq: int) -> None:
         agree(_pure.unpack_record, C.unpack_record, mv, seq)
 
 
+# ---- pack_records --------------------------------------------------------------------
+u32 = st.integers(0, 0xFFFFFFFF)
+metas_st = st.lists(st.tuples(st.integers(0, 7), u64, u16, u16, u32, u64, u64, u64, st.binary(max_size=8), id16), max_size=6)
+bad_value = st.sampled_from([-1, 1 << 64, 1 << 32, 1 << 16, 1.5, "x", None, True])
+
+
+@PROPS
+@given(metas_st, st.one_of(u32, st.just(1 << 32), st.just(-1)), st.one_of(u32, st.just((1 << 32) - 1)),
+       st.integers(0, 600), st.data())
+def test_pack_records_matches(metas: list[tuple[Any, ...]], segment_id: int, offset: int, size: int,
+                              draw: st.DataObject) -> None:
+    metas = list(metas)
+    out_of_range: bool = draw.draw(st.booleans())
+    if metas and out_of_range:  # one field of one record out of struct's range
+        i, f = draw.draw(st.integers(0, len(metas) - 1)), draw.draw(st.integers(0, 9))
+        metas[i] = (*metas[i][:f], draw.draw(bad_value), *metas[i][f + 1:])
+    wrong_shape: bool = draw.draw(st.integers(0, 9)) == 0
+    if metas and wrong_shape:
+        metas.append(metas[0][:draw.draw(st.integers(0, 11))] * 2)
+    py_buf, c_buf = bytearray(size), bytearray(size)
+    expected = outcome(_pure.pack_records, py_buf, metas, segment_id, offset)
+    same(outcome(C.pack_records, c_buf, metas, segment_id, offset), expected)
+    assert c_buf == py_buf, (metas, expected)  # the same bytes, records before an error included
+
+
+def test_pack_records_into_every_writable_buffer_and_not_into_a_read_only_one() -> None:
+    metas = [(s, s * 3, 7, 1, 200 + s, s - 1, 11, 12, b"e", bytes([s]) * 16) for s in (1, 2, 3)]
+    expected = bytearray(320)
+    assert _pure.pack_records(expected, metas, 9, 4096) == 4096 + 606
+    with buffer_of("mmap", bytes(320)) as m:
+        assert C.pack_records(m, metas, 9, 4096) == 4096 + 606 and m[:320] == expected
+    for read_only in (bytes(320), memoryview(bytes(320))):
+        same(outcome(C.pack_records, read_only, metas, 9, 4096), outcome(_pure.pack_records, read_only, metas, 9, 4096))
+    same(C.pack_records(bytearray(64), [], 1, 5), 5)
+    for bad in (None, 5, [5]):
+        same(outcome(C.pack_records, bytearray(320), bad, 9, 4096), outcome(_pure.pack_records, bytearray(320), bad,
+                                                                              9, 4096))
+
+
+# ---- event_at, scan_events -----------------------------------------------------------
+def event_fields_of(ev: Any) -> Any:
+    """Every slot of an Event (its == compares only id and hash), the coordinate by name."""
+    if not isinstance(ev, bp_values.Event):
+        return ev
+    assert type(ev) is bp_values.Event
+    names = [n for n in bp_values.Event.__slots__ if n not in ("coordinate", "_payload")]
+    coord = ev.coordinate
+    assert type(coord) is bp_values.Coordinate and type(ev.kind) is bp_values.Kind
+    return ([(n, type(getattr(ev, n)), getattr(ev, n)) for n in names]
+            + [("coordinate", coord.entity, coord.scope, coord._entity_bytes, coord._scope_bytes),
+               ("undecoded", ev._payload is bp_values._UNDECODED)])
+
+
+def events_agree(py: Callable[..., Any], native: Callable[..., Any], buf: Any, *args: Any) -> None:
+    """Both give the same Events (every slot), offsets and sequence, or raise alike; the
+    name caches they fill agree too."""
+    py_cache: dict[bytes, Any] = {}
+    c_cache: dict[bytes, Any] = {}
+    expected, got = outcome(py, buf, *args, coords=py_cache), outcome(native, buf, *args, coords=c_cache)
+    if isinstance(expected, tuple) and expected and isinstance(expected[0], list):
+        expected = ([event_fields_of(e) for e in expected[0]], *expected[1:])
+        got = ([event_fields_of(e) for e in got[0]], *got[1:]) if isinstance(got, tuple) and got[0] != "raised" else got
+    else:
+        expected, got = event_fields_of(expected), event_fields_of(got)
+    same(got, expected)
+    assert {k: (v[0], v[1].entity, v[1].scope) for k, v in c_cache.items()} == {
+        k: (v[0], v[1].entity, v[1].scope) for k, v in py_cache.items()}
+
+
+def frames_in(data: bytes, start: int, first: int) -> list[tuple[int, int, int]]:
+    """(offset, length, sequence) of each whole frame the reference scan finds."""
+    return [(f.offset, f.frame_len, f.seq) for f in scan.scan_segment(data, start, len(data), first).frames]
+
+
+@PROPS
+@given(damaged(), st.data())
+def test_event_at_matches(log: tuple[bytes, int, int], draw: st.DataObject) -> None:
+    data, start, first = log
+    at = frames_in(data, start, first) or [(start, 200, first)]
+    off, length, seq = draw.draw(st.sampled_from(at))
+    for args in ((off, off + length, seq), (off, off + length, seq + 1), (off, off + length - 1, seq),
+                 (off, off + length + 1, seq), (off + 1, off + length, seq), (off, len(data) + 1, seq),
+                 (-1, off + length, seq), (off, off + length, 1 << 70), (off, off + length, -1)):
+        events_agree(_pure.event_at, C.event_at, data, *args)
+    with buffer_of(draw.draw(st.sampled_from(["bytes", "mmap"])), data) as buf:
+        events_agree(_pure.event_at, C.event_at, buf, off, off + length, seq)
+
+
+@PROPS
+@given(damaged(), st.data())
+def test_scan_events_matches(log: tuple[bytes, int, int], draw: st.DataObject) -> None:
+    data, start, first = log
+    last = draw.draw(st.one_of(st.just(first + 20), st.integers(first - 2, first + 9), st.just(1 << 70),
+                               st.just(-(1 << 70)), st.just((1 << 64) - 1)))
+    most = draw.draw(st.one_of(st.just(1000), st.integers(-1, 4), st.just(1 << 70)))
+    seq = draw.draw(st.one_of(st.just(first), st.just(first + 1), st.just(1 << 64), st.just(-1)))
+    limit = draw.draw(st.one_of(st.just(len(data)), st.integers(start, len(data))))
+    events_agree(_pure.scan_events, C.scan_events, data, start, limit, seq, last, most)
+    with buffer_of(draw.draw(st.sampled_from(["bytes", "mmap"])), data) as buf:
+        events_agree(_pure.scan_events, C.scan_events, buf, start, limit, seq, last, most)
+    for off, lim in ((-1, len(data)), (start, len(data) + 1)):
+        events_agree(_pure.scan_events, C.scan_events, data, off, lim, seq, last, most)
+
+
+def test_event_builders_reuse_and_bound_the_name_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached Coordinate is reused only for the same split of the same bytes; a full
+    cache starts over (COORD_CACHE_MAX, read when the codec first builds an Event)."""
+    items = [(FLAG_COMMIT_END, 1, 0, s, 1, 0, bytes(16), bytes(16), bytes(16), bytes(16), bytes(32), e, sc, b"\xc0")
+             for s, (e, sc) in enumerate([(b"ab", b"c"), (b"ab", b"c"), (b"a", b"bc")], start=1)]
+    data = encode_group_reference(items)
+    cache: dict[bytes, Any] = {}
+    events, _, _ = C.scan_events(data, 0, len(data), 1, 3, cache, 10)
+    assert [(e.coordinate.entity, e.coordinate.scope) for e in events] == [("ab", "c"), ("ab", "c"), ("a", "bc")]
+    assert events[0].coordinate is events[1].coordinate and cache == {b"abc": (1, events[2].coordinate)}
+    assert events[1].payload is None  # decoded on first use, like any Event
+    crowded = {i.to_bytes(4, "big"): (1, events[0].coordinate) for i in range(frame.COORD_CACHE_MAX)}
+    C.event_at(data, 0, 0 + C.scan_events(data, 0, len(data), 1, 1, {}, 1)[1], 1, crowded)
+    assert list(crowded) == [b"abc"]
+
+
+def encode_group_reference(items: list[tuple[Any, ...]]) -> bytes:
+    return _pure.encode_group(items)[0]
+
+
 # ---- the loader ----------------------------------------------------------------------
 def loader(env: dict[str, str], code: str = "") -> subprocess.CompletedProcess[str]:
     """Import batpak_mp._native in a fresh interpreter under ``env``; print its verdict."""
@@ -720,3 +848,10 @@ def test_a_stale_build_does_not_serve() -> None:
     assert proc.stdout.startswith("python python True") and "stale build" in proc.stdout
     proc = loader({"BATPAK_MP_REQUIRE_NATIVE": "1"}, stale_build())
     assert proc.returncode != 0 and "stale build" in proc.stderr
+
+
+def test_the_active_backend_is_public() -> None:
+    import batpak_mp as bp
+    from batpak_mp import _native
+
+    assert "codec_backend" in bp.__all__ and bp.codec_backend() == _native.BACKEND == _native.backend()
