@@ -37,7 +37,6 @@ from ._errors import (
     InvalidArgument,
     NotFound,
     ProtocolError,
-    ReservedKind,
     StoreClosed,
     WriterTimeout,
     WriterUnavailable,
@@ -46,17 +45,16 @@ from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from ._ipc import wire as W
 from ._ipc.control import ControlBlock, ControlSnapshot, state_name
 from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, ipc_prefix, request_queue_name, semaphore_name
-from ._prepare import Prepared, prepare
+from ._prepare import Prepared, prepare, prepare_items
 from ._read.reader import Reader, View
 from ._read.receipts import receipt_matches
 from ._replay import Cursor, EventFilter, Handler, Projection, Reactor
 from ._replay import caused_by as _caused_by
 from ._replay import project as _project
 from ._replay import project_if_changed as _project_if_changed
+from ._signing import verify_receipt_signature
 from ._values import (
     EFFECT_DENIAL,
-    RESERVED_CATEGORIES,
-    STORE_KINDS,
     SYSTEM_FENCE_COMMIT,
     BatchItem,
     Coordinate,
@@ -165,28 +163,13 @@ def _shm_hint(size: int, exc: BaseException) -> str:
 
 
 def _prepare_items(items: Sequence[BatchItem], *, store_kinds: bool = False) -> list[Prepared]:
-    """Validate and encode a batch; items without a key get generated ones (base + index),
-    so the request can be re-sent. ``store_kinds``: the store's own allowlisted reserved
-    kinds are accepted too (``Store.append_store_kinds``)."""
-    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-        raise InvalidArgument("items", items, "must be a sequence of bp.BatchItem")
-    if not items:
-        raise InvalidArgument("items", [], "a batch needs at least one event")
+    """``_prepare.prepare_items``, then keys for items without one (base + index), so the
+    request can be re-sent and is applied at most once."""
+    prepared = prepare_items(items, max_payload=MAX_PAYLOAD, store_kinds=store_kinds)
     base = int.from_bytes(secrets.token_bytes(16), "little")
-    prepared = []
     for i, it in enumerate(items):
-        if not isinstance(it, BatchItem):
-            raise InvalidArgument(f"items[{i}]", it, "must be a bp.BatchItem")
-        reserved = store_kinds and it.kind[0] in RESERVED_CATEGORIES
-        if reserved and ((it.kind[0] << 12) | it.kind[1]) not in STORE_KINDS:
-            raise ReservedKind(it.kind[0], it.kind[1])
-        p = prepare(it.coord, it.kind, it.payload, idempotency_key=it.idempotency_key,
-                    expected_clock=it.expected_clock, causation_id=it.causation_id,
-                    correlation_id=it.correlation_id, max_payload=MAX_PAYLOAD, allow_reserved=reserved,
-                    payload_version=payload_version_for(it.kind) if it.payload_version is None else it.payload_version)
         if it.idempotency_key is None:
-            p = p._replace(idem=((base + i) & _MASK128).to_bytes(16, "little"))
-        prepared.append(p)
+            prepared[i] = prepared[i]._replace(idem=((base + i) & _MASK128).to_bytes(16, "little"))
     return prepared
 
 
@@ -620,13 +603,9 @@ class Store:
     def verify_receipt(self, receipt: Receipt) -> bool:
         with self._lock:
             self._ensure_open()
-            if not receipt_matches(self._reader, receipt, None):
-                return False
-        if receipt.signature is not None and self._public_key is not None:
-            from ._signing import verify_receipt_signature
-
-            return verify_receipt_signature(receipt, self._public_key)
-        return True
+            key = self._public_key  # the service signs its receipts: a receipt must carry a valid signature
+            return receipt_matches(self._reader, receipt,
+                                   None if key is None else lambda r: verify_receipt_signature(r, key))
 
     def fence(self) -> Fence:
         """Open a visibility fence: ``with store.fence() as f: f.append(...)``."""
