@@ -212,7 +212,11 @@ class Service:
         self.data_dir = data_dir
         self._proc = proc
         self.policy = policy
-        self._control = ControlBlock.attach(data_dir)
+        try:
+            self._control = ControlBlock.attach(data_dir)
+        except posix_ipc.Error as exc:  # not an OSError: none escapes the API raw
+            raise WriterUnavailable(f"cannot open the control block of {data_dir!r}: {type(exc).__name__}: {exc}") \
+                from None
         self.exit_code: int | None = None
 
     @property

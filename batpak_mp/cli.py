@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+import posix_ipc
 
 from ._client import Store, connect, process_started_ns, service_gone
 from ._errors import BatpakError, ConcurrencyConflict, NotFound, StoreLocked, WriterUnavailable
@@ -221,6 +222,8 @@ def _snapshot(path: str) -> ControlSnapshot | None:
         block = ControlBlock.attach(path)
     except WriterUnavailable:
         return None
+    except posix_ipc.Error as exc:  # not an OSError: say it as the library would
+        raise WriterUnavailable(f"cannot open the control block of {path!r}: {type(exc).__name__}: {exc}") from None
     try:
         return block.read()
     finally:

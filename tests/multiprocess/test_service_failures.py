@@ -404,11 +404,13 @@ def test_another_users_client_gets_a_typed_error(data_dir: str) -> None:
         except BaseException as exc:
             print("raw", type(exc).__module__, type(exc).__name__, exc)
     """)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     with bp.serve(data_dir, segment_max_bytes=SMALL) as svc:
-        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
-                             capture_output=True, text=True, timeout=60, cwd="/")
+        out = subprocess.run([*nobody, sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
+        cli = subprocess.run([*nobody, EXE, "status", data_dir], capture_output=True, text=True, timeout=60, cwd="/")
     assert svc.exit_code == 0
     assert out.stdout.startswith("typed "), out.stdout + out.stderr
+    assert cli.returncode == 3 and cli.stderr.startswith("error: ") and "internal error" not in cli.stderr, cli.stderr
     assert_verified(data_dir)
 
 
