@@ -9,7 +9,8 @@
  *   _format/directory.py  name_hash, idem_hash,
  *   _format/scan.py       scan_segment,
  *   _format/record.py     unpack_record (RECORD.unpack_from at a sequence's slot),
- * and of the pure functions in _native/_pure.py built on them: pack_records (a commit
+ * and of the pure functions in _native/_pure.py built on them: encode_request (one append
+ * request planned and encoded: the commit path's per-event work), pack_records (a commit
  * group's records into records.idx), event_at and scan_events (an Event, or a run of
  * them, straight from the frames: the reader's get, history and scan).
  *
@@ -1813,19 +1814,26 @@ static PyObject *coordinate_of(const uint8_t *names, const header_t *h, PyObject
     return coord;
 }
 
+/* The Kind of a packed kind: from _format.frame._KINDS (shared with the Python readers),
+ * remembered here too, by value, so the hot path allocates no int to look it up. */
+static PyObject *kind_seen[1 << 16];
+
 static PyObject *kind_of(unsigned kind)
 {
+    PyObject *k = kind_seen[kind & 0xFFFF];
+    if (k)
+        return Py_NewRef(k);
     PyObject *key = PyLong_FromUnsignedLong(kind);
     if (!key)
         return NULL;
-    PyObject *k = PyDict_GetItemWithError(KindCache, key);
-    if (k) {
-        Py_DECREF(key);
-        return Py_NewRef(k);
-    }
-    if (!PyErr_Occurred() && (k = PyObject_CallOneArg(KindUnpack, key)) != NULL && PyDict_SetItem(KindCache, key, k) < 0)
+    k = PyDict_GetItemWithError(KindCache, key);
+    if (k)
+        Py_INCREF(k);
+    else if (!PyErr_Occurred() && (k = PyObject_CallOneArg(KindUnpack, key)) != NULL && PyDict_SetItem(KindCache, key, k) < 0)
         Py_CLEAR(k);
     Py_DECREF(key);
+    if (k)
+        kind_seen[kind & 0xFFFF] = Py_NewRef(k);  /* kept for good: at most 65,536 small tuples */
     return k;
 }
 
@@ -1863,6 +1871,10 @@ static PyObject *event_object(const uint8_t *p, const header_t *h, PyObject *coo
     }
     for (int i = 0; i < EV_SLOTS; i++)  /* the slots take the references */
         *(PyObject **)((char *)ev + ev_offset[i]) = v[i];
+    /* An Event holds bytes, ints, None, its Coordinate and Kind, and later its decoded
+     * payload: it can be part of no reference cycle, so the cycle collector need not
+     * walk the millions a scan makes (CPython untracks such tuples and dicts likewise). */
+    PyObject_GC_UnTrack(ev);
     return ev;
 }
 
@@ -2015,6 +2027,374 @@ done:
     return result;
 }
 
+/* ====================================================================================
+ * encode_request: _pure.encode_request, one append request planned and encoded (the
+ * commit path's per-event work): entity states, the expected-clock guard, flags, event
+ * ids, the frames (as encode_group writes them), index metas, receipts, new states.
+ * ==================================================================================== */
+static PyObject *ConcurrencyConflictType;  /* batpak_mp._errors.ConcurrencyConflict */
+static PyObject *ZeroId;                   /* batpak_mp._format.frame.ZERO_ID */
+
+static int load_plan_types(void)
+{
+    if (ZeroId)
+        return 0;
+    PyObject *conflict = import_attr("batpak_mp._errors", "ConcurrencyConflict");
+    PyObject *zero = conflict ? import_attr("batpak_mp._format.frame", "ZERO_ID") : NULL;
+    if (!zero) {
+        Py_XDECREF(conflict);
+        return -1;
+    }
+    ConcurrencyConflictType = conflict;
+    ZeroId = zero;
+    return 0;
+}
+
+/* x != ZERO_ID, without a call for the usual bytes */
+static int not_zero_id(PyObject *x)
+{
+    if (PyBytes_CheckExact(x) && PyBytes_GET_SIZE(x) == 16) {
+        static const uint8_t zeros[16];
+        return memcmp(PyBytes_AS_STRING(x), zeros, 16) != 0;
+    }
+    return PyObject_RichCompareBool(x, ZeroId, Py_NE);
+}
+
+/* An instance of a NamedTuple class from n new references (stolen, NULLs allowed on
+ * error), as its own __new__ builds it (tuple.__new__); any other callable is called. */
+static PyObject *named_of(PyObject *type, PyObject **items, Py_ssize_t n)
+{
+    PyObject *r = NULL;
+    int complete = 1;
+    for (Py_ssize_t i = 0; i < n; i++)
+        complete &= items[i] != NULL;
+    if (complete && PyType_Check(type) && PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type)
+        && ((PyTypeObject *)type)->tp_new == PyTuple_Type.tp_new) {
+        r = type == (PyObject *)&PyTuple_Type ? PyTuple_New(n) : ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, n);
+        if (r) {
+            int atomic = 1;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                PyTuple_SET_ITEM(r, i, items[i]);
+                atomic &= !PyObject_IS_GC(items[i]);
+            }
+            /* of bytes, str, ints and None only: in no reference cycle, so out of the cycle
+             * collector's way at once (CPython untracks such tuples at its next collection) */
+            if (atomic)
+                PyObject_GC_UnTrack(r);
+            return r;
+        }
+    } else if (complete)
+        r = PyObject_Vectorcall(type, items, (size_t)n, NULL);
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_XDECREF(items[i]);
+    return r;
+}
+
+static PyObject *item_of(PyObject *seq, Py_ssize_t i)
+{
+    if (PyTuple_Check(seq) && i < PyTuple_GET_SIZE(seq))
+        return Py_NewRef(PyTuple_GET_ITEM(seq, i));
+    return PySequence_GetItem(seq, i);
+}
+
+/* bytes.decode() */
+static PyObject *decoded(PyObject *raw)
+{
+    if (PyBytes_Check(raw))
+        return PyUnicode_DecodeUTF8(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), NULL);
+    return PyObject_CallMethod(raw, "decode", NULL);
+}
+
+typedef struct {
+    PyObject *item;  /* the Prepared (a tuple of at least 9 fields) */
+    PyObject *st;    /* the chain state the event builds on */
+    PyObject *head;  /* st[1]: the previous event's hash, or the index of a request event */
+    PyObject *flags, *seq, *clock, *event_id;
+} planned_t;
+
+static void planned_release(planned_t *e)
+{
+    Py_XDECREF(e->item);
+    Py_XDECREF(e->st);
+    Py_XDECREF(e->head);
+    Py_XDECREF(e->flags);
+    Py_XDECREF(e->seq);
+    Py_XDECREF(e->clock);
+    Py_XDECREF(e->event_id);
+}
+
+/* The first pass of one event: its chain state (mine, entities, known, lookup), the
+ * expected-clock guard, flags, sequence, clock and event id. 0, or -1 raised. */
+static int plan_event(planned_t *e, PyObject *entity, Py_ssize_t i, int last, long long fence, PyObject **a,
+                      PyObject *mine, PyObject *first_seq)
+{
+    PyObject *dicts[3] = {mine, a[1], a[2]}, *st = NULL;
+    for (int d = 0; d < 3; d++) {  /* mine.get(entity) or entities.get(entity) or known.get(entity) */
+        PyObject *got = PyDict_GetItemWithError(dicts[d], entity);
+        if (!got && PyErr_Occurred())
+            return -1;
+        if (d == 2 || !got) {
+            st = got;
+            if (d < 2)
+                continue;
+            break;
+        }
+        int truth = PyObject_IsTrue(got);
+        if (truth < 0)
+            return -1;
+        if (truth) {
+            st = got;
+            break;
+        }
+        st = got;
+    }
+    if (st)
+        Py_INCREF(st);
+    else {  /* known[entity] = lookup(entity) */
+        st = PyObject_CallOneArg(a[3], entity);
+        if (!st || PyDict_SetItem(a[2], entity, st) < 0) {
+            Py_XDECREF(st);
+            return -1;
+        }
+    }
+    e->st = st;
+    PyObject *clock0 = item_of(st, 0);
+    if (!clock0)
+        return -1;
+    PyObject *expected = item_of(e->item, 6);
+    int differs = !expected ? -1 : expected == Py_None ? 0 : PyObject_RichCompareBool(expected, clock0, Py_NE);
+    if (differs > 0) {  /* ConcurrencyConflict(entity.decode(), expected, st[0]) */
+        PyObject *name = decoded(entity);
+        PyObject *exc = name ? PyObject_CallFunctionObjArgs(ConcurrencyConflictType, name, expected, clock0, NULL) : NULL;
+        if (exc) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+        Py_XDECREF(name);
+        differs = -1;
+    }
+    Py_XDECREF(expected);
+    if (differs < 0) {
+        Py_DECREF(clock0);
+        return -1;
+    }
+    long long flags = (last ? FLAG_COMMIT_END : 0) | fence;  /* last: the request's last event */
+    for (int k = 0; k < 2; k++) {
+        PyObject *id = item_of(e->item, 7 + k);
+        int set = id ? not_zero_id(id) : -1;
+        Py_XDECREF(id);
+        if (set < 0) {
+            Py_DECREF(clock0);
+            return -1;
+        }
+        if (set)
+            flags |= k ? FLAG_HAS_CORRELATION : FLAG_HAS_CAUSATION;
+    }
+    e->flags = PyLong_FromLongLong(flags);
+    e->clock = PyNumber_Add(clock0, ONE);
+    Py_DECREF(clock0);
+    PyObject *idx = PyLong_FromSsize_t(i);
+    e->seq = idx ? PyNumber_Add(first_seq, idx) : NULL;
+    Py_XDECREF(idx);
+    e->head = item_of(st, 1);
+    if (!e->flags || !e->clock || !e->seq || !e->head)
+        return -1;
+    unsigned long long seq = PyLong_AsUnsignedLongLong(e->seq);  /* seq.to_bytes(8, "big"): OverflowError */
+    if (seq == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    Py_ssize_t plen = PyBytes_GET_SIZE(a[6]);
+    e->event_id = PyBytes_FromStringAndSize(NULL, plen + 8);
+    if (!e->event_id)
+        return -1;
+    uint8_t *id = (uint8_t *)PyBytes_AS_STRING(e->event_id);
+    memcpy(id, PyBytes_AS_STRING(a[6]), (size_t)plen);
+    for (int b = 0; b < 8; b++)
+        id[plen + b] = (uint8_t)(seq >> (56 - 8 * b));
+    /* mine[entity] = (clock, i, seq, st[3]) */
+    PyObject *hash = item_of(st, 3);
+    PyObject *index = hash ? PyLong_FromSsize_t(i) : NULL;
+    PyObject *moved = index ? PyTuple_Pack(4, e->clock, index, e->seq, hash) : NULL;
+    int rc = moved ? PyDict_SetItem(mine, entity, moved) : -1;
+    Py_XDECREF(hash);
+    Py_XDECREF(index);
+    Py_XDECREF(moved);
+    return rc;
+}
+
+/* The third pass of one event: its index meta, receipt and new state. */
+static int finish_event(const planned_t *e, PyObject **a, const uint8_t *hashes, Py_ssize_t n, uint32_t frame_len,
+                        Py_ssize_t i, PyObject **meta, PyObject **receipt, PyObject **state)
+{
+    *meta = *receipt = *state = NULL;
+    PyObject *entity = item_of(e->item, 0), *scope = item_of(e->item, 1), *ehash = bytes_at(hashes + 32 * i, 32);
+    PyObject *prev = NULL, *scope_hash = NULL, *name_h = item_of(e->st, 3);
+    if (!entity || !scope || !ehash || !name_h)
+        goto fail;
+    if (PyLong_Check(e->head)) {  /* an earlier event of this request: encode_group took its hash */
+        Py_ssize_t h = PyLong_AsSsize_t(e->head);
+        if (h < 0 || h >= n) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_IndexError, "list index out of range");
+            goto fail;
+        }
+        prev = bytes_at(hashes + 32 * h, 32);
+    } else
+        prev = Py_NewRef(e->head);
+    scope_hash = PyDict_GetItemWithError(a[9], scope);
+    if (scope_hash)
+        Py_INCREF(scope_hash);
+    else if (!PyErr_Occurred()) {
+        scope_hash = py_name_hash(NULL, scope);
+        if (scope_hash && PyDict_SetItem(a[9], scope, scope_hash) < 0)
+            Py_CLEAR(scope_hash);
+    }
+    if (!prev || !scope_hash)
+        goto fail;
+    PyObject *m[10] = {Py_NewRef(e->seq), Py_NewRef(e->clock), item_of(e->item, 2), Py_NewRef(e->flags),
+                       PyLong_FromUnsignedLong(frame_len), item_of(e->st, 2), Py_NewRef(name_h),
+                       Py_NewRef(scope_hash), Py_NewRef(entity), item_of(e->item, 5)};
+    PyObject *r[10] = {Py_NewRef(e->event_id), Py_NewRef(e->seq), decoded(entity), decoded(scope), Py_NewRef(e->clock),
+                       Py_NewRef(ehash), Py_NewRef(prev), Py_NewRef(a[5]), Py_NewRef(a[8]), Py_NewRef(Py_None)};
+    PyObject *s[4] = {Py_NewRef(e->clock), Py_NewRef(ehash), Py_NewRef(e->seq), Py_NewRef(name_h)};
+    *meta = named_of((PyObject *)&PyTuple_Type, m, 10);  /* each steals its items, also on failure */
+    *receipt = named_of(a[10], r, 10);
+    *state = named_of(a[11], s, 4);
+    if (!*meta || !*receipt || !*state) {
+        Py_CLEAR(*meta);
+        Py_CLEAR(*receipt);
+        Py_CLEAR(*state);
+    }
+fail:
+    Py_XDECREF(entity);
+    Py_XDECREF(scope);
+    Py_XDECREF(ehash);
+    Py_XDECREF(prev);
+    Py_XDECREF(scope_hash);
+    Py_XDECREF(name_h);
+    return *state ? 0 : -1;
+}
+
+static PyObject *py_encode_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)self;
+    static const char *const names[] = {"items", "entities", "known", "lookup", "first_seq", "wall_ms", "id_prefix",
+                                        "fence_flag", "durable", "scope_hashes", "receipt_type", "state_type"};
+    PyObject *a[12];
+    if (bind_args("encode_request", args, nargs, kwnames, names, 12, 12, 12, a) < 0)
+        return NULL;
+    if (!PyDict_Check(a[1]) || !PyDict_Check(a[2]) || !PyDict_Check(a[9]) || !PyBytes_Check(a[6])) {
+        PyErr_SetString(PyExc_TypeError, "encode_request: entities, known and scope_hashes must be dicts, id_prefix bytes");
+        return NULL;
+    }
+    long long fence;
+    int ovf;
+    if (load_plan_types() < 0 || as_ll(a[7], &fence, &ovf) < 0)
+        return NULL;
+    if (ovf || fence < 0 || fence > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "encode_request: fence_flag must be a flag word");
+        return NULL;
+    }
+    PyObject *items = PySequence_Fast(a[0], "encode_request: items must be a sequence");
+    if (!items)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(items), filled = 0;
+    planned_t *evs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(planned_t));
+    event_t *frames = PyMem_Malloc(n ? (size_t)n * sizeof(event_t) : 1);  /* each filled before use */
+    uint8_t *hashes = PyMem_Malloc(n ? 32 * (size_t)n : 1);
+    PyObject *mine = PyDict_New(), *data = NULL, *metas = NULL, *receipts = NULL, *keyed = NULL, *states = NULL;
+    PyObject *result = NULL;
+    if (!evs || !frames || !hashes || !mine) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* first pass: states, the guard, flags, ids (encode_request's first loop) */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        planned_t *e = &evs[i];
+        PyObject *item = PySequence_Fast_GET_ITEM(items, i);
+        e->item = PyTuple_Check(item) ? Py_NewRef(item) : PySequence_Tuple(item);  /* a Prepared is a tuple */
+        if (!e->item)
+            goto done;
+        if (PyTuple_GET_SIZE(e->item) < 9) {
+            PyErr_SetString(PyExc_IndexError, "tuple index out of range");
+            goto done;
+        }
+        if (plan_event(e, PyTuple_GET_ITEM(e->item, 0), i, i == n - 1, fence, a, mine, a[4]) < 0)
+            goto done;
+    }
+    /* second pass: the frames, as encode_group encodes its rows */
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        planned_t *e = &evs[i];
+        PyObject *t = e->item;
+        PyObject *row[14] = {e->flags, PyTuple_GET_ITEM(t, 2), PyTuple_GET_ITEM(t, 4), e->seq, e->clock, a[5],
+                             e->event_id, PyTuple_GET_ITEM(t, 7), PyTuple_GET_ITEM(t, 8), PyTuple_GET_ITEM(t, 5),
+                             e->head, PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 3)};
+        memset(frames[i].part, 0, sizeof frames[i].part);  /* event_fill releases what it took on failure */
+        if (event_fill(&frames[i], row, 1, i) < 0)
+            goto done;
+        filled = i + 1;
+        total += frames[i].frame_len;
+        if (total > (size_t)PY_SSIZE_T_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "encode_request: the request is larger than a bytes object can be");
+            goto done;
+        }
+    }
+    data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (!data)
+        goto done;
+    if (total >= GIL_RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        write_group(frames, n, (uint8_t *)PyBytes_AS_STRING(data), hashes);
+        Py_END_ALLOW_THREADS
+    } else
+        write_group(frames, n, (uint8_t *)PyBytes_AS_STRING(data), hashes);
+    /* third pass: metas, receipts, new states, keys */
+    metas = PyList_New(n);
+    receipts = metas ? PyList_New(n) : NULL;
+    states = receipts ? PyList_New(n) : NULL;
+    keyed = states ? PyList_New(0) : NULL;
+    if (!keyed)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *meta, *receipt, *state;
+        if (finish_event(&evs[i], a, hashes, n, frames[i].frame_len, i, &meta, &receipt, &state) < 0)
+            goto done;
+        PyList_SET_ITEM(metas, i, meta);
+        PyList_SET_ITEM(receipts, i, receipt);
+        PyList_SET_ITEM(states, i, state);
+        PyObject *idem = PyTuple_GET_ITEM(evs[i].item, 5);
+        int keyed_event = not_zero_id(idem);
+        PyObject *pair = keyed_event > 0 ? PyTuple_Pack(2, idem, evs[i].seq) : NULL;
+        if (keyed_event < 0 || (keyed_event && (!pair || PyList_Append(keyed, pair) < 0))) {
+            Py_XDECREF(pair);
+            goto done;
+        }
+        Py_XDECREF(pair);
+    }
+    for (Py_ssize_t i = 0; i < n; i++)  /* only now: nothing can fail any more */
+        if (PyDict_SetItem(a[1], PyTuple_GET_ITEM(evs[i].item, 0), PyList_GET_ITEM(states, i)) < 0)
+            goto done;
+    result = PyTuple_Pack(4, data, metas, receipts, keyed);
+done:
+    if (evs)
+        for (Py_ssize_t i = 0; i < n; i++)
+            planned_release(&evs[i]);
+    if (frames)
+        for (Py_ssize_t i = 0; i < filled; i++)
+            event_release(&frames[i]);
+    PyMem_Free(evs);
+    PyMem_Free(frames);
+    PyMem_Free(hashes);
+    Py_XDECREF(mine);
+    Py_XDECREF(data);
+    Py_XDECREF(metas);
+    Py_XDECREF(receipts);
+    Py_XDECREF(states);
+    Py_XDECREF(keyed);
+    Py_DECREF(items);
+    return result;
+}
+
 /* ==================================================================================== */
 #define FASTKW(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_FASTCALL | METH_KEYWORDS, doc}
 
@@ -2038,6 +2418,9 @@ static PyMethodDef codec_methods[] = {
            "scan_segment(buf, start, limit, expect_seq, *, check_hash=False) -> SegmentScan: _format.scan.scan_segment."),
     FASTKW("unpack_record", py_unpack_record,
            "unpack_record(buf, seq) -> tuple: RECORD.unpack_from(buf, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)."),
+    FASTKW("encode_request", py_encode_request,
+           "encode_request(items, entities, known, lookup, first_seq, wall_ms, id_prefix, fence_flag, durable,\n"
+           "scope_hashes, receipt_type, state_type) -> (frames, metas, receipts, keyed): _native._pure.encode_request."),
     FASTKW("pack_records", py_pack_records,
            "pack_records(buf, metas, segment_id, offset) -> int: _native._pure.pack_records, a group's records."),
     FASTKW("event_at", py_event_at,

@@ -4,7 +4,7 @@ Each function mirrors the pure-Python reference named in its docstring, byte for
 and verdict for verdict (tests/unit/test_native_agrees.py).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from batpak_mp._format.frame import Buffer, Frame
@@ -75,3 +75,10 @@ def event_at(buf: Buffer, off: int, limit: int, seq: int, coords: dict[bytes, tu
 def scan_events(buf: Buffer, off: int, limit: int, seq: int, last: int, coords: dict[bytes, tuple[int, Coordinate]],
                 max_events: int) -> tuple[list[Event], int, int]:
     """_native._pure.scan_events: a run of frames as Events."""
+
+def encode_request(items: Sequence[Any], entities: dict[bytes, Any], known: dict[bytes, Any],
+                   lookup: Callable[[bytes], Any], first_seq: int, wall_ms: int, id_prefix: bytes, fence_flag: int,
+                   durable: bool, scope_hashes: dict[bytes, int], receipt_type: Any, state_type: Any,
+                   ) -> tuple[bytes, list[tuple[int, int, int, int, int, int, int, int, bytes, bytes]], list[Any],
+                              list[tuple[bytes, int]]]:
+    """_native._pure.encode_request: one append request planned and encoded."""

@@ -1,7 +1,9 @@
 """The pure-Python fallbacks of the codec calls ``_format`` has no single function for.
 
 Owns: ``encode_group`` (a whole commit group through ``_format.frame.encode_parts``, with
-an item's prev_hash allowed to be the index of an earlier item), ``unpack_record`` (the
+an item's prev_hash allowed to be the index of an earlier item), ``encode_request`` (one
+append request's events planned and encoded: clocks, chain, flags, event ids, frames,
+index metas, receipts; the commit path's per-event work), ``unpack_record`` (the
 record of a sequence in records.idx), ``pack_records`` (a published group's records into
 records.idx), and the reader's hot path: ``event_at`` (the ``Event`` of the frame a record
 names) and ``scan_events`` (a run of frames as Events). They are the reference the C
@@ -12,14 +14,20 @@ given). Must not import os, mmap or anything with a clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
+from .._errors import ConcurrencyConflict
+from .._format.directory import name_hash
 from .._format.frame import (
+    FLAG_COMMIT_END,
     FLAG_FENCED,
+    FLAG_HAS_CAUSATION,
+    FLAG_HAS_CORRELATION,
     H_FLAGS,
     H_FRAME_LEN,
     H_GLOBAL_SEQUENCE,
+    ZERO_ID,
     Buffer,
     encode_parts,
     event_from_header,
@@ -36,6 +44,10 @@ RecordMeta = tuple[int, int, int, int, int, int, int, int, bytes, bytes]
 """What a record is packed from: planning's EventMeta, (seq, clock, kind, flags, frame_len,
 prev_seq, entity_hash, scope_hash, entity, idem)."""
 Coords = dict[bytes, tuple[int, Coordinate]]  # a reader's cache of decoded names (event_from_header)
+Chain = tuple[int, bytes | int, int, int]
+"""An entity's chain as far as planned, in planning's EntityState order: (clock, head
+hash, head sequence, entity name hash); inside a request the head hash may be the int
+index of the request's event that is the head."""
 
 
 def encode_group(items: Sequence[GroupItem]) -> tuple[bytes, list[bytes], list[int]]:
@@ -44,20 +56,17 @@ def encode_group(items: Sequence[GroupItem]) -> tuple[bytes, list[bytes], list[i
     parts: list[bytes] = []
     hashes: list[bytes] = []
     lens: list[int] = []
-    for i, item in enumerate(tuple(items)):
-        fields = tuple(item)
+    for i, item in enumerate(items if isinstance(items, (list, tuple)) else tuple(items)):
+        fields: tuple[Any, ...] = item if type(item) is tuple else tuple(item)
         if len(fields) != GROUP_ITEM_FIELDS:
             raise TypeError(f"encode_group: item {i} has {len(fields)} fields, expected the 14 of encode_parts")
-        (flags, kind, payload_version, seq, clock, wall_ms, event_id, causation_id, correlation_id, idem_hash, prev,
-         entity, scope, payload) = cast(GroupItem, fields)
+        prev = fields[10]
         if isinstance(prev, int):
             if not 0 <= prev < i:
                 raise IndexError(f"encode_group: item {i} names item {prev!r} as its predecessor, "
                                  "which is not an earlier item")
-            prev = hashes[prev]
-        pieces, event_hash, frame_len = encode_parts(flags, kind, payload_version, seq, clock, wall_ms, event_id,
-                                                     causation_id, correlation_id, idem_hash, prev, entity, scope,
-                                                     payload)
+            fields = (*fields[:10], hashes[prev], *fields[11:])
+        pieces, event_hash, frame_len = encode_parts(*fields)
         parts += pieces
         hashes.append(event_hash)
         lens.append(frame_len)
@@ -114,3 +123,60 @@ def scan_events(buf: Buffer, off: int, limit: int, seq: int, last: int, coords: 
         seq += 1
         off += h[H_FRAME_LEN]
     return events, off, seq
+
+
+def encode_request(items: Sequence[Any], entities: dict[bytes, Any], known: dict[bytes, Any],
+                   lookup: Callable[[bytes], Any], first_seq: int, wall_ms: int, id_prefix: bytes,
+                   fence_flag: int, durable: bool, scope_hashes: dict[bytes, int], receipt_type: Any,
+                   state_type: Any) -> tuple[bytes, list[RecordMeta], list[Any], list[tuple[bytes, int]]]:
+    """Plan and encode one append request (``items``: ``_prepare.Prepared``) as the
+    events ``first_seq``, ``first_seq + 1``, ... of a commit group written at ``wall_ms``
+    (event ids start with ``id_prefix``). Each event's entity state (planning's
+    EntityState) comes from the request's own earlier events, else ``entities`` (the
+    group's), else ``known`` (filled through ``lookup`` on a miss); an expected clock
+    that does not match raises ``ConcurrencyConflict`` before anything is changed but
+    ``known``. Then one ``encode_group`` call. On success ``entities`` holds each
+    entity's new state (``state_type``) and the result is (the frames joined, the
+    index metas, the receipts (``receipt_type``, unsigned), the (idempotency hash,
+    sequence) of each keyed event). Scope name hashes are cached in ``scope_hashes``."""
+    last = len(items) - 1
+    rows: list[GroupItem] = []
+    chained: list[Chain] = []
+    mine: dict[bytes, Chain] = {}  # entities moved by this request: their head is named by its index here
+    for i, p in enumerate(items):
+        entity = p[0]
+        st = mine.get(entity) or entities.get(entity) or known.get(entity)
+        if st is None:
+            st = known[entity] = lookup(entity)
+        if p[6] is not None and p[6] != st[0]:
+            raise ConcurrencyConflict(entity.decode(), p[6], st[0])
+        flags = (FLAG_COMMIT_END if i == last else 0) | fence_flag
+        if p[7] != ZERO_ID:
+            flags |= FLAG_HAS_CAUSATION
+        if p[8] != ZERO_ID:
+            flags |= FLAG_HAS_CORRELATION
+        seq = first_seq + i
+        rows.append((flags, p[2], p[4], seq, st[0] + 1, wall_ms, id_prefix + seq.to_bytes(8, "big"), p[7], p[8],
+                     p[5], st[1], entity, p[1], p[3]))
+        chained.append(st)
+        mine[entity] = (st[0] + 1, i, seq, st[3])
+    data, hashes, lens = encode_group(rows)
+    metas: list[RecordMeta] = []
+    receipts: list[Any] = []
+    keyed: list[tuple[bytes, int]] = []
+    states: list[Any] = []
+    for p, row, st, ehash, flen in zip(items, rows, chained, hashes, lens, strict=True):
+        entity, scope, seq, clock, event_id = p[0], p[1], row[3], row[4], row[6]
+        prev = hashes[head] if isinstance(head := st[1], int) else head
+        scope_hash = scope_hashes.get(scope)
+        if scope_hash is None:
+            scope_hash = scope_hashes[scope] = name_hash(scope)
+        metas.append((seq, clock, p[2], row[0], flen, st[2], st[3], scope_hash, entity, p[5]))
+        receipts.append(receipt_type(event_id, seq, entity.decode(), scope.decode(), clock, ehash, prev, wall_ms,
+                                     durable, None))
+        states.append(state_type(clock, ehash, seq, st[3]))
+        if p[5] != ZERO_ID:
+            keyed.append((p[5], seq))
+    for p, state in zip(items, states, strict=True):  # only now: nothing can fail any more
+        entities[p[0]] = state
+    return data, metas, receipts, keyed

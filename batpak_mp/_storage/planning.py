@@ -4,9 +4,9 @@ Owns: the batch checks (empty, too many events, too many bytes, one key twice in
 batch), the idempotency guard (all of a batch's keys seen before: the original receipts;
 some but not all: refused), the expected-clock guard, entity states within a group and
 across written groups, encoding a request into a group (sequences, clocks, flags, event
-ids, receipts; a request's frames in one call of the active codec's ``encode_group``, its
-in-request chain given as indices), taking a request back out (partial rollback), and
-whether a group still fits in the active segment.
+ids, receipts: one call of the active codec's ``encode_request`` per request, which
+mirrors ``_native/_pure.py``), taking a request back out (partial rollback), and whether
+a group still fits in the active segment.
 Invariants: a request is planned all or nothing: a refused one leaves the group and
 ``next_seq`` exactly as they were; sequences are contiguous within a group and across
 groups; a group's entity states and keys are those of its own events, the last one of an
@@ -24,20 +24,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NamedTuple
 
-from .._errors import ConcurrencyConflict, InvalidArgument, PayloadTooLarge
+from .._errors import InvalidArgument, PayloadTooLarge
 from .._format.frame import (
-    FLAG_COMMIT_END,
     FLAG_FENCED,
-    FLAG_HAS_CAUSATION,
-    FLAG_HAS_CORRELATION,
     ZERO_HASH,
     ZERO_ID,
 )
 from .._format.ids import event_id_prefix
 from .._format.record import RECORD_SIZE
 from .._format.segment import FOOTER_HEAD, SEG_HEADER_SIZE, SEG_TRAILER_SIZE
-from .._native import encode_group, name_hash  # the active codec: C when built, else _format's
-from .._native._pure import GroupItem
+from .._native import encode_request, name_hash  # the active codec: C when built, else _format's
 from .._prepare import Prepared
 from .._values import Receipt
 
@@ -50,11 +46,6 @@ ENTITY_CACHE_MAX = 1_000_000  # entity states remembered across groups; past it 
 # written but unpublished) the cache starts over: every state can be read back from the log
 SCOPE_CACHE_MAX = 100_000  # scope name hashes remembered; past it the cache starts over
 
-_new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (one per event)
-_Chain = tuple[int, bytes | int, int, int]
-"""What an event chains onto, as ``EntityState`` orders it: (clock, head hash, head sequence,
-entity name hash); the head hash is an int inside a request: the index of the request's
-event that is the head (``encode_group`` resolves it to that event's hash)."""
 
 EventMeta = tuple[int, int, int, int, int, int, int, int, bytes, bytes]
 """What the index needs of one planned event, a plain tuple (one is built per event):
@@ -106,7 +97,7 @@ def check_batch(items: Sequence[Prepared], limits: BatchLimits) -> None:
         raise InvalidArgument("items", [], "a batch needs at least one event")
     if len(items) > limits.max_events:
         raise InvalidArgument("items", len(items), f"a batch holds at most {limits.max_events} events")
-    total = sum(len(p.payload) for p in items)
+    total = len(items[0].payload) if len(items) == 1 else sum(len(p.payload) for p in items)
     if total > limits.max_bytes:
         raise PayloadTooLarge(total, limits.max_bytes, "batch")
     if len(items) > 1:
@@ -203,6 +194,9 @@ class Planner:
     def originals(self, group: Group, items: Sequence[Prepared]) -> list[Receipt] | None:
         """The idempotency guard: None when no key of the request was seen before, its
         original receipts when every key was, and a refusal when only some were."""
+        if len(items) == 1:  # the common case, a single append
+            seq = self._idem_seq(items[0].idem, group)
+            return [self._original(seq, group)] if seq else None
         seqs = [self._idem_seq(p.idem, group) for p in items]
         if not any(seqs):
             return None
@@ -211,55 +205,31 @@ class Planner:
         return [self._original(seq, group) for seq in seqs]
 
     def encode(self, group: Group, items: Sequence[Prepared], fenced: bool = False) -> int:
-        """Check each event's expected clock and encode the request's frames into
-        ``group`` with one call of the active codec's ``encode_group`` (all or nothing:
-        on a conflict the group is left as it was). Returns the request's byte size."""
-        seq = first = self.next_seq
-        ents, wall_ms, id_prefix = group.entities, group.wall_ms, group.id_prefix
-        last = len(items) - 1
-        fence_flag = FLAG_FENCED if fenced else 0
-        rows: list[GroupItem] = []
-        chained: list[_Chain] = []  # per event: what it chains onto
-        mine: dict[bytes, _Chain] = {}  # entities moved by this request: (clock, index of its event, seq, hash)
-        for i, p in enumerate(items):
-            entity = p.entity
-            st = mine.get(entity) or ents.get(entity) or self._entity_state(entity)
-            if p.expected_clock is not None and p.expected_clock != st[0]:
-                raise ConcurrencyConflict(entity.decode(), p.expected_clock, st[0])
-            flags = (FLAG_COMMIT_END if i == last else 0) | fence_flag
-            if p.causation != ZERO_ID:
-                flags |= FLAG_HAS_CAUSATION
-            if p.correlation != ZERO_ID:
-                flags |= FLAG_HAS_CORRELATION
-            rows.append((flags, p.kind, p.payload_version, seq, st[0] + 1, wall_ms, id_prefix + seq.to_bytes(8, "big"),
-                         p.causation, p.correlation, p.idem, st[1], entity, p.scope, p.payload))
-            chained.append(st)
-            mine[entity] = (st[0] + 1, i, seq, st[3])  # an in-request predecessor is named by its index
-            seq += 1
-        data, hashes, lens = encode_group(rows)
-        self._add(group, items, rows, chained, hashes, lens)
+        """Check each event's expected clock and encode the request into ``group``: one
+        call of the active codec's ``encode_request`` (entity states, the guard, flags,
+        event ids, frames, index metas, receipts). All or nothing: on a conflict the
+        group is left as it was. Returns the request's byte size."""
+        if len(self._scope_hashes) > SCOPE_CACHE_MAX:
+            self._scope_hashes.clear()
+        first = self.next_seq
+        data, metas, receipts, keyed = encode_request(
+            items, group.entities, self._entities, self.lookups.entity_state, first, group.wall_ms, group.id_prefix,
+            FLAG_FENCED if fenced else 0, self.durable_receipts, self._scope_hashes, Receipt, EntityState)
+        if self.signer is not None:
+            receipts = [self._signed(r, p) for r, p in zip(receipts, items, strict=True)]
+        group.part_starts.append(len(group.metas))
         group.parts.append(data)
-        group.part_starts.append(group.count - len(items))
+        group.metas += metas
+        group.receipts += receipts
+        group.idem.update(keyed)
         group.nbytes += len(data)
-        self.next_seq = seq
-        assert seq == first + len(items)
+        self.next_seq = first + len(items)
         return len(data)
 
-    def _add(self, group: Group, items: Sequence[Prepared], rows: list[GroupItem], chained: list[_Chain],
-             hashes: list[bytes], lens: list[int]) -> None:
-        """Record an encoded request in ``group``: metas, receipts, entity states, keys."""
-        metas, receipts, ents, keys = group.metas, group.receipts, group.entities, group.idem
-        durable, signer, wall_ms, scope_hash = self.durable_receipts, self.signer, group.wall_ms, self._scope_hash
-        for p, row, st, ehash, flen in zip(items, rows, chained, hashes, lens, strict=True):
-            prev = hashes[head] if isinstance(head := st[1], int) else head  # an in-request head: by index
-            seq, clock, event_id, entity, scope = row[3], row[4], row[6], p.entity, p.scope
-            metas.append((seq, clock, p.kind, row[0], flen, st[2], st[3], scope_hash(scope), entity, p.idem))
-            sig = signer.sign(event_id, seq, entity, scope, clock, ehash, prev, wall_ms) if signer else None
-            receipts.append(_new_tuple(Receipt, (event_id, seq, entity.decode(), scope.decode(), clock, ehash, prev,
-                                                  wall_ms, durable, sig)))
-            ents[entity] = _new_tuple(EntityState, (clock, ehash, seq, st[3]))
-            if p.idem != ZERO_ID:
-                keys[p.idem] = seq
+    def _signed(self, r: Receipt, p: Prepared) -> Receipt:
+        assert self.signer is not None
+        return r._replace(signature=self.signer.sign(r.event_id, r.global_sequence, p.entity, p.scope, r.entity_clock,
+                                                     r.event_hash, r.prev_hash, r.wall_ms))
 
     def truncate(self, group: Group, keep: int) -> None:
         """Take the group's events from index ``keep`` on back out (one request's worth,
@@ -285,21 +255,6 @@ class Planner:
             group.entities[m[M_ENTITY]] = EntityState(m[M_CLOCK], r.event_hash, m[M_SEQ], m[M_ENTITY_HASH])
 
     # -- lookups --------------------------------------------------------------------------
-    def _entity_state(self, entity: bytes) -> EntityState:
-        """An entity's state outside the current group (written groups, then the log)."""
-        st = self._entities.get(entity)
-        if st is None:
-            st = self._entities[entity] = self.lookups.entity_state(entity)
-        return st
-
-    def _scope_hash(self, scope: bytes) -> int:
-        h = self._scope_hashes.get(scope)
-        if h is None:
-            if len(self._scope_hashes) > SCOPE_CACHE_MAX:
-                self._scope_hashes.clear()
-            h = self._scope_hashes[scope] = name_hash(scope)
-        return h
-
     def _idem_seq(self, idem: bytes, group: Group) -> int:
         if idem == ZERO_ID:
             return 0  # an append without a key: nothing to deduplicate

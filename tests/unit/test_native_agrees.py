@@ -28,16 +28,18 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from batpak_mp import _errors as bp_values_errors
 from batpak_mp import _values as bp_values
 from batpak_mp._format import directory, frame, record, scan
 from batpak_mp._format.frame import FLAG_COMMIT_END, HASHED_START, HEADER_SIZE, KNOWN_FLAGS, MIN_FRAME
 from batpak_mp._native import _pure
+from batpak_mp._prepare import Prepared
 
 try:
     from batpak_mp._native import _codec as C
@@ -786,6 +788,84 @@ def test_event_builders_reuse_and_bound_the_name_cache(monkeypatch: pytest.Monke
 
 def encode_group_reference(items: list[tuple[Any, ...]]) -> bytes:
     return _pure.encode_group(items)[0]
+
+
+# ---- encode_request ------------------------------------------------------------------
+class _State(NamedTuple):  # planning's EntityState, as the codec sees it: any NamedTuple of 4
+    clock: int
+    head_hash: bytes
+    head_seq: int
+    name_hash: int
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[list[Prepared], dict[bytes, Any], dict[bytes, Any], dict[bytes, Any]]:
+    """A request of up to 8 events over a few entities (several events of one entity
+    chain inside it), the group's states, the known states and the log's (lookup)."""
+    entities = [draw(utf8) for _ in range(draw(st.integers(1, 4)))]
+    def state() -> _State:
+        return _State(draw(st.integers(0, 50)), draw(hash32), draw(st.integers(0, 1000)), draw(u64))
+    group = {e: state() for e in entities if draw(st.booleans())}
+    known = {e: state() for e in entities if draw(st.booleans())}
+    log = {e: state() for e in entities}
+    items = []
+    for _ in range(draw(st.integers(0, 8))):
+        entity = draw(st.sampled_from(entities))
+        current = group.get(entity) or known.get(entity) or log[entity]
+        expected = draw(st.one_of(st.none(), st.just(current.clock), st.integers(0, 60)))
+        items.append(Prepared(entity, draw(st.sampled_from([b"s", b"scope-2", draw(utf8)])), draw(u16),
+                              draw(st.binary(max_size=300)), draw(u16),
+                              draw(st.one_of(st.just(frame.ZERO_ID), id16)), expected,
+                              draw(st.one_of(st.just(frame.ZERO_ID), id16)), draw(st.one_of(st.just(frame.ZERO_ID), id16))))
+    return items, group, known, log
+
+
+def request_outcome(fn: Callable[..., Any], items: list[Any], group: dict[bytes, Any], known: dict[bytes, Any],
+                    log: dict[bytes, Any], first: int, fence: int, scopes: dict[bytes, int]) -> Any:
+    """The result and every dict it may change, or the exception type (and the dicts)."""
+    group, known, scopes, asked = dict(group), dict(known), dict(scopes), []
+
+    def lookup(entity: bytes) -> Any:
+        asked.append(entity)
+        return log[entity]
+
+    got = outcome(fn, items, group, known, lookup, first, 1_700_000_000_123, b"\x01\x8b\xcf\xe5\x68\x1b\xbe\xef",
+                  fence, True, scopes, bp_values.Receipt, _State)
+    return got, group, known, scopes, asked
+
+
+@PROPS
+@given(requests(), st.one_of(st.integers(1, 10_000), st.just((1 << 64) - 3), st.just(1 << 64)),
+       st.sampled_from([0, frame.FLAG_FENCED]), st.dictionaries(st.sampled_from([b"s", b"x"]), u64, max_size=2))
+def test_encode_request_matches(req: tuple[list[Prepared], dict[bytes, Any], dict[bytes, Any], dict[bytes, Any]],
+                                first: int, fence: int, scopes: dict[bytes, int]) -> None:
+    items, group, known, log = req
+    expected = request_outcome(_pure.encode_request, items, group, known, log, first, fence, scopes)
+    same(request_outcome(C.encode_request, items, group, known, log, first, fence, scopes), expected)
+    if not (isinstance(expected[0], tuple) and expected[0][0] == "raised"):  # the frames scan as planned
+        data, metas, receipts, _ = expected[0]
+        assert [m[0] for m in metas] == [r.global_sequence for r in receipts] == list(range(first, first + len(items)))
+        frames = scan.scan_segment(data, 0, len(data), first % (1 << 64), check_hash=True).frames
+        assert ([f.event_hash for f in frames] == [r.event_hash for r in receipts] and not items) or frames
+
+
+def test_encode_request_refuses_a_conflict_before_it_changes_anything() -> None:
+    a, b = b"a", b"b"
+    log = {a: _State(3, b"\x07" * 32, 9, 11), b: _State(0, bytes(32), 0, 12)}
+    items = [Prepared(a, b"s", 1, b"\x90", 0, frame.ZERO_ID, 3, frame.ZERO_ID, frame.ZERO_ID),
+             Prepared(a, b"s", 1, b"\x90", 0, frame.ZERO_ID, 5, frame.ZERO_ID, frame.ZERO_ID)]  # a is at 4 there
+    for fn in (_pure.encode_request, C.encode_request):
+        group: dict[bytes, Any] = {}
+        known: dict[bytes, Any] = {}
+        with pytest.raises(bp_values_errors.ConcurrencyConflict) as ei:
+            fn(items, group, known, log.__getitem__, 10, 0, bytes(8), 0, True, {}, bp_values.Receipt, _State)
+        assert (ei.value.expected, ei.value.actual) == (5, 4) and group == {} and known == {a: log[a]}
+    again = [items[0], items[0]._replace(expected_clock=4), items[0]._replace(entity=b, expected_clock=0)]
+    _, metas, receipts, keyed = C.encode_request(again, group, {}, log.__getitem__, 10, 0, bytes(8), 0, False,
+                                                  {}, bp_values.Receipt, _State)
+    assert [r.entity_clock for r in receipts] == [4, 5, 1] and receipts[1].prev_hash == receipts[0].event_hash
+    assert group == {a: _State(5, receipts[1].event_hash, 11, 11), b: _State(1, receipts[2].event_hash, 12, 12)}
+    assert [m[5] for m in metas] == [9, 10, 0] and keyed == [] and not receipts[0].durable
 
 
 # ---- the loader ----------------------------------------------------------------------
