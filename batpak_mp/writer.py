@@ -79,6 +79,7 @@ CHECKPOINT_EVERY_EVENTS = 20_000  # ...and every 20k events: bounds the tail a r
 SWEEP_EVERY_NS = 5_000_000_000  # dead clients' IPC objects reclaimed every 5 s
 MAX_AREAS = 1024  # client areas kept mapped at once (LRU beyond)
 DRAIN_MAX = 64  # messages taken per group while draining at stop
+GROUP_STATS_ENV = "BATPAK_MP_GROUP_STATS"  # a file the writer writes its group sizes to at a clean stop (benchmarks)
 GROUP_MAX = 256  # requests in one commit group at most (one write, one fsync)
 INBOX_MAX = 1024  # messages the receiver thread holds before leaving the rest queued
 
@@ -266,6 +267,7 @@ class Writer:
         self._receiver_stop = False
         self._rung_at = -1
         self.groups = self.requests = 0
+        self.group_sizes: dict[int, int] = {}  # requests in a commit group -> how many groups (tools/bench.py)
         # replies held until the groups they belong to are published: (groups written at
         # their commit, area, request, results, index)
         self._waiting: list[tuple[int, _Area, W.Request, list[Any], int]] = []
@@ -522,6 +524,7 @@ class Writer:
         if appends:
             self.groups += 1
             self.requests += len(appends)
+            self.group_sizes[len(appends)] = self.group_sizes.get(len(appends), 0) + 1
             fenced = [req.op == W.OP_APPEND_FENCED for _, req, _ in appends]
             settle = not pipelined or bool(others)
             results = self.engine.commit([p for _, _, p in appends], fenced if any(fenced) else None, settle=settle)
@@ -739,8 +742,21 @@ def main(argv: list[str] | None = None) -> int:
         writer.control.update(state=WriterState.FAILED, reason=f"failed closed: {exc}")
         return WriterExit.POISONED
     writer.close(clean=True)
+    _write_group_sizes(writer.group_sizes)
     _log("stopped")
     return WriterExit.OK
+
+
+def _write_group_sizes(sizes: dict[int, int]) -> None:
+    """At a clean stop, "<requests> <groups>" lines to the file ``BATPAK_MP_GROUP_STATS``
+    names, when it names one: the group-size distribution tools/bench.py reports."""
+    path = os.environ.get(GROUP_STATS_ENV)
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write("".join(f"{size} {count}\n" for size, count in sorted(sizes.items())))
+        except OSError as exc:
+            _log(f"could not write the group sizes to {path}: {exc}")
 
 
 def _mark_failed(data_dir: str, reason: str) -> None:

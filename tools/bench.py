@@ -1,26 +1,31 @@
 #!/usr/bin/env python3
-"""Benchmark report: run every benchmark program in one go and write docs/BENCHMARKS.md.
+"""Benchmark report: run every benchmark program, on both codecs, and write docs/BENCHMARKS.md.
 
 Owns: running the programs of tools/ one after another, each as a subprocess writing
-its figures with ``--json`` to a temporary file, and turning those figures into the
-report — the machine and the date, the exact commands, one table per program (absolute
-figures, baselines, ratios), the target each workload has in the issues and whether it
-was met, notes on method — and a chart of every targeted figure against its target
+its figures with ``--json`` to a temporary file; the engine and service programs run
+twice, once on the compiled core (the C codec, ``BATPAK_MP_REQUIRE_NATIVE=1`` so a
+broken build fails instead of measuring the fallback) and once on the pure-Python
+fallback (``BATPAK_MP_PURE=1``, which every process they start inherits). From those
+figures it writes the report — the machine and the date, the exact commands, the
+issue 11 table (every row as a ratio against its baseline measured in the same run,
+both cores side by side), CPU microseconds per acknowledged append, the commit group
+sizes at 1, 4, 16 and 64 client processes, one table per program and core, the earlier
+issues' targets and whether they were met, notes on method — and a chart
 (docs/benchmarks.png; needs matplotlib, the ``bench`` extra: pip install -e '.[bench]').
 
-  engine     tools/bench_engine.py     the in-process Engine vs SQLite and LMDB   (issue 2)
-  service    tools/bench_service.py    the multiprocess service vs SQLite, LMDB   (issue 3)
-  restart    tools/bench_restart.py    reopen and writer restart, 1M events       (issues 2, 4)
-  subscribe  tools/bench_subscribe.py  subscription latency, projection rebuild   (issue 5)
+  engine     tools/bench_engine.py     the in-process Engine vs SQLite and LMDB   (issues 2, 11)   both cores
+  service    tools/bench_service.py    the multiprocess service vs SQLite, LMDB   (issues 3, 11)   both cores
+  restart    tools/bench_restart.py    reopen and writer restart, 1M events       (issues 2, 4)    compiled core
+  subscribe  tools/bench_subscribe.py  subscription latency, projection rebuild   (issue 5)        compiled core
 
-Without options every program runs at the size its issue asks for (1M-event stores for
-reopen, attach and restart; 16 and 4 client processes; 1 and 16 subscribers): run it on
-a quiet machine, it takes a while. ``--quick`` passes each program its smoke sizes; a
-quick report goes to bench-data/quick/ (gitignored), never over docs/, unless --out and
+Without options every program runs at the size its issue asks for (1M-event stores,
+16 and 4 client processes, median of 3 runs): run it on a quiet machine, it takes a
+while. ``--quick`` passes each program its smoke sizes (a few minutes in all); a quick
+report goes to bench-data/quick/ (gitignored), never over docs/, unless --out and
 --chart say otherwise.
 
-Run:  python tools/bench.py [--quick] [--only engine,service,restart,subscribe] [--repeat N]
-          [--out FILE] [--chart FILE] [--engine-args 'ARGS'] [--service-args 'ARGS'] ...
+Run:  python tools/bench.py [--quick] [--only engine,service,restart,subscribe] [--cores native,python]
+          [--repeat N] [--out FILE] [--chart FILE] [--engine-args 'ARGS'] [--service-args 'ARGS'] ...
 Exit codes: 0 ok; 1 a program failed (the report is written, naming it); 2 bad usage, or
 a program rejected its options (no report). Targets not met do not change the exit code.
 """
@@ -50,6 +55,10 @@ DEFAULT_CHART = os.path.join(ROOT, "docs", "benchmarks.png")
 QUICK_DIR = os.path.join(BENCH_DATA, "quick")
 NONE = "—"
 CHART_CAP = 100.0  # absolute figures better than their target by more than this are drawn at it
+CORES = {  # codec -> (its name in the report, the environment its programs run under)
+    "native": ("compiled core", {"BATPAK_MP_PURE": "", "BATPAK_MP_REQUIRE_NATIVE": "1"}),
+    "python": ("pure-Python fallback", {"BATPAK_MP_PURE": "1", "BATPAK_MP_REQUIRE_NATIVE": ""}),
+}
 
 
 class Fatal(Exception):
@@ -123,6 +132,10 @@ class Target:
             return (CHART_CAP if self.op != ">=" else 0.0), 1.0
         return min(value / self.bound if self.op == ">=" else self.bound / value, CHART_CAP), 1.0
 
+    def share(self, value: float) -> float:
+        """How far ``value`` is along the way to the target: 1.0 meets it exactly."""
+        return self.chart_point(value)[0] / self.chart_point(value)[1] if value > 0 else 0.0
+
 
 @dataclass(frozen=True)
 class Check:
@@ -151,12 +164,14 @@ HEADERS = ["workload", "batpak-mp", "baseline", "baseline figure", "ratio", "tar
 
 @dataclass
 class Section:
-    """One program's part of the report."""
+    """One program's part of the report, on one core."""
 
     key: str
+    core: str
     title: str
     what: str
     command: str = ""
+    doc: dict[str, Any] = field(default_factory=dict)  # the program's JSON
     rows: list[list[str]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -180,9 +195,9 @@ Renderer = Callable[[dict[str, Any], Section], None]
 # ---------------------------------------------------------------------------- engine
 
 ENGINE_TARGETS = {
-    "a": Target("≥ 1.0× LMDB", 2, ">=", 1.0, "LMDB"),
+    "a": Target("≥ 1.0× LMDB", 11, ">=", 1.0, "LMDB"),
     "b": Target("≥ 3× SQLite", 2, ">=", 3.0, "SQLite"),
-    "c": Target("≥ 1M events/s", 2, ">=", 1e6),
+    "c": Target("≥ 2M events/s", 11, ">=", 2e6),
     "c2": Target("≥ 1M events/s", 2, ">=", 1e6),
     "d": Target("< 1 s for 1M events", 2, "<", 1.0),
 }
@@ -220,9 +235,11 @@ def render_engine(doc: dict[str, Any], sec: Section) -> None:
 # ---------------------------------------------------------------------------- service
 
 SERVICE_ROWS = {
-    "singles16": ("durable single appends, 16 client processes", Target("≥ 5× SQLite", 3, ">=", 5.0, "SQLite")),
-    "batched4": ("durable batches of 100, 4 client processes", Target("≥ 1.0× LMDB", 3, ">=", 1.0, "LMDB")),
-    "reads4": ("point reads by id, 4 client processes", Target("≥ 3× SQLite", 3, ">=", 3.0, "SQLite")),
+    "singles16": ("durable single appends, 16 client processes", Target("≥ 5× SQLite", 11, ">=", 5.0, "SQLite")),
+    "batched4": ("durable batches of 100, 4 client processes", Target("≥ 1.0× LMDB", 11, ">=", 1.0, "LMDB")),
+    "reads4": ("point reads by id, 4 client processes", Target("≥ 3× SQLite", 11, ">=", 3.0, "SQLite")),
+    "threads8": ("8 threads appending through one `Store`", Target("≥ 0.8× 8 processes", 11, ">=", 0.8,
+                                                                    "8 processes")),
 }
 ATTACH_TARGET = Target("< 50 ms on a 1M-event store", 3, "<", 50.0)
 RSS_TARGET = Target("< 30 MiB", 3, "<", 30.0)
@@ -231,8 +248,18 @@ RSS_TARGET = Target("< 30 MiB", 3, "<", 30.0)
 def render_service(doc: dict[str, Any], sec: Section) -> None:
     for r in doc["rows"]:
         label, target = SERVICE_ROWS.get(r["workload"], (r["workload"], None))
-        sec.add(label, fmt(r["batpak"], "/s"), baseline=r["baseline"] + " (same processes)",
-                theirs=fmt(r["baseline_value"], "/s"), ratio=fmt(r["ratio"], "×"), target=target, value=r["ratio"])
+        others = [b for b in r.get("ratios", {r["baseline"]: r["ratio"]})]
+        med = r.get("median", {})
+        sec.add(label, f"{fmt(r['batpak'], '/s')} ({fmt(med.get('batpak', {}).get('cpu_us'), 'µs')} CPU)"
+                if med else fmt(r["batpak"], "/s"),
+                baseline=joined([f"{b} (same processes)" for b in others]),
+                theirs=joined([fmt(med[b]["rate"], "/s") if med else fmt(r["baseline_value"], "/s") for b in others]),
+                ratio=joined([fmt(r.get("ratios", {}).get(b, r["ratio"]), "×") for b in others]),
+                target=target, value=r["ratio"])
+    for g in doc.get("groups", []):
+        sec.add(f"single appends, {g['procs']} client process{'es' if g['procs'] != 1 else ''}: requests per "
+                "commit group", f"mean {g['mean']:.1f}, p50 {g['p50']}, p90 {g['p90']}, max {g['max']}",
+                theirs=f"{fmt(g['rate'], '/s')}, {fmt(g['cpu_us'], 'µs')} CPU per append", goal="reported (issue 11)")
     lat = doc.get("latency")
     if lat:
         ms = {k: v / 1000 for k, v in lat.items()}
@@ -250,10 +277,14 @@ def render_service(doc: dict[str, Any], sec: Section) -> None:
         sec.add("first `get` + `history` after attach", fmt(at["first_reads_ms"], "ms"))
     sec.notes += [
         f"Throughput: median of {doc['repeat']} run(s) of {doc['seconds']:g} s each; every run measures batpak, "
-        "then its baseline, with the same number of forked processes starting together; ratio = median of the "
+        "then its baselines, with the same number of forked processes starting together; ratio = median of the "
         "per-run ratios.",
         "batpak runs as the real service (`bp.serve`: supervisor, writer, clients over POSIX queues); its "
         "baselines are opened by every process on its own, as a multiprocess app would.",
+        "CPU: user + system time of every process involved over the measured window (writer and supervisor "
+        "from /proc, each client its own), per acknowledged operation.",
+        "Group sizes: the writer's own count of requests per commit group (one write, one fsync), "
+        "written at a clean stop (`BATPAK_MP_GROUP_STATS`).",
         "Latency: one client appending one event at a time; the baseline is a 256-byte `write` + `fdatasync` "
         "on the same file system, the floor of any durable acknowledgement.",
         "Attach: `connect()` and RSS in fresh interpreters (median of several), with the service running.",
@@ -337,38 +368,214 @@ class Program:
     quick: tuple[str, ...]  # the smoke sizes
     repeat_flag: str  # the option that sets "runs per figure", or ""
     render: Renderer
+    cores: tuple[str, ...]  # the codecs it runs on
     optional: bool = False  # missing, or without --json: skipped with a note instead of an error
 
 
 PROGRAMS = {p.key: p for p in (
-    Program("engine", "bench_engine.py", "Engine, in-process (issue 2)",
+    Program("engine", "bench_engine.py", "Engine, in-process (issues 2 and 11)",
             "batpak-mp's `Engine` in the caller's process (no writer, no IPC) — the floor of what the service "
             "can reach — against SQLite and LMDB doing the same work in the same process.",
-            ("--quick",), "--repeat", render_engine),
-    Program("service", "bench_service.py", "Service, multiprocess (issue 3)",
+            ("--quick",), "--repeat", render_engine, ("native", "python")),
+    Program("service", "bench_service.py", "Service, multiprocess (issues 3 and 11)",
             "The service as applications use it: client processes talking to one writer, against SQLite and "
             "LMDB opened by as many processes.",
-            ("--quick",), "--repeat", render_service),
+            ("--quick",), "--repeat", render_service, ("native", "python")),
     Program("restart", "bench_restart.py", "Reopen and writer restart (issues 2 and 4)",
             "Opening a large store, and how long the service is away when its writer is SIGKILLed.",
-            ("--events", "100000", "--runs", "3", "--kills", "3"), "--runs", render_restart),
+            ("--events", "100000", "--runs", "3", "--kills", "3"), "--runs", render_restart, ("native",)),
     Program("subscribe", "bench_subscribe.py", "Subscriptions and projections (issue 5)",
             "How soon other processes see a committed event, and how fast a projection is rebuilt.",
-            ("--quick",), "", render_subscribe, optional=True),
+            ("--quick",), "", render_subscribe, ("native",), optional=True),
 )}
 
 METHOD = [
     "Every baseline runs in the same invocation as batpak-mp, on the same disk, minutes apart at most: "
     "absolute figures drift on a shared machine, ratios much less. Ratio = batpak-mp ÷ baseline (for a "
-    "time, lower is better).",
+    "time, lower is better). Each figure is the median of 3 runs (the program sections say exactly how "
+    "many, and of what).",
+    "Both codecs: the engine and service programs run once on the compiled core (the C extension, "
+    "`BATPAK_MP_REQUIRE_NATIVE=1`) and once on the pure-Python fallback (`BATPAK_MP_PURE=1`, inherited by "
+    "the supervisor, the writer and every client); each run measures its own baselines, so each ratio "
+    "compares figures taken in the same run. `bp.codec_backend()` is recorded by each run and checked.",
     "Equal durability: batpak-mp with its default `sync=\"group\"` (an append returns after its bytes are "
     "fdatasynced; one fsync per commit group); SQLite in WAL mode with `synchronous=FULL` (the WAL is "
     "synced at every commit); LMDB with `sync=True, metasync=True` (data and meta page synced at every "
-    "write transaction).",
+    "write transaction). SQLite `synchronous=NORMAL` (not durable) is shown for reference.",
+    "CPU per acknowledged append: user + system time of every process involved (writer, supervisor, "
+    "clients) over the measured window, divided by the appends acknowledged in it. It does not drift with "
+    "machine noise the way throughput does.",
     "The stores live under `bench-data/` on the project's own disk, not tmpfs, because the cost of fsync "
     "is part of what is measured.",
-    "Each figure is a median over runs (or a percentile over events); the program sections say how many.",
 ]
+
+# ---------------------------------------------------------------------------- issue 11
+
+
+@dataclass(frozen=True)
+class Row11:
+    """One row of the issue 11 table: where its figure comes from, its target and moonshot."""
+
+    label: str
+    now: str  # the issue's "Now" column
+    program: str
+    target: Target
+    moonshot: Target
+    pick: Callable[[dict[str, Any]], tuple[float, float, float] | None]  # doc -> (figure, value, moonshot value)
+
+
+def _service_pick(workload: str, moon_baseline: str) -> Callable[[dict[str, Any]], tuple[float, float, float] | None]:
+    def pick(doc: dict[str, Any]) -> tuple[float, float, float] | None:
+        for r in doc.get("rows", []):
+            if r["workload"] == workload:
+                ratios = r.get("ratios", {r["baseline"]: r["ratio"]})
+                return r["batpak"], r["ratio"], ratios.get(moon_baseline, r["ratio"])
+        return None
+    return pick
+
+
+def _engine_pick(key: str) -> Callable[[dict[str, Any]], tuple[float, float, float] | None]:
+    def pick(doc: dict[str, Any]) -> tuple[float, float, float] | None:
+        r = doc.get("results", {}).get(key)
+        if r is None or r["median"].get("batpak") is None:
+            return None
+        ours = r["median"]["batpak"]
+        if key == "a":
+            return ours, r["ratio"]["LMDB"], r["ratio"]["LMDB"]
+        return ours, ours, ours
+    return pick
+
+
+ROWS11 = (
+    Row11("Service: durable single appends, 16 processes", "1.4–1.8× SQLite", "service",
+          Target("≥ 5× SQLite", 11, ">=", 5.0, "SQLite"), Target("≥ 9× SQLite", 11, ">=", 9.0, "SQLite"),
+          _service_pick("singles16", "SQLite")),
+    Row11("Service: durable batches of 100, 4 processes", "0.36–0.52× LMDB", "service",
+          Target("≥ 1.0× LMDB", 11, ">=", 1.0, "LMDB"), Target("≥ 1.5× LMDB", 11, ">=", 1.5, "LMDB"),
+          _service_pick("batched4", "LMDB")),
+    Row11("Service: point reads by id, 4 processes", "1.5–1.9× SQLite", "service",
+          Target("≥ 3× SQLite", 11, ">=", 3.0, "SQLite"), Target("≥ 1× LMDB", 11, ">=", 1.0, "LMDB"),
+          _service_pick("reads4", "LMDB")),
+    Row11("Engine in-process: batched appends (100/commit, 200 B)", "0.35× LMDB", "engine",
+          Target("≥ 1.0× LMDB", 11, ">=", 1.0, "LMDB"), Target("≥ 2× LMDB", 11, ">=", 2.0, "LMDB"),
+          _engine_pick("a")),
+    Row11("Engine: full scan without payload decode", "0.67M events/s", "engine",
+          Target("≥ 2M events/s", 11, ">=", 2e6), Target("≥ 5M events/s", 11, ">=", 5e6), _engine_pick("c")),
+    Row11("8 threads appending through one `Store`", "serialized (≈ 1 thread)", "service",
+          Target("≥ 0.8× 8 processes", 11, ">=", 0.8, "8 processes"),
+          Target("= 8 processes", 11, ">=", 1.0, "8 processes"), _service_pick("threads8", "8 processes")),
+)
+
+
+@dataclass
+class Figure11:
+    """One row of the issue 11 table on one core."""
+
+    row: Row11
+    core: str
+    figure: float
+    value: float  # the ratio (or the absolute figure, for the scan)
+    moon: float
+
+    @property
+    def met(self) -> bool | None:
+        return self.row.target.met(self.value)
+
+    @property
+    def moon_met(self) -> bool | None:
+        return self.row.moonshot.met(self.moon)
+
+    def cell(self) -> str:
+        unit = "/s"
+        if self.row.target.baseline:
+            return f"{fmt(self.figure, unit)} — **{fmt(self.value, '×')}** {self.row.target.baseline}"
+        return f"**{fmt(self.figure, unit)}** ({fmt(self.value / self.row.target.bound, '×')} the target)"
+
+
+def issue11_figures(sections: dict[tuple[str, str], Section]) -> dict[tuple[int, str], Figure11]:
+    out = {}
+    for i, row in enumerate(ROWS11):
+        for core in CORES:
+            sec = sections.get((row.program, core))
+            got = row.pick(sec.doc) if sec is not None and sec.doc and not sec.error else None
+            if got is not None:
+                out[(i, core)] = Figure11(row, core, *got)
+    return out
+
+
+def issue11_table(figs: dict[tuple[int, str], Figure11]) -> list[list[str]]:
+    rows = []
+    for i, row in enumerate(ROWS11):
+        native, python = figs.get((i, "native")), figs.get((i, "python"))
+        baseline = row.target.baseline or "the target (absolute)"
+        moon = NONE
+        if native is not None:
+            shown = fmt(native.moon, "×") + f" {row.moonshot.baseline}" if row.moonshot.baseline else fmt(native.moon, "/s")
+            moon = f"{row.moonshot.text}: {shown} ({verdict(native.moon_met)})"
+        rows.append([row.label, baseline, row.now, row.target.text,
+                     native.cell() if native else NONE, python.cell() if python else NONE,
+                     f"{verdict(native.met if native else None)} / {verdict(python.met if python else None)}", moon])
+    return rows
+
+
+ISSUE11_HEADERS = ["workload", "baseline (same run)", "issue 11: now", "target", "compiled core", "fallback",
+                   "met (compiled / fallback)", "moonshot (compiled)"]
+
+
+def cpu_rows(sections: dict[tuple[str, str], Section]) -> list[list[str]]:
+    """CPU µs per acknowledged operation, both cores, and the baselines' (their clients')."""
+    docs = {core: sections[("service", core)].doc for core in CORES if ("service", core) in sections
+            and sections[("service", core)].doc}
+    if not docs:
+        return []
+    labels = {"singles16": "durable single appends, 16 processes (per append)",
+              "batched4": "durable batches of 100, 4 processes (per event)",
+              "reads4": "point reads by id, 4 processes (per read)",
+              "threads8": "8 threads through one `Store` (per append)"}
+    rows = []
+    for workload, label in labels.items():
+        cells, base = [], NONE
+        for core in CORES:
+            r = next((r for r in docs.get(core, {}).get("rows", []) if r["workload"] == workload), None)
+            med = r.get("median", {}) if r else {}
+            cells.append(fmt(med["batpak"]["cpu_us"], "µs") if "batpak" in med else NONE)
+            if core == "native" and med:
+                base = joined([f"{b}: {fmt(v['cpu_us'], 'µs')}" for b, v in med.items() if b != "batpak"])
+        rows.append([label, *cells, base])
+    for i, procs in enumerate(g["procs"] for g in next(iter(docs.values())).get("groups", [])):
+        cells = []
+        for core in CORES:
+            groups = docs.get(core, {}).get("groups", [])
+            cells.append(fmt(groups[i]["cpu_us"], "µs") if i < len(groups) else NONE)
+        rows.append([f"durable single appends, {procs} process{'es' if procs != 1 else ''} (per append)", *cells, NONE])
+    return rows
+
+
+CPU_HEADERS = ["workload", "compiled core", "fallback", "baselines (their client processes)"]
+
+
+def group_rows(sections: dict[tuple[str, str], Section]) -> list[list[str]]:
+    out = []
+    per_core = {core: sections[("service", core)].doc.get("groups", []) for core in CORES
+                if ("service", core) in sections and sections[("service", core)].doc}
+    n = max((len(v) for v in per_core.values()), default=0)
+    for i in range(n):
+        cells, procs = [], 0
+        for core in CORES:
+            groups = per_core.get(core, [])
+            if i < len(groups):
+                g = groups[i]
+                procs = g["procs"]
+                cells.append(f"mean {g['mean']:.1f}, p50 {g['p50']}, p90 {g['p90']}, max {g['max']} — "
+                             f"{fmt(g['rate'], '/s')}, {fmt(g['cpu_us'], 'µs')} CPU/append")
+            else:
+                cells.append(NONE)
+        out.append([str(procs), *cells])
+    return out
+
+
+GROUP_HEADERS = ["client processes", "compiled core: requests per group — appends/s, CPU",
+                 "fallback: requests per group — appends/s, CPU"]
 
 # ---------------------------------------------------------------------------- running
 
@@ -392,9 +599,10 @@ def program_args(prog: Program, args: argparse.Namespace) -> list[str]:
     return [*(prog.quick if args.quick else ()), *repeat, *more]
 
 
-def run_program(prog: Program, args: argparse.Namespace, tmp: str) -> Section:
-    """Runs one program (its output goes straight to the terminal) and reads its JSON."""
-    sec = Section(prog.key, prog.title, prog.what)
+def run_program(prog: Program, core: str, args: argparse.Namespace, tmp: str) -> Section:
+    """Runs one program on one core (its output goes straight to the terminal) and reads its JSON."""
+    name, env = CORES[core]
+    sec = Section(prog.key, core, f"{prog.title} — {name}", prog.what)
     path = os.path.join(TOOLS, prog.script)
     if not supports_json(path):
         why = f"tools/{prog.script} is not there or has no --json option"
@@ -404,21 +612,26 @@ def run_program(prog: Program, args: argparse.Namespace, tmp: str) -> Section:
         print(f"note: skipping {prog.key}: {why}", file=sys.stderr, flush=True)
         return sec
     argv = program_args(prog, args)
-    sec.command = shlex.join(["python", f"tools/{prog.script}", *argv])
-    out = os.path.join(tmp, f"{prog.key}.json")
+    prefix = " ".join(f"{k}={v}" for k, v in env.items() if v)
+    sec.command = f"{prefix} " + shlex.join(["python", f"tools/{prog.script}", *argv])
+    out = os.path.join(tmp, f"{prog.key}-{core}.json")
     cmd = [sys.executable, path, *argv, "--json", out]
-    print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
-    code = subprocess.call(cmd, cwd=ROOT)
+    print(f"$ {prefix} " + shlex.join(cmd), file=sys.stderr, flush=True)
+    code = subprocess.call(cmd, cwd=ROOT, env={**os.environ, **env})
     if code == 2:  # argparse's "bad usage": the options passed through
         raise Fatal(2, f"{prog.script} exited with code 2")
     if code != 0:
-        sec.error = f"{prog.script} exited with code {code}"
+        sec.error = f"{prog.script} exited with code {code} on the {name}"
         return sec
     try:
         with open(out) as f:
-            prog.render(json.load(f), sec)
+            sec.doc = json.load(f)
+        prog.render(sec.doc, sec)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         sec.error = f"{prog.script}: could not read its JSON ({type(exc).__name__}: {exc})"
+    ran_on = sec.doc.get("codec") or sec.doc.get("machine", {}).get("codec")
+    if ran_on is not None and ran_on != core:
+        sec.error = f"{prog.script} asked for the {name} but ran on the {ran_on!r} codec"
     return sec
 
 
@@ -450,20 +663,9 @@ class Run:
 # ---------------------------------------------------------------------------- the report
 
 
-def duration(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    """A markdown table, without the columns that are empty in every row."""
-    keep = [i for i in range(len(headers)) if any(r[i] != NONE for r in rows)]
-    lines = ["| " + " | ".join(headers[i] for i in keep) + " |", "|" + "---|" * len(keep)]
-    return lines + ["| " + " | ".join(r[i] for i in keep) + " |" for r in rows]
-
-
 def summary_rows(sections: list[Section]) -> list[list[str]]:
     return [[s.title.split(" (")[0], c.workload, c.measured, f"{c.target.text} (issue {c.target.issue})",
-             verdict(c.met)] for s in sections for c in s.checks]
+             verdict(c.met)] for s in sections for c in s.checks if s.core == "native" and c.target.issue != 11]
 
 
 def machine_lines(run: Run) -> list[str]:
@@ -493,35 +695,67 @@ def section_lines(sec: Section) -> list[str]:
 
 
 def render_report(run: Run, sections: list[Section], chart: str | None) -> str:
+    by_key = {(s.key, s.core): s for s in sections}
+    figs = issue11_figures(by_key)
     lines = [
         "# Benchmarks", "",
         "<!-- Generated by tools/bench.py (or `batpak-mp bench`) from the programs' JSON; do not edit by hand. -->", "",
         "batpak-mp side by side, in one invocation, with what a user would pick instead — SQLite in WAL mode "
-        "with `synchronous=FULL` and LMDB with `sync=True` (equal durability) — with the absolute figures, "
-        "the ratios and the targets set in the issues.", "",
+        "with `synchronous=FULL` and LMDB with `sync=True` (equal durability) — on the compiled core and on "
+        "the pure-Python fallback, with the absolute figures, the ratios and the targets set in the issues.", "",
     ]
     if run.quick:
         lines += ["> **A `--quick` smoke run**: sizes and durations are far below what the issues ask for; "
                   "these figures check that the programs work, they are not the report.", ""]
-    lines += ["## Machine and run", "", *machine_lines(run), "", "## Targets", ""]
+    lines += ["## Machine and run", "", *machine_lines(run), ""]
+    lines += ["## Issue 11: the compiled core and the fallback", "",
+              "Every row of the issue's table, each as a ratio against its baseline measured in the same run "
+              "(the scan, whose target is absolute, as events per second). Bold: the figure the target is about.",
+              ""]
+    lines += [*markdown_table(ISSUE11_HEADERS, issue11_table(figs)), ""] if figs else ["Not measured.", ""]
+    cpu = cpu_rows(by_key)
+    if cpu:
+        lines += ["### CPU per acknowledged operation (all processes together)", "",
+                  *markdown_table(CPU_HEADERS, cpu), ""]
+    groups = group_rows(by_key)
+    if groups:
+        lines += ["### Commit group sizes under load", "",
+                  "Requests per commit group (one write and one fsync each) as the writer counted them, while "
+                  "that many client processes append single durable events; p50 and p90 are per request "
+                  "(half of the requests sat in a group at least that large).", "",
+                  *markdown_table(["client processes", *GROUP_HEADERS[1:]], groups), ""]
+    if chart:
+        lines += [f"![issue 11 rows on both cores, and each earlier targeted figure against its target]({chart})", ""]
+    lines += ["## Earlier targets (issues 2–5), compiled core", ""]
     summary = summary_rows(sections)
     lines += [*markdown_table(["program", "workload", "measured", "target", "met"], summary), ""] if summary else [
         "No targeted figure was measured.", ""]
-    if chart:
-        lines += [f"![each targeted figure against its target]({chart})", ""]
     lines += ["## Method", "", *[f"- {m}" for m in METHOD], "", "## Results", ""]
     for sec in sections:
         lines += section_lines(sec)
     lines += [
         "## How to run", "", "```",
         ". .venv/bin/activate && pip install -e '.[dev,bench]'   # bench: matplotlib, for the chart",
-        "python tools/bench.py              # every program at full size, writes this file and the chart",
-        "python tools/bench.py --quick      # smoke run, writes bench-data/quick/",
+        "python tools/bench.py              # every program at full size, both codecs; writes this file and the chart",
+        "python tools/bench.py --quick      # smoke run (a few minutes), writes bench-data/quick/",
+        "python tools/bench.py --cores native --only engine,service   # one codec, some programs",
         "batpak-mp bench [--quick] [--only engine,service,restart,subscribe]   # the same, from the CLI",
         "```", "",
-        "Each program also runs on its own (`python tools/bench_engine.py --help`, and so on).", "",
+        "Each program also runs on its own (`python tools/bench_engine.py --help`, and so on); "
+        "`BATPAK_MP_PURE=1` in its environment runs it on the fallback.", "",
     ]
     return "\n".join(lines)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table, without the columns that are empty in every row."""
+    keep = [i for i in range(len(headers)) if any(r[i] != NONE for r in rows)]
+    lines = ["| " + " | ".join(headers[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+    return lines + ["| " + " | ".join(r[i] for i in keep) + " |" for r in rows]
 
 
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
@@ -547,8 +781,9 @@ def write_text(path: str, text: str) -> None:
 # ---------------------------------------------------------------------------- the chart
 
 
-def draw_chart(checks: list[Check], path: str, title: str) -> bool:
-    """Bars per targeted figure, the target marked; False when it cannot be drawn."""
+def draw_chart(figs: dict[tuple[int, str], Figure11], checks: list[Check], path: str, title: str) -> bool:
+    """Issue 11's rows on both cores (each as a share of its target), then every earlier
+    targeted figure against its target; False when it cannot be drawn."""
     try:
         import matplotlib
 
@@ -557,18 +792,22 @@ def draw_chart(checks: list[Check], path: str, title: str) -> bool:
     except ImportError:
         print("note: matplotlib is not installed (pip install -e '.[bench]'): no chart", file=sys.stderr)
         return False
-    measured = [c for c in checks if c.value is not None]
-    panels = [(heading, group) for heading, group in (
-        ("ratio to the baseline (batpak-mp ÷ baseline); | = target", [c for c in measured if c.target.baseline]),
-        ("absolute targets: times better than the target (≥ 1 meets it)", [c for c in measured if not c.target.baseline]),
-    ) if group]
+    measured = [c for c in checks if c.value is not None and c.target.issue != 11]
+    panels = []
+    if figs:
+        panels.append(("issue 11", len(ROWS11)))
+    if measured:
+        panels.append(("earlier", len(measured)))
     if not panels:
         print("note: no targeted figure to chart", file=sys.stderr)
         return False
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False, figsize=(10, 1.6 + 0.62 * len(measured)),
-                             gridspec_kw={"height_ratios": [len(g) + 1 for _, g in panels]})
-    for ax, (heading, group) in zip(axes[:, 0], panels, strict=True):
-        chart_panel(ax, heading, group)
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, figsize=(10, 2.0 + 0.55 * sum(n for _, n in panels)),
+                             gridspec_kw={"height_ratios": [n + 1.5 for _, n in panels]})
+    for ax, (name, _) in zip(axes[:, 0], panels, strict=True):
+        if name == "issue 11":
+            issue11_panel(ax, figs)
+        else:
+            targets_panel(ax, measured)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
@@ -576,44 +815,76 @@ def draw_chart(checks: list[Check], path: str, title: str) -> bool:
     return True
 
 
-def chart_panel(ax: Any, heading: str, group: list[Check]) -> None:
+def issue11_panel(ax: Any, figs: dict[tuple[int, str], Figure11]) -> None:
+    """Grouped bars: for each row, how far each core is along the way to the target (1 = met)."""
+    height = 0.38
+    values: list[float] = []
+    for core, shift, color in (("native", -height / 2, "#2e6f9e"), ("python", height / 2, "#e0a030")):
+        ys, shares, labels = [], [], []
+        for i, row in enumerate(ROWS11):
+            f = figs.get((i, core))
+            if f is None:
+                continue
+            ys.append(i + shift)
+            shares.append(max(row.target.share(f.value), 1e-3))
+            labels.append(fmt(f.value, "×") + (f" {row.target.baseline}" if row.target.baseline else "")
+                          if row.target.baseline else fmt(f.figure, "/s"))
+        ax.barh(ys, shares, height=height, color=color, label=CORES[core][0])
+        for y, s, text in zip(ys, shares, labels, strict=True):
+            ax.text(s * 1.03, y, text, va="center", fontsize=7)
+        values += shares
+    ax.axvline(1.0, color="black", linewidth=1.5)
+    ax.set_yticks(range(len(ROWS11)), labels=[textwrap.fill(f"{r.label} (target {r.target.text})".replace("`", ""), 46)
+                                              for r in ROWS11], fontsize=8)
+    ax.invert_yaxis()
+    if values and max(values) / min(values) > 20:
+        ax.set_xscale("log")
+    ax.set_xlim(right=max([*values, 1.0]) * (2.2 if ax.get_xscale() == "log" else 1.35))
+    ax.set_title("issue 11: share of the target reached (1 = met: the black line), both codecs", fontsize=9, loc="left")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def targets_panel(ax: Any, group: list[Check]) -> None:
     points = [c.target.chart_point(c.value) for c in group if c.value is not None]
-    bars = [max(b, 1e-3) for b, _ in points]
-    marks = [t for _, t in points]
+    shares = [max(b / t, 1e-3) for b, t in points]
     ys = list(range(len(group)))
-    ax.barh(ys, bars, color=["#3a7d44" if c.met else "#c0392b" for c in group], height=0.6)
-    ax.scatter(marks, ys, marker="|", s=600, linewidths=2.5, color="black", zorder=3)
+    ax.barh(ys, shares, color=["#3a7d44" if c.met else "#c0392b" for c in group], height=0.6)
+    ax.axvline(1.0, color="black", linewidth=1.5)
     ax.set_yticks(ys, labels=[textwrap.fill(f"{c.program}: {c.workload}".replace("`", ""), 48) for c in group], fontsize=8)
     ax.invert_yaxis()
-    extent = [*bars, *marks]
-    if max(extent) / min(extent) > 20:
+    if max(shares) / min(shares) > 20:
         ax.set_xscale("log")
-    ax.set_xlim(right=max(extent) * (1.6 if ax.get_xscale() == "log" else 1.08))
+    ax.set_xlim(right=max([*shares, 1.0]) * (1.6 if ax.get_xscale() == "log" else 1.08))
     for y, c in zip(ys, group, strict=True):  # the figures, in a column right of the plot
         ax.text(1.01, y, fmt(c.value, c.unit), va="center", fontsize=8, transform=ax.get_yaxis_transform())
-    ax.set_title(heading + " — green: met, red: not met", fontsize=9, loc="left")
+    ax.set_title("earlier issues, compiled core: share of the target (1 = met) — green: met, red: not met",
+                 fontsize=9, loc="left")
     ax.grid(axis="x", alpha=0.3)
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def parse_only(value: str) -> list[str]:
+def parse_list(value: str, choices: Sequence[str], what: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     if names == ["all"]:
-        return list(PROGRAMS)
-    unknown = [n for n in names if n not in PROGRAMS]
+        return list(choices)
+    unknown = [n for n in names if n not in choices]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"takes a comma-separated subset of {','.join(PROGRAMS)} (or all)")
-    return [k for k in PROGRAMS if k in names]  # always in the report's order
+        raise argparse.ArgumentTypeError(f"takes a comma-separated subset of {','.join(choices)} (or all){what}")
+    return [k for k in choices if k in names]  # always in the report's order
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--quick", action="store_true", help="pass each program its smoke sizes (about a minute in all)")
-    p.add_argument("--only", type=parse_only, default=list(PROGRAMS), metavar="LIST",
+    p.add_argument("--quick", action="store_true", help="pass each program its smoke sizes (a few minutes in all)")
+    p.add_argument("--only", type=lambda v: parse_list(v, list(PROGRAMS), ""), default=list(PROGRAMS), metavar="LIST",
                    help=f"comma-separated subset of {','.join(PROGRAMS)} (default: all)")
+    p.add_argument("--cores", type=lambda v: parse_list(v, list(CORES), ""), default=list(CORES), metavar="LIST",
+                   help="codecs to run the engine and service programs on: native (the compiled core), python "
+                        "(the fallback) (default: both)")
     p.add_argument("--repeat", type=int, default=None, metavar="N",
                    help="runs per figure, for the programs that take it (engine, service: --repeat; restart: --runs)")
     p.add_argument("--out", help="the report (default docs/BENCHMARKS.md; with --quick bench-data/quick/BENCHMARKS.md)")
@@ -630,10 +901,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def print_summary(sections: list[Section]) -> None:
-    print("\n" + "\n".join(markdown_table(["program", "workload", "measured", "target", "met"], summary_rows(sections))))
+    by_key = {(s.key, s.core): s for s in sections}
+    figs = issue11_figures(by_key)
+    if figs:
+        print("\nIssue 11 (ratio against the baseline measured in the same run):")
+        print("\n".join(markdown_table(ISSUE11_HEADERS, issue11_table(figs))))
+    cpu = cpu_rows(by_key)
+    if cpu:
+        print("\nCPU per acknowledged operation, all processes together:")
+        print("\n".join(markdown_table(CPU_HEADERS, cpu)))
+    groups = group_rows(by_key)
+    if groups:
+        print("\nRequests per commit group, single appends:")
+        print("\n".join(markdown_table(GROUP_HEADERS, groups)))
+    summary = summary_rows(sections)
+    if summary:
+        print("\nEarlier targets, compiled core:")
+        print("\n".join(markdown_table(["program", "workload", "measured", "target", "met"], summary)))
     for sec in sections:
         if sec.skipped or sec.error:
-            print(f"{sec.key}: {'skipped: ' + sec.skipped if sec.skipped else 'FAILED: ' + sec.error}")
+            print(f"{sec.key} ({sec.core}): {'skipped: ' + sec.skipped if sec.skipped else 'FAILED: ' + sec.error}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -644,14 +931,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="batpak-bench-") as tmp:
-            sections = [run_program(PROGRAMS[key], args, tmp) for key in args.only]
+            sections = [run_program(PROGRAMS[key], core, args, tmp) for key in args.only
+                        for core in PROGRAMS[key].cores if core in args.cores]
     except Fatal as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
     run.wall_s, run.load_after = time.monotonic() - started, load_average()
-    checks = [c for s in sections for c in s.checks]
+    checks = [c for s in sections if s.core == "native" for c in s.checks]
+    figs = issue11_figures({(s.key, s.core): s for s in sections})
     title = f"batpak-mp benchmarks — {run.machine['date']} — {run.machine['cpus']} CPUs, {run.machine['cpu']}"
-    chart = draw_chart(checks, args.chart, title + (" — QUICK smoke run" if args.quick else ""))
+    chart = draw_chart(figs, checks, args.chart, title + (" — QUICK smoke run" if args.quick else ""))
     chart_ref = os.path.relpath(args.chart, os.path.dirname(os.path.abspath(args.out))) if chart else None
     write_text(args.out, render_report(run, sections, chart_ref))
     print_summary(sections)
