@@ -29,6 +29,7 @@ from ._errors import (
     StoreClosed,
     StoreLocked,
     StorePoisoned,
+    UnsafeIpcObject,
     WriterTimeout,
     WriterUnavailable,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "StorePoisoned",
     "Subscription",
     "SyncMode",
+    "UnsafeIpcObject",
     "VerifyReport",
     "WriterState",
     "WriterTimeout",

@@ -1,12 +1,15 @@
 """The client: ``bp.connect(data_dir)`` -> ``Store``, usable from any number of processes.
 
-Owns: the client's shared-memory area and doorbell semaphore, sending requests on the
-store's queue, waiting for replies, riding through writer restarts (re-sending the same
+Owns: the client's shared-memory area, sending requests on the store's queue, waiting
+for replies (on the area's doorbell, a futex word of the control block the writer rings
+after writing a reply), riding through writer restarts (re-sending the same
 request, same idempotency keys, through a fresh area), fork safety (a child re-attaches
 on first use), and the lock-free read path (``Reader`` bounded by the control block).
 Implements ``_api.EventStore`` (the public API, shared with the in-process ``Engine``) and
 ``_api.ReplayHost`` (what ``_replay``'s cursors, reactors and projections use; this module
-imports ``_replay``, never the reverse). IPC names come from ``_ipc.names``.
+imports ``_replay``, never the reverse). IPC names come from ``_ipc.names``; the control
+block and queue it talks to must be the service's (owned by the data directory's owner,
+mode 0600: ``_ipc.objects``), so it never sends a request to an object someone else made.
 Invariants: every append carries idempotency keys (generated when the caller gives
 none), so a re-send is applied at most once; a call ends in a receipt or a typed error,
 never a hang past its timeout. Must not import the writer, the engine's commit path or
@@ -42,9 +45,11 @@ from ._errors import (
     WriterUnavailable,
 )
 from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
+from ._ipc import objects
 from ._ipc import wire as W
 from ._ipc.control import ControlBlock, ControlSnapshot, state_name
-from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, ipc_prefix, request_queue_name, semaphore_name
+from ._ipc.futex import Word
+from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, ipc_prefix, request_queue_name
 from ._prepare import Prepared, prepare, prepare_items
 from ._read.reader import Reader, View
 from ._read.receipts import receipt_matches
@@ -98,10 +103,12 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Area:
-    """This process's shared-memory area plus its doorbell semaphore (owned: unlinked
-    on close, and only by the process that created it)."""
+    """This process's shared-memory area (owned: unlinked on close, and only by the
+    process that created it) and its doorbell, the word of the control block the writer
+    rings after writing a reply into it (shared with the few areas whose names hash to
+    the same word: a wake-up is only a hint, the area's ``REPLY_TO`` says whose reply)."""
 
-    def __init__(self, prefix: str, size: int) -> None:
+    def __init__(self, prefix: str, size: int, control: ControlBlock) -> None:
         pid = os.getpid()
         for _ in range(100):
             name = area_name(prefix, pid, secrets.token_hex(AREA_TOKEN_BYTES))
@@ -124,15 +131,21 @@ class _Area:
             posix_ipc.unlink_shared_memory(name)
             raise WriterUnavailable(_shm_hint(size, exc)) from None
         shm.close_fd()
-        try:
-            self.sem = posix_ipc.Semaphore(semaphore_name(name), posix_ipc.O_CREX, mode=0o600, initial_value=0)
-        except posix_ipc.Error as exc:
-            self.mm.close()
-            posix_ipc.unlink_shared_memory(name)
-            raise WriterUnavailable(f"cannot create the client semaphore: {exc}") from None
         self.name = name
         self.size = size
         self.pid = pid
+        self.bell: Word = control.doorbell(name)
+
+    def replied(self, request_id: int) -> bool:
+        """Whether the writer's reply to ``request_id`` is in the area."""
+        return bool(W.REPLY_TO.unpack_from(self.mm, 0)[0] == request_id)
+
+    def reply(self) -> W.Reply:
+        """The reply in the area (``ProtocolError`` when malformed)."""
+        n = W.LEN.unpack_from(self.mm, W.BODY_AT)[0]
+        if n > self.size - W.HEADER:
+            raise ProtocolError(f"reply length {n} does not fit the area")
+        return W.decode_reply(self.mm[W.BODY_AT:W.HEADER + n])
 
     def close(self) -> None:
         """Unmap and unlink (only in the process that created the area)."""
@@ -142,13 +155,10 @@ class _Area:
             self.mm.close()
         except (BufferError, ValueError):
             pass
-        self.sem.close()
-        for unlink, name in ((posix_ipc.unlink_shared_memory, self.name),
-                             (posix_ipc.unlink_semaphore, semaphore_name(self.name))):
-            try:
-                unlink(name)
-            except posix_ipc.ExistentialError:
-                pass
+        try:
+            posix_ipc.unlink_shared_memory(self.name)
+        except posix_ipc.ExistentialError:
+            pass
 
 
 def _shm_hint(size: int, exc: BaseException) -> str:
@@ -325,9 +335,9 @@ class _Channel:
     def __init__(self, data_dir: str, control: ControlBlock) -> None:
         self.prefix = ipc_prefix(data_dir)
         self._control = control
-        try:
-            self.queue = posix_ipc.MessageQueue(request_queue_name(data_dir), read=False, write=True)
-        except posix_ipc.ExistentialError:
+        try:  # the service's own queue only (owner: the data directory's): else UnsafeIpcObject
+            self.queue = objects.open_request_queue(request_queue_name(data_dir), os.stat(data_dir).st_uid)
+        except (posix_ipc.ExistentialError, FileNotFoundError):
             raise WriterUnavailable(f"the request queue of {data_dir!r} does not exist (is the service up?)") from None
         self.area: _Area | None = None
         self._request_ids = itertools.count(1)
@@ -344,7 +354,7 @@ class _Channel:
             if area is not None:
                 area.close()
             self.area = None
-            area = self.area = _Area(self.prefix, size)
+            area = self.area = _Area(self.prefix, size, self._control)
         return area
 
     def fresh_area(self) -> None:
@@ -368,16 +378,16 @@ class _Channel:
         need = max(len(encoded), reply_room)
         sent = self._send(encoded, need, request_id, deadline, timeout)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.fresh_area()
-                raise WriterTimeout("the writer's reply", timeout)
-            try:
-                sent.sem.acquire(min(POLL_S, remaining))
-            except posix_ipc.SignalError:  # a signal handler ran: wait on
-                continue
-            except posix_ipc.BusyError:
-                snap = self._control.read()
+            seen = sent.bell.value  # read before looking: a reply written after this wakes the wait
+            if not sent.replied(request_id):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.fresh_area()
+                    raise WriterTimeout("the writer's reply", timeout)
+                sent.bell.wait(seen, min(POLL_S, remaining))
+                if sent.replied(request_id):
+                    continue
+                snap = self._control.read()  # no reply yet (a wait ran out, or another area's bell)
                 _check_state(snap)
                 if snap.writer_epoch != epoch and snap.state == WriterState.READY:
                     # a new writer: our request may be lost with the old one. Re-send the
@@ -386,11 +396,9 @@ class _Channel:
                     self.fresh_area()
                     sent = self._send(encoded, need, request_id, deadline, timeout)
                 continue
-            reply = W.decode_reply(sent.mm)
-            if type(reply.request_id) is not int:
-                raise ProtocolError(f"reply names request {reply.request_id!r:.40}, not a number")
-            if reply.request_id != request_id:
-                continue  # a late answer to an earlier request: keep waiting
+            reply = sent.reply()
+            if reply.request_id != request_id:  # REPLY_TO said it is: this body is not the writer's
+                raise ProtocolError(f"reply names request {reply.request_id!r:.40}, not {request_id}")
             larger = reply_too_large(reply)
             if larger is not None:
                 need = larger + 1024
@@ -416,7 +424,7 @@ class _Channel:
                 continue
 
     def close(self) -> None:
-        """Say BYE (the writer unmaps our area), unlink our area, close the queue."""
+        """Say BYE (the writer forgets our area), unlink our area, close the queue."""
         area = self.area
         if area is not None and area.pid == os.getpid():
             try:

@@ -178,6 +178,21 @@ class ProtocolError(BatpakError):
         super().__init__(f"protocol error: {reason}")
 
 
+class UnsafeIpcObject(BatpakError, PermissionError):
+    """An IPC object of the store (control block, request queue, client area) is not one
+    the service's own user made and alone can use: another owner, group/other permission
+    bits, the wrong file type, extra hard links or a size out of range. The service never
+    uses such an object; it replaces one it cannot trust (when it may remove it) or
+    refuses to start, naming it (docs/OPERATIONS.md "Trust model")."""
+
+    def __init__(self, name: str, owner_uid: int, mode: int, reason: str) -> None:
+        self.name = name
+        self.owner_uid = owner_uid
+        self.mode = mode
+        self.reason = reason
+        super().__init__(f"IPC object {name} (owner uid {owner_uid}, mode {mode & 0o7777:04o}) {reason}")
+
+
 class FenceLost(BatpakError):
     """The visibility fence is gone (cancelled, or the writer restarted): its events stay
     invisible for good. Open a new fence and write them again."""

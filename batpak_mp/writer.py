@@ -2,7 +2,8 @@
 
 Run as ``python -m batpak_mp.writer DATA_DIR [options]`` (the supervisor does this).
 Owns: taking the lock and recovering (through the engine), the request queue, the
-client areas it maps, the pipelined group-commit loop (a receiver thread empties the
+client areas it reads and answers (through checked descriptors, never mapped: a client
+cannot fault the writer by truncating its area), the pipelined group-commit loop (a receiver thread empties the
 kernel queue; the loop validates and writes each group while a syncer thread runs the
 fsync of the previous one; replies wait for the fsync covering them), visibility fences
 held by clients, the control block's writer fields (epoch, state, heartbeat, frontiers,
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import mmap
 import os
 import queue
+import resource
 import signal
 import sys
 import threading
@@ -29,7 +30,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import msgpack
 import posix_ipc
 
 from ._errors import (
@@ -47,13 +47,16 @@ from ._errors import (
     StorageError,
     StoreLocked,
     StorePoisoned,
+    UnsafeIpcObject,
 )
 from ._format.frame import ZERO_ID
 from ._gates import check_effect
+from ._ipc import objects
 from ._ipc import wire as W
 from ._ipc.codes import OPT_READY_FD, OPT_SUPERVISOR_PID, WRITER_READY_LINE, WriterExit
-from ._ipc.control import ControlBlock
-from ._ipc.names import SHM_DIR, client_objects, ipc_prefix, is_area_of, request_queue_name, semaphore_name
+from ._ipc.control import DOORBELLS, ControlBlock
+from ._ipc.names import doorbell_slot, ipc_prefix, parse_area_name, request_queue_name
+from ._ipc.objects import pid_alive
 from ._prepare import Prepared
 from ._storage.engine import Engine, EngineConfig, parse_sync
 from ._values import (
@@ -70,14 +73,17 @@ from ._values import (
     check_name,
 )
 
-MIN_AREA = 4096  # bytes: a client area smaller than this is refused (the client makes 64 KiB)
 QUEUE_DEPTH = 10  # the kernel default msg_max: must work without raising limits
 HEARTBEAT_EVERY_NS = 50_000_000  # 50 ms: the supervisor's hang detection reads this
 RECEIVE_TIMEOUT_S = 0.05  # how long the loop sleeps in the kernel when idle
 CHECKPOINT_EVERY_NS = 1_000_000_000  # durable floor persisted at least once a second...
 CHECKPOINT_EVERY_EVENTS = 20_000  # ...and every 20k events: bounds the tail a restart scans
 SWEEP_EVERY_NS = 5_000_000_000  # dead clients' IPC objects reclaimed every 5 s
-MAX_AREAS = 1024  # client areas kept mapped at once (LRU beyond)
+MAX_AREAS = 1024  # client areas kept open (one descriptor each) at once (LRU beyond)
+FIRST_READ = 4096  # bytes read from an area at once: a whole request, mostly (larger ones are streamed)
+NAMES_CACHED = 4096  # entity/scope names remembered as valid (at most 1 KiB each)
+STORE_KIND_OBJECTS = 4096  # objects a store kind's payload may decode to (a bypass names <= 1024 gates)
+FILES_WANTED = 4096  # the writer raises its soft RLIMIT_NOFILE to this (areas, segments, index files)
 DRAIN_MAX = 64  # messages taken per group while draining at stop
 GROUP_STATS_ENV = "BATPAK_MP_GROUP_STATS"  # a file the writer writes its group sizes to at a clean stop (benchmarks)
 GROUP_MAX = 256  # requests in one commit group at most (one write, one fsync)
@@ -89,16 +95,6 @@ def _log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class WireItems:
     """Validates append items as they come off the wire (shape checked by ``_wire``)
     and turns them into ``Prepared`` events. Names already seen valid are remembered,
@@ -106,7 +102,7 @@ class WireItems:
 
     def __init__(self, max_payload: int) -> None:
         self.max_payload = max_payload
-        self._names: set[bytes] = set()
+        self._names: set[bytes] = set()  # at most NAMES_CACHED: a bounded cost in memory
 
     def _name(self, field: str, raw: bytes) -> None:
         if raw in self._names:
@@ -116,7 +112,7 @@ class WireItems:
         except UnicodeDecodeError:
             raise InvalidCoordinate(field, raw[:64], "is not valid UTF-8") from None
         check_name(field, text)
-        if len(self._names) > 100_000:
+        if len(self._names) >= NAMES_CACHED:
             self._names.clear()
         self._names.add(raw)
 
@@ -128,8 +124,8 @@ class WireItems:
         if required is None:
             raise ReservedKind(kind >> 12, kind & 0xFFF)
         try:
-            doc = msgpack.unpackb(payload, raw=False)
-        except Exception:
+            doc = W.unpack_limited(payload, STORE_KIND_OBJECTS, STORE_KIND_OBJECTS, 64)
+        except ProtocolError:
             doc = None
         if kind >> 12 == CATEGORY_EFFECT:
             check_effect(kind & 0xFFF, doc)
@@ -140,7 +136,7 @@ class WireItems:
     def prepare(self, items: list[list[Any]]) -> list[Prepared]:
         out = []
         name = self._name
-        unpack = msgpack.unpackb
+        well_formed = W.payload_is_msgpack
         for entity, scope, kind, payload, pv, idem, clock, causation, correlation in items:
             name("entity", entity)
             name("scope", scope)
@@ -154,10 +150,8 @@ class WireItems:
                 raise InvalidArgument("payload_version", pv, "must be 0..65535")
             if clock is not None and clock < 0:
                 raise InvalidArgument("expected_clock", clock, "must be an int >= 0")
-            try:
-                unpack(payload, strict_map_key=False)  # as Event.payload reads it: int keys are fine
-            except Exception as exc:
-                raise InvalidPayload(f"payload bytes are not msgpack: {type(exc).__name__}") from None
+            if not well_formed(payload):  # checked, never decoded here: its contents are the client's
+                raise InvalidPayload("payload bytes are not one msgpack object")
             out.append(Prepared(entity, scope, kind, payload, pv, idem, clock,
                                 causation if causation and any(causation) else ZERO_ID,
                                 correlation if correlation and any(correlation) else ZERO_ID))
@@ -176,38 +170,74 @@ class Fences:
     and then reveals them; cancelling (by the owner, or because the owner died) appends
     a FENCE_CANCEL event and they stay hidden for good. Fences live in this writer's
     memory only: after a restart a client's fence is lost (FenceLost) and its events
-    stay hidden, which the log shows as a fence with no commit."""
+    stay hidden, which the log shows as a fence with no commit.
+
+    The owner of a fence is the process that opened it, as the writer knows it: the pid
+    of the client area the request came through, which that process maps (the kernel
+    says so, ``objects.maps_file``), never a pid a message claims. One owner holds at
+    most ``PER_OWNER`` open fences, so no client can take them all; the ranges they
+    hold are bounded too (memory)."""
 
     MAX_OPEN = 4096  # open fences across all clients
+    PER_OWNER = 16  # open fences of one client process
+    MAX_RANGES = 4096  # separate sequence ranges one fence holds (commit it to go on)
+    MAX_RANGES_TOTAL = 65_536  # ranges across all fences: ~10 MiB of writer memory at most
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._open: dict[bytes, tuple[int, list[list[int]]]] = {}  # token -> (owner pid, ranges)
+        self._owned: dict[int, int] = {}  # owner pid -> open fences
+        self._ranges = 0
 
-    def begin(self, pid: int) -> bytes:
+    def begin(self, owner: int) -> bytes:
         if len(self._open) >= self.MAX_OPEN:
             raise InvalidArgument("fence", len(self._open), f"at most {self.MAX_OPEN} fences may be open")
+        held = self._owned.get(owner, 0)
+        if held >= self.PER_OWNER:
+            raise InvalidArgument("fence", held, f"one process may hold at most {self.PER_OWNER} open fences")
         token = os.urandom(16)
-        self._open[token] = (pid, [])
+        self._open[token] = (owner, [])
+        self._owned[owner] = held + 1
         return token
 
-    def check(self, token: bytes, pid: int) -> None:
+    def check(self, token: bytes, owner: int) -> None:
         entry = self._open.get(token)
         if entry is None:
             raise FenceLost(token, "this writer holds no such fence (cancelled, or the writer restarted)")
-        if entry[0] != pid:
+        if entry[0] != owner:
             raise FenceLost(token, "the fence belongs to another process")
 
-    def written(self, token: bytes, first: int, last: int) -> None:
-        ranges = self._open[token][1]
+    def check_room(self, token: bytes, owner: int) -> None:
+        """``check``, and room for the ranges of one more fenced append."""
+        self.check(token, owner)
+        held = len(self._open[token][1])
+        if held >= self.MAX_RANGES or self._ranges >= self.MAX_RANGES_TOTAL:
+            raise InvalidArgument("fence", held, "holds too many separate ranges of events: commit it first")
+
+    def written(self, token: bytes, first: int, last: int) -> bool:
+        """Record a fenced append once it is published; False when its fence is gone
+        meanwhile (cancelled by the dead-owner sweep while the append awaited its fsync):
+        its events stay hidden for good and the append is answered ``FenceLost``."""
+        entry = self._open.get(token)
+        if entry is None:
+            return False
+        ranges = entry[1]
         if ranges and ranges[-1][1] + 1 == first:
             ranges[-1][1] = last
         else:
             ranges.append([first, last])
+            self._ranges += 1
+        return True
 
-    def finish(self, token: bytes, pid: int, *, commit: bool, why: str = "") -> None:
-        self.check(token, pid)
+    def finish(self, token: bytes, owner: int, *, commit: bool, why: str = "") -> None:
+        self.check(token, owner)
         _, ranges = self._open.pop(token)
+        self._ranges -= len(ranges)
+        left = self._owned[owner] - 1
+        if left:
+            self._owned[owner] = left
+        else:
+            del self._owned[owner]
         kind = SYSTEM_FENCE_COMMIT if commit else SYSTEM_FENCE_CANCEL
         payload: dict[str, Any] = {"fence": token, "ranges": ranges}
         if not commit:
@@ -223,30 +253,135 @@ class Fences:
 
 
 class _Area:
-    """A client's shared-memory area and doorbell semaphore, as the writer maps them."""
+    """A client's area as the writer holds it: a descriptor of the file, checked when it
+    was opened (this user's, mode 0600, a regular file with one link, a size within
+    [AREA_MIN, AREA_MAX]) and the pid whose process maps it. Read with pread and written
+    with pwrite: a truncated area is a short read, never a fault."""
 
-    __slots__ = ("mm", "name", "pid", "sem")
+    __slots__ = ("bell", "fd", "name", "pid", "size")
 
-    def __init__(self, name: str, pid: int) -> None:
-        shm = posix_ipc.SharedMemory(name)
-        try:
-            size = os.fstat(shm.fd).st_size
-            if size < MIN_AREA:
-                raise ProtocolError(f"area {name} is {size} bytes, under the {MIN_AREA}-byte minimum")
-            self.mm = mmap.mmap(shm.fd, size)
-        finally:
-            shm.close_fd()
-        try:
-            self.sem = posix_ipc.Semaphore(semaphore_name(name))
-        except BaseException:
-            self.mm.close()
-            raise
+    def __init__(self, fd: int, name: str, pid: int, size: int) -> None:
+        self.fd = fd
         self.name = name
         self.pid = pid
+        self.size = size
+        self.bell = doorbell_slot(name, DOORBELLS)  # the word of the control block its client waits on
 
     def close(self) -> None:
-        self.mm.close()
-        self.sem.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _Request(W.Source):
+    """A large request's bytes, read from its area as the decoder needs them."""
+
+    def __init__(self, fd: int, n: int) -> None:
+        self._fd = fd
+        self._at = W.HEADER
+        self._end = W.HEADER + n
+
+    def read(self, size: int) -> bytes:
+        size = min(size, self._end - self._at)
+        if size <= 0:
+            return b""
+        chunk = os.pread(self._fd, size, self._at)
+        self._at += len(chunk)
+        return chunk
+
+
+class Clients:
+    """The client areas the writer answers: each opened once through a checked
+    descriptor (``objects.open_shared_memory``) and kept (LRU, ``MAX_AREAS``); requests
+    read from it within the writer's ``Limits``; replies written into it, then its
+    doorbell rung (a word of the writer's own control block); and the sweep of areas
+    whose process is gone."""
+
+    def __init__(self, prefix: str, control: ControlBlock, limits: W.Limits) -> None:
+        self.prefix = prefix
+        self.control = control
+        self.limits = limits
+        self._areas: OrderedDict[str, _Area] = OrderedDict()
+        self._expect = objects.Expect(os.geteuid(), W.AREA_MIN, W.AREA_MAX)
+
+    def __len__(self) -> int:
+        return len(self._areas)
+
+    def known(self, name: str) -> _Area | None:
+        """The open area of that name, if any (no check, no LRU move)."""
+        return self._areas.get(name)
+
+    def get(self, name: str, pid: int) -> _Area | None:
+        """The area ``name`` made by process ``pid``; None when it is gone or fails a check."""
+        area = self._areas.get(name)
+        if area is not None:
+            self._areas.move_to_end(name)
+            return area
+        area = self._open(name, pid)
+        if area is not None:
+            self._areas[name] = area
+            if len(self._areas) > MAX_AREAS:
+                self._areas.popitem(last=False)[1].close()
+        return area
+
+    def _open(self, name: str, pid: int) -> _Area | None:
+        try:
+            fd = objects.open_shared_memory(name, self._expect, write=True)
+        except (OSError, ValueError):  # gone, or refused (UnsafeIpcObject is a PermissionError)
+            return None
+        st = os.fstat(fd)
+        if objects.maps_file(pid, st) is False:  # not the area of the process its name says
+            os.close(fd)
+            return None
+        return _Area(fd, name, pid, st.st_size)
+
+    def drop(self, area: _Area) -> None:
+        """Forget an area (its client said BYE)."""
+        if self._areas.get(area.name) is area:
+            del self._areas[area.name]
+        area.close()
+
+    def read(self, area: _Area) -> tuple[W.Request, int]:
+        """The request in ``area`` and its size; ``ProtocolError`` when it is malformed,
+        too large, or the area was truncated under it."""
+        try:
+            head = os.pread(area.fd, FIRST_READ, 0)
+            n = W.request_length(head, self.limits)
+            if W.HEADER + n <= len(head):
+                return W.decode_request(memoryview(head)[W.HEADER:W.HEADER + n], n, self.limits), n
+            return W.decode_request(_Request(area.fd, n), n, self.limits), n
+        except OSError as exc:
+            raise ProtocolError(f"area {area.name} cannot be read: {exc.strerror}") from None
+
+    def reply(self, area: _Area, reply: W.Reply, epoch: int) -> bool:
+        """Write ``reply`` into ``area`` (the body, then the id it answers) and ring its
+        doorbell; False when the area cannot take it."""
+        body = W.encode_reply(reply)
+        if W.BODY_AT + len(body) > area.size:
+            body = W.encode_reply(W.Reply(reply.request_id, epoch, W.STATUS_ERROR, ["ReplyTooLarge", [len(body)]]))
+            if W.BODY_AT + len(body) > area.size:
+                return False
+        try:
+            os.pwrite(area.fd, body, W.BODY_AT)
+            os.pwrite(area.fd, W.REPLY_TO.pack(reply.request_id), 0)
+        except (OSError, OverflowError):
+            return False
+        self.control.ring_doorbell(area.bell)
+        return True
+
+    def sweep(self) -> objects.Swept:
+        """Close the areas of processes that are gone, and unlink the client objects of
+        dead processes in /dev/shm (this user's regular files only; never raises)."""
+        for name, area in list(self._areas.items()):
+            if not pid_alive(area.pid):
+                del self._areas[name]
+                area.close()
+        return objects.sweep_client_objects(self.prefix, lambda pid: not pid_alive(pid))
+
+    def close(self) -> None:
+        for area in self._areas.values():
+            area.close()
+        self._areas.clear()
 
 
 class Writer:
@@ -259,7 +394,8 @@ class Writer:
         self.prefix = ipc_prefix(self.data_dir)
         self.stopping = False
         self.dropped = 0
-        self._areas: OrderedDict[str, _Area] = OrderedDict()
+        self.limits = W.request_limits(config.max_payload_bytes, config.max_batch_events, config.max_batch_bytes)
+        self._swept_skipped = 0
         # messages from the receiver thread and fsync results from the syncer thread
         self._inbox: queue.SimpleQueue[bytes | _SyncDone] = queue.SimpleQueue()
         self._sync_jobs: queue.SimpleQueue[tuple[int, str, int] | None] = queue.SimpleQueue()
@@ -277,7 +413,9 @@ class Writer:
         self._last_beat = self._last_publish = self._last_ckpt = self._last_sweep = 0
         self.items = WireItems(config.max_payload_bytes)
         self._control_lock = threading.Lock()  # the loop and the receiver thread both beat
-        self.control = ControlBlock.create(self.data_dir)
+        _raise_file_limit()
+        self.control = ControlBlock.create(self.data_dir, log=_log)
+        self.clients = Clients(self.prefix, self.control, self.limits)
         prev = self.control.read()
         # the engine takes the data directory's lock first: a writer that loses the race
         # for it (StoreLocked) must not touch the live service's control block
@@ -287,10 +425,7 @@ class Writer:
         self.epoch = self.control.read().writer_epoch + 1
         self.control.update(writer_epoch=self.epoch, writer_pid=os.getpid(), state=WriterState.STARTING,
                             heartbeat_ns=time.monotonic_ns(), started_ns=time.monotonic_ns(), reason="")
-        self.queue = posix_ipc.MessageQueue(
-            request_queue_name(self.data_dir), posix_ipc.O_CREAT, mode=0o600,
-            max_messages=QUEUE_DEPTH, max_message_size=W.MAX_MESSAGE, read=True, write=False,
-        )
+        self.queue = objects.create_request_queue(request_queue_name(self.data_dir), QUEUE_DEPTH, W.MAX_MESSAGE, _log)
         if self.engine.signer is not None:
             self._publish_public_key(self.engine.signer.public_key)
         report = self.engine.recovery_report
@@ -310,7 +445,7 @@ class Writer:
         with self._control_lock:
             view = e.view()
             self.control.update(visible=view.visible, durable=e.durable, base_segment=view.base_segment,
-                                delta_gen=view.delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self._areas),
+                                delta_gen=view.delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self.clients),
                                 dropped_messages=self.dropped, revealed=view.revealed, groups=self.groups,
                                 requests=self.requests, **extra)
             if e.visible != self._rung_at or "state" in extra:
@@ -462,21 +597,6 @@ class Writer:
             self._answer_published()  # a cancelled fence appended (and settled) an event
             self.publish()
 
-    def _area(self, name: str, pid: int) -> _Area | None:
-        area = self._areas.get(name)
-        if area is not None:
-            self._areas.move_to_end(name)
-            return area
-        try:
-            area = _Area(name, pid)
-        except (posix_ipc.Error, OSError, ProtocolError):
-            return None
-        self._areas[name] = area
-        if len(self._areas) > MAX_AREAS:
-            _, old = self._areas.popitem(last=False)
-            old.close()
-        return area
-
     def _checkpoint(self) -> None:
         """Persist the durable floor. A failure (a full disk) is logged and retried at the
         next tick: the older checkpoint stays valid and the writer stays up."""
@@ -500,15 +620,16 @@ class Writer:
         it is fsynced (per the sync mode), published and answered at once."""
         appends: list[tuple[_Area, W.Request, list[Prepared]]] = []
         others: list[tuple[_Area, W.Request]] = []
+        held = 0  # request bytes decoded into this group: past one largest request, it is committed
         for raw in raw_messages:
             parsed = self._parse(raw)
             if parsed is None:
                 continue
-            area, req = parsed
+            area, req, size = parsed
             if req.op in (W.OP_APPEND, W.OP_APPEND_FENCED):
                 try:
                     if req.op == W.OP_APPEND_FENCED:
-                        self.fences.check(req.body[0], area.pid)
+                        self.fences.check_room(req.body[0], area.pid)
                         prepared = self.items.prepare(req.body[1])
                     else:
                         prepared = self.items.prepare(req.body)
@@ -516,20 +637,16 @@ class Writer:
                     self.reply_error(area, req.request_id, exc)
                     continue
                 appends.append((area, req, prepared))
+                held += size
+                if held >= self.limits.max_request:  # bounds the writer's memory: a group of giants
+                    self._commit(appends, settle=not pipelined)
+                    appends, held = [], 0
             elif req.op == W.OP_BYE:
-                self._areas.pop(area.name, None)
-                area.close()
+                self.clients.drop(area)
             else:
                 others.append((area, req))
         if appends:
-            self.groups += 1
-            self.requests += len(appends)
-            self.group_sizes[len(appends)] = self.group_sizes.get(len(appends), 0) + 1
-            fenced = [req.op == W.OP_APPEND_FENCED for _, req, _ in appends]
-            settle = not pipelined or bool(others)
-            results = self.engine.commit([p for _, _, p in appends], fenced if any(fenced) else None, settle=settle)
-            target = self.engine.groups_written  # every reply waits for the groups written so far
-            self._waiting += [(target, area, req, results, i) for i, (area, req, _) in enumerate(appends)]
+            self._commit(appends, settle=not pipelined or bool(others))
         self._answer_published()
         if others:
             # the ops below act on a published log (a fence commit follows its appends); the
@@ -557,28 +674,44 @@ class Writer:
         if self.engine.poisoned is not None:
             raise self.engine.poisoned
 
-    def _is_our_area(self, name: str) -> bool:
-        return is_area_of(name, self.prefix)
+    def _commit(self, appends: list[tuple[_Area, W.Request, list[Prepared]]], *, settle: bool) -> None:
+        """Commit ``appends`` as one group; their replies wait in ``_waiting`` (holding
+        only what a reply needs: the payloads are let go once written)."""
+        self.groups += 1
+        self.requests += len(appends)
+        self.group_sizes[len(appends)] = self.group_sizes.get(len(appends), 0) + 1
+        fenced = [req.op == W.OP_APPEND_FENCED for _, req, _ in appends]
+        results = self.engine.commit([p for _, _, p in appends], fenced if any(fenced) else None, settle=settle)
+        target = self.engine.groups_written  # every reply waits for the groups written so far
+        self._waiting += [(target, area, _names_only(req), results, i) for i, (area, req, _) in enumerate(appends)]
 
-    def _parse(self, raw: bytes) -> tuple[_Area, W.Request] | None:
+    def _area_pid(self, name: str) -> int | None:
+        """The pid in the name of one of this store's areas (None for any other name)."""
+        known = self.clients.known(name)
+        if known is not None:
+            return known.pid
+        parsed = parse_area_name(name)
+        return parsed.pid if parsed is not None and parsed.prefix == self.prefix else None
+
+    def _parse(self, raw: bytes) -> tuple[_Area, W.Request, int] | None:
         try:
-            msg = W.decode_message(raw, self._is_our_area)
+            msg = W.decode_message(raw, self._area_pid)
         except ProtocolError:
             self.dropped += 1
             return None
-        area = self._area(msg.area, msg.client_pid)
+        area = self.clients.get(msg.area, msg.client_pid)
         if area is None:
-            self.dropped += 1  # the client is gone (or re-sent through a new area)
+            self.dropped += 1  # the client is gone (or re-sent through a new area), or the area fails a check
             return None
         try:
-            req = W.decode_request(area.mm, len(area.mm))
-        except ProtocolError as exc:
+            req, size = self.clients.read(area)
+        except BatpakError as exc:  # malformed (ProtocolError), or a batch over the limit (InvalidArgument)
             self.reply_error(area, msg.request_id, exc)
             return None
         if req.request_id != msg.request_id:
             self.dropped += 1  # a stale message: the area already holds a newer request
             return None
-        return area, req
+        return area, req, size
 
     def _answer_published(self) -> None:
         """Reply to every request whose groups are published (fsynced, in the default
@@ -594,21 +727,15 @@ class Writer:
             if isinstance(res, BaseException):
                 self.reply_error(area, req.request_id, res)
                 continue
-            if req.op == W.OP_APPEND_FENCED:
-                self.fences.written(req.body[0], res[0].global_sequence, res[-1].global_sequence)
+            if req.op == W.OP_APPEND_FENCED and not self.fences.written(
+                    req.body[0], res[0].global_sequence, res[-1].global_sequence):
+                self.reply_error(area, req.request_id, FenceLost(req.body[0], "the fence was cancelled (its owner "
+                                                                 "died) before this append was durable"))
+                continue
             self.reply_receipts(area, req, res)
 
     def reply(self, area: _Area, reply: W.Reply) -> None:
-        body = W.encode_reply(reply)
-        if len(body) > len(area.mm):
-            body = W.encode_reply(W.Reply(reply.request_id, self.epoch, W.STATUS_ERROR,
-                                          ["ReplyTooLarge", [len(body)]]))
-        try:
-            if len(body) > len(area.mm):
-                raise ValueError("area too small even for an error reply")
-            area.mm[:len(body)] = body
-            area.sem.release()
-        except (posix_ipc.Error, ValueError, IndexError, OSError):
+        if not self.clients.reply(area, reply, self.epoch):
             self.dropped += 1
 
     def reply_receipts(self, area: _Area, req: W.Request, receipts: list[Receipt]) -> None:
@@ -621,25 +748,15 @@ class Writer:
 
     # -- housekeeping --------------------------------------------------------------------
     def sweep_dead_clients(self) -> None:
-        """Unlink the areas and semaphores of client processes that no longer exist, and
-        cancel the visibility fences they held."""
+        """Cancel the visibility fences of client processes that no longer exist, close
+        their areas and unlink their objects (``Clients.sweep``)."""
         self.fences.cancel_dead()
-        for name, area in list(self._areas.items()):
-            if not pid_alive(area.pid):
-                del self._areas[name]
-                area.close()
-        try:
-            entries = os.listdir(SHM_DIR)
-        except OSError:
-            return
-        for obj in client_objects(entries, self.prefix):
-            assert obj.area is not None
-            if pid_alive(obj.area.pid):
-                continue
-            try:
-                (posix_ipc.unlink_semaphore if obj.semaphore else posix_ipc.unlink_shared_memory)(obj.name)
-            except posix_ipc.ExistentialError:
-                pass
+        swept = self.clients.sweep()
+        if swept.skipped != self._swept_skipped:  # said once per change, not every 5 s
+            self._swept_skipped = swept.skipped
+            if swept.skipped:
+                _log(f"sweep: left {swept.skipped} object(s) under this store's prefix in /dev/shm that are not "
+                     "this user's regular files (or could not be removed)")
 
     def close(self, clean: bool) -> None:
         if clean:
@@ -650,10 +767,26 @@ class Writer:
         self.engine.close()
         if clean:
             self.publish(state=WriterState.STOPPED)
-        for area in self._areas.values():
-            area.close()
-        self._areas.clear()
+        self.clients.close()
         self.queue.close()
+
+
+def _names_only(req: W.Request) -> W.Request:
+    """``req`` with each item cut to its entity and scope (what its receipt needs)."""
+    if req.op == W.OP_APPEND_FENCED:
+        return req._replace(body=[req.body[0], [(it[0], it[1]) for it in req.body[1]]])
+    return req._replace(body=[(it[0], it[1]) for it in req.body])
+
+
+def _raise_file_limit() -> None:
+    """One descriptor per client area: raise the soft limit towards ``FILES_WANTED``."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = FILES_WANTED if hard == resource.RLIM_INFINITY else min(FILES_WANTED, hard)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError):
+        pass
 
 
 def _die_with_parent() -> None:
@@ -724,6 +857,10 @@ def main(argv: list[str] | None = None) -> int:
         _log(str(exc))
         fail(str(exc))
         return WriterExit.POISONED
+    except UnsafeIpcObject as exc:  # another user's object it cannot remove: restarting cannot help
+        _log(f"refused: {exc}")
+        fail(str(exc))
+        return WriterExit.USAGE
     writer_ref.append(writer)
     writer.stopping = bool(stop_requested)
     if args.ready_fd >= 0:

@@ -1,10 +1,15 @@
 """The control block: a small shared-memory record of the service's state.
 
-Owns: its byte layout (docs/PROTOCOL.md §4), and the seqlock that lets one writer update
-it while any number of readers read it without locks (its name is ``names.control_name``).
-Written by the writer (frontiers, state, heartbeat) and
-by the supervisor (state after it reaps a writer, restart count, failure reason); read
-by clients. Must not import the engine, the writer or the client.
+Owns: its byte layout (docs/PROTOCOL.md §4), the seqlock that lets one writer update it
+while any number of readers read it without locks (its name is ``names.control_name``),
+and the doorbells: a table of futex words after the first page, one of which the writer
+rings after each reply it writes into a client's area (§4.3). Written by the writer
+(frontiers, state, heartbeat, doorbells) and by the supervisor (state after it reaps a
+writer, restart count, failure reason); read by clients, which map it read-only.
+Invariants: the block a process uses passed ``objects``' checks on the descriptor it was
+mapped from (the service's own user, mode 0600, a regular file, big enough): the writer
+and supervisor replace one someone else made, a client refuses it.
+Must not import the engine, the writer or the client.
 """
 
 from __future__ import annotations
@@ -13,18 +18,23 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import posix_ipc
 
-from .._errors import FutureFormat, ProtocolError, WriterUnavailable
+from .._errors import BatpakError, FutureFormat, ProtocolError, StorageError, WriterUnavailable
 from .._values import WriterState
-from .futex import ReadOnlyMapping, Word, word_in_writable
-from .names import control_name
+from . import objects
+from .futex import ReadOnlyMapping, Word, WordTable, word_in_writable
+from .names import control_name, doorbell_slot
 
 CONTROL_MAGIC = 0x4C54435F504D5042  # "BPMP_CTL" little-endian
-CONTROL_VERSION = 1
-CONTROL_SIZE = 4096  # one page
+CONTROL_VERSION = 2  # 2: doorbells after the first page (version 1 was one page; clients had semaphores)
+FIELDS_PAGE = 4096  # the fields, the reason and the notify word
+DOORBELLS_AT = FIELDS_PAGE
+DOORBELLS = 4096  # u32 futex words: a client waits on word doorbell_slot(area) % DOORBELLS
+CONTROL_SIZE = DOORBELLS_AT + 4 * DOORBELLS  # 20 KiB
 REASON_MAX = 512  # bytes of the failure reason text
 
 # u64 fields after the 16-byte head (magic u64, version u32, pad u32); seq is the seqlock
@@ -69,57 +79,67 @@ class ControlSnapshot(NamedTuple):
 class ControlBlock:
     """A mapped control block. ``create`` makes (or adopts) it; ``attach`` only opens."""
 
-    def __init__(self, name: str, mm: mmap.mmap, owner: bool, bell: Word) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, owner: bool, bell: Word,
+                 doorbells: WordTable | ReadOnlyMapping) -> None:
         self.name = name
         self._mm = mm
         self.owner = owner
         self.bell: Word | None = bell  # the futex word (writable only for the owner)
+        self._doorbells: WordTable | ReadOnlyMapping | None = doorbells
 
     @classmethod
-    def create(cls, data_dir: str) -> ControlBlock:
-        """Open or create the block of ``data_dir`` (0600). An existing block keeps its
-        contents (a new writer continues the epoch count of the old one)."""
+    def create(cls, data_dir: str, log: Callable[[str], None] | None = None) -> ControlBlock:
+        """Open or create the block of ``data_dir`` (0600). An existing block of this
+        user keeps its contents (a new writer continues the epoch count of the old one);
+        one made by someone else is replaced (``objects.create_shared_memory``)."""
         name = control_name(data_dir)
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, mode=0o600, size=0)
+        fd = objects.create_shared_memory(name, CONTROL_SIZE, adopt=_adoptable, log=log)
         try:
-            if os.fstat(shm.fd).st_size < CONTROL_SIZE:
-                os.ftruncate(shm.fd, CONTROL_SIZE)
-            mm = mmap.mmap(shm.fd, CONTROL_SIZE)
+            mm = mmap.mmap(fd, CONTROL_SIZE)
         finally:
-            shm.close_fd()
-        block = cls(name, mm, True, word_in_writable(mm, NOTIFY_AT))
+            os.close(fd)
         magic, version, _ = _HEAD.unpack_from(mm, 0)
         if magic != CONTROL_MAGIC:
             mm[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
             _HEAD.pack_into(mm, 0, CONTROL_MAGIC, CONTROL_VERSION, 0)
         elif version > CONTROL_VERSION:
+            mm.close()
             raise FutureFormat(name, version, CONTROL_VERSION)
-        return block
+        elif version < CONTROL_VERSION:  # left by an older service: the doorbells are new (zero)
+            _HEAD.pack_into(mm, 0, CONTROL_MAGIC, CONTROL_VERSION, 0)
+        return cls(name, mm, True, word_in_writable(mm, NOTIFY_AT), WordTable(mm, DOORBELLS_AT, DOORBELLS))
 
     @classmethod
     def attach(cls, data_dir: str) -> ControlBlock:
-        """Open an existing block read-only; WriterUnavailable when none is served."""
+        """Open an existing block read-only; WriterUnavailable when none is served,
+        ``UnsafeIpcObject`` when the object is not the service's (its owner must be the
+        data directory's)."""
         name = control_name(data_dir)
         try:
-            shm = posix_ipc.SharedMemory(name)
-        except posix_ipc.ExistentialError:
+            uid = os.stat(data_dir).st_uid  # the service's user: the block must be its
+            fd = objects.open_shared_memory(name, objects.Expect(uid, FIELDS_PAGE, single_link=False))
+        except FileNotFoundError:
             raise WriterUnavailable(f"no service is running for {data_dir!r} (start it with bp.serve or "
                                     "`batpak-mp serve`)") from None
+        except OSError as exc:
+            if isinstance(exc, BatpakError):
+                raise
+            raise StorageError("stat", data_dir, exc) from None  # e.g. EACCES: another user's directory
         try:
-            if os.fstat(shm.fd).st_size < CONTROL_SIZE:
-                raise ProtocolError(f"control block {name} is too small")
-            mm = mmap.mmap(shm.fd, CONTROL_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
-            bell = ReadOnlyMapping(shm.fd, CONTROL_SIZE).word(NOTIFY_AT)
+            head = os.pread(fd, _HEAD.size, 0)
+            magic, version, _ = _HEAD.unpack(head) if len(head) == _HEAD.size else (0, 0, 0)
+            if magic != CONTROL_MAGIC:
+                raise ProtocolError(f"control block {name} has a bad magic")
+            if version > CONTROL_VERSION:
+                raise FutureFormat(name, version, CONTROL_VERSION)
+            if version < CONTROL_VERSION or os.fstat(fd).st_size < CONTROL_SIZE:
+                raise ProtocolError(f"control block {name} is of version {version} (an older service runs): "
+                                    "restart the service with this version")
+            mm = mmap.mmap(fd, CONTROL_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+            words = ReadOnlyMapping(fd, CONTROL_SIZE)
         finally:
-            shm.close_fd()
-        magic, version, _ = _HEAD.unpack_from(mm, 0)
-        if magic != CONTROL_MAGIC:
-            mm.close()
-            raise ProtocolError(f"control block {name} has a bad magic")
-        if version > CONTROL_VERSION:
-            mm.close()
-            raise FutureFormat(name, version, CONTROL_VERSION)
-        return cls(name, mm, False, bell)
+            os.close(fd)
+        return cls(name, mm, False, words.word(NOTIFY_AT), words)
 
     # -- reading (lock-free) -----------------------------------------------------------
     def _settled(self, read_fields: Any) -> Any:
@@ -194,20 +214,35 @@ class ControlBlock:
         if self.bell is not None:
             self.bell.ring()
 
+    def ring_doorbell(self, slot: int) -> None:
+        """Wake the client(s) waiting on doorbell ``slot`` (writer: after a reply)."""
+        table = self._doorbells
+        if isinstance(table, WordTable):
+            table.ring(slot)
+
+    def doorbell(self, area: str) -> Word:
+        """The word a client waits on for the replies written into ``area``."""
+        table = self._doorbells
+        if not isinstance(table, ReadOnlyMapping):
+            raise WriterUnavailable("the control block is closed")
+        return table.word(DOORBELLS_AT + 4 * doorbell_slot(area, DOORBELLS))
+
     def close(self) -> None:
         bell, self.bell = self.bell, None
-        if bell is not None and not self.owner:
-            owner = bell._owner
-            if isinstance(owner, ReadOnlyMapping):
-                owner.close()
-        del bell  # releases the ctypes view of a writable mapping before it is closed
+        table, self._doorbells = self._doorbells, None
+        if isinstance(table, ReadOnlyMapping):
+            table.close()
+        elif isinstance(table, WordTable):
+            table.release()
+        del bell, table  # releases the ctypes views of a writable mapping before it is closed
         self._mm.close()
 
     @staticmethod
     def unlink(data_dir: str) -> None:
+        """Remove the block's name (best effort: gone already, or not ours to remove)."""
         try:
             posix_ipc.unlink_shared_memory(control_name(data_dir))
-        except posix_ipc.ExistentialError:
+        except (posix_ipc.Error, OSError):
             pass
 
 
@@ -216,3 +251,13 @@ def state_name(state: int) -> str:
         return WriterState(state).name.lower()
     except ValueError:
         return f"unknown({state})"
+
+
+def _adoptable(fd: int, st: os.stat_result) -> bool:
+    """An existing object of the service's user is continued as the control block when
+    it is one (its magic) or nothing else can reach it (one link: a fresh or garbage
+    object is zeroed). One with other names and no magic is some other memory: replaced."""
+    if st.st_nlink == 1:
+        return True
+    head = os.pread(fd, _HEAD.size, 0)
+    return len(head) == _HEAD.size and _HEAD.unpack(head)[0] == CONTROL_MAGIC

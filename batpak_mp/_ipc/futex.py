@@ -2,9 +2,12 @@
 
 Owns: the two futex calls the store needs — wait while a word still holds a value, and
 wake every waiter — on memory shared between processes (non-private futexes), plus
-getting the address of a word in a mapping. The writer rings after each publish; any
-number of subscribers in any number of processes sleep in the kernel, using no CPU and
-holding no state in the writer (a killed subscriber leaves nothing behind).
+getting the address of a word in a mapping, and a table of words rung one at a time
+(the doorbells). The writer rings the notify word after each publish and a doorbell
+after each reply; any number of waiters in any number of processes sleep in the kernel,
+using no CPU and holding no state in the writer (a killed waiter leaves nothing behind).
+Every word lives in memory the writer made and checked (the control block), so ringing
+one can never fault on a file a client truncated.
 Must not import the engine, the writer or the client.
 """
 
@@ -15,6 +18,7 @@ import ctypes.util
 import errno
 import mmap
 import platform
+from typing import Any
 
 _SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98, "i386": 240, "i686": 240,
               "armv7l": 240, "ppc64le": 221, "s390x": 238, "riscv64": 98}.get(platform.machine().lower())
@@ -44,6 +48,7 @@ class Word:
         self.address = address
         self._owner = owner  # the mapping must outlive the address
         self._value = ctypes.c_uint32.from_address(address)
+        self._arg = ctypes.c_void_p(address)  # made once: every wait and ring passes it
 
     @property
     def value(self) -> int:
@@ -61,7 +66,7 @@ class Word:
         if timeout is not None:
             timeout = max(timeout, 0.0)
             ts = _Timespec(int(timeout), int((timeout - int(timeout)) * 1e9))
-        rc = _syscall(_SYS_FUTEX, ctypes.c_void_p(self.address), _FUTEX_WAIT, ctypes.c_uint32(expected),
+        rc = _syscall(_SYS_FUTEX, self._arg, _FUTEX_WAIT, ctypes.c_uint32(expected),
                       ctypes.byref(ts) if ts is not None else None, None, 0)
         if rc == -1:
             err = ctypes.get_errno()
@@ -72,7 +77,31 @@ class Word:
         """Bump the word and wake every waiter (writer side; the mapping is writable)."""
         self._value.value = (self._value.value + 1) & 0xFFFFFFFF
         if _SYS_FUTEX is not None:
-            _syscall(_SYS_FUTEX, ctypes.c_void_p(self.address), _FUTEX_WAKE, _INT_MAX, None, None, 0)
+            _syscall(_SYS_FUTEX, self._arg, _FUTEX_WAKE, _INT_MAX, None, None, 0)
+
+
+class WordTable:
+    """``count`` consecutive 32-bit words at ``offset`` of a writable Python mmap, each
+    rung on its own (the writer's side of the doorbells)."""
+
+    def __init__(self, mm: mmap.mmap, offset: int, count: int) -> None:
+        self._words: Any = (ctypes.c_uint32 * count).from_buffer(mm, offset)
+        self._base = ctypes.addressof(self._words)
+        self._args: dict[int, ctypes.c_void_p] = {}  # index -> its address as a call argument, made once
+
+    def ring(self, index: int) -> None:
+        """Bump word ``index`` and wake every waiter on it."""
+        words = self._words
+        words[index] = (words[index] + 1) & 0xFFFFFFFF
+        if _SYS_FUTEX is not None:
+            arg = self._args.get(index)
+            if arg is None:
+                arg = self._args[index] = ctypes.c_void_p(self._base + 4 * index)
+            _syscall(_SYS_FUTEX, arg, _FUTEX_WAKE, _INT_MAX, None, None, 0)
+
+    def release(self) -> None:
+        """Drop the view, so the mapping can be closed."""
+        self._words = None
 
 
 def word_in_writable(mm: mmap.mmap, offset: int) -> Word:

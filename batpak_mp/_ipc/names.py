@@ -1,19 +1,23 @@
 """Every name derived from a data directory that more than one process must agree on.
 
 Owns (docs/PROTOCOL.md §2 and §14): the IPC prefix of a data directory, the names of its
-control block, request queue, client areas and their doorbell semaphores; how a POSIX
-name maps to a file in ``/dev/shm`` (shared memory ``bpmp-…``, semaphores
-``sem.bpmp-…``) and how such a file name is parsed back (which store, which client pid);
-and the lock files in the data directory (the writer's ``LOCK_FILE`` is defined with the
-other file names in ``_format/directory.py`` and only re-exported here).
+control block, request queue and client areas, and the doorbell slot of an area; how a
+POSIX name maps to a file in ``/dev/shm`` (shared memory ``bpmp-…``; ``sem.bpmp-…`` for
+the doorbell semaphores of wire version 2, which only the cleanup still recognises) and
+how such a file name is parsed back (which store, which client pid); and the lock files
+in the data directory (the writer's ``LOCK_FILE`` is defined with the other file names in
+``_format/directory.py`` and only re-exported here).
 
 Invariants: a name is built in exactly one function here and parsed by its inverse in
 the same module (``area_name`` / ``parse_area_name``), so the writer's validation of a
 message, the client's naming, the writer's sweep of dead clients and ``cleanup_ipc``
-cannot drift apart. Two spellings of one directory (relative, symlinked) give one prefix.
+cannot drift apart. Parsing is strict and total: ASCII digits and hex only, a pid within
+the kernel's range, anything else is "not ours" (None) and never an exception — the
+names come from a world-writable directory. Two spellings of one directory (relative,
+symlinked) give one prefix.
 
 Pure but for ``os.path`` (``realpath`` to find the directory's one spelling, ``join``):
-no ``posix_ipc``, no listing or unlinking — callers do the I/O with these names.
+no ``posix_ipc``, no listing, stat or unlinking — ``_ipc/objects.py`` does the I/O.
 Must not import the storage layer, the read layer or any process role.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os.path
 import re
+import zlib
 from typing import NamedTuple
 
 from .._format.directory import LOCK_FILE
@@ -33,13 +38,14 @@ PREFIX_HASH_BYTES = 6  # 12 hex digits of blake2b(realpath): short enough for NA
 CONTROL_SUFFIX = "-ctl"  # <prefix>-ctl: the control block (shared memory)
 QUEUE_SUFFIX = "-req"  # <prefix>-req: the request queue (message queue)
 AREA_INFIX = "-c"  # <prefix>-c<pid>-<hex>: a client area (shared memory)
-SEMAPHORE_SUFFIX = "s"  # <area>s: the area's doorbell (a semaphore); "s" is not a hex digit
+SEMAPHORE_SUFFIX = "s"  # <area>s: an area's doorbell semaphore in wire version 2; "s" is not a hex digit
 AREA_TOKEN_BYTES = 4  # random bytes in a new area's name (8 hex digits): a fresh name per area
 WRITER_LOCK_FILE = LOCK_FILE  # flock'ed by the live writer; probed (never held) by the supervisor
 SUPERVISOR_LOCK_FILE = "supervisor.lock"  # flock'ed for a supervisor's life: one per data directory
 
-_AREA_TAIL = re.compile(r"-c([0-9]{1,10})-([0-9a-f]{1,32})")  # after the prefix; the pid, the token
-_PREFIX = re.compile(r"/bpmp-[0-9a-f]{12}")
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit Linux: no process id is above it
+_AREA_TAIL = re.compile(r"-c([1-9][0-9]{0,6})-([0-9a-f]{1,32})", re.ASCII)  # after the prefix; the pid, the token
+_PREFIX = re.compile(r"/bpmp-[0-9a-f]{12}", re.ASCII)
 
 
 def ipc_prefix(data_dir: str) -> str:
@@ -67,8 +73,14 @@ def area_name(prefix: str, pid: int, token: str) -> str:
 
 
 def semaphore_name(area: str) -> str:
-    """The doorbell semaphore of a client area."""
+    """The doorbell semaphore a client area had in wire version 2 (cleanup only)."""
     return area + SEMAPHORE_SUFFIX
+
+
+def doorbell_slot(area: str, slots: int) -> int:
+    """Which of the control block's ``slots`` doorbell words rings for ``area``: a hash of
+    its name (two areas may share a word; a waiter re-checks its own area on each wake)."""
+    return zlib.crc32(area.encode()) % slots
 
 
 class AreaName(NamedTuple):
@@ -85,7 +97,8 @@ def parse_area_name(name: str) -> AreaName | None:
     tail = _AREA_TAIL.fullmatch(name, head.end())
     if tail is None:
         return None
-    return AreaName(head.group(), int(tail.group(1)), tail.group(2))
+    pid = int(tail.group(1))
+    return AreaName(head.group(), pid, tail.group(2)) if pid <= PID_MAX else None
 
 
 def is_area_of(name: str, prefix: str) -> bool:

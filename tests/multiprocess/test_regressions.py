@@ -45,9 +45,8 @@ def test_tiny_client_area_does_not_crash_the_writer(service: tuple[bp.Service, s
     pid_before = svc.writer_pid
     name = f"{ipc_prefix(data_dir)}-c{os.getpid()}-deadbeef"
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=16)
-    sem = posix_ipc.Semaphore(name + "s", posix_ipc.O_CREX, mode=0o600, initial_value=0)
     try:
-        os.pwrite(shm.fd, W.LEN.pack(4) + b"\x94\x02\x01\x00", 0)
+        os.pwrite(shm.fd, W.REPLY_TO.pack(0) + W.LEN.pack(4) + b"\x94\x02\x01\x00", 0)
         q = posix_ipc.MessageQueue(request_queue_name(data_dir))
         q.send(W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), name, 1)), 2)
         q.close()
@@ -57,7 +56,6 @@ def test_tiny_client_area_does_not_crash_the_writer(service: tuple[bp.Service, s
     finally:
         shm.close_fd()
         shm.unlink()
-        sem.unlink()
 
 
 def test_fork_while_another_thread_holds_the_store_lock(service: tuple[bp.Service, str]) -> None:

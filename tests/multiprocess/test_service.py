@@ -126,10 +126,12 @@ def test_garbage_request_in_area_gets_protocol_error(service: tuple[bp.Service, 
         assert area is not None
         for body in (b"\x00\x00\x00\x05hello", W.LEN.pack(7) + b"\x94\x01\x01\x00\xc0" + b"zz",
                      W.LEN.pack(10**6)):
-            area.mm[: len(body)] = body
+            area.mm[: W.BODY_AT + len(body)] = W.REPLY_TO.pack(0) + body
             s._channel.queue.send(W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, 1)), 2)
-            area.sem.acquire(5)
-            reply = W.decode_reply(area.mm)
+            deadline = time.monotonic() + 5
+            while not area.replied(1) and time.monotonic() < deadline:
+                area.bell.wait(area.bell.value, 0.05)
+            reply = area.reply()
             assert reply.status == W.STATUS_ERROR and reply.data[0] == "ProtocolError"
         assert s.append(bp.Coordinate("x", "y"), K, 2).entity_clock == 2
 

@@ -33,7 +33,7 @@ def test_the_prefix_is_one_per_real_path(tmp_path: Path) -> None:
     assert N.request_queue_name(str(real)) == prefix + "-req"
 
 
-@given(pid=st.integers(1, 2**31 - 1), token=st.binary(min_size=1, max_size=16))
+@given(pid=st.integers(1, N.PID_MAX), token=st.binary(min_size=1, max_size=16))
 def test_an_area_name_parses_back(pid: int, token: bytes) -> None:
     prefix = "/bpmp-0123456789ab"
     name = N.area_name(prefix, pid, token.hex())
@@ -52,6 +52,10 @@ def test_an_area_name_parses_back(pid: int, token: bytes) -> None:
     "/bpmp-0123456789ab-ctl", "/bpmp-0123456789ab-req", "/bpmp-0123456789ab-c-00", "/bpmp-0123456789ab-c12-",
     "/bpmp-0123456789ab-c12-XYZ", "/bpmp-0123456789ab-c12345678901-00", "/bpmp-0123456789ab-c1-00/../x",
     "/bpmp-0123456789a-c1-00", "bpmp-0123456789ab-c1-00", "/other-c1-00", "", "/bpmp-0123456789ab-c1-" + "0" * 33,
+    # strict: ASCII digits only, no leading zero, a pid the kernel can give (files in /dev/shm are anyone's)
+    "/bpmp-0123456789ab-c9999999999-ab", "/bpmp-0123456789ab-c4194305-ab", "/bpmp-0123456789ab-c0-ab",
+    "/bpmp-0123456789ab-c012-ab", "/bpmp-0123456789ab-c\u0661\u0662\u0663-ab", "/bpmp-0123456789ab-c\uff11-ab",
+    "/bpmp-0123456789ab-c1-\u0661", "/bpmp-\u0660123456789ab-c1-00",
 ])
 def test_anything_else_is_not_an_area(name: str) -> None:
     assert N.parse_area_name(name) is None
@@ -78,14 +82,24 @@ def test_the_writer_accepts_messages_naming_only_its_own_areas() -> None:
     prefix = "/bpmp-0123456789ab"
     ours = N.area_name(prefix, os.getpid(), "00ff")
 
-    def decode(area: str) -> W.Message:
-        return W.decode_message(W.encode_message(W.Message(W.WIRE_VERSION, 7, area, 1)),
-                                lambda name: N.is_area_of(name, prefix))
+    def area_pid(name: str) -> int | None:
+        parsed = N.parse_area_name(name)
+        return parsed.pid if parsed is not None and parsed.prefix == prefix else None
+
+    def decode(area: str, pid: int = os.getpid()) -> W.Message:
+        return W.decode_message(W.encode_message(W.Message(W.WIRE_VERSION, pid, area, 1)), area_pid)
 
     assert decode(ours).area == ours
     for bad in (N.area_name("/bpmp-ba9876543210", 1, "00"), N.semaphore_name(ours), prefix + "-ctl"):
         with pytest.raises(ProtocolError):
             decode(bad)
+    with pytest.raises(ProtocolError, match="not the pid of its area"):  # a message claims its area's pid
+        decode(ours, os.getpid() + 1)
+
+
+def test_an_area_rings_one_doorbell_of_many() -> None:
+    slots = {N.doorbell_slot(N.area_name("/bpmp-0123456789ab", 42, f"{i:08x}"), 4096) for i in range(1000)}
+    assert all(0 <= s < 4096 for s in slots) and len(slots) > 800  # spread: collisions cost a spurious wake-up
 
 
 # Spellings that must appear only in batpak_mp/_ipc/names.py (and _format/directory.py for
