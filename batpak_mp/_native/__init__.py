@@ -85,6 +85,7 @@ if codec is not None:
         frame_header,
         hash_matches,
         idem_hash,
+        index_group,
         name_hash,
         pack_records,
         scan_events,
@@ -96,12 +97,12 @@ else:
     from .._format.directory import idem_hash, name_hash
     from .._format.frame import encode_parts, frame_hash, frame_header, hash_matches, scan_frame
     from .._format.scan import scan_segment
-    from ._pure import encode_group, encode_request, event_at, pack_records, scan_events, unpack_record
+    from ._pure import encode_group, encode_request, event_at, index_group, pack_records, scan_events, unpack_record
 
 __all__ = [
-    "BACKEND", "PURE_ENV", "REQUIRE_ENV", "UNAVAILABLE", "backend", "codec", "codec_backend", "encode_group", "encode_parts",
-    "encode_request", "event_at", "frame_hash", "frame_header", "hash_matches", "idem_hash", "name_hash", "pack_records",
-    "scan_events", "scan_frame", "scan_segment", "unpack_record",
+    "BACKEND", "PURE_ENV", "REQUIRE_ENV", "UNAVAILABLE", "backend", "codec", "codec_backend", "encode_group",
+    "encode_parts", "encode_request", "event_at", "frame_hash", "frame_header", "hash_matches", "idem_hash",
+    "index_group", "name_hash", "pack_records", "scan_events", "scan_frame", "scan_segment", "unpack_record",
 ]
 
 

@@ -10,8 +10,8 @@
  *   _format/scan.py       scan_segment,
  *   _format/record.py     unpack_record (RECORD.unpack_from at a sequence's slot),
  * and of the pure functions in _native/_pure.py built on them: encode_request (one append
- * request planned and encoded: the commit path's per-event work), pack_records (a commit
- * group's records into records.idx), event_at and scan_events (an Event, or a run of
+ * request planned and encoded: the commit path's per-event work), pack_records and
+ * index_group (a commit group's records into records.idx, then its delta slots), event_at and scan_events (an Event, or a run of
  * them, straight from the frames: the reader's get, history and scan).
  *
  * Invariants: the Python modules are the reference. Every byte produced and every verdict
@@ -1629,17 +1629,13 @@ static int writable_view(PyObject *obj, Py_buffer *view)
     return -1;
 }
 
-static PyObject *py_pack_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+/* pack_records(a[0] buf, a[1] metas, a[2] segment_id, a[3] offset): the offset past the group */
+static PyObject *pack_records_impl(PyObject **a)
 {
-    (void)self;
-    static const char *const names[] = {"buf", "metas", "segment_id", "offset"};
     /* the record's fields in RECORD order, as positions in a meta tuple (-1: segment_id, -2: the offset) */
     static const int from_meta[9] = {1, -1, -2, 4, 2, 3, 6, 7, 5};
     static const char codes[9] = {'Q', 'I', 'I', 'I', 'H', 'H', 'Q', 'Q', 'Q'};
     static const int at[9] = {0, 8, 12, 16, 20, 22, 24, 32, 40};
-    PyObject *a[4];
-    if (bind_args("pack_records", args, nargs, kwnames, names, 4, 4, 4, a) < 0)
-        return NULL;
     PyObject *metas = PySequence_Fast(a[1], "pack_records: metas must be iterable");
     if (!metas)
         return NULL;
@@ -1691,6 +1687,78 @@ done:
         PyBuffer_Release(&view);
     Py_DECREF(metas);
     return result;
+}
+
+static PyObject *py_pack_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)self;
+    static const char *const names[] = {"buf", "metas", "segment_id", "offset"};
+    PyObject *a[4];
+    if (bind_args("pack_records", args, nargs, kwnames, names, 4, 4, 4, a) < 0)
+        return NULL;
+    return pack_records_impl(a);
+}
+
+/* index_group(records, metas, segment_id, offset, delta, slots, upsert): _pure.index_group,
+ * the records of a published group, then each of its entities' delta slot pointed at the
+ * entity's newest event (a slot met for the first time is found through upsert). */
+static PyObject *py_index_group(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)self;
+    static const char *const names[] = {"records", "metas", "segment_id", "offset", "delta", "slots", "upsert"};
+    PyObject *a[7];
+    if (bind_args("index_group", args, nargs, kwnames, names, 7, 7, 7, a) < 0)
+        return NULL;
+    if (!PyDict_Check(a[5])) {
+        PyErr_SetString(PyExc_TypeError, "index_group: slots must be a dict");
+        return NULL;
+    }
+    PyObject *end = pack_records_impl(a);  /* every record first: a reader that sees a slot finds its record */
+    if (!end)
+        return NULL;
+    PyObject *metas = PySequence_Fast(a[1], "index_group: metas must be iterable");
+    if (!metas) {
+        Py_DECREF(end);
+        return NULL;
+    }
+    Py_buffer view;
+    if (writable_view(a[4], &view) < 0) {
+        Py_DECREF(metas);
+        Py_DECREF(end);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(metas);
+    for (Py_ssize_t i = 0; i < n && end; i++) {
+        PyObject *meta = PySequence_Tuple(PySequence_Fast_GET_ITEM(metas, i));  /* of 10: pack_records took it */
+        if (!meta) {
+            Py_CLEAR(end);
+            break;
+        }
+        PyObject *entity = PyTuple_GET_ITEM(meta, 8), *seq = PyTuple_GET_ITEM(meta, 0);
+        PyObject *slot = PyDict_GetItemWithError(a[5], entity);
+        if (slot)
+            Py_INCREF(slot);
+        else if (!PyErr_Occurred()) {  /* slots[entity] = upsert(entity_hash, seq, prev_seq) */
+            slot = PyObject_CallFunctionObjArgs(a[6], PyTuple_GET_ITEM(meta, 6), seq, PyTuple_GET_ITEM(meta, 5), NULL);
+            if (slot && PyDict_SetItem(a[5], entity, slot) < 0)
+                Py_CLEAR(slot);
+        }
+        long long at = -1;
+        int ovf = 0;
+        unsigned long long value = 0;
+        if (!slot || as_ll(slot, &at, &ovf) < 0 || pack_uint(seq, 'Q', ~0ULL, &value) < 0)
+            Py_CLEAR(end);
+        else if (ovf || at < 0 || at > (long long)view.len - 16) {
+            PyErr_Format(StructError, "index_group: delta slot %S outside a table of %zd bytes", slot, view.len);
+            Py_CLEAR(end);
+        } else  /* each event in turn: the newest of an entity's is what stays */
+            st64((uint8_t *)view.buf + at + 8, value);
+        Py_XDECREF(slot);
+        Py_DECREF(meta);
+    }
+    PyBuffer_Release(&view);
+    Py_DECREF(metas);
+    return end;
 }
 
 /* ====================================================================================
@@ -2060,16 +2128,17 @@ static int not_zero_id(PyObject *x)
     return PyObject_RichCompareBool(x, ZeroId, Py_NE);
 }
 
-/* An instance of a NamedTuple class from n new references (stolen, NULLs allowed on
- * error), as its own __new__ builds it (tuple.__new__); any other callable is called. */
+/* tuple.__new__(type, items) from n new references (stolen, NULLs allowed on error):
+ * a NamedTuple's own __new__ builds its instances exactly so, without the Python call. */
 static PyObject *named_of(PyObject *type, PyObject **items, Py_ssize_t n)
 {
     PyObject *r = NULL;
     int complete = 1;
     for (Py_ssize_t i = 0; i < n; i++)
         complete &= items[i] != NULL;
-    if (complete && PyType_Check(type) && PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type)
-        && ((PyTypeObject *)type)->tp_new == PyTuple_Type.tp_new) {
+    if (complete && !(PyType_Check(type) && PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type)))
+        PyErr_Format(PyExc_TypeError, "tuple.__new__(X): X is not a subtype of tuple");
+    else if (complete) {
         r = type == (PyObject *)&PyTuple_Type ? PyTuple_New(n) : ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, n);
         if (r) {
             int atomic = 1;
@@ -2083,8 +2152,7 @@ static PyObject *named_of(PyObject *type, PyObject **items, Py_ssize_t n)
                 PyObject_GC_UnTrack(r);
             return r;
         }
-    } else if (complete)
-        r = PyObject_Vectorcall(type, items, (size_t)n, NULL);
+    }
     for (Py_ssize_t i = 0; i < n; i++)
         Py_XDECREF(items[i]);
     return r;
@@ -2421,6 +2489,8 @@ static PyMethodDef codec_methods[] = {
     FASTKW("encode_request", py_encode_request,
            "encode_request(items, entities, known, lookup, first_seq, wall_ms, id_prefix, fence_flag, durable,\n"
            "scope_hashes, receipt_type, state_type) -> (frames, metas, receipts, keyed): _native._pure.encode_request."),
+    FASTKW("index_group", py_index_group,
+           "index_group(records, metas, segment_id, offset, delta, slots, upsert) -> int: _native._pure.index_group."),
     FASTKW("pack_records", py_pack_records,
            "pack_records(buf, metas, segment_id, offset) -> int: _native._pure.pack_records, a group's records."),
     FASTKW("event_at", py_event_at,

@@ -82,3 +82,8 @@ def encode_request(items: Sequence[Any], entities: dict[bytes, Any], known: dict
                    ) -> tuple[bytes, list[tuple[int, int, int, int, int, int, int, int, bytes, bytes]], list[Any],
                               list[tuple[bytes, int]]]:
     """_native._pure.encode_request: one append request planned and encoded."""
+
+def index_group(records: Any, metas: Sequence[tuple[int, int, int, int, int, int, int, int, bytes, bytes]],
+                segment_id: int, offset: int, delta: Any, slots: dict[bytes, int],
+                upsert: Callable[[int, int, int], int]) -> int:
+    """_native._pure.index_group: a published group's records, then its delta slots."""

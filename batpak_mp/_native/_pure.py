@@ -3,17 +3,19 @@
 Owns: ``encode_group`` (a whole commit group through ``_format.frame.encode_parts``, with
 an item's prev_hash allowed to be the index of an earlier item), ``encode_request`` (one
 append request's events planned and encoded: clocks, chain, flags, event ids, frames,
-index metas, receipts; the commit path's per-event work), ``unpack_record`` (the
-record of a sequence in records.idx), ``pack_records`` (a published group's records into
-records.idx), and the reader's hot path: ``event_at`` (the ``Event`` of the frame a record
-names) and ``scan_events`` (a run of frames as Events). They are the reference the C
-extension's functions of the same names are tested against, and what callers get
-without it. Pure: bytes in, values out (``pack_records`` writes into the buffer it is
-given). Must not import os, mmap or anything with a clock.
+index metas, receipts; the commit path's per-event work), ``unpack_record`` (the record
+of a sequence in records.idx), ``pack_records`` and ``index_group`` (a published group's
+records into records.idx, then its delta slots), and the reader's hot path: ``event_at``
+(the ``Event`` of the frame a record names) and ``scan_events`` (a run of frames as
+Events). They are the reference the C extension's functions of the same names are
+tested against, and what callers get without it. Pure: bytes in, values out
+(``pack_records`` and ``index_group`` write into the buffers they are given). Must not
+import os, mmap or anything with a clock.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -44,6 +46,8 @@ RecordMeta = tuple[int, int, int, int, int, int, int, int, bytes, bytes]
 """What a record is packed from: planning's EventMeta, (seq, clock, kind, flags, frame_len,
 prev_seq, entity_hash, scope_hash, entity, idem)."""
 Coords = dict[bytes, tuple[int, Coordinate]]  # a reader's cache of decoded names (event_from_header)
+_new_tuple = tuple.__new__  # what a NamedTuple's own __new__ calls
+_U64 = struct.Struct("<Q")  # a delta slot's head sequence, 8 bytes past its entity hash (_format.tables.DELTA_SLOT)
 Chain = tuple[int, bytes | int, int, int]
 """An entity's chain as far as planned, in planning's EntityState order: (clock, head
 hash, head sequence, entity name hash); inside a request the head hash may be the int
@@ -138,7 +142,9 @@ def encode_request(items: Sequence[Any], entities: dict[bytes, Any], known: dict
     ``known``. Then one ``encode_group`` call. On success ``entities`` holds each
     entity's new state (``state_type``) and the result is (the frames joined, the
     index metas, the receipts (``receipt_type``, unsigned), the (idempotency hash,
-    sequence) of each keyed event). Scope name hashes are cached in ``scope_hashes``."""
+    sequence) of each keyed event). Scope name hashes are cached in ``scope_hashes``.
+    ``receipt_type`` and ``state_type`` are NamedTuple classes, built as their own
+    ``__new__`` builds them: ``tuple.__new__(cls, fields)``."""
     last = len(items) - 1
     rows: list[GroupItem] = []
     chained: list[Chain] = []
@@ -172,11 +178,30 @@ def encode_request(items: Sequence[Any], entities: dict[bytes, Any], known: dict
         if scope_hash is None:
             scope_hash = scope_hashes[scope] = name_hash(scope)
         metas.append((seq, clock, p[2], row[0], flen, st[2], st[3], scope_hash, entity, p[5]))
-        receipts.append(receipt_type(event_id, seq, entity.decode(), scope.decode(), clock, ehash, prev, wall_ms,
-                                     durable, None))
-        states.append(state_type(clock, ehash, seq, st[3]))
+        receipts.append(_new_tuple(receipt_type, (event_id, seq, entity.decode(), scope.decode(), clock, ehash, prev,
+                                                  wall_ms, durable, None)))
+        states.append(_new_tuple(state_type, (clock, ehash, seq, st[3])))
         if p[5] != ZERO_ID:
             keyed.append((p[5], seq))
     for p, state in zip(items, states, strict=True):  # only now: nothing can fail any more
         entities[p[0]] = state
     return data, metas, receipts, keyed
+
+
+def index_group(records: Any, metas: Sequence[RecordMeta], segment_id: int, offset: int, delta: Any,
+                slots: dict[bytes, int], upsert: Callable[[int, int, int], int]) -> int:
+    """Index a published group whose first frame is at ``offset``: its records
+    (``pack_records``) first, so a reader that sees a slot finds its record, then each
+    entity's slot in the delta table pointed at its newest event of the group. ``slots``
+    holds each entity's slot offset; a missing one is found by ``upsert(entity hash,
+    sequence, previous sequence)`` and kept. Returns the offset past the group."""
+    end = pack_records(records, metas, segment_id, offset)
+    heads: dict[int, int] = {}  # slot offset -> the newest sequence of its entity in the group
+    for meta in metas:
+        slot = slots.get(meta[8])
+        if slot is None:  # the entity's first event in this segment
+            slot = slots[meta[8]] = upsert(meta[6], meta[0], meta[5])
+        heads[slot] = meta[0]
+    for slot, seq in heads.items():
+        _U64.pack_into(delta, slot + 8, seq)
+    return end

@@ -69,9 +69,9 @@ from .._format.tables import (
     encode_idem_base,
     verify_base,
 )
-from .._native import name_hash, pack_records, scan_frame, unpack_record  # the active codec
+from .._native import index_group, name_hash, scan_frame, unpack_record  # the active codec
 from .osio import Disk
-from .planning import M_ENTITY, M_ENTITY_HASH, M_IDEM, M_PREV_SEQ, M_SEQ, EventMeta
+from .planning import M_IDEM, M_SEQ, EventMeta
 
 RECORDS_GROWTH = 1 << 16  # records.idx grows by this many records (4 MiB) at a time
 _u64 = struct.Struct("<Q")
@@ -161,23 +161,15 @@ class IndexFiles:
         return count
 
     def index_group(self, metas: Sequence[EventMeta], segment_id: int, offset: int) -> None:
-        """Index a published group whose first frame is at ``offset``: its records (one
-        call of the active codec), then the delta slots of its entities, each pointed
-        at the entity's newest event of the group (a reader that sees a slot finds its
-        record)."""
+        """Index a published group whose first frame is at ``offset``: its records, then
+        the delta slots of its entities, each pointed at the entity's newest event of the
+        group (a reader that sees a slot finds its record). One call of the active codec."""
         self.ensure_records(metas[-1][M_SEQ])
-        pack_records(self.records_map, metas, segment_id, offset)
-        slots = self.delta_slots
-        delta, cap = self.delta_map, self.delta_cap
-        heads: dict[int, int] = {}  # slot offset -> the newest sequence of its entity in the group
-        for meta in metas:
-            slot = slots.get(meta[M_ENTITY])
-            if slot is None:  # the entity's first event in this segment
-                slot = slots[meta[M_ENTITY]] = delta_upsert(delta, cap, meta[M_ENTITY_HASH], meta[M_SEQ],
-                                                             meta[M_PREV_SEQ])
-            heads[slot] = meta[M_SEQ]
-        for slot, seq in heads.items():
-            _u64.pack_into(delta, slot + _SLOT_HEAD_AT, seq)
+        index_group(self.records_map, metas, segment_id, offset, self.delta_map, self.delta_slots, self._upsert)
+
+    def _upsert(self, entity_hash: int, seq: int, prev_seq: int) -> int:
+        """The delta slot of an entity met for the first time in this segment."""
+        return delta_upsert(self.delta_map, self.delta_cap, entity_hash, seq, prev_seq)
 
     def written(self, metas: Sequence[EventMeta]) -> None:
         """A group was written to the active segment: its keys are taken from now on."""

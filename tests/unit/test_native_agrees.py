@@ -705,6 +705,31 @@ def test_pack_records_into_every_writable_buffer_and_not_into_a_read_only_one() 
                                                                               9, 4096))
 
 
+@PROPS
+@given(st.lists(st.tuples(st.sampled_from([b"a", b"b", b"c", b"d"]), st.integers(0, 3)), max_size=12),
+       st.sets(st.sampled_from([b"a", b"b", b"c", b"d"])))
+def test_index_group_matches(events: list[tuple[bytes, int]], known: set[bytes]) -> None:
+    """A group's records, then each entity's delta slot at its newest event; a slot met
+    for the first time comes from upsert."""
+    metas = [(seq, i, 7, 1, 200 + i, prev, 1000 + ord(e[:1]), 12, e, bytes(16))
+             for seq, (i, (e, prev)) in enumerate(enumerate(events), start=1)]
+    outcomes = []
+    for fn in (_pure.index_group, C.index_group):
+        records, delta = bytearray(64 * (len(metas) + 2)), bytearray(1024)
+        slots = {e: 128 + 16 * (ord(e[:1]) - ord("a")) for e in known}
+        calls: list[tuple[int, int, int]] = []
+
+        def upsert(h: int, seq: int, prev: int, calls: list[tuple[int, int, int]] = calls) -> int:
+            calls.append((h, seq, prev))
+            return 512 + 16 * len(calls)
+
+        end = outcome(fn, records, metas, 3, 4096, delta, slots, upsert)
+        outcomes.append((end, bytes(records), bytes(delta), slots, calls))
+    same(outcomes[1], outcomes[0])
+    bad = outcome(C.index_group, bytearray(64 * 20), metas, 3, 0, bytearray(16), {}, lambda h, s, p: 16)
+    assert bad == ("raised", struct.error) or not metas  # a slot outside the table
+
+
 # ---- event_at, scan_events -----------------------------------------------------------
 def event_fields_of(ev: Any) -> Any:
     """Every slot of an Event (its == compares only id and hash), the coordinate by name."""
