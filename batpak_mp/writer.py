@@ -774,8 +774,8 @@ class Writer:
 def _names_only(req: W.Request) -> W.Request:
     """``req`` with each item cut to its entity and scope (what its receipt needs)."""
     if req.op == W.OP_APPEND_FENCED:
-        return req._replace(body=[req.body[0], [(it[0], it[1]) for it in req.body[1]]])
-    return req._replace(body=[(it[0], it[1]) for it in req.body])
+        return W.Request(req.op, req.request_id, req.epoch_seen, [req.body[0], [(it[0], it[1]) for it in req.body[1]]])
+    return W.Request(req.op, req.request_id, req.epoch_seen, [(it[0], it[1]) for it in req.body])
 
 
 def _raise_file_limit() -> None:

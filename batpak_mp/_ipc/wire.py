@@ -38,6 +38,7 @@ OP_APPEND_FENCED = 6  # body: [token, [item, ...]]; written hidden inside the fe
 OP_FENCE_COMMIT = 7  # body: token; the fence's events become visible; reply: [visible, durable]
 OP_FENCE_CANCEL = 8  # body: token; its events stay hidden for good; reply: [visible, durable]
 FENCE_OPS = (OP_FENCE_BEGIN, OP_APPEND_FENCED, OP_FENCE_COMMIT, OP_FENCE_CANCEL)
+_OPS = frozenset((OP_APPEND, OP_SYNC, OP_PING, OP_BYE, *FENCE_OPS))
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -236,7 +237,7 @@ def _request_from(doc: Any, limits: Limits) -> Request:
     if not isinstance(doc, list) or len(doc) != 4:
         raise E.ProtocolError("request is not a 4-element array")
     op, request_id, epoch_seen, body = doc
-    if op not in (OP_APPEND, OP_SYNC, OP_PING, OP_BYE, *FENCE_OPS):
+    if op not in _OPS:
         raise E.ProtocolError(f"unknown op {op!r:.40}")
     if type(request_id) is not int or type(epoch_seen) is not int:
         raise E.ProtocolError("request id and epoch must be ints")
@@ -264,7 +265,7 @@ def _read_request(u: msgpack.Unpacker, limits: Limits) -> Request:
     if u.read_array_header() != 4:
         raise E.ProtocolError("request is not a 4-element array")
     op, request_id, epoch_seen = u.unpack(), u.unpack(), u.unpack()
-    if op not in (OP_APPEND, OP_SYNC, OP_PING, OP_BYE, *FENCE_OPS):
+    if op not in _OPS:
         raise E.ProtocolError(f"unknown op {op!r:.40}")
     if type(request_id) is not int or type(epoch_seen) is not int:
         raise E.ProtocolError("request id and epoch must be ints")
