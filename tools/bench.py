@@ -427,7 +427,7 @@ class Row11:
 def _service_pick(workload: str, moon_baseline: str) -> Callable[[dict[str, Any]], tuple[float, float, float] | None]:
     def pick(doc: dict[str, Any]) -> tuple[float, float, float] | None:
         for r in doc.get("rows", []):
-            if r["workload"] == workload:
+            if r["workload"] == workload and r["ratio"] is not None:
                 ratios = r.get("ratios", {r["baseline"]: r["ratio"]})
                 return r["batpak"], r["ratio"], ratios.get(moon_baseline, r["ratio"])
         return None
@@ -440,8 +440,9 @@ def _engine_pick(key: str) -> Callable[[dict[str, Any]], tuple[float, float, flo
         if r is None or r["median"].get("batpak") is None:
             return None
         ours = r["median"]["batpak"]
-        if key == "a":
-            return ours, r["ratio"]["LMDB"], r["ratio"]["LMDB"]
+        if key == "a":  # a ratio to LMDB: none when LMDB did not run (--backends)
+            lmdb = r["ratio"].get("LMDB")
+            return None if lmdb is None else (ours, lmdb, lmdb)
         return ours, ours, ours
     return pick
 
