@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ._client import Fence, Store, Subscription, connect
 from ._errors import (
+    AlreadyServed,
     ApprovalError,
     BatpakError,
     ConcurrencyConflict,
@@ -29,6 +30,7 @@ from ._errors import (
     StoreClosed,
     StoreLocked,
     StorePoisoned,
+    UnsafeDirectory,
     UnsafeIpcObject,
     WriterTimeout,
     WriterUnavailable,
@@ -60,6 +62,7 @@ from ._values import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlreadyServed",
     "Approval",
     "ApprovalError",
     "BatchItem",
@@ -109,6 +112,7 @@ __all__ = [
     "StorePoisoned",
     "Subscription",
     "SyncMode",
+    "UnsafeDirectory",
     "UnsafeIpcObject",
     "VerifyReport",
     "WriterState",

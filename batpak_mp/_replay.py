@@ -62,6 +62,7 @@ from ._errors import (
     ReactorError,
     StorageError,
 )
+from ._ipc.names import PID_MAX
 from ._values import (
     CATEGORY_SYSTEM,
     SYSTEM_CURSOR_ACK,
@@ -873,7 +874,9 @@ def _sweep_temporaries(folder: str, base: str) -> None:
         if not entry.startswith(prefix):
             continue
         pid_text = entry[len(prefix):].split("-", 1)[0]
-        if not pid_text.isdigit():
+        # strict: ASCII digits of a real pid only (str.isdigit() takes '²' and int() of it
+        # fails; a huge number makes os.kill raise OverflowError): anything else is left alone
+        if not (pid_text.isascii() and pid_text.isdigit() and len(pid_text) <= 7 and 0 < int(pid_text) <= PID_MAX):
             continue
         try:
             os.kill(int(pid_text), 0)

@@ -41,13 +41,12 @@ from ._errors import (
 from ._ipc import codes as C
 from ._ipc.control import ControlBlock, state_name
 from ._ipc.names import (
-    SHM_DIR,
-    client_objects,
     ipc_prefix,
     request_queue_name,
     supervisor_lock_path,
     writer_lock_path,
 )
+from ._ipc.objects import sweep_client_objects
 from ._storage.engine import EngineConfig, parse_sync
 from ._values import RestartPolicy, SyncMode
 
@@ -171,15 +170,8 @@ def cleanup_ipc(data_dir: str) -> None:
         pass  # gone already, or not ours to remove (another user's: the writer refuses it)
     with contextlib.suppress(posix_ipc.Error):
         ControlBlock.unlink(data_dir)
-    try:
-        entries = os.listdir(SHM_DIR)
-    except OSError:
-        return
-    for obj in client_objects(entries, ipc_prefix(data_dir)):
-        try:
-            (posix_ipc.unlink_semaphore if obj.semaphore else posix_ipc.unlink_shared_memory)(obj.name)
-        except posix_ipc.Error:
-            pass
+    # strict names, this user's regular files only, never raises (the writer's sweep too)
+    sweep_client_objects(ipc_prefix(data_dir), lambda pid: True)
 
 
 def cleanup_ipc_if_unserved(data_dir: str) -> bool:

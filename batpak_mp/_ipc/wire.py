@@ -421,6 +421,8 @@ def error_to_wire(exc: BaseException) -> list[Any]:
         return ["ProtocolError", [exc.reason]]
     if isinstance(exc, E.FenceLost):
         return ["FenceLost", [exc.token, exc.reason]]
+    if isinstance(exc, E.DiskFull):  # the request was not written; the writer serves on
+        return ["DiskFull", [str(exc.op), str(exc.path), int(exc.errno or 0), str(exc.cause.strerror or exc.cause)]]
     if isinstance(exc, E.StorageError):
         return ["WriterUnavailable", [f"the writer failed closed: {exc}"]]
     return ["WriterUnavailable", [f"{type(exc).__name__}: {exc}"]]
@@ -449,6 +451,9 @@ def error_from_wire(data: Any) -> E.BatpakError:
             return E.FenceLost(*args)
         if name == "WriterUnavailable":
             return E.WriterUnavailable(*args)
+        if name == "DiskFull":
+            op, path, err, text = args
+            return E.DiskFull(str(op), str(path), OSError(int(err), str(text)))
     except (TypeError, ValueError):
         pass
     return E.ProtocolError(f"unreadable error reply {data!r:.200}")

@@ -29,7 +29,6 @@ from conftest import assert_verified
 import batpak_mp as bp
 from batpak_mp._format.directory import INDEX_DIR, SEGMENT_DIR
 from batpak_mp._format.record import RECORD_SIZE, record_offset
-from batpak_mp._ipc import wire as W
 from batpak_mp._storage.indexfiles import RECORDS_GROWTH, IndexFiles
 from batpak_mp._storage.osio import Disk
 
@@ -39,11 +38,6 @@ PAD = "x" * 10_000  # an event of ~10 KB: a 1 MiB segment fills in ~100
 SMALL_SEGMENTS = bp.EngineConfig(segment_max_bytes=1 << 20)
 PAGE = 4096
 APPENDS_MAX = 400  # more than fit in the rest of one segment: the next rotation must be met
-
-# TODO(lead): _ipc/wire.py must carry DiskFull (["DiskFull", [op, path, errno, strerror]]
-# both ways); until it does, a served append that meets a full disk is answered with
-# WriterUnavailable("the writer failed closed: ...[errno 28]...") although it did not.
-WIRE_CARRIES_DISK_FULL = W.error_to_wire(bp.DiskFull("pwrite", "x", OSError(errno.ENOSPC, "full")))[0] == "DiskFull"
 
 
 def assert_disk_full(exc: BaseException) -> None:
@@ -55,7 +49,7 @@ def append_until_full(store: bp.Engine | bp.Store, acked: list[bp.Receipt]) -> B
     for i in range(APPENDS_MAX):
         try:
             acked.append(store.append(COORD, K, {"i": len(acked), "pad": PAD}, idempotency_key=f"k{len(acked)}"))
-        except (bp.StorageError, bp.WriterUnavailable) as exc:
+        except bp.StorageError as exc:
             assert i > 0 or acked, "not one append went in"
             return exc
     raise AssertionError(f"{APPENDS_MAX} appends on a full disk all succeeded")
@@ -112,12 +106,9 @@ def test_a_served_store_survives_a_full_disk(tmp_path: str) -> None:
             acked.append(store.append(COORD, K, {"i": 0, "pad": PAD}, idempotency_key="k0"))
             ballast = fill(mnt)
             err = append_until_full(store, acked)
-            if WIRE_CARRIES_DISK_FULL:
-                assert_disk_full(err)
-            else:
-                assert isinstance(err, bp.WriterUnavailable) and "errno 28" in str(err), err
+            assert_disk_full(err)  # the same typed error as in-process, through the wire
             time.sleep(1.5)  # the writer's checkpoint (once a second) meets the full disk
-            with pytest.raises((bp.DiskFull, bp.WriterUnavailable)):
+            with pytest.raises(bp.DiskFull):
                 store.append(COORD, K, {"i": -1, "pad": PAD})
             assert_reads(store, acked)
             assert svc.writer_pid == pid and svc.status()["state"] == "ready"

@@ -558,3 +558,26 @@ def test_events_revealed_after_consumers_passed_them_still_reach_them(service: t
         f.commit()
         assert s.project_if_changed(p, kind=K) == s.project(Totals(), kind=K) == {"a": 4, "b": 2}
         assert [ev.payload["i"] for ev in cur] == [2]
+
+
+def test_snapshot_sweep_leaves_odd_temporary_names_alone(service: tuple[bp.Service, str]) -> None:
+    """The sweep of dead writers' snapshot temporaries parses the pid strictly: a
+    superscript digit (str.isdigit() is true, int() fails), a number too big for
+    os.kill, or a dead pid's file next to them must not stop a snapshot being written."""
+    _, data_dir = service
+    with bp.connect(data_dir) as s:
+        _append_sources(s, 5)
+        p = Totals()
+        s.project(p, kind=K, snapshot=True, snapshot_every=1)
+        path = snapshot_path(data_dir, p, EventFilter(kind=K))
+        folder = os.path.dirname(path)
+        odd = [f"{os.path.basename(path)}.tmp-\u00b2-ab", f"{os.path.basename(path)}.tmp-{10**30}-ab"]
+        dead = f"{os.path.basename(path)}.tmp-4194304-ab"  # above any live pid here: swept
+        for name in [*odd, dead]:
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(b"x")
+        _append_sources(s, 1, 5)
+        p2 = Totals()
+        s.project(p2, kind=K, snapshot=True, snapshot_every=1)  # raised ValueError / OverflowError before
+        left = sorted(n for n in os.listdir(folder) if ".tmp-" in n)
+        assert left == sorted(odd), left

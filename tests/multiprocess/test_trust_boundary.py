@@ -250,10 +250,6 @@ def test_odd_files_under_the_prefix_do_not_stop_the_service(data_dir: str, purge
 
 
 @ROOT_ONLY
-@pytest.mark.xfail(strict=True, raises=IsADirectoryError,
-                   reason="TODO(lead): _service.cleanup_ipc (not this change's file) must remove client objects "
-                          "with _ipc.objects.sweep_client_objects(prefix, lambda pid: True): it unlinks by name "
-                          "and dies on a directory")
 def test_cleanup_and_reset_ipc_survive_odd_files(data_dir: str, purge: str) -> None:
     """``cleanup_ipc`` (run by ``Service.stop``) and ``batpak-mp reset-ipc`` skip what they
     cannot or must not remove instead of crashing on it."""
