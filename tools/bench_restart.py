@@ -26,6 +26,7 @@ from batpak_mp._values import WriterState
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-data", "restart")
 PAYLOAD = {"user": "alice", "action": "move", "x": 10, "y": 20, "pad": "x" * 140}
+RESTART_WAIT_S = 60.0  # a restart that takes longer than this fails the run
 
 
 def build(path: str, events: int) -> float:
@@ -75,7 +76,13 @@ def restarts(path: str, kills: int) -> list[float]:
             os.kill(snap.writer_pid, signal.SIGKILL)
             t = time.monotonic()
             while True:
-                s2 = control.read()
+                try:
+                    s2 = control.read()
+                except bp.WriterUnavailable:  # the killed writer left the block mid-update: not ready yet
+                    if time.monotonic() - t > RESTART_WAIT_S:
+                        raise
+                    time.sleep(0.001)
+                    continue
                 if s2.state == WriterState.READY and s2.writer_epoch > snap.writer_epoch:
                     break
                 time.sleep(0.001)
