@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from .._errors import ConcurrencyConflict
 from .._format.directory import name_hash
@@ -47,6 +47,9 @@ RecordMeta = tuple[int, int, int, int, int, int, int, int, bytes, bytes]
 prev_seq, entity_hash, scope_hash, entity, idem)."""
 Coords = dict[bytes, tuple[int, Coordinate]]  # a reader's cache of decoded names (event_from_header)
 _new_tuple = tuple.__new__  # what a NamedTuple's own __new__ calls
+# event_from_header slices its buffer as bytes or an mmap does; event_at and scan_events pass
+# it theirs as is (a typing.cast per event would cost a call on the readers' hot path)
+_event_from: Callable[[Buffer, int, Any, Coords], Event | None] = event_from_header  # type: ignore[assignment]
 _U64 = struct.Struct("<Q")  # a delta slot's head sequence, 8 bytes past its entity hash (_format.tables.DELTA_SLOT)
 Chain = tuple[int, bytes | int, int, int]
 """An entity's chain as far as planned, in planning's EntityState order: (clock, head
@@ -104,7 +107,7 @@ def event_at(buf: Buffer, off: int, limit: int, seq: int, coords: Coords) -> Eve
     h = frame_header(buf, off, limit)
     if type(h) is not tuple or h[H_FRAME_LEN] != limit - off or h[H_GLOBAL_SEQUENCE] != seq:
         return None
-    return event_from_header(cast(bytes, buf), off, h, coords)
+    return _event_from(buf, off, h, coords)
 
 
 def scan_events(buf: Buffer, off: int, limit: int, seq: int, last: int, coords: Coords,
@@ -116,14 +119,16 @@ def scan_events(buf: Buffer, off: int, limit: int, seq: int, last: int, coords: 
     if off < 0 or limit > len(buf):
         raise ValueError(f"scan_events: offset {off} or limit {limit} outside buffer of {len(buf)} bytes")
     events: list[Event] = []
-    while seq <= last and len(events) < max_events:
-        h = frame_header(buf, off, limit)
+    header, event_from, add = frame_header, _event_from, events.append  # locals: this loop runs per event
+    stop = min(last, seq + max_events - 1)
+    while seq <= stop:
+        h = header(buf, off, limit)
         if type(h) is not tuple or h[H_GLOBAL_SEQUENCE] != seq or h[H_FLAGS] & FLAG_FENCED:
             break
-        ev = event_from_header(cast(bytes, buf), off, h, coords)
+        ev = event_from(buf, off, h, coords)
         if ev is None:
             break
-        events.append(ev)
+        add(ev)
         seq += 1
         off += h[H_FRAME_LEN]
     return events, off, seq

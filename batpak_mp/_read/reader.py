@@ -72,7 +72,7 @@ __all__ = ["Hidden", "Reader", "StaleView", "View", "frame_to_event", "map_reado
 
 _rec_unpack = RECORD.unpack_from
 _locate = LOCATION.unpack_from
-SCAN_RUN = 1024  # events ``scan`` builds per call of the codec (a run ends early at a fence or a segment's end)
+SCAN_RUN = 64  # events ``scan`` builds per call of the codec (a run ends early at a fence or a segment's end)
 
 
 class View(NamedTuple):
