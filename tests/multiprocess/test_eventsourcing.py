@@ -1,0 +1,226 @@
+"""eventsourcing's own conformance suites (``eventsourcing.tests.persistence`` and
+``eventsourcing.tests.application``) against ``PERSISTENCE_MODULE=batpak_mp.eventsourcing``
+over a real served store (supervisor, writer, POSIX queues): every recorder, the
+non-interleaving notification ids, the infrastructure factory, the example application and
+the application behaviour. One store serves the module; each test gets a namespace of its
+own (``BATPAK_MP_NAMESPACE``), so each application's notification ids start at 1 as the
+suites expect, while sharing the store as applications do. The suites' performance tests
+are skipped here (tools/bench_eventsourcing.py runs them for figures). The store must
+verify at the end."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("eventsourcing")
+
+from conftest import assert_verified
+from eventsourcing.persistence import (
+    AggregateRecorder,
+    ApplicationRecorder,
+    InfrastructureFactory,
+    IntegrityError,
+    OperationalError,
+    ProcessRecorder,
+    StoredEvent,
+    TrackingRecorder,
+)
+from eventsourcing.tests import application as suite_app
+from eventsourcing.tests import persistence as suite
+from eventsourcing.utils import Environment
+
+import batpak_mp as bp
+from batpak_mp.eventsourcing import (
+    BatpakAggregateRecorder,
+    BatpakApplicationRecorder,
+    BatpakProcessRecorder,
+    BatpakTrackingRecorder,
+    Datastore,
+    Factory,
+)
+
+MODULE = "batpak_mp.eventsourcing"
+PERF = "long figures: tools/bench_eventsourcing.py runs it"
+_DATA: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = str(tmp_path_factory.mktemp("es") / "data")
+    svc = bp.serve(path, segment_max_bytes=1 << 20)
+    _DATA["dir"] = path
+    try:
+        yield path
+    finally:
+        _DATA.clear()
+        assert svc.stop() == 0
+    assert_verified(path)
+
+
+@pytest.fixture(autouse=True)
+def namespace(served: str) -> Iterator[str]:
+    """The persistence module, the store and a fresh namespace in os.environ (the
+    application suites construct applications from the process environment)."""
+    ns = f"t{uuid.uuid4().hex[:12]}"
+    env = {"PERSISTENCE_MODULE": MODULE, "BATPAK_MP_DATA_DIR": served, "BATPAK_MP_NAMESPACE": ns}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield ns
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _datastore() -> Datastore:
+    return Datastore(_DATA["dir"])
+
+
+def _scope() -> str:
+    return f"t{uuid.uuid4().hex[:12]}/app"
+
+
+class TestAggregateRecorder(suite.AggregateRecorderTestCase):
+    def create_recorder(self) -> AggregateRecorder:
+        return BatpakAggregateRecorder(_datastore(), _scope() + ".snapshots")
+
+    def test_performance(self) -> None:
+        pytest.skip(PERF)
+
+
+class TestApplicationRecorder(suite.ApplicationRecorderTestCase[BatpakApplicationRecorder]):
+    def create_recorder(self) -> BatpakApplicationRecorder:
+        return BatpakApplicationRecorder(_datastore(), _scope())
+
+    def test_insert_subscribe(self) -> None:
+        self.optional_test_insert_subscribe()
+
+    def test_concurrent_throughput(self) -> None:
+        pytest.skip(PERF)
+
+    def test_performance(self) -> None:
+        pytest.skip(PERF)
+
+
+class TestTrackingRecorder(suite.TrackingRecorderTestCase):
+    def create_recorder(self) -> TrackingRecorder:
+        return BatpakTrackingRecorder(_datastore(), _scope())
+
+
+class TestProcessRecorder(suite.ProcessRecorderTestCase):
+    def create_recorder(self) -> ProcessRecorder:
+        return BatpakProcessRecorder(_datastore(), _scope())
+
+    def test_performance(self) -> None:
+        pytest.skip(PERF)
+
+
+class TestNonInterleavingNotificationIDs(suite.NonInterleavingNotificationIDsBaseCase):
+    def create_recorder(self) -> ApplicationRecorder:
+        return BatpakApplicationRecorder(_datastore(), _scope())
+
+
+class _TrackingSubclass(BatpakTrackingRecorder):
+    pass
+
+
+class TestInfrastructureFactory(suite.InfrastructureFactoryTestCase[Factory]):
+    def setUp(self) -> None:
+        self.env = Environment("TestCase")
+        self.env[InfrastructureFactory.PERSISTENCE_MODULE] = MODULE
+        self.env[Factory.BATPAK_MP_DATA_DIR] = _DATA["dir"]
+        super().setUp()
+
+    def expected_factory_class(self) -> type[Factory]:
+        return Factory
+
+    def expected_aggregate_recorder_class(self) -> type[AggregateRecorder]:
+        return BatpakAggregateRecorder
+
+    def expected_application_recorder_class(self) -> type[ApplicationRecorder]:
+        return BatpakApplicationRecorder
+
+    def expected_tracking_recorder_class(self) -> type[TrackingRecorder]:
+        return BatpakTrackingRecorder
+
+    def tracking_recorder_subclass(self) -> type[TrackingRecorder]:
+        return _TrackingSubclass
+
+    def expected_process_recorder_class(self) -> type[ProcessRecorder]:
+        return BatpakProcessRecorder
+
+
+class TestExampleApplication(suite_app.ExampleApplicationTestCase):
+    expected_factory_topic = "batpak_mp.eventsourcing:Factory"
+
+
+class TestApplication(suite_app.ApplicationTestCase):
+    pass
+
+
+# -- what the suites do not ask, and this module promises --------------------------------
+
+def test_factory_needs_a_data_dir_and_a_served_store(tmp_path: Any) -> None:
+    with pytest.raises(OSError, match="BATPAK_MP_DATA_DIR"):
+        Factory(Environment("App", {"PERSISTENCE_MODULE": MODULE}))
+    with pytest.raises(OSError, match="BATPAK_MP_TIMEOUT"):
+        Factory(Environment("App", {Factory.BATPAK_MP_DATA_DIR: _DATA["dir"], Factory.BATPAK_MP_TIMEOUT: "soon"}))
+    with pytest.raises(OperationalError):  # nothing serves that directory: a typed error at once, not at first use
+        Factory(Environment("App", {Factory.BATPAK_MP_DATA_DIR: str(tmp_path)}))
+
+
+def test_applications_share_a_store_each_numbered_from_one() -> None:
+    env = {"PERSISTENCE_MODULE": MODULE, "BATPAK_MP_DATA_DIR": _DATA["dir"]}
+    ds = _datastore()
+    a = BatpakApplicationRecorder(ds, _scope())
+    b = BatpakApplicationRecorder(ds, _scope())
+    ev = [StoredEvent(uuid.uuid4(), 1, "t", b"x") for _ in range(3)]
+    assert a.insert_events(ev[:2]) == [1, 2]
+    assert b.insert_events(ev[2:]) == [1]  # not 3: b's notification ids are b's own
+    assert a.max_notification_id() == 2 and b.max_notification_id() == 1
+    # application-prefixed variables: ALPHA_BATPAK_MP_SCOPE names only Alpha's scope
+    f = Factory(Environment("Alpha", dict(env, ALPHA_BATPAK_MP_SCOPE="custom/alpha")))
+    assert f.scope == "custom/alpha"
+    assert Factory(Environment("Beta", env)).scope == "es/Beta"
+    f.close()
+
+
+def test_a_version_at_or_below_the_newest_is_an_integrity_error_and_nothing_is_written() -> None:
+    rec = BatpakApplicationRecorder(_datastore(), _scope())
+    oid = uuid.uuid4()
+    rec.insert_events([StoredEvent(oid, 1, "t", b"1"), StoredEvent(oid, 2, "t", b"2")])
+    other = uuid.uuid4()
+    for versions in ([2], [1], [3, 3], [4, 3]):
+        with pytest.raises(IntegrityError):  # the good event of `other` goes with the bad ones
+            rec.insert_events([StoredEvent(other, 1, "t", b"o")] + [StoredEvent(oid, v, "t", b"v") for v in versions])
+    assert rec.select_events(other) == []
+    assert [s.originator_version for s in rec.select_events(oid)] == [1, 2]
+    assert rec.max_notification_id() == 2
+    assert [s.originator_version for s in rec.select_events(oid, desc=True, limit=1)] == [2]
+    assert [s.originator_version for s in rec.select_events(oid, gt=1)] == [2]
+
+
+def test_text_originator_ids_and_topics_filter() -> None:
+    rec = BatpakApplicationRecorder(_datastore(), _scope())
+    rec.insert_events([StoredEvent("order-1/x", 0, "a", b"1"), StoredEvent("order-2", 0, "b", b"2"),
+                       StoredEvent("order-1/x", 1, "b", b"3")])
+    got = rec.select_notifications(None, 10, topics=["b"])
+    assert [(n.id, n.originator_id, n.topic) for n in got] == [(2, "order-2", "b"), (3, "order-1/x", "b")]
+    assert [s.state for s in rec.select_events("order-1/x")] == [b"1", b"3"]
+
+
+def test_subscription_from_none_starts_at_the_first_notification() -> None:
+    rec = BatpakApplicationRecorder(_datastore(), _scope())
+    rec.insert_events([StoredEvent(uuid.uuid4(), 1, "t", b"1"), StoredEvent(uuid.uuid4(), 1, "t", b"2")])
+    with rec.subscribe(gt=None) as sub:
+        assert [next(sub).id, next(sub).id] == [1, 2]
+    with rec.subscribe(gt=1) as sub:
+        assert next(sub).id == 2
