@@ -6,10 +6,12 @@ The public face: everything a caller needs is importable from here (see ``__all_
 
 from __future__ import annotations
 
+from ._backup import BackupReport, ForkReport, RestoreReport, backup, fork, restore
 from ._client import Fence, Store, Subscription, connect
 from ._errors import (
     AlreadyServed,
     ApprovalError,
+    BackupRefused,
     BatpakError,
     ConcurrencyConflict,
     CorruptSegment,
@@ -65,6 +67,8 @@ __all__ = [
     "AlreadyServed",
     "Approval",
     "ApprovalError",
+    "BackupRefused",
+    "BackupReport",
     "BatchItem",
     "BatpakError",
     "ConcurrencyConflict",
@@ -80,6 +84,7 @@ __all__ = [
     "Event",
     "Fence",
     "FenceLost",
+    "ForkReport",
     "Frontier",
     "FutureFormat",
     "FutureVersion",
@@ -104,6 +109,7 @@ __all__ = [
     "Receipt",
     "ReservedKind",
     "RestartPolicy",
+    "RestoreReport",
     "Service",
     "StorageError",
     "Store",
@@ -119,9 +125,12 @@ __all__ = [
     "WriterTimeout",
     "WriterUnavailable",
     "__version__",
+    "backup",
     "codec_backend",
     "connect",
+    "fork",
     "register_payload",
+    "restore",
     "serve",
     "unregister_payload",
     "verify",

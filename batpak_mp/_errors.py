@@ -240,6 +240,19 @@ class DiskFull(StorageError):
     the service stay up, and the same request succeeds once space is freed."""
 
 
+class BackupRefused(BatpakError, ValueError):
+    """``backup``, ``fork`` or ``restore`` will not write into ``path``: it lies inside the
+    store being copied, holds something that is not a backup of the same store (or is not
+    empty, for a fork), or is a store of another id (restore). Nothing was written there
+    and the source is untouched."""
+
+    def __init__(self, path: str, reason: str, found_store_id: str | None = None) -> None:
+        self.path = path
+        self.reason = reason
+        self.found_store_id = found_store_id
+        super().__init__(f"refusing {path!r}: {reason}")
+
+
 class ApprovalError(BatpakError, ValueError):
     """An approval cannot be committed: it was already ``used``, was minted by another
     pipeline (``foreign``), its proposal ``changed`` after approval, or it ``expired``."""

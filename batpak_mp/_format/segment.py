@@ -133,19 +133,22 @@ class SegmentVerdict(NamedTuple):
 
 def segment_verdict(
     name: str, head: bytes, tail: bytes, size: int, *, store_id: bytes | None, first_seq: int | None,
-    unsealed_ok: bool, segment_id: int | None = None,
+    unsealed_ok: bool, segment_id: int | None = None, inherited: tuple[tuple[bytes, int], ...] = (),
 ) -> SegmentVerdict:
     """Judge a segment from its first 64 bytes (``head``), its last 32 (``tail``) and its
     size: does it belong to the store ``store_id``, start at ``first_seq`` (where the
     log so far ends + 1), carry ``segment_id`` in its header (each checked when not None),
     and is its seal state allowed (``unsealed_ok``: recovery accepts an unsealed segment
     anywhere and seals it; verify only the newest)? A sealed segment's trailer must point
-    inside it.
+    inside it. ``inherited`` (a fork's lineage, ``meta.inherited_of``): a header naming one
+    of those store ids is this store's when the segment starts at or before the last
+    sequence taken from it (FORMAT.md §8.1).
     Raises ``CorruptSegment``/``FutureFormat`` only when the header cannot be decoded
     (then nothing else can be judged); every other finding is in ``problems``."""
     header = decode_segment_header(head, name)
     problems: list[CorruptSegment] = []
-    if store_id is not None and header.store_id != store_id:
+    if store_id is not None and header.store_id != store_id and not any(
+            header.store_id == sid and header.first_seq <= through for sid, through in inherited):
         problems.append(CorruptSegment(name, 0, "segment belongs to another store"))
     if segment_id is not None and header.segment_id != segment_id:
         problems.append(CorruptSegment(name, 0, f"header says segment {header.segment_id}, the file name {segment_id}"))

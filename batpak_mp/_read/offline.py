@@ -52,7 +52,7 @@ from .._format.directory import (
 from .._format.fences import commit_ranges
 from .._format.frame import FLAG_COMMIT_END
 from .._format.ids import store_key_of
-from .._format.meta import decode_meta
+from .._format.meta import decode_meta, inherited_of
 from .._format.record import (
     R_ENTITY_CLOCK,
     R_ENTITY_HASH,
@@ -236,6 +236,7 @@ def find_frontier(data_dir: str, durable_hint: tuple[int, int] | None = None) ->
     if raw is None:
         raise _not_a_store(root, f"no {META_FILE}")
     store_id = decode_meta(raw, meta_path)
+    inherited = inherited_of(raw, meta_path)  # a fork's segments of its parent (FORMAT.md §8.1)
     ckpt = _load_checkpoint(root)
     records = map_readonly(os.path.join(root, INDEX_DIR, RECORDS_FILE))
     if records is not None and not records_header_matches(records[:RECORDS_HEADER_SIZE], store_key_of(store_id)):
@@ -244,7 +245,7 @@ def find_frontier(data_dir: str, durable_hint: tuple[int, int] | None = None) ->
     hint = durable_hint[1] if durable_hint and durable_hint[0] == store_key_of(store_id) else 0
     log = _Log(root, records, ckpt, hint)
     try:
-        _walk_segments(root, store_id, log)
+        _walk_segments(root, store_id, log, inherited)
     except BaseException:
         if records is not None:
             records.close()
@@ -255,7 +256,7 @@ def find_frontier(data_dir: str, durable_hint: tuple[int, int] | None = None) ->
         records.close()
         records = None
         log = _Log(root, None, ckpt, hint)
-        _walk_segments(root, store_id, log)
+        _walk_segments(root, store_id, log, inherited)
     visible = log.next_seq - 1
     if visible < log.floor:
         raise CorruptSegment(os.path.join(root, SEGMENT_DIR), 0,
@@ -265,7 +266,7 @@ def find_frontier(data_dir: str, durable_hint: tuple[int, int] | None = None) ->
     return Frontier(store_id, visible, bytes(log.rebuilt), False)
 
 
-def _walk_segments(root: str, store_id: bytes, log: _Log) -> None:
+def _walk_segments(root: str, store_id: bytes, log: _Log, inherited: tuple[tuple[bytes, int], ...] = ()) -> None:
     seg_dir = os.path.join(root, SEGMENT_DIR)
     try:
         ids = sorted(sid for sid in map(parse_segment_name, os.listdir(seg_dir)) if sid is not None)
@@ -282,7 +283,8 @@ def _walk_segments(root: str, store_id: bytes, log: _Log) -> None:
         try:
             size = len(m)
             verdict = segment_verdict(path, m[:SEG_HEADER_SIZE], m[size - SEG_TRAILER_SIZE:], size,
-                                      store_id=store_id, first_seq=log.next_seq, unsealed_ok=True)
+                                      store_id=store_id, first_seq=log.next_seq, unsealed_ok=True,
+                                      inherited=inherited)
             verdict.check()
             trailer = verdict.trailer
             if trailer is not None:

@@ -26,7 +26,7 @@ from .._format.directory import (
     segment_name,
 )
 from .._format.frame import FLAG_FENCED, ZERO_HASH
-from .._format.meta import decode_meta
+from .._format.meta import decode_meta, inherited_of
 from .._format.record import RECORD, record_offset
 from .._format.segment import SEG_HEADER_SIZE, SEG_TRAILER_SIZE, sealed_verdict, segment_verdict
 from .._native import scan_segment  # the active codec: C when built, else _format's
@@ -47,7 +47,9 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
     meta_path = os.path.join(root, META_FILE)
     try:
         with open(meta_path, "rb") as f:
-            store_id = decode_meta(f.read(), meta_path)
+            raw = f.read()
+        store_id = decode_meta(raw, meta_path)
+        inherited = inherited_of(raw, meta_path)  # a fork's segments of its parent (FORMAT.md §8.1)
     except FileNotFoundError:
         report.problems.append(Problem(META_FILE, 0, "store.meta is missing"))
         return report
@@ -76,7 +78,7 @@ def verify(data_dir: str | os.PathLike[str]) -> VerifyReport:
             continue
         try:
             next_seq, end_offset = _verify_segment(name, m, store_id, next_seq, pos == len(names) - 1,
-                                                   heads, records, report)
+                                                   heads, records, report, inherited)
             end_name = name
         except BatpakError as exc:
             report.problems.append(Problem(name, getattr(exc, "offset", 0), str(exc)))
@@ -110,12 +112,13 @@ def _checkpoint_seq(path: str, report: VerifyReport) -> int:
 def _verify_segment(
     name: str, m: mmap.mmap, store_id: bytes, next_seq: int, is_last: bool,
     heads: dict[bytes, _Head], records: mmap.mmap | None, report: VerifyReport,
+    inherited: tuple[tuple[bytes, int], ...] = (),
 ) -> tuple[int, int]:
     """Check one segment; return the next sequence and the offset where its committed
     frames end."""
     size = len(m)
     verdict = segment_verdict(name, m[:SEG_HEADER_SIZE], m[size - SEG_TRAILER_SIZE:], size, store_id=store_id,
-                              first_seq=next_seq, unsealed_ok=is_last)
+                              first_seq=next_seq, unsealed_ok=is_last, inherited=inherited)
     header, trailer, limit = verdict.header, verdict.trailer, verdict.frames_end
     report.problems.extend(Problem(name, p.offset, p.reason) for p in verdict.problems)
     next_seq = header.first_seq  # a gap or overlap is reported above; check the rest from where it says

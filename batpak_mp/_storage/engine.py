@@ -31,7 +31,7 @@ from typing import Any
 from .._errors import BatpakError, CorruptSegment, DiskFull, StoreClosed, StoreLocked, StorePoisoned
 from .._format.directory import CHECKPOINT_FILE, INDEX_DIR, LOCK_FILE, META_FILE, SEGMENT_DIR
 from .._format.ids import store_tag_of
-from .._format.meta import decode_meta, encode_meta
+from .._format.meta import decode_meta, encode_meta, inherited_of
 from .._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from .._prepare import Prepared, prepare, prepare_items
 from .._read.reader import Reader, View
@@ -135,6 +135,7 @@ class Engine:
             self.disk.write_file_atomic(path, encode_meta(self.store_id, self._clock_ms()))
         else:
             self.store_id = decode_meta(raw, path)
+        self.inherited = inherited_of(raw, path) if raw is not None else ()  # a fork's (FORMAT.md §8.1)
         self.store_tag = store_tag_of(self.store_id)  # in every event id
         self.store_key = int.from_bytes(self.store_id[:8], "little") or 1  # in the control block
 
@@ -148,7 +149,7 @@ class Engine:
         self._index.open_records()
         stamps = Stamps(d, self._idx_dir, d.boot_id())
         stamps.load()
-        segments = SegmentFiles(d, self._seg_dir, self.store_id)
+        segments = SegmentFiles(d, self._seg_dir, self.store_id, self.inherited)
         self._fences = FenceTable(d, self._idx_dir)
         self._journal = Journal(self.data_dir, self.config, d, self._clock_ms, self.store_tag, self.signer,
                                 segments, self._index, self._fences, stamps)

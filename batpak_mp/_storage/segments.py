@@ -83,10 +83,11 @@ class OpenedSegment(NamedTuple):
 class SegmentFiles:
     """The segment files of one data directory."""
 
-    def __init__(self, disk: Disk, seg_dir: str, store_id: bytes) -> None:
+    def __init__(self, disk: Disk, seg_dir: str, store_id: bytes, inherited: tuple[tuple[bytes, int], ...] = ()) -> None:
         self.disk = disk
         self.dir = seg_dir
         self.store_id = store_id
+        self.inherited = inherited  # a fork's inherited segments (FORMAT.md §8.1)
 
     def path(self, segment_id: int) -> str:
         return os.path.join(self.dir, segment_name(segment_id))
@@ -181,7 +182,7 @@ class SegmentFiles:
         head = d.pread(seg.fd, SEG_HEADER_SIZE, 0, seg.path)
         tail = d.pread(seg.fd, SEG_TRAILER_SIZE, seg.size - SEG_TRAILER_SIZE, seg.path)
         verdict = segment_verdict(seg.path, head, tail, seg.size, store_id=self.store_id, first_seq=first_seq,
-                                  unsealed_ok=unsealed_ok)
+                                  unsealed_ok=unsealed_ok, inherited=self.inherited)
         verdict.check()
         return verdict
 

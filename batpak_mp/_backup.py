@@ -1,0 +1,834 @@
+"""Online backup, restore and fork of a data directory: ``bp.backup``, ``bp.restore``,
+``bp.fork`` (and the CLI's ``backup``, ``restore``, ``fork``).
+
+Owns: taking a consistent copy of a store at a frontier while its service runs (or with
+no service), incrementally into a previous backup of the same store; putting a backup in
+place of a data directory; making a new store (its own id, a lineage record) from a
+store's history up to a sequence, sharing its sealed segments by hard link.
+
+How a copy is consistent (docs/OPERATIONS.md "Backup, restore and fork"):
+- the frontier F is read first: the control block's durable frontier when a writer
+  holds the store (every sequence <= F is fsynced and no recovery cuts it), else what an
+  offline open finds (``find_frontier``: what a recovery would keep);
+- sealed segments never change: each is copied whole with its whole-file checksum
+  checked on the bytes as read (``CorruptSegment`` on a mismatch), or, in a backup, taken
+  from the previous backup when its size, header and trailer are the same;
+- the segment holding F is copied only through the end of F's frame (nothing
+  half-committed), the rest of the file left zero but allocated, and its frames are
+  scanned (checksum and event hash) in the copy; derived files (index/, the checkpoint,
+  snapshots) are not copied: the writer that opens the copy rebuilds them.
+
+Invariants: nothing in the source is written, renamed, locked or probed in a way a
+writer could trip over (segments are opened read-only; the writer lock is only probed
+with a shared lock, as ``bp.serve`` does). A destination is built in a staging directory
+beside it (same parent, so the same file system) and published by one atomic rename, or
+``renameat2(RENAME_EXCHANGE)`` when a previous backup is there, each followed by an fsync
+of the parent: a SIGKILL at any point leaves the destination the previous good backup or
+the new one; leftovers are removed by the next run (under a lock file beside the
+destination, ``.<name>.bpmp-lock``). Every OS error becomes ``StorageError`` (``DiskFull``
+for ENOSPC/EDQUOT) naming the operation and path.
+Must not import the writer, the client or the supervisor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import secrets
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, TypeVar
+
+import posix_ipc
+
+from ._errors import (
+    AlreadyServed,
+    BackupRefused,
+    BatpakError,
+    CorruptSegment,
+    DiskFull,
+    InvalidArgument,
+    StorageError,
+    StoreLocked,
+)
+from ._format.directory import META_FILE, SEGMENT_DIR, parse_segment_name, segment_name
+from ._format.frame import FLAG_COMMIT_END
+from ._format.ids import store_key_of
+from ._format.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    ManifestFile,
+    SourceSegment,
+    decode_manifest,
+    encode_manifest,
+    plan_segments,
+)
+from ._format.meta import Lineage, decode_lineage, decode_meta, encode_meta
+from ._format.record import record_offset
+from ._format.segment import (
+    FOOTER_HEAD,
+    SEG_HEADER_SIZE,
+    SEG_TRAILER_SIZE,
+    decode_segment_header,
+    decode_trailer,
+    encode_footer,
+    encode_trailer,
+    footer_count,
+    sealed_verdict,
+)
+from ._ipc.control import ControlBlock
+from ._ipc.names import supervisor_lock_path, writer_lock_path
+from ._native import scan_segment  # the active codec: C when built, else _format's
+from ._read.offline import find_frontier
+from ._read.reader import unborn_segment
+from ._read.verify import verify
+from ._service import cleanup_ipc, lock_holder
+
+T = TypeVar("T")
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all): called per chunk and per step
+
+CHUNK = 1 << 18  # bytes per read and write while copying: sequential enough for full speed, often enough for progress
+DIR_MODE = 0o700  # as a data directory (OPERATIONS.md, trust model)
+FILE_MODE = 0o600
+SIDE_FILES = ("receipt.pub", "receipt.key")  # copied with a backup: the signing key's public half, and the key itself
+_RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h): swap two paths atomically
+_AT_FDCWD = -100
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)  # a file system (or libc) without RENAME_EXCHANGE
+
+
+class BackupReport(NamedTuple):
+    """What ``bp.backup`` copied."""
+
+    dest: str
+    store_id: str  # hex
+    last_sequence: int  # the backup holds sequences 1..last_sequence
+    files_copied: int
+    files_reused: int  # sealed segments taken from the previous backup in ``dest``
+    bytes_copied: int
+    seconds: float
+    incremental: bool  # a previous backup of the store was in ``dest``
+
+
+class ForkReport(NamedTuple):
+    """What ``bp.fork`` made."""
+
+    dest: str
+    store_id: str  # the fork's own, hex
+    parent_store_id: str
+    fork_sequence: int  # the fork holds the parent's sequences 1..fork_sequence
+    files_linked: int  # sealed segments shared with the parent (hard links)
+    files_copied: int
+    bytes_copied: int
+    seconds: float
+
+
+class RestoreReport(NamedTuple):
+    """What ``bp.restore`` put in place."""
+
+    data_dir: str
+    store_id: str
+    last_sequence: int
+    previous: str | None  # where the directory's previous contents were moved (None: it was empty or missing)
+    seconds: float
+
+
+# -- OS calls: every failure a typed error naming the operation and the path ---------------------
+def _os(op: str, path: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except BatpakError:
+        raise
+    except OSError as exc:
+        cls = DiskFull if exc.errno in _FULL else StorageError
+        raise cls(op, path, exc) from None
+
+
+def _fsync_dir(path: str) -> None:
+    def run() -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _os("fsync", path, run)
+
+
+def _read(path: str) -> bytes | None:
+    def run() -> bytes | None:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    return _os("read", path, run)
+
+
+def _write_new(path: str, data: bytes, mode: int = FILE_MODE) -> None:
+    """Create ``path`` (it must not exist), write ``data``, fsync."""
+    def run() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _os("write", path, run)
+
+
+def _mkdir(path: str) -> None:
+    _os("mkdir", path, lambda: os.mkdir(path, DIR_MODE))
+
+
+def _remove_tree(path: str) -> None:
+    if os.path.lexists(path):
+        _os("remove", path, lambda: shutil.rmtree(path))
+
+
+def _libc_renameat2() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the directories ``a`` and ``b`` in one step; False when the file system (or
+    libc) cannot."""
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise StorageError("rename", b, OSError(err, os.strerror(err)))
+
+
+# -- the destination: a lock beside it, a staging directory, an atomic publish ----------------
+class _Target:
+    """A destination path and its siblings: ``.<name>.bpmp-lock`` (held while we work),
+    ``.<name>.bpmp-staging`` (the copy being built) and ``.<name>.bpmp-old`` (only where
+    RENAME_EXCHANGE is missing: the previous backup between two renames)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.parent, name = os.path.split(path)
+        self.lock_path = os.path.join(self.parent, f".{name}.bpmp-lock")
+        self.staging = os.path.join(self.parent, f".{name}.bpmp-staging")
+        self.old = os.path.join(self.parent, f".{name}.bpmp-old")
+        self._lock_fd = -1
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[_Target]:
+        if not os.path.isdir(self.parent):
+            raise BackupRefused(self.path, f"its parent directory {self.parent!r} does not exist")
+        fd = _os("open", self.lock_path,
+                 lambda: os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BackupRefused(self.path, "another backup, fork or restore into it is running") from None
+            self._lock_fd = fd
+            self._tidy()
+            yield self
+        finally:
+            self._lock_fd = -1
+            os.close(fd)
+
+    def _tidy(self) -> None:
+        """Finish what a killed run left: the previous backup between two renames goes
+        back in place; a staging directory is garbage."""
+        if os.path.lexists(self.old):
+            if os.path.lexists(self.path):
+                _remove_tree(self.old)
+            else:
+                _os("rename", self.path, lambda: os.rename(self.old, self.path))
+            _fsync_dir(self.parent)
+        _remove_tree(self.staging)
+
+    def start(self) -> str:
+        _mkdir(self.staging)
+        _mkdir(os.path.join(self.staging, SEGMENT_DIR))
+        return self.staging
+
+    def publish(self, step: Callable[[], None]) -> str | None:
+        """Put the staging directory in place of the destination atomically; the
+        destination's previous contents end up at the staging path (returned), or None
+        when there was no destination."""
+        _fsync_dir(os.path.join(self.staging, SEGMENT_DIR))
+        _fsync_dir(self.staging)
+        if not os.path.lexists(self.path):
+            _os("rename", self.path, lambda: os.rename(self.staging, self.path))
+            _fsync_dir(self.parent)
+            step()
+            return None
+        if not _exchange(self.staging, self.path):
+            _os("rename", self.path, lambda: os.rename(self.path, self.old))
+            _fsync_dir(self.parent)
+            step()
+            _os("rename", self.path, lambda: os.rename(self.staging, self.path))
+            _os("rename", self.old, lambda: os.rename(self.old, self.staging))
+        _fsync_dir(self.parent)
+        step()
+        return self.staging
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _check_apart(source: str, dest: str) -> None:
+    src, dst = os.path.realpath(source), os.path.realpath(dest)
+    if _inside(dst, src):
+        raise BackupRefused(dest, f"it lies inside the data directory {source!r} being copied")
+    if _inside(src, dst):
+        raise BackupRefused(dest, f"the data directory {source!r} lies inside it")
+
+
+def _listing(path: str) -> list[str] | None:
+    """The names in ``path``; None when it does not exist."""
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isdir(path):
+        raise BackupRefused(path, "it is not a directory")
+    return _os("listdir", path, lambda: os.listdir(path))
+
+
+# -- the source: its store id and frontier, and its segments ----------------------------------
+class _Source:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        meta_path = os.path.join(root, META_FILE)
+        if not os.path.isdir(root):
+            raise InvalidArgument("data_dir", root, "is not a batpak-mp data directory (no such directory)")
+        raw = _read(meta_path)
+        if raw is None:
+            raise InvalidArgument("data_dir", root, f"is not a batpak-mp data directory (no {META_FILE})")
+        self.meta = raw
+        self.store_id = decode_meta(raw, meta_path)
+        self.lineage = decode_lineage(raw, meta_path)
+        self.seg_dir = os.path.join(root, SEGMENT_DIR)
+
+    def durable_hint(self) -> tuple[tuple[int, int] | None, bool]:
+        """(store key, durable frontier) from the control block of this store, when there
+        is one, and whether a writer holds the store now."""
+        key = store_key_of(self.store_id)
+        served = lock_holder(writer_lock_path(self.root)) is not None
+        try:
+            block = ControlBlock.attach(self.root)
+        except (BatpakError, posix_ipc.Error, OSError):
+            return None, served
+        try:
+            snap = block.read()
+        except BatpakError:
+            return None, served
+        finally:
+            block.close()
+        return ((key, snap.durable) if snap.store_key == key else None), served
+
+    def frontier(self) -> tuple[int, int]:
+        """(F, visible): F the sequence every copy holds at least — the durable frontier
+        of a served store, else the offline frontier — and how far the index is written
+        (``find_frontier``'s visible, the bound of a fork)."""
+        hint, served = self.durable_hint()
+        if served and hint is not None:
+            return hint[1], hint[1]
+        found = find_frontier(self.root, hint)
+        if isinstance(found.records, mmap.mmap):
+            found.records.close()
+        return found.visible, found.visible
+
+    def segments(self) -> list[SourceSegment]:
+        names = _os("listdir", self.seg_dir, lambda: os.listdir(self.seg_dir)) if os.path.isdir(self.seg_dir) else []
+        ids = sorted(sid for sid in map(parse_segment_name, names) if sid is not None)
+        if ids and unborn_segment(self.path(ids[-1])):
+            ids.pop()  # being created by a rotation: it holds no event
+        out: list[SourceSegment] = []
+        for sid in ids:
+            path = self.path(sid)
+
+            def head_tail(path: str = path) -> tuple[int, bytes, bytes, bytes]:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    head = os.pread(f.fileno(), SEG_HEADER_SIZE, 0)
+                    tail = os.pread(f.fileno(), SEG_TRAILER_SIZE, max(size - SEG_TRAILER_SIZE, 0))
+                    trailer = decode_trailer(tail)
+                    footer = os.pread(f.fileno(), FOOTER_HEAD.size, trailer.footer_offset) if trailer else b""
+                return size, head, tail, footer
+
+            size, head, tail, footer = _os("read", path, head_tail)
+            header = decode_segment_header(head, path)
+            if footer:
+                count = footer_count(footer)
+                if count is None:
+                    raise CorruptSegment(path, size - SEG_TRAILER_SIZE, "seal footer has a bad magic")
+                out.append(SourceSegment(sid, size, header.first_seq, header.first_seq + count - 1, (head + tail).hex()))
+            else:
+                out.append(SourceSegment(sid, size, header.first_seq, 0, ""))
+        return out
+
+    def path(self, sid: int) -> str:
+        return os.path.join(self.seg_dir, segment_name(sid))
+
+
+# -- copying one segment ----------------------------------------------------------------------
+class _Copier:
+    """Copies files into a staging directory, counting bytes and calling ``progress``."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.done = 0
+        self.files = 0
+
+    def step(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def copy(self, src: str, dst: str, length: int, size: int) -> int:
+        """Copy ``src[0:length]`` into a new file ``dst`` of ``size`` bytes (allocated
+        first, so a full disk shows here and the rest reads as zeros); the crc32 of
+        ``dst[0:min(length, size-32)]``, computed on the bytes as read."""
+        limit = min(length, size - SEG_TRAILER_SIZE)
+        sfd = _os("open", src, lambda: os.open(src, os.O_RDONLY | os.O_CLOEXEC))
+        try:
+            dfd = _os("open", dst, lambda: os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+            try:
+                if size:
+                    _os("fallocate", dst, lambda: os.posix_fallocate(dfd, 0, size))
+                crc, off = 0, 0
+                while off < length:
+                    n = min(CHUNK, length - off)
+                    chunk = _os("read", src, lambda: os.pread(sfd, n, off))  # noqa: B023 (called at once)
+                    if len(chunk) != n:
+                        raise CorruptSegment(src, off + len(chunk), f"file ended at {off + len(chunk)} bytes, "
+                                             f"expected {length}")
+                    if off < limit:
+                        crc = zlib.crc32(memoryview(chunk)[:limit - off], crc)
+                    if chunk.count(0) != n:  # all zeros: the allocated range reads so already
+                        _os("write", dst, lambda: _pwrite_all(dfd, chunk, off))  # noqa: B023
+                    off += n
+                    self.done += n
+                    self.step()
+                _os("fsync", dst, lambda: os.fsync(dfd))
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+        self.files += 1
+        return crc
+
+    def copy_sealed(self, src: str, dst: str, size: int, trailer_crc: int) -> None:
+        crc = self.copy(src, dst, size, size)
+        if crc != trailer_crc:
+            raise CorruptSegment(src, 0, "sealed segment checksum mismatch (a byte changed after sealing): "
+                                         "the source fails verification; nothing was published")
+        _check_footer(dst)
+
+    def copy_prefix(self, src: str, dst: str, seg: SourceSegment, through: int, who: str) -> int:
+        """Copy the frames of ``seg`` through sequence ``through`` (and its header) into
+        ``dst`` and check them in the copy; the offset where they end."""
+        end = _frames_end(src, seg, through, who)
+        self.total -= seg.size - end  # counted whole before the frontier's frame was found
+        self.copy(src, dst, end, seg.size)
+        _check_frames(dst, seg, through, end)
+        return end
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _map(path: str) -> mmap.mmap:
+    def run() -> mmap.mmap:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+    return _os("mmap", path, run)
+
+
+def _frames_end(path: str, seg: SourceSegment, through: int, who: str) -> int:
+    """Where the frame of sequence ``through`` ends in segment ``path``; it must be whole
+    and end a commit (``who``: the argument that named it, for the error)."""
+    if through < seg.first_seq:
+        return SEG_HEADER_SIZE
+    m = _map(path)
+    try:
+        limit = len(m) - SEG_TRAILER_SIZE
+        trailer = decode_trailer(m[limit:])
+        if trailer is not None:
+            limit = trailer.footer_offset
+        scan = scan_segment(m, SEG_HEADER_SIZE, limit, seg.first_seq)
+    finally:
+        m.close()
+    frames = scan.frames[: scan.committed]
+    i = through - seg.first_seq
+    if i >= len(frames):
+        raise CorruptSegment(path, scan.stop_offset, f"sequence {through} was durable but its segment's whole "
+                             f"commits end at {seg.first_seq + len(frames) - 1} ({scan.stop_reason})")
+    f = frames[i]
+    if not f.flags & FLAG_COMMIT_END:
+        last = next(g.seq for g in frames[i:] if g.flags & FLAG_COMMIT_END)
+        raise InvalidArgument(who, through, f"lies inside a batch (its commit ends at sequence {last}); "
+                                            "a copy holds whole commits only")
+    return f.offset + f.frame_len
+
+
+def _check_frames(path: str, seg: SourceSegment, through: int, end: int) -> None:
+    """The copied frames (checksums and event hashes) end a commit exactly at ``end``."""
+    m = _map(path)
+    try:
+        scan = scan_segment(m, SEG_HEADER_SIZE, len(m) - SEG_TRAILER_SIZE, seg.first_seq, check_hash=True)
+    finally:
+        m.close()
+    if scan.hash_errors:
+        off, what = scan.hash_errors[0]
+        raise CorruptSegment(path, off, f"{what}: the source fails verification")
+    want = through - seg.first_seq + 1
+    if scan.committed != want or (want and scan.frames[want - 1].offset + scan.frames[want - 1].frame_len != end):
+        raise CorruptSegment(path, scan.stop_offset, f"copied frames end at {scan.committed} whole commit frame(s), "
+                             f"expected {want}: the source changed or fails verification ({scan.stop_reason})")
+
+
+def _check_footer(path: str) -> None:
+    m = _map(path)
+    try:
+        trailer = decode_trailer(m[len(m) - SEG_TRAILER_SIZE:])
+        if trailer is None:
+            raise CorruptSegment(path, len(m) - SEG_TRAILER_SIZE, "sealed segment lost its trailer in the copy")
+        sealed_verdict(path, m, trailer, checksum=False).check()
+    finally:
+        m.close()
+
+
+def _same_file(a: str, size: int, head_tail: str) -> bool:
+    """``a`` has ``size`` bytes and the header and trailer ``head_tail`` (hex)."""
+    try:
+        with open(a, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                return False
+            got = os.pread(f.fileno(), SEG_HEADER_SIZE, 0) + os.pread(f.fileno(), SEG_TRAILER_SIZE, size - SEG_TRAILER_SIZE)
+    except OSError:
+        return False
+    return got.hex() == head_tail
+
+
+def _link_or_copy(copier: _Copier, src: str, dst: str, seg: SourceSegment) -> bool:
+    """Hard-link ``src`` as ``dst``; where the file systems differ (or refuse links), copy
+    it, checked. True when linked."""
+    try:
+        os.link(src, dst)
+        _fsync_dir(os.path.dirname(dst))
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            raise StorageError("link", dst, exc) from None
+    trailer = decode_trailer(bytes.fromhex(seg.seal)[SEG_HEADER_SIZE:])
+    assert trailer is not None
+    copier.copy_sealed(src, dst, seg.size, trailer.segment_crc)
+    return False
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _previous_backup(dest: str, store_id: bytes) -> Manifest | None:
+    """The manifest of a previous backup of this store in ``dest``; None when ``dest`` is
+    missing or empty; ``BackupRefused`` for anything else."""
+    names = _listing(dest)
+    if not names:
+        return None
+    if MANIFEST_FILE not in names:
+        raise BackupRefused(dest, f"it is not empty and holds no {MANIFEST_FILE} (not a backup made by bp.backup)")
+    path = os.path.join(dest, MANIFEST_FILE)
+    raw = _read(path)
+    manifest = decode_manifest(raw or b"", path)
+    if manifest.store_id != store_id:
+        raise BackupRefused(dest, f"it is a backup of another store ({manifest.store_id.hex()}, this one is "
+                            f"{store_id.hex()})", manifest.store_id.hex())
+    if lock_holder(writer_lock_path(dest)) is not None:
+        raise StoreLocked(dest, lock_holder(writer_lock_path(dest)))
+    return manifest
+
+
+# -- bp.backup ----------------------------------------------------------------------------------
+def backup(data_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *,
+           progress: Progress | None = None) -> BackupReport:
+    """Copy the store in ``data_dir`` into ``dest`` consistently, while its service runs
+    or not: every event durable when the backup started, whole commits only, checked as
+    copied. ``dest`` is missing, empty, or a previous backup of the same store (then only
+    what is new is copied). ``dest`` is replaced atomically: interrupted at any point, it
+    is the previous backup or the new one. A backup is a store directory: ``bp.serve``
+    serves it, ``bp.restore`` puts it in place. ``progress(done, total)``: bytes.
+
+    Typed errors: ``BackupRefused`` (``dest`` inside the store, or holding something
+    else), ``InvalidArgument`` (not a store), ``CorruptSegment`` (the source fails its
+    checksums), ``DiskFull``/``StorageError``; the source is never changed."""
+    started = time.perf_counter()
+    src = _Source(os.path.abspath(os.fspath(data_dir)))
+    target = _Target(os.path.abspath(os.fspath(dest)))
+    _check_apart(src.root, target.path)
+    with target.locked():
+        previous = _previous_backup(target.path, src.store_id)
+        frontier, _ = src.frontier()
+        segments = src.segments()
+        names = {seg.segment_id: f"{SEGMENT_DIR}/{segment_name(seg.segment_id)}" for seg in segments}
+        prev_files = {f.name: f for f in previous.files} if previous else {}
+        steps = plan_segments(segments, frontier, previous=prev_files, names=names, fork=False)
+        if frontier and (not steps or steps[-1].through < frontier):
+            raise CorruptSegment(src.seg_dir, 0, f"sequence {frontier} was durable but no segment holds it")
+        copier = _Copier(progress, sum(s.segment.size for s in steps if s.action != "reuse"))
+        staging = target.start()
+        files: list[ManifestFile] = []
+        reused = 0
+        for s in steps:
+            name = names[s.segment.segment_id]
+            src_path, dst_path = src.path(s.segment.segment_id), os.path.join(staging, name)
+            if s.action == "reuse" and _reuse(os.path.join(target.path, name), dst_path, s.segment):
+                reused += 1
+            elif s.segment.seal:
+                trailer = decode_trailer(bytes.fromhex(s.segment.seal)[SEG_HEADER_SIZE:])
+                assert trailer is not None
+                copier.total += s.segment.size if s.action == "reuse" else 0  # the previous copy changed
+                copier.copy_sealed(src_path, dst_path, s.segment.size, trailer.segment_crc)
+            else:
+                copier.copy_prefix(src_path, dst_path, s.segment, s.through, "frontier")
+            files.append(ManifestFile(name, s.segment.size, s.segment.seal))
+            copier.step()
+        last = steps[-1].through if steps else 0
+        for side in SIDE_FILES:
+            data = _read(os.path.join(src.root, side))
+            if data is not None:
+                _write_new(os.path.join(staging, side), data)
+        _write_new(os.path.join(staging, META_FILE), src.meta)
+        _write_new(os.path.join(staging, MANIFEST_FILE),
+                   encode_manifest(Manifest(src.store_id, last, _now_ms(), tuple(files))))
+        copier.step()
+        old = target.publish(copier.step)
+        if old is not None:
+            _remove_tree(old)
+            copier.step()
+    return BackupReport(target.path, src.store_id.hex(), last, copier.files, reused, copier.done,
+                        time.perf_counter() - started, previous is not None)
+
+
+def _reuse(old: str, new: str, seg: SourceSegment) -> bool:
+    """Take the previous backup's copy of a sealed segment (hard link inside the same
+    parent) when it is still the same file; False: copy it from the source instead."""
+    if not _same_file(old, seg.size, seg.seal):
+        return False
+    try:
+        os.link(old, new)
+    except OSError:
+        return False
+    return True
+
+
+# -- bp.fork ------------------------------------------------------------------------------------
+def fork(data_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *, at: int | None = None,
+         progress: Progress | None = None) -> ForkReport:
+    """Make ``dest`` a new store (its own store id; ``store.meta`` holds the lineage
+    record: parent store id and fork point) holding ``data_dir``'s history through
+    sequence ``at`` (default: the durable frontier now), while the parent is served or
+    not. Sealed segments that end by ``at`` are shared by hard link (copied, checked,
+    when ``dest`` is on another file system); the segment holding ``at`` becomes a
+    private, sealed copy, so neither store's later writes reach the other. ``at`` must
+    end a commit. Typed errors as ``backup``'s, and ``BackupRefused`` when ``dest`` is not
+    empty, ``InvalidArgument`` for an ``at`` past the frontier or inside a batch."""
+    started = time.perf_counter()
+    src = _Source(os.path.abspath(os.fspath(data_dir)))
+    target = _Target(os.path.abspath(os.fspath(dest)))
+    _check_apart(src.root, target.path)
+    if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at < 0):
+        raise InvalidArgument("at", at, "must be a sequence number >= 0")
+    with target.locked():
+        if _listing(target.path):
+            raise BackupRefused(target.path, "a fork needs a missing or empty directory")
+        hint, served = src.durable_hint()
+        found = find_frontier(src.root, hint)
+        try:
+            limit = min(found.visible, hint[1]) if served and hint is not None else found.visible
+            point = limit if at is None else at
+            if point > limit:
+                raise InvalidArgument("at", at, f"is past the store's durable frontier {limit}")
+            segments = src.segments()
+            steps = plan_segments(segments, point, previous={}, names={}, fork=True)
+            total = sum(s.segment.size for s in steps if s.action == "prefix")
+            copier = _Copier(progress, total)
+            staging = target.start()
+            linked = 0
+            for s in steps:
+                name = segment_name(s.segment.segment_id)
+                src_path, dst_path = src.path(s.segment.segment_id), os.path.join(staging, SEGMENT_DIR, name)
+                if s.action == "link":
+                    _check_sealed(src_path)
+                    linked += _link_or_copy(copier, src_path, dst_path, s.segment)
+                else:
+                    end = copier.copy_prefix(src_path, dst_path, s.segment, s.through, "at")
+                    records = bytes(found.records[record_offset(s.segment.first_seq):record_offset(s.through + 1)])
+                    _seal_copy(dst_path, s.segment, end, records)
+                copier.step()
+        finally:
+            if isinstance(found.records, mmap.mmap):
+                found.records.close()
+        fork_id = secrets.token_bytes(16)
+        inherited = tuple((sid, min(t, point)) for sid, t in (src.lineage.inherited if src.lineage else ()))
+        lineage = Lineage(src.store_id, point, (*inherited, (src.store_id, point)))
+        _write_new(os.path.join(staging, META_FILE), encode_meta(fork_id, _now_ms(), lineage))
+        copier.step()
+        old = target.publish(copier.step)
+        if old is not None:
+            _remove_tree(old)
+    return ForkReport(target.path, fork_id.hex(), src.store_id.hex(), point, linked, copier.files, copier.done,
+                      time.perf_counter() - started)
+
+
+def _check_sealed(path: str) -> None:
+    """A sealed segment passes its whole-file checksum and its footer decodes."""
+    m = _map(path)
+    try:
+        trailer = decode_trailer(m[len(m) - SEG_TRAILER_SIZE:])
+        if trailer is None:
+            raise CorruptSegment(path, len(m) - SEG_TRAILER_SIZE, "segment is no longer sealed")
+        sealed_verdict(path, m, trailer).check()
+    finally:
+        m.close()
+
+
+def _seal_copy(path: str, seg: SourceSegment, end: int, records: bytes) -> None:
+    """Seal a private prefix copy as the writer seals (FORMAT.md §3.6): footer at
+    ``end``, fsync, trailer with the whole-file checksum, fsync."""
+    footer = encode_footer(seg.first_seq, records)
+    if end + len(footer) > seg.size - SEG_TRAILER_SIZE:
+        raise CorruptSegment(path, end, "no room for the seal footer (the writer always leaves it)")
+
+    def run() -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _pwrite_all(fd, footer, end)
+            os.fsync(fd)
+            m = mmap.mmap(fd, seg.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            try:
+                crc = zlib.crc32(memoryview(m)[: seg.size - SEG_TRAILER_SIZE])
+            finally:
+                m.close()
+            _pwrite_all(fd, encode_trailer(end, len(footer), crc), seg.size - SEG_TRAILER_SIZE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _os("seal", path, run)
+
+
+# -- bp.restore ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _held_locks(data_dir: str) -> Iterator[None]:
+    """Hold the supervisor and writer locks of ``data_dir`` (created when missing) so no
+    service starts while it is replaced; ``AlreadyServed`` when one is running."""
+    fds: list[int] = []
+    try:
+        if os.path.isdir(data_dir):
+            for path in (supervisor_lock_path(data_dir), writer_lock_path(data_dir)):
+                fds.append(_open_lock_file(path))
+                fd = fds[-1]
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise AlreadyServed(data_dir, lock_holder(path), "restore refuses a directory that is "
+                                        "being served: stop its service first") from None
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _open_lock_file(path: str) -> int:
+    return _os("open", path, lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+
+
+def restore(backup_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str], *, force: bool = False,
+            progress: Progress | None = None) -> RestoreReport:
+    """Put the backup ``backup_dir`` in place as ``data_dir``: refused while ``data_dir``
+    is served (``AlreadyServed``) or when it holds another store (``BackupRefused``,
+    unless ``force``); the backup is copied beside it, checked with ``bp.verify``, the
+    directory's stale IPC objects (a control block whose durable frontier would hold
+    recovery to the old store) are removed, and the copy replaces the directory in one
+    atomic step. Its previous contents are kept at ``<data_dir>.pre-restore-<ms>``."""
+    started = time.perf_counter()
+    src = _Source(os.path.abspath(os.fspath(backup_dir)))
+    target = _Target(os.path.abspath(os.fspath(data_dir)))
+    _check_apart(src.root, target.path)
+    with target.locked(), _held_locks(target.path):
+        names = _listing(target.path) or []
+        meta = _read(os.path.join(target.path, META_FILE)) if names else None
+        found = decode_meta(meta, target.path) if meta is not None else None
+        mine = {os.path.basename(supervisor_lock_path(target.path)), os.path.basename(writer_lock_path(target.path))}
+        if not force and found is not None and found != src.store_id:
+            raise BackupRefused(target.path, f"it holds another store ({found.hex()}; the backup is of "
+                                f"{src.store_id.hex()}): pass force to replace it", found.hex())
+        if not force and found is None and set(names) - mine:
+            raise BackupRefused(target.path, "it is not empty and not a batpak-mp store: pass force to replace it")
+        segments = src.segments()
+        copier = _Copier(progress, sum(s.size for s in segments))
+        staging = target.start()
+        for seg in segments:
+            dst = os.path.join(staging, SEGMENT_DIR, segment_name(seg.segment_id))
+            if seg.seal:
+                trailer = decode_trailer(bytes.fromhex(seg.seal)[SEG_HEADER_SIZE:])
+                assert trailer is not None
+                copier.copy_sealed(src.path(seg.segment_id), dst, seg.size, trailer.segment_crc)
+            else:
+                copier.copy(src.path(seg.segment_id), dst, seg.size, seg.size)
+        for side in (META_FILE, *SIDE_FILES):
+            data = _read(os.path.join(src.root, side))
+            if data is not None:
+                _write_new(os.path.join(staging, side), data)
+        report = verify(staging)
+        if not report.ok:
+            p = report.problems[0]
+            raise CorruptSegment(os.path.join(src.root, p.segment), p.offset,
+                                 f"the backup fails verification: {p.what}")
+        last = _last_sequence(staging)
+        with contextlib.suppress(BatpakError, OSError):
+            cleanup_ipc(target.path)  # the old service's objects: its durable frontier is the old store's
+        old = target.publish(copier.step)
+        kept: str | None = None
+        if old is not None:
+            if set(os.listdir(old)) - mine:
+                kept = _keep_aside(old, f"{target.path}.pre-restore-{_now_ms()}")
+                _fsync_dir(target.parent)
+            else:
+                _remove_tree(old)
+    return RestoreReport(target.path, src.store_id.hex(), last, kept, time.perf_counter() - started)
+
+
+def _keep_aside(old: str, new: str) -> str:
+    _os("rename", new, lambda: os.rename(old, new))
+    return new
+
+
+def _last_sequence(root: str) -> int:
+    found = find_frontier(root)
+    if isinstance(found.records, mmap.mmap):
+        found.records.close()
+    return found.visible
+
