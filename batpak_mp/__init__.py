@@ -39,6 +39,7 @@ from ._errors import (
 )
 from ._gates import Approval, Denial, Denied, Evaluation, Gate, GateSet, Pipeline, Proposal
 from ._native import codec_backend
+from ._query import Region
 from ._read.verify import verify
 from ._replay import Cursor, Projection, Reactor, ReactorFailure
 from ._service import Service, serve
@@ -107,6 +108,7 @@ __all__ = [
     "ReactorError",
     "ReactorFailure",
     "Receipt",
+    "Region",
     "ReservedKind",
     "RestartPolicy",
     "RestoreReport",

@@ -21,10 +21,11 @@ Must not import any implementation (engine, client, writer, reader): it is impor
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol, Self
 
 from ._gates import Denial
+from ._query import Region
 from ._values import BatchItem, Coordinate, Event, Frontier, Kind, Page, Receipt
 
 
@@ -51,10 +52,14 @@ class EventStore(Protocol):
     # -- reads ----------------------------------------------------------------------------
     def get(self, event_id: bytes) -> Event: ...
 
-    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None) -> list[Event]: ...
+    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None,
+                before_clock: int | None = None, newest_first: bool = False) -> list[Event]: ...
 
     def query_after(self, after: int = 0, *, limit: int = 1000, entity: str | None = None,
-                    scope: str | None = None, kind: Kind | None = None) -> Page: ...
+                    scope: str | None = None, kind: Kind | None = None, kinds: Iterable[Kind] | None = None,
+                    upto: int | None = None, region: Region | None = None) -> Page: ...
+
+    def latest(self, entity: str) -> Event | None: ...
 
     def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[Event]: ...
 
@@ -83,10 +88,12 @@ class ReplayHost(Protocol):
 
     def get(self, event_id: bytes) -> Event: ...
 
-    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None) -> list[Event]: ...
+    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None,
+                before_clock: int | None = None, newest_first: bool = False) -> list[Event]: ...
 
     def query_after(self, after: int = 0, *, limit: int = 1000, entity: str | None = None,
-                    scope: str | None = None, kind: Kind | None = None) -> Page: ...
+                    scope: str | None = None, kind: Kind | None = None, kinds: Iterable[Kind] | None = None,
+                    upto: int | None = None, region: Region | None = None) -> Page: ...
 
     def frontier(self) -> Frontier: ...
 

@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import posix_ipc
@@ -51,6 +51,7 @@ from ._ipc.control import ControlBlock, ControlSnapshot, state_name
 from ._ipc.futex import Word
 from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, ipc_prefix, request_queue_name
 from ._prepare import Prepared, prepare, prepare_items
+from ._query import Region
 from ._read.reader import Reader, View
 from ._read.receipts import receipt_matches
 from ._replay import Cursor, EventFilter, Handler, Projection, Reactor
@@ -592,16 +593,25 @@ class Store:
                 raise StoreClosed()
             return self._reader.get(event_id)
 
-    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None) -> list[Event]:
+    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None,
+                before_clock: int | None = None, newest_first: bool = False) -> list[Event]:
         with self._lock:
             self._ensure_open()
-            return self._reader.history(entity, after_clock, limit)
+            return self._reader.history(entity, after_clock, limit, before_clock=before_clock,
+                                        newest_first=newest_first)
 
     def query_after(self, after: int = 0, *, limit: int = 1000, entity: str | None = None,
-                    scope: str | None = None, kind: Kind | None = None) -> Page:
+                    scope: str | None = None, kind: Kind | None = None, kinds: Iterable[Kind] | None = None,
+                    upto: int | None = None, region: Region | None = None) -> Page:
         with self._lock:
             self._ensure_open()
-            return self._reader.query_after(after, limit, entity, scope, kind)
+            return self._reader.query_after(after, limit, entity, scope, kind, kinds=kinds, upto=upto, region=region)
+
+    def latest(self, entity: str) -> Event | None:
+        """The newest visible event of ``entity``, or None (one table lookup)."""
+        with self._lock:
+            self._ensure_open()
+            return self._reader.latest(entity)
 
     def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[Event]:
         with self._lock:

@@ -44,14 +44,9 @@ from .._format.ids import event_id_sequence
 from .._format.record import (
     LOCATION,
     LOCATION_OFFSET,
-    R_ENTITY_CLOCK,
-    R_ENTITY_HASH,
-    R_FLAGS,
     R_FRAME_LEN,
-    R_KIND,
     R_OFFSET,
     R_PREV_IN_ENTITY,
-    R_SCOPE_HASH,
     R_SEGMENT_ID,
     RECORD,
     RECORD_SIZE,
@@ -66,7 +61,9 @@ from .._format.tables import (
     delta_candidates,
 )
 from .._native import event_at, frame_header, scan_events, scan_frame, unpack_record  # the active codec
-from .._values import Coordinate, Event, Page, check_kind, check_name
+from .._query import Region
+from .._values import Coordinate, Event, Page
+from . import queries
 
 __all__ = ["Hidden", "Reader", "StaleView", "View", "frame_to_event", "map_readonly"]
 
@@ -361,84 +358,22 @@ class Reader:
             raise NotFound("event", bytes(event_id).hex())
         return ev
 
-    def history(self, entity: str, after_clock: int | None = None, limit: int | None = None) -> list[Event]:
-        raw = check_name("entity", entity)
-        if after_clock is not None and (type(after_clock) is not int or after_clock < 0):
-            raise InvalidArgument("after_clock", after_clock, "must be an int >= 0")
-        if limit is not None and (type(limit) is not int or limit < 0):
-            raise InvalidArgument("limit", limit, "must be an int >= 0")
-        self.refresh()
+    # the query calls live in ``queries`` (one function per call, over this reader)
+    def latest(self, entity: str) -> Event | None:
+        return queries.latest(self, entity)
 
-        def run() -> list[Event]:
-            seq = self.head_of(raw)
-            floor = after_clock or 0
-            seqs: list[int] = []
-            while seq:
-                rec = self.record(seq)
-                if rec[R_ENTITY_CLOCK] <= floor:
-                    break
-                if not (rec[R_FLAGS] & FLAG_FENCED and self.hidden(seq, rec[R_FLAGS])):
-                    seqs.append(seq)
-                seq = rec[R_PREV_IN_ENTITY]
-            seqs.reverse()
-            if limit is not None:
-                seqs = seqs[:limit]
-            out = [self.event(s) for s in seqs]
-            for ev in out:
-                if ev.coordinate.entity != entity:
-                    raise StaleView(f"entity chain of {entity!r}")
-            return out
+    def history(self, entity: str, after_clock: int | None = None, limit: int | None = None, *,
+                before_clock: int | None = None, newest_first: bool = False) -> list[Event]:
+        return queries.history(self, entity, after_clock, limit, before_clock=before_clock, newest_first=newest_first)
 
-        result: list[Event] = self._retrying(run)
-        return result
+    def query_after(self, after: int = 0, limit: int = 1000, entity: str | None = None, scope: str | None = None,
+                    kind: Any = None, *, upto: int | None = None, skip_fenced: bool = False, kinds: Any = None,
+                    region: Region | None = None) -> Page:
+        return queries.query_after(self, after, limit, entity, scope, kind, upto=upto, skip_fenced=skip_fenced,
+                                   kinds=kinds, region=region)
 
-    def query_after(
-        self, after: int = 0, limit: int = 1000, entity: str | None = None,
-        scope: str | None = None, kind: Any = None, *, upto: int | None = None, skip_fenced: bool = False,
-    ) -> Page:
-        """Events after ``after`` in commit order. ``upto``: look no further than that
-        sequence. ``skip_fenced``: leave out every event written in a fence, revealed or
-        not (subscriptions deliver those at their FENCE_COMMIT instead)."""
-        if type(after) is not int or after < 0:
-            raise InvalidArgument("after", after, "must be an int >= 0")
-        if type(limit) is not int or limit < 1:
-            raise InvalidArgument("limit", limit, "must be an int >= 1")
-        ent_h = name_hash(check_name("entity", entity)) if entity is not None else 0
-        scope_h = name_hash(check_name("scope", scope)) if scope is not None else 0
-        kind_packed = -1
-        if kind is not None:
-            if not isinstance(kind, tuple) or len(kind) != 2:
-                raise InvalidArgument("kind", kind, "must be a bp.Kind")
-            kind_packed = check_kind(kind, allow_reserved=True)  # out of range: InvalidKind, not "no match"
-        view = self.refresh()
-        visible = view.visible if upto is None else min(view.visible, upto)
-
-        def run() -> Page:
-            events: list[Event] = []
-            seq = after
-            m = self._records_map(visible) if visible > after else None
-            while seq < visible and len(events) < limit:
-                seq += 1
-                assert m is not None
-                rec = _rec_unpack(m, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)
-                if ent_h and rec[R_ENTITY_HASH] != ent_h:
-                    continue
-                if scope_h and rec[R_SCOPE_HASH] != scope_h:
-                    continue
-                if kind_packed >= 0 and rec[R_KIND] != kind_packed:
-                    continue
-                if rec[R_FLAGS] & FLAG_FENCED and (skip_fenced or self.hidden(seq, rec[R_FLAGS])):
-                    continue
-                ev = self.event(seq)
-                if entity is not None and ev.coordinate.entity != entity:
-                    continue
-                if scope is not None and ev.coordinate.scope != scope:
-                    continue
-                events.append(ev)
-            return Page(events, seq)
-
-        page: Page = self._retrying(run)
-        return page
+    def select(self, after: int, limit: int, reg: Region, *, skip_fenced: bool = False) -> Page:
+        return queries.select(self, after, limit, reg, skip_fenced=skip_fenced)
 
     def walk_ancestors(self, event_id: bytes, limit: int | None = None) -> Iterator[Event]:
         """The event and its predecessors in its entity, newest first, checking the hash

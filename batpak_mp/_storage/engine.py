@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from .._errors import BatpakError, CorruptSegment, DiskFull, StoreClosed, StoreLocked, StorePoisoned
@@ -34,6 +34,7 @@ from .._format.ids import store_tag_of
 from .._format.meta import decode_meta, encode_meta, inherited_of
 from .._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from .._prepare import Prepared, prepare, prepare_items
+from .._query import Region
 from .._read.reader import Reader, View
 from .._read.receipts import receipt_matches
 from .._signing import Signer
@@ -359,14 +360,20 @@ class Engine:
         self._check_open()
         return self.reader.get(event_id)
 
-    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None) -> list[Event]:
+    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None,
+                before_clock: int | None = None, newest_first: bool = False) -> list[Event]:
         self._check_open()
-        return self.reader.history(entity, after_clock, limit)
+        return self.reader.history(entity, after_clock, limit, before_clock=before_clock, newest_first=newest_first)
 
     def query_after(self, after: int = 0, *, limit: int = 1000, entity: str | None = None,
-                    scope: str | None = None, kind: Kind | None = None) -> Page:
+                    scope: str | None = None, kind: Kind | None = None, kinds: Iterable[Kind] | None = None,
+                    upto: int | None = None, region: Region | None = None) -> Page:
         self._check_open()
-        return self.reader.query_after(after, limit, entity, scope, kind)
+        return self.reader.query_after(after, limit, entity, scope, kind, kinds=kinds, upto=upto, region=region)
+
+    def latest(self, entity: str) -> Event | None:
+        self._check_open()
+        return self.reader.latest(entity)
 
     def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[Event]:
         self._check_open()

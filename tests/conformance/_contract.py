@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
@@ -60,10 +60,14 @@ class EventStore(Protocol):
 
     def get(self, event_id: bytes) -> bp.Event: ...
 
-    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None) -> list[bp.Event]: ...
+    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None,
+                before_clock: int | None = None, newest_first: bool = False) -> list[bp.Event]: ...
 
     def query_after(self, after: int = 0, *, limit: int = 1000, entity: str | None = None,
-                    scope: str | None = None, kind: bp.Kind | None = None) -> bp.Page: ...
+                    scope: str | None = None, kind: bp.Kind | None = None, kinds: Iterable[bp.Kind] | None = None,
+                    upto: int | None = None, region: bp.Region | None = None) -> bp.Page: ...
+
+    def latest(self, entity: str) -> bp.Event | None: ...
 
     def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[bp.Event]: ...
 

@@ -1,0 +1,186 @@
+"""The query calls of the read side, each a function over a ``Reader``: ``latest``,
+``history`` (both ends bounded, newest first or oldest first), ``query_after`` /
+``select`` (commit order, filtered by a ``Region``) and the per-scope positions reads.
+
+Owns: the walk each call takes through the index — an entity's chain from its head for
+anything about one entity, the scope chain for positions, the records in order for the
+rest — so that a call's cost grows with the events it returns (and, for an entity or a
+scope, the events between the head and them), not with the log.
+Invariants: as the reader's (nothing beyond the visible frontier; every record checked
+against its frame; a stale view is retried once through ``Reader._retrying``).
+Must not import the engine, writer or client.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._errors import InvalidArgument
+from .._format.frame import FLAG_FENCED
+from .._format.record import (
+    R_ENTITY_CLOCK,
+    R_ENTITY_HASH,
+    R_FLAGS,
+    R_KIND,
+    R_PREV_IN_ENTITY,
+    R_SCOPE_HASH,
+    RECORD,
+    RECORD_SIZE,
+    RECORDS_HEADER_SIZE,
+)
+from .._query import Region, region_of
+from .._values import Event, Kind, Page, check_name
+
+if TYPE_CHECKING:
+    from .reader import Reader
+
+_rec_unpack = RECORD.unpack_from
+
+
+
+def latest(reader: Reader, entity: str) -> Event | None:
+    """The newest visible event of ``entity``, or None: one table lookup, then a step
+    back along the entity's chain past events of an uncommitted fence."""
+    raw = check_name("entity", entity)
+    reader.refresh()
+
+    def run() -> Event | None:
+        seq = reader.head_of(raw)
+        while seq:
+            rec = reader.record(seq)
+            if not (rec[R_FLAGS] & FLAG_FENCED and reader.hidden(seq, rec[R_FLAGS])):
+                ev = reader.event(seq)
+                if ev.coordinate.entity != entity:
+                    raise _stale(f"entity chain of {entity!r}")
+                return ev
+            seq = rec[R_PREV_IN_ENTITY]
+        return None
+
+    found: Event | None = reader._retrying(run)
+    return found
+
+
+def history(reader: Reader, entity: str, after_clock: int | None = None, limit: int | None = None, *,
+            before_clock: int | None = None, newest_first: bool = False) -> list[Event]:
+    """An entity's events with ``after_clock < clock < before_clock``, oldest first
+    (``newest_first``: newest first, and the walk back from the head stops at
+    ``limit``). Walks the entity's chain from its head: the cost is the events between
+    the head and the last one returned, never the log."""
+    raw = check_name("entity", entity)
+    if after_clock is not None and (type(after_clock) is not int or after_clock < 0):
+        raise InvalidArgument("after_clock", after_clock, "must be an int >= 0")
+    if before_clock is not None and (type(before_clock) is not int or before_clock < 1):
+        raise InvalidArgument("before_clock", before_clock, "must be an int >= 1")
+    if limit is not None and (type(limit) is not int or limit < 0):
+        raise InvalidArgument("limit", limit, "must be an int >= 0")
+    if type(newest_first) is not bool:
+        raise InvalidArgument("newest_first", newest_first, "must be a bool")
+    reader.refresh()
+    floor = after_clock or 0
+    ceiling = before_clock
+
+    def run() -> list[Event]:
+        seq = reader.head_of(raw)
+        seqs: list[int] = []
+        while seq:
+            if newest_first and limit is not None and len(seqs) >= limit:
+                break
+            rec = reader.record(seq)
+            clock = rec[R_ENTITY_CLOCK]
+            if clock <= floor:
+                break
+            if (ceiling is None or clock < ceiling) and not (
+                    rec[R_FLAGS] & FLAG_FENCED and reader.hidden(seq, rec[R_FLAGS])):
+                seqs.append(seq)
+            seq = rec[R_PREV_IN_ENTITY]
+        if not newest_first:
+            seqs.reverse()
+        if limit is not None:
+            seqs = seqs[:limit]
+        out = [reader.event(s) for s in seqs]
+        for ev in out:
+            if ev.coordinate.entity != entity:
+                raise _stale(f"entity chain of {entity!r}")
+        return out
+
+    result: list[Event] = reader._retrying(run)
+    return result
+
+
+def query_after(
+    reader: Reader, after: int = 0, limit: int = 1000, entity: str | None = None,
+    scope: str | None = None, kind: Any = None, *, upto: int | None = None, skip_fenced: bool = False,
+    kinds: Any = None, region: Region | None = None,
+) -> Page:
+    """Events after ``after`` in commit order that the region (built from the
+    keyword filters, or given whole) selects. ``upto``: look no further than that
+    sequence. ``skip_fenced``: leave out every event written in a fence, revealed or
+    not (subscriptions deliver those at their FENCE_COMMIT instead). With an exact
+    entity the entity's chain is walked instead of the log."""
+    if type(after) is not int or after < 0:
+        raise InvalidArgument("after", after, "must be an int >= 0")
+    if type(limit) is not int or limit < 1:
+        raise InvalidArgument("limit", limit, "must be an int >= 1")
+    if kind is not None and (not isinstance(kind, tuple) or len(kind) != 2):
+        raise InvalidArgument("kind", kind, "must be a bp.Kind")
+    reg = region_of(region, entity=entity, scope=scope, kind=Kind(*kind) if kind is not None else None, kinds=kinds,
+                    upto=upto)
+    return select(reader, after, limit, reg, skip_fenced=skip_fenced)
+
+
+def select(reader: Reader, after: int, limit: int, reg: Region, *, skip_fenced: bool = False) -> Page:
+    """``query_after`` over a built region (see there)."""
+    view = reader.refresh()
+    visible = view.visible if reg.upto is None else min(view.visible, reg.upto)
+    hashes = reg.hashes()
+    packed = reg.packed_kinds()
+    passes = reg.passes_record
+    exact = reg.entity is not None or reg.scope is not None or reg.entity_prefix is not None
+
+    def run() -> Page:
+        events: list[Event] = []
+        if visible <= after:
+            return Page(events, after)
+        seqs: list[int] | range = range(after + 1, visible + 1)
+        if reg.entity is not None:
+            seqs = entity_seqs_after(reader, reg.entity.encode(), after, visible)
+        m = reader._records_map(visible)
+        seq = after
+        for seq in seqs:
+            rec = _rec_unpack(m, RECORDS_HEADER_SIZE + (seq - 1) * RECORD_SIZE)
+            if not passes(seq, rec[R_ENTITY_CLOCK], rec[R_KIND], rec[R_ENTITY_HASH], rec[R_SCOPE_HASH],
+                          hashes, packed):
+                continue
+            if rec[R_FLAGS] & FLAG_FENCED and (skip_fenced or reader.hidden(seq, rec[R_FLAGS])):
+                continue
+            ev = reader.event(seq)
+            if exact and not reg.matches(ev):
+                continue
+            events.append(ev)
+            if len(events) >= limit:
+                break
+        else:
+            seq = visible  # every sequence up to the bound was looked at
+        return Page(events, seq)
+
+    page: Page = reader._retrying(run)
+    return page
+
+
+def entity_seqs_after(reader: Reader, raw: bytes, after: int, visible: int) -> list[int]:
+    """The sequences of an entity's events in ``(after, visible]``, ascending, from its chain."""
+    seq = reader.head_of(raw)
+    while seq > visible:
+        seq = reader.record(seq)[R_PREV_IN_ENTITY]
+    out: list[int] = []
+    while seq > after:
+        out.append(seq)
+        seq = reader.record(seq)[R_PREV_IN_ENTITY]
+    out.reverse()
+    return out
+
+
+
+def _stale(what: str) -> Exception:
+    from .reader import StaleView  # the reader imports this module: its exception is named at use
+    return StaleView(what)
