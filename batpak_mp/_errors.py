@@ -288,3 +288,40 @@ class ReactorError(BatpakError):
         super().__init__(
             f"reactor {reactor!r} failed {failures} times in a row on the event at sequence {sequence}: {cause!r}"
         )
+
+
+# -- JetStream (batpak_mp.jetstream): the journal in a NATS stream --------------------------------
+class StreamTampered(BatpakError):
+    """A message of a NATS JetStream stream fails its check: the frame's checksum or
+    hash, the hash chain of its entity, its headers against its frame, or its place in
+    the stream. Raised by the remote reader and restore-from-stream, which never return
+    such a message (nor anything after it)."""
+
+    def __init__(self, stream: str, stream_seq: int, subject: str, reason: str) -> None:
+        self.stream = stream
+        self.stream_seq = stream_seq
+        self.subject = subject
+        self.reason = reason
+        super().__init__(f"stream {stream!r} message {stream_seq} ({subject}): {reason}")
+
+
+class StreamMismatch(BatpakError):
+    """A stream cannot take (or give) this journal: it holds another store's events or
+    foreign messages, or its history diverged from the journal's. Nothing is published."""
+
+    def __init__(self, stream: str, reason: str, expected: str | None = None, found: str | None = None) -> None:
+        self.stream = stream
+        self.reason = reason
+        self.expected = expected
+        self.found = found
+        super().__init__(f"stream {stream!r}: {reason}")
+
+
+class StreamUnavailable(BatpakError, ConnectionError):
+    """The NATS server (or its JetStream stream) could not be reached in time."""
+
+    def __init__(self, url: str, stream: str, reason: str) -> None:
+        self.url = url
+        self.stream = stream
+        self.reason = reason
+        super().__init__(f"stream {stream!r} at {url}: {reason}")

@@ -381,9 +381,13 @@ def verify(data_dir: str, as_json: bool, progress_after: float) -> None:
               help="With --sync interval: the longest an acknowledged event waits for its fsync.")
 @click.option("--max-payload-bytes", type=click.IntRange(min=1), default=None,
               help="Largest encoded payload accepted (default 16 MiB).")
+@click.option("--bridge", "bridge_url", default=None, metavar="URL",
+              help="Also run a JetStream bridge to this NATS URL, under the same restart policy (docs/SCALING.md).")
+@click.option("--bridge-stream", default=None, metavar="NAME", help="The bridge's stream (with --bridge).")
 def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None, hang_timeout_ms: int,
           ready_timeout_ms: int, stop_timeout_ms: int, restart_delay_ms: int, sync_interval_ms: int | None,
-          max_payload_bytes: int | None) -> None:
+          max_payload_bytes: int | None, bridge_url: str | None = None,
+          bridge_stream: str | None = None) -> None:
     """Run the service for DATA_DIR in the foreground until SIGTERM/SIGINT (graceful drain).
     DATA_DIR is created 0700 when missing; one open to group/other or owned by another user
     is refused. If this process dies, even by SIGKILL, the service drains and stops."""
@@ -396,10 +400,13 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
     config = {key: value for key, value in (("segment_max_bytes", segment_max_bytes),
                                             ("sync_interval_ms", sync_interval_ms),
                                             ("max_payload_bytes", max_payload_bytes)) if value is not None}
+    if (bridge_url is None) != (bridge_stream is None):
+        _fail(EXIT_USAGE, "--bridge and --bridge-stream go together")
     ready_r, ready_w = os.pipe()
     cmd = C.supervisor_argv(path, policy, hang_timeout_ms=hang_timeout_ms, ready_timeout_ms=ready_timeout_ms,
                             stop_timeout_ms=stop_timeout_ms, restart_delay_ms=restart_delay_ms, ready_fd=ready_w,
-                            writer_args=writer_args(sync, config, path), parent_pid=os.getpid())
+                            writer_args=writer_args(sync, config, path), parent_pid=os.getpid(),
+                            bridge=(bridge_url, bridge_stream) if bridge_url and bridge_stream else None)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(ready_w,))
     os.close(ready_w)
 
@@ -525,6 +532,9 @@ def status(data_dir: str, as_json: bool) -> None:
         "heartbeat_age_s": round((now - snap.heartbeat_ns) / 1e9, 3) if snap.heartbeat_ns else None,
         "writer_uptime_s": round((now - snap.started_ns) / 1e9, 3) if snap.started_ns and snap.writer_pid else None,
     }
+    bridge = _bridge_status(path)
+    if bridge is not None:
+        doc["bridge"] = bridge
     if as_json:
         _print_json(doc)
     else:
@@ -545,6 +555,8 @@ def status(data_dir: str, as_json: bool) -> None:
         ]
         if snap.reason:
             lines.append(f"reason       {snap.reason}")
+        if bridge is not None:
+            lines.append(f"bridge       {_bridge_line(bridge)}")
         click.echo("\n".join(lines))
     if down is not None:
         _fail(EXIT_STORE, down)
@@ -951,6 +963,84 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, (NotFound, ValueError)):
         return EXIT_USAGE
     return EXIT_STORE
+
+
+# ---- JetStream: bridge, restore-from-stream (batpak_mp.jetstream, docs/SCALING.md) ---------------
+BRIDGE_STALE_S = 5.0  # a bridge status file not rewritten for this long belongs to a bridge that is gone
+
+
+def _bridge_status(path: str) -> dict[str, Any] | None:
+    """The bridge's status file (``batpak_mp.jetstream``), with ``running`` judged from
+    its pid and age; None when no bridge ever ran here. Reads a file: needs no nats-py."""
+    try:
+        with open(os.path.join(path, "bridge.status"), "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    age = (time.time_ns() // 1_000_000 - int(doc.get("updated_ms") or 0)) / 1000
+    doc["running"] = (doc.get("state") not in ("stopped", "failed") and _alive(int(doc.get("pid") or 0))
+                      and age < BRIDGE_STALE_S)
+    doc["age_s"] = round(age, 1)
+    return doc
+
+
+def _bridge_line(b: dict[str, Any]) -> str:
+    err = f", last error: {b['last_error']}" if b.get("last_error") else ""
+    run = "" if b.get("running") else " (not running)"
+    return (f"{b.get('state')}{run}: stream {b.get('stream')} at {b.get('url')}, published through "
+            f"{b.get('published_through')}, lag {b.get('lag_events')} event(s), {b.get('events_per_s')} events/s, "
+            f"{b.get('errors')} error(s){err}")
+
+
+@cli.command()
+@click.argument("data_dir", type=DATA_DIR)
+@click.option("--nats", "url", required=True, metavar="URL", help="NATS server URL (several: comma-separated).")
+@click.option("--stream", required=True, metavar="NAME", help="JetStream stream (created when missing).")
+@click.option("--prefix", default=None, metavar="SUBJECT", help="Subject prefix (default batpak.<stream>).")
+@click.option("--replicas", type=click.IntRange(min=1, max=5), default=1, show_default=True,
+              help="Replicas of a stream the bridge creates (3 on a three-node cluster).")
+def bridge(data_dir: str, url: str, stream: str, prefix: str | None, replicas: int) -> None:
+    """Publish every committed event of the served DATA_DIR to a JetStream stream, in
+    commit order, exactly once, until SIGTERM/SIGINT. Resumes from the stream's last
+    message; shows its state in `batpak-mp status`. Exits 2 when the stream holds another
+    store's journal (or diverged), 3 when a journal frame fails its check."""
+    from .jetstream import BridgeConfig, run_bridge
+
+    code = run_bridge(BridgeConfig(os.path.abspath(data_dir), url, stream, prefix, replicas),
+                      log=lambda msg: click.echo(msg, err=True))
+    if code == 2:
+        _fail(EXIT_USAGE, "the stream refused this journal (see `batpak-mp status`)")
+    if code:
+        _fail(EXIT_STORE, "a journal frame failed its check (see `batpak-mp status`)")
+
+
+@cli.command("restore-from-stream")
+@click.argument("url", metavar="URL")
+@click.argument("stream", metavar="STREAM")
+@click.argument("data_dir", type=DATA_DIR)
+@click.option("--segment-max-bytes", type=int, default=None, help="Size of each segment file (default 64 MiB).")
+@json_option
+def restore_from_stream(url: str, stream: str, data_dir: str, segment_max_bytes: int | None, as_json: bool) -> None:
+    """Rebuild a journal in DATA_DIR (missing or empty) from a bridge's STREAM: the same
+    event ids, sequences and hashes, every message checked; then verify it. Exits 1 when
+    the verification finds problems, 2 for a stream that is not a whole journal or a
+    DATA_DIR that is not empty, 3 when the stream cannot be read or fails its checks."""
+    from ._errors import InvalidArgument, StreamMismatch
+    from .jetstream import restore_from_stream as run_restore
+
+    try:
+        r = run_restore(url, stream, data_dir, segment_max_bytes=segment_max_bytes)
+    except (InvalidArgument, StreamMismatch) as exc:
+        _fail(EXIT_USAGE, str(exc))
+    report = verify_dir(os.path.abspath(data_dir))
+    doc = {**r.__dict__, "verify_ok": report.ok, "events_checked": report.events_checked}
+    _emit(as_json, doc, f"restored store {r.store_id}: {r.events} event(s) from stream {stream} "
+                        f"({r.segments} segment(s), {r.events / max(r.seconds, 1e-9):,.0f} events/s), "
+                        f"verify {'ok' if report.ok else 'FOUND PROBLEMS'}")
+    if not report.ok:
+        sys.exit(EXIT_PROBLEMS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,7 +75,7 @@ def supervisor_argv(data_dir: str, restart: RestartPolicy, *, hang_timeout_ms: i
                     restart_delay_ms: int = RESTART_DELAY_MS, ready_timeout_ms: int = READY_TIMEOUT_MS,
                     stop_timeout_ms: int = STOP_TIMEOUT_MS, ready_fd: int | None = None,
                     writer_args: Sequence[str] = (), python: str | None = None,
-                    parent_pid: int | None = None) -> list[str]:
+                    parent_pid: int | None = None, bridge: tuple[str, str] | None = None) -> list[str]:
     """The command line that starts a supervisor for ``data_dir`` (``python``: the
     interpreter, default this one; ``parent_pid``: the supervisor stops, draining its
     writer, once its parent is no longer that process)."""
@@ -86,6 +86,8 @@ def supervisor_argv(data_dir: str, restart: RestartPolicy, *, hang_timeout_ms: i
         argv += [OPT_READY_FD, str(ready_fd)]
     if parent_pid is not None:
         argv += [OPT_PARENT_PID, str(parent_pid)]
+    if bridge is not None:  # (NATS URL, stream): the supervisor runs a bridge beside the writer
+        argv += [OPT_BRIDGE, bridge[0], OPT_BRIDGE_STREAM, bridge[1]]
     return [*argv, WRITER_ARGS_AFTER, *writer_args]
 
 
@@ -103,6 +105,23 @@ def writer_argv(data_dir: str, writer_args: Sequence[str], *, ready_fd: int, sup
     """The command line a supervisor starts its writer with."""
     return [python or sys.executable, "-m", WRITER_MODULE, data_dir, *writer_args,
             OPT_READY_FD, str(ready_fd), OPT_SUPERVISOR_PID, str(supervisor_pid)]
+
+
+# -- the bridge (batpak_mp.jetstream): run by the supervisor beside the writer, same policy ------
+BRIDGE_MODULE = "batpak_mp.jetstream"  # run as ``python -m batpak_mp.jetstream DATA_DIR --nats URL --stream NAME``
+OPT_BRIDGE = "--bridge"  # the supervisor's: NATS URL of the bridge to run (none: no bridge)
+OPT_BRIDGE_STREAM = "--bridge-stream"  # the supervisor's: its stream name
+OPT_BRIDGE_NATS = "--nats"  # the bridge's own options
+OPT_BRIDGE_STREAM_NAME = "--stream"
+# The bridge exits with WriterExit.USAGE when the stream refuses the journal (another store's,
+# diverged) and WriterExit.CORRUPT when a journal frame fails its check: the policy never
+# restarts those; anything else is restarted under the service's restart policy.
+
+
+def bridge_argv(data_dir: str, url: str, stream: str, *, supervisor_pid: int, python: str | None = None) -> list[str]:
+    """The command line a supervisor starts its bridge with."""
+    return [python or sys.executable, "-m", BRIDGE_MODULE, data_dir, OPT_BRIDGE_NATS, url,
+            OPT_BRIDGE_STREAM_NAME, stream, OPT_SUPERVISOR_PID, str(supervisor_pid)]
 
 
 # -- readiness lines ---------------------------------------------------------------------------

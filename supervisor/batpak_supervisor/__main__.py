@@ -106,12 +106,19 @@ def parse(argv: list[str]) -> Config:
                    help="write 'ready <writer_pid>' or 'failed <reason>' here once, then close it")
     p.add_argument(C.OPT_PARENT_PID, dest="parent_pid", type=_pid, default=None,
                    help="drain the writer and stop once the parent process is no longer this pid")
+    p.add_argument(C.OPT_BRIDGE, dest="bridge_url", default=None, metavar="URL",
+                   help="also run a JetStream bridge (batpak_mp.jetstream) to this NATS URL, same restart policy")
+    p.add_argument(C.OPT_BRIDGE_STREAM, dest="bridge_stream", default=None, metavar="NAME",
+                   help="the bridge's stream (required with --bridge)")
     ns = p.parse_args(own)
+    if (ns.bridge_url is None) != (ns.bridge_stream is None):
+        p.error(f"{C.OPT_BRIDGE} and {C.OPT_BRIDGE_STREAM} go together")
     return Config(
         data_dir=ns.data_dir, policy=ns.restart, writer_args=tuple(writer_args),
         hang_timeout_ms=ns.hang_timeout_ms, restart_delay_ms=ns.restart_delay_ms,
         ready_timeout_ms=ns.ready_timeout_ms, stop_timeout_ms=ns.stop_timeout_ms,
         ready_fd=ns.ready_fd, parent_pid=ns.parent_pid,
+        bridge=(ns.bridge_url, ns.bridge_stream) if ns.bridge_url is not None else None,
     )
 
 

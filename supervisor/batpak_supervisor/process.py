@@ -75,6 +75,7 @@ class Config:
     stop_timeout_ms: int = C.STOP_TIMEOUT_MS
     ready_fd: int | None = None
     parent_pid: int | None = None
+    bridge: tuple[str, str] | None = None  # (NATS URL, stream): a bridge runs beside the writer
 
 
 def _log(msg: str) -> None:
@@ -156,6 +157,52 @@ class _Writer:
         return P.WriterExited(rc, None, self.ready)
 
 
+class _Bridge:
+    """The JetStream bridge child (``python -m batpak_mp.jetstream``): started once the
+    writer is ready, restarted under its own copy of the restart policy (a bridge that
+    is given up leaves the writer serving: the journal is the authority), stopped after
+    the writer (SIGTERM, then SIGKILL after the stop timeout)."""
+
+    def __init__(self, config: Config) -> None:
+        assert config.bridge is not None
+        self.url, self.stream = config.bridge
+        self.data_dir = config.data_dir
+        self.state = P.initial(config.policy)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def tend(self) -> None:
+        if self.proc is not None:
+            rc = self.proc.poll()
+            if rc is None:
+                return
+            event = P.WriterExited(rc if rc >= 0 else None, -rc if rc < 0 else None)
+            self.state, action = P.decide(self.state, event, _now_ms())
+            self.proc = None
+            if not isinstance(action, P.Restart):
+                if isinstance(action, P.Fail):
+                    _log(f"bridge given up (the writer goes on): {action.reason.replace('writer', 'bridge')}")
+                return
+            _log(f"restarting bridge: {action.describe(self.state.policy)}")
+        elif self.state.outcome is not None:
+            return
+        argv = C.bridge_argv(self.data_dir, self.url, self.stream, supervisor_pid=os.getpid())
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_set_pdeathsig, process_group=0)
+        _log(f"started bridge pid {self.proc.pid} to {self.url} stream {self.stream}")
+
+    def stop(self, timeout_ms: int) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_ms / 1000)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+
 class Supervisor:
     """Run with ``run()``, which returns the process exit code."""
 
@@ -173,6 +220,7 @@ class Supervisor:
         self._parent_fd: int | None = None  # a pidfd of the parent: readable once it is gone
         self._parent_gone = False
         self._old_handlers: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
+        self.bridge: _Bridge | None = _Bridge(config) if config.bridge is not None else None
 
     # -- signals --------------------------------------------------------------------------
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -397,6 +445,8 @@ class Supervisor:
                     _log(f"writer pid {wr.pid} hung (no heartbeat for {silent} ms); killing it")
                     self._kill()
                     return P.WriterHung(silent)
+            if self.bridge is not None and wr.ready:
+                self.bridge.tend()  # started once the writer serves; restarted under its own copy of the policy
             fds = (wr.ready_r,) if wr.ready_r is not None else ()
             if self._sleep(POLL_MS / 1000, fds):
                 was_ready = wr.ready
@@ -463,6 +513,8 @@ class Supervisor:
         finally:
             if self.writer is not None and self.writer.proc.poll() is None:  # only on a crash of ours
                 self._kill()
+            if self.bridge is not None:  # after the writer: it publishes what the drain made visible
+                self.bridge.stop(self.cfg.stop_timeout_ms)
             if self.block is not None:
                 self.block.close()
             self._release_dir()
