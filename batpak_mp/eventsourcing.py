@@ -258,7 +258,7 @@ class BatpakRecorder:
                     raise IntegrityError(f"stored events are not unique, or their versions fall: {s}")
                 expected = None
             else:
-                head = store.entity_head(entity)
+                head = store.latest(entity)
                 if head is not None and version <= head.payload[0]:
                     raise IntegrityError(f"stored event already recorded (newest version {head.payload[0]}): {s}")
                 expected = 0 if head is None else head.entity_clock
@@ -270,7 +270,7 @@ class BatpakRecorder:
     def _tracking_item(self, tracking: Tracking, store: Store) -> BatchItem:
         """The tracking record's event: ``IntegrityError`` unless it is past the newest."""
         entity = self.tracking_entity(tracking.application_name)
-        head = store.entity_head(entity)
+        head = store.latest(entity)
         if head is not None and tracking.notification_id <= head.payload:
             raise IntegrityError(f"tracking {tracking.notification_id} of {tracking.application_name!r} is not after "
                                  f"{head.payload}, the newest recorded")
@@ -302,19 +302,28 @@ class BatpakRecorder:
 
     def _select(self, originator_id: UUID | str, gt: int | None, lte: int | None, desc: bool,
                 limit: int | None) -> list[StoredEvent]:
+        """An aggregate's events by version, read as a window of its entity's clocks.
+        Versions rise by at least one per event along the chain (``_items`` refuses
+        anything else), so the clock of version ``gt`` is at least ``head clock -
+        (head version - gt)``: the lower edge is exact from the head alone; the upper one
+        assumes contiguous versions and checks the event just past it (else the whole
+        chain is read)."""
         entity = self.entity(originator_id)
         with self.datastore.store() as store:
-            if desc and limit is not None and lte is None:
-                # newest first from the head (one lookup): the snapshot and "latest" reads
-                head = store.entity_head(entity)
-                if head is None:
-                    return []
-                events: Sequence[Event] = list(store.walk_ancestors(head.event_id, limit=limit))
+            head = store.latest(entity)
+            if head is None or (gt is not None and gt >= head.payload[0]) or limit == 0:
+                return []
+            top, clock = head.payload[0], head.entity_clock
+            after = None if gt is None or clock - (top - gt) < 1 else clock - (top - gt)
+            if lte is None or lte >= top:
+                events = store.history(entity, after_clock=after, newest_first=desc, limit=limit if desc else None)
             else:
-                # TODO(issue 15 item 2): history newest-first and bounded by clock
-                events = store.history(entity)
+                past = clock - (top - lte) + 1  # the clock just past version lte, if versions are contiguous
+                events = store.history(entity, after_clock=after, before_clock=past + 1) if past >= 1 else []
+                if not events or events[-1].entity_clock != past or events[-1].payload[0] <= lte:
+                    events = store.history(entity, after_clock=after)  # a gap in the versions: read it all
                 if desc:
-                    events = events[::-1]
+                    events.reverse()
         out: list[StoredEvent] = []
         for ev in events:
             version = ev.payload[0]
@@ -377,7 +386,7 @@ class BatpakTrackingRecorder(BatpakRecorder, TrackingRecorder):
 
     def max_tracking_id(self, application_name: str) -> int | None:
         with self.datastore.store() as store:
-            head = store.entity_head(self.tracking_entity(application_name))
+            head = store.latest(self.tracking_entity(application_name))
         return None if head is None else int(head.payload)
 
 

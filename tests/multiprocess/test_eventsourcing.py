@@ -224,3 +224,22 @@ def test_subscription_from_none_starts_at_the_first_notification() -> None:
         assert [next(sub).id, next(sub).id] == [1, 2]
     with rec.subscribe(gt=1) as sub:
         assert next(sub).id == 2
+
+
+@pytest.mark.parametrize("versions", [[1, 2, 3, 4, 5], [0, 1, 2], [1, 5, 9, 10, 20]])
+def test_select_events_windows_agree_with_a_plain_filter(versions: list[int]) -> None:
+    """Reads by version are windows of entity clocks; contiguous or gapped (snapshots),
+    every combination of bounds gives what a filter of the whole chain gives."""
+    rec = BatpakAggregateRecorder(_datastore(), _scope() + ".snapshots")
+    oid = uuid.uuid4()
+    for v in versions:
+        rec.insert_events([StoredEvent(oid, v, "t", str(v).encode())])
+    bounds: list[int | None] = [None, *range(min(versions) - 1, max(versions) + 2)]
+    for gt in bounds:
+        for lte in bounds:
+            for desc in (False, True):
+                for limit in (None, 1, 2):
+                    want = [v for v in versions if (gt is None or v > gt) and (lte is None or v <= lte)]
+                    want = (want[::-1] if desc else want)[:limit]
+                    got = rec.select_events(oid, gt=gt, lte=lte, desc=desc, limit=limit)
+                    assert [s.originator_version for s in got] == want, (gt, lte, desc, limit)
