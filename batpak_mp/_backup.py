@@ -244,7 +244,12 @@ class _Target:
                 raise BackupRefused(self.path, "another backup, fork or restore into it is running") from None
             self._lock_fd = fd
             self._tidy()
-            yield self
+            try:
+                yield self
+            except BaseException:
+                with contextlib.suppress(BatpakError, OSError):
+                    _remove_tree(self.staging)  # what a failed run staged (the next run would remove it too)
+                raise
         finally:
             self._lock_fd = -1
             os.close(fd)

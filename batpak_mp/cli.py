@@ -1,7 +1,7 @@
 """The ``batpak-mp`` command line.
 
 Owns: argument parsing, exit codes and the human/JSON output of every command (serve,
-status, append, get, history, tail, verify, inspect, drill, demo, bench). Errors are one
+status, append, get, history, tail, verify, inspect, drill, demo, bench, backup, restore, fork). Errors are one
 clear line on stderr; ``--debug`` (before the command) shows the traceback instead.
 
 Exit codes (also in ``batpak-mp --help`` and the README): 0 ok; 1 a check found
@@ -500,6 +500,78 @@ def reset_ipc(data_dir: str, yes: bool) -> None:
         sys.exit(EXIT_PROBLEMS)
     cleanup_ipc(path)
     click.echo(f"removed the IPC objects of {path}")
+
+
+# ---- backup, restore, fork ---------------------------------------------------------------
+def _copy_with_progress(what: str, run: Callable[[Callable[[int, int], None] | None], Any]) -> Any:
+    """Run ``run(progress)`` with a byte progress bar on stderr when stderr is a terminal
+    (stdout, and so ``--json``, stays clean); ``run(None)`` otherwise."""
+    if not sys.stderr.isatty():
+        return run(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+    columns = (TextColumn(what), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        return run(lambda done, total: bar.update(task, completed=done, total=max(total, done)))
+
+
+@cli.command()
+@click.argument("data_dir", type=DATA_DIR)
+@click.argument("dest", type=DATA_DIR)
+@json_option
+def backup(data_dir: str, dest: str, as_json: bool) -> None:
+    """Copy DATA_DIR into DEST consistently, while its service runs or not: every event
+    durable when the backup starts, whole commits only, each segment checked as copied.
+    DEST is missing, empty or a previous backup of the same store (then only new
+    segments are copied); it is replaced atomically, so an interrupted backup leaves the
+    previous one. Exits 2 when DEST is refused, 3 when the source fails its checks or
+    the disk is full."""
+    from ._backup import backup as run_backup
+
+    r = _copy_with_progress("backup", lambda progress: run_backup(data_dir, dest, progress=progress))
+    doc = r._asdict()
+    _emit(as_json, doc, f"backed up {r.store_id} through sequence {r.last_sequence} into {r.dest}: "
+                        f"{r.files_copied} file(s) copied ({r.bytes_copied / 2**20:,.1f} MiB), {r.files_reused} "
+                        f"reused from the previous backup, in {r.seconds:.2f} s")
+
+
+@cli.command()
+@click.argument("backup_dir", metavar="BACKUP", type=DATA_DIR)
+@click.argument("data_dir", type=DATA_DIR)
+@click.option("--force", is_flag=True, help="Replace DATA_DIR even when it holds another store or other files.")
+@json_option
+def restore(backup_dir: str, data_dir: str, force: bool, as_json: bool) -> None:
+    """Put BACKUP in place as DATA_DIR: refused while DATA_DIR is served (exit 3) or
+    when it holds another store (exit 2, unless --force). The copy is verified before
+    it replaces DATA_DIR in one atomic step; the stale IPC objects of DATA_DIR are
+    removed, and its previous contents are kept at DATA_DIR.pre-restore-<ms>."""
+    from ._backup import restore as run_restore
+
+    r = _copy_with_progress("restore", lambda progress: run_restore(backup_dir, data_dir, force=force,
+                                                                     progress=progress))
+    kept = f"; the previous contents are at {r.previous}" if r.previous else ""
+    _emit(as_json, r._asdict(), f"restored {r.store_id} through sequence {r.last_sequence} into {r.data_dir}{kept}")
+
+
+@cli.command()
+@click.argument("data_dir", type=DATA_DIR)
+@click.argument("dest", type=DATA_DIR)
+@click.option("--at", "at", type=click.IntRange(min=0), default=None, metavar="SEQ",
+              help="The last sequence the fork holds (default: the durable frontier now); it must end a commit.")
+@json_option
+def fork(data_dir: str, dest: str, at: int | None, as_json: bool) -> None:
+    """Make DEST a new store (its own store id, and a lineage record naming DATA_DIR's
+    store and the fork point) with DATA_DIR's history through --at. Sealed segments are
+    shared by hard link where DEST's file system allows; later writes of either store
+    never reach the other. DEST must be missing or empty."""
+    from ._backup import fork as run_fork
+
+    r = _copy_with_progress("fork", lambda progress: run_fork(data_dir, dest, at=at, progress=progress))
+    _emit(as_json, r._asdict(), f"forked {r.parent_store_id} at sequence {r.fork_sequence} into {r.dest} as "
+                                f"store {r.store_id}: {r.files_linked} segment(s) shared, {r.files_copied} copied "
+                                f"({r.bytes_copied / 2**20:,.1f} MiB), in {r.seconds:.2f} s")
 
 
 # ---- status ------------------------------------------------------------------------------
