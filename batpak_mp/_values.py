@@ -161,6 +161,7 @@ class Event:
         "payload_version",
         "prev_hash",
         "wall_ms",
+        "redacted",
     )
 
     def __init__(
@@ -177,6 +178,7 @@ class Event:
         prev_hash: bytes,
         causation_id: bytes | None,
         correlation_id: bytes | None,
+        redacted: bool = False,
     ) -> None:
         self.event_id = event_id
         self.global_sequence = global_sequence
@@ -190,7 +192,8 @@ class Event:
         self.prev_hash = prev_hash
         self.causation_id = causation_id
         self.correlation_id = correlation_id
-        self._payload: Any = _UNDECODED
+        self.redacted = redacted  # a stub: compaction removed the payload (None), its digest stays in the chain
+        self._payload: Any = None if redacted else _UNDECODED
 
     @property
     def payload(self) -> Any:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 
-FORMAT_VERSION = 1  # of the whole directory; store.meta, segments and index files carry it
+FORMAT_VERSION = 2  # of the whole directory; store.meta, segments and index files carry it
+# 2: frames chain a digest of the payload (stubs, FORMAT.md §3.4); a version-1 store is upgraded when a writer opens it
+FORMAT_VERSION_MIN = 1  # the oldest directory version still opened, read and verified
 
 META_FILE = "store.meta"
 LOCK_FILE = "writer.lock"

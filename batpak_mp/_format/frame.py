@@ -4,8 +4,10 @@ Owns: the byte layout of a frame (docs/FORMAT.md §3.2), declared once as the ``
 NamedTuple (each field's struct code in its annotation; ``HEADER``, ``LEN_CRC``,
 ``HASHED_HEADER``, the offsets and the ``H_*`` positions are derived from it); the flag
 bits and their names (§3.3); the cumulative per-entity hash chain (``event_hash`` covers
-the predecessor's hash, every header field and the entity, scope and payload bytes); the
-CRC; and **the frame validity rule**, written once in ``frame_header``: every decoder
+the predecessor's hash, every header field, the entity and scope bytes and, from frame
+version 2 on, a digest of the payload rather than its bytes, so compaction can replace a
+payload by its digest, a *stub*, and the chain still verifies: §3.4; ``encode_stub``);
+the CRC; and **the frame validity rule**, written once in ``frame_header``: every decoder
 (``scan_frame``/``decode_frame``, the recovery scan, the reader, inspect) goes through it,
 so they accept and reject the same bytes. Decoders are total: any byte string gives a
 frame, "need more", the end marker or one typed error, never ``IndexError``/``struct.error``.
@@ -29,7 +31,9 @@ if TYPE_CHECKING:
 
 Buffer: TypeAlias = "bytes | bytearray | memoryview | mmap.mmap"
 
-FRAME_VERSION = 1
+FRAME_VERSION = 2  # what the writer writes (docs/FORMAT.md §3.4: the chain covers the payload's digest)
+FRAME_VERSION_MIN = 1  # the oldest frame version still read and verified (its chain covers the payload bytes)
+PAYLOAD_DIGEST_SIZE = 32  # bytes of blake2b over a payload: what a version-2 hash covers, and a stub keeps
 
 
 class Header(NamedTuple):
@@ -90,11 +94,13 @@ FLAG_COMMIT_END = 0x1  # last frame of one request: recovery cuts after the last
 FLAG_HAS_CAUSATION = 0x2  # causation_id is set
 FLAG_HAS_CORRELATION = 0x4  # correlation_id is set
 FLAG_FENCED = 0x8  # written inside a visibility fence: hidden until a FENCE_COMMIT event reveals it
+FLAG_REDACTED = 0x10  # a stub (version 2 only): the payload was removed, its digest stands in its place
 FLAG_NAMES: dict[int, str] = {  # every flag bit a frame may carry, by the name FORMAT.md §3.3 gives it
     FLAG_COMMIT_END: "COMMIT_END",
     FLAG_HAS_CAUSATION: "HAS_CAUSATION",
     FLAG_HAS_CORRELATION: "HAS_CORRELATION",
     FLAG_FENCED: "FENCED",
+    FLAG_REDACTED: "REDACTED",
 }
 KNOWN_FLAGS: int = reduce(or_, FLAG_NAMES)  # any other bit makes a frame bad
 
@@ -145,10 +151,29 @@ def flag_names(flags: int) -> list[str]:
 
 
 def chain_hash(hashed_header: bytes | memoryview, body: bytes | memoryview) -> bytes:
-    """The event hash: blake2b-256 over the header (from version through prev_hash) and
-    the entity, scope and payload bytes. prev_hash inside the header makes it cumulative."""
+    """The event hash of a version-1 frame: blake2b-256 over the header (from version
+    through prev_hash) and the entity, scope and payload bytes. prev_hash inside the
+    header makes it cumulative."""
     h = hashlib.blake2b(hashed_header, digest_size=32)
     h.update(body)
+    return h.digest()
+
+
+def payload_digest(payload: bytes | memoryview) -> bytes:
+    """blake2b-256 of a payload: what a version-2 event hash covers in its place, and
+    what a stub keeps of it."""
+    return hashlib.blake2b(payload, digest_size=PAYLOAD_DIGEST_SIZE).digest()
+
+
+def chain_hash_v2(hashed_header: bytes | memoryview, names: bytes | memoryview, digest: bytes | memoryview) -> bytes:
+    """The event hash of a version-2 frame: blake2b-256 over the header (from version
+    through prev_hash, the ``REDACTED`` bit of ``flags`` cleared: a stub hashes as the
+    frame it replaced), the entity and scope bytes and the payload's digest."""
+    hdr = bytearray(hashed_header)
+    hdr[2] &= ~FLAG_REDACTED & 0xFF  # flags is the u16 at hashed offset 2 (frame offset 10)
+    h = hashlib.blake2b(hdr, digest_size=32)
+    h.update(names)
+    h.update(digest)
     return h.digest()
 
 
@@ -164,16 +189,22 @@ def encode_parts(
     entity: bytes, scope: bytes, payload: bytes,
 ) -> tuple[tuple[bytes, bytes, bytes, bytes], bytes, int]:
     """Encode one frame as its four pieces (length+CRC, hashed header, event hash, body),
-    to be joined by the caller (the engine joins a whole commit group at once).
-    Returns (pieces, event_hash, frame_len). The one encoder: ``encode_frame`` and the
+    to be joined by the caller (the engine joins a whole commit group at once), at
+    ``FRAME_VERSION`` (``flags`` never carries ``REDACTED``: stubs are made by
+    ``encode_stub``). Returns (pieces, event_hash, frame_len). The one encoder: ``encode_frame`` and the
     engine's commit path both use it."""
     hashed = _pack_hashed(FRAME_VERSION, flags, kind, len(entity), len(scope), payload_version, len(payload),
                           global_sequence, entity_clock, wall_ms, event_id, causation_id, correlation_id,
                           idem_hash, prev_hash)
     body = entity + scope + payload
-    h = _blake2b(hashed, digest_size=32)
-    h.update(body)
-    event_hash = h.digest()
+    if flags & FLAG_REDACTED:  # not a frame the writer makes; hashed as frame_hash would (the payload is the digest)
+        event_hash = chain_hash_v2(hashed, entity + scope, payload)
+    else:
+        h = _blake2b(hashed, digest_size=32)
+        h.update(entity)
+        h.update(scope)
+        h.update(_blake2b(payload, digest_size=PAYLOAD_DIGEST_SIZE).digest())
+        event_hash = h.digest()
     frame_len = HEADER_SIZE + len(body)
     crc = _crc32(body, _crc32(event_hash, _crc32(hashed)))
     return (_pack_len_crc(frame_len, crc), hashed, event_hash, body), event_hash, frame_len
@@ -209,8 +240,11 @@ def frame_header(buf: Buffer, off: int, limit: int, *, final: bool = False) -> R
     ``scan_frame`` checks that for any caller) and returns:
 
     - the header (a tuple unpacked with ``HEADER``, indexed with ``H_*``) of a whole frame
-      that is valid: length in range, CRC, version, lengths that add up to the frame's,
-      non-empty entity and scope, no unknown flag bit;
+      that is valid: length in range, CRC, a version from ``FRAME_VERSION_MIN`` to
+      ``FRAME_VERSION``, lengths that add up to the frame's (a stub, flagged
+      ``REDACTED``, holds the payload's 32-byte digest instead of its ``payload_len``
+      bytes), non-empty entity and scope, no unknown flag bit (``REDACTED`` is unknown
+      to version 1);
     - an int: ``END`` (0) for the end marker, a zero length word; else the number of bytes
       the frame needs (it runs past ``limit``). ``final``: ``limit`` is the end of the
       region (a segment's frame area), so fewer than 8 bytes there that are all zero are
@@ -228,14 +262,15 @@ def frame_header(buf: Buffer, off: int, limit: int, *, final: bool = False) -> R
                       else memoryview(buf)[off + 8:off + frame_len]) != h[1]:
                 return CHECKSUM_MISMATCH
             version: int = h[2]
-            if version != FRAME_VERSION:
+            if not FRAME_VERSION_MIN <= version <= FRAME_VERSION:
                 return f"future frame version {version}" if version > FRAME_VERSION else f"unknown frame version {version}"
-            if HEADER_SIZE + h[5] + h[6] + h[8] != frame_len:
+            flags: int = h[3]
+            if HEADER_SIZE + h[5] + h[6] + (PAYLOAD_DIGEST_SIZE if flags & FLAG_REDACTED else h[8]) != frame_len:
                 return "field lengths do not add up to the frame length"
             if not h[5] or not h[6]:
                 return "empty entity or scope"
-            if h[3] & ~KNOWN_FLAGS:
-                return f"unknown flags {h[3]:#x}"
+            if flags & ~KNOWN_FLAGS or (version == 1 and flags & FLAG_REDACTED):
+                return f"unknown flags {flags:#x}"
             return h
     elif n >= 8:
         frame_len = _unpack_len_crc(buf, off)[0]
@@ -319,6 +354,10 @@ def event_from_header(buf: bytes | mmap.mmap, off: int, h: RawHeader,
     k = _KINDS.get(kind)
     if k is None:
         k = _KINDS[kind] = Kind.unpack(kind)
+    if flags & FLAG_REDACTED:
+        return Event(event_id, seq, coord, k, clock, wall, b"", pv, ehash, prev,
+                     causation if flags & FLAG_HAS_CAUSATION else None,
+                     correlation if flags & FLAG_HAS_CORRELATION else None, True)
     return Event(event_id, seq, coord, k, clock, wall, buf[p0:off + frame_len], pv, ehash, prev,
                  causation if flags & FLAG_HAS_CAUSATION else None,
                  correlation if flags & FLAG_HAS_CORRELATION else None)
@@ -326,12 +365,14 @@ def event_from_header(buf: bytes | mmap.mmap, off: int, h: RawHeader,
 
 def frame_to_event(f: Frame) -> Event:
     """The ``Event`` of a decoded ``Frame`` (whose names were checked by its decoder)."""
+    redacted = bool(f.flags & FLAG_REDACTED)
     return Event(
         f.event_id, f.global_sequence, Coordinate._trusted(f.entity, f.scope),
-        Kind.unpack(f.kind), f.entity_clock, f.wall_ms, f.payload, f.payload_version,
+        Kind.unpack(f.kind), f.entity_clock, f.wall_ms, b"" if redacted else f.payload, f.payload_version,
         f.event_hash, f.prev_hash,
         f.causation_id if f.flags & FLAG_HAS_CAUSATION else None,
         f.correlation_id if f.flags & FLAG_HAS_CORRELATION else None,
+        redacted,
     )
 
 
@@ -362,9 +403,42 @@ def scan_frame(buf: Buffer, off: int, limit: int, *, final: bool = False) -> tup
 
 def frame_hash(buf: Buffer, off: int, frame_len: int) -> bytes:
     """The event hash the bytes of the frame at ``off`` give (to compare with the one it
-    stores): blake2b-256 over the hashed header and the entity, scope and payload."""
+    stores), by the frame's version: version 1 hashes the entity, scope and payload
+    bytes (``chain_hash``); version 2 the names and the payload's digest, which a stub
+    stores in place of the payload (``chain_hash_v2``). Any other version, or bytes too
+    short to hold the names a version-2 header states, hash as version 1 (no frame
+    that passes ``frame_header`` is one of those)."""
     mv = memoryview(buf)[off:off + frame_len]
+    n = len(mv)
+    if n >= HEADER_SIZE and mv[8] == 2 and mv[9] == 0:
+        names_end = HEADER_SIZE + (mv[14] | mv[15] << 8) + (mv[16] | mv[17] << 8)
+        if names_end <= n:
+            payload = mv[names_end:]
+            digest = payload if mv[10] & FLAG_REDACTED else payload_digest(payload)
+            return chain_hash_v2(mv[HASHED_START:HASH_OFFSET], mv[HEADER_SIZE:names_end], digest)
     return chain_hash(mv[HASHED_START:HASH_OFFSET], mv[HEADER_SIZE:])
+
+
+def encode_stub(buf: Buffer, off: int, h: RawHeader) -> bytes:
+    """The stub of the valid version-2 frame at ``off`` (header ``h`` from
+    ``frame_header``): the same header with ``REDACTED`` set, the same entity and scope,
+    and the payload's digest in place of the payload (its ``payload_len`` is kept); the
+    event hash is the frame's own, which the stub still verifies against. A frame that is
+    a stub already is returned as it is."""
+    frame_len = h[H_FRAME_LEN]
+    frame = bytes(buf[off:off + frame_len])
+    if h[H_FLAGS] & FLAG_REDACTED:
+        return frame
+    if h[H_VERSION] != FRAME_VERSION:
+        raise ValueError(f"a version-{h[H_VERSION]} frame cannot be a stub (its hash covers its payload bytes)")
+    names_end = HEADER_SIZE + h[H_ENTITY_LEN] + h[H_SCOPE_LEN]
+    body = bytearray(frame[:names_end])
+    body[10:12] = (h[H_FLAGS] | FLAG_REDACTED).to_bytes(2, "little")
+    body += payload_digest(memoryview(frame)[names_end:])
+    stub_len = len(body)
+    body[0:4] = stub_len.to_bytes(4, "little")
+    body[4:8] = _crc32(memoryview(body)[HASHED_START:]).to_bytes(4, "little")
+    return bytes(body)
 
 
 def hash_matches(buf: Buffer, off: int, frame: Frame) -> bool:

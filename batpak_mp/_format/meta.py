@@ -70,3 +70,14 @@ def inherited_of(data: bytes, path: str) -> tuple[tuple[bytes, int], ...]:
     own: ``segment_verdict``'s ``inherited`` (empty for a store that is no fork)."""
     lineage = decode_lineage(data, path)
     return lineage.inherited if lineage is not None else ()
+
+
+def upgraded_meta(data: bytes) -> bytes | None:
+    """store.meta's bytes at ``FORMAT_VERSION``, every other key kept, when ``data`` (a
+    document ``decode_meta`` accepted) is of an older version; None when it is current.
+    A writer opening an older store writes it before anything else (FORMAT.md §9)."""
+    doc = json.loads(data)
+    if int(doc["format_version"]) >= FORMAT_VERSION:
+        return None
+    doc["format_version"] = FORMAT_VERSION
+    return (json.dumps(doc, indent=2) + "\n").encode()

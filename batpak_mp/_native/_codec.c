@@ -33,7 +33,9 @@
 #include <string.h>
 
 /* -- the frame layout, mirrored from _format/frame.py (the loader checks they agree) -- */
-#define FRAME_VERSION 1
+#define FRAME_VERSION 2      /* written; versions FRAME_VERSION_MIN .. FRAME_VERSION are read */
+#define FRAME_VERSION_MIN 1
+#define PAYLOAD_DIGEST_SIZE 32  /* a version-2 hash covers blake2b-256 of the payload; a stub stores it */
 #define HEADER_SIZE 176      /* <len u32><crc u32><hashed header 136><event_hash 32> */
 #define HASHED_START 8       /* length and CRC are not part of the event */
 #define HASH_OFFSET 144      /* where event_hash sits */
@@ -45,7 +47,8 @@
 #define FLAG_HAS_CAUSATION 0x2
 #define FLAG_HAS_CORRELATION 0x4
 #define FLAG_FENCED 0x8
-#define KNOWN_FLAGS 0xF
+#define FLAG_REDACTED 0x10
+#define KNOWN_FLAGS 0x1F
 #define ST_OK 0
 #define ST_EMPTY 1
 #define ST_NEED_MORE 2
@@ -347,7 +350,8 @@ static void b2b_final(b2b_state *S, uint8_t *out)
     memcpy(out, full, S->outlen);
 }
 
-/* The event hash: blake2b-256 over the hashed header and the body (entity+scope+payload). */
+/* The event hash of a version-1 frame: blake2b-256 over the hashed header and the body
+ * (entity+scope+payload). */
 static void chain_hash(const uint8_t *hashed, size_t hashed_len, const uint8_t *body, size_t body_len, uint8_t *out)
 {
     b2b_state S;
@@ -355,6 +359,41 @@ static void chain_hash(const uint8_t *hashed, size_t hashed_len, const uint8_t *
     b2b_update(&S, hashed, hashed_len);
     b2b_update(&S, body, body_len);
     b2b_final(&S, out);
+}
+
+/* frame.py's frame_hash over the region p[0:len] (already sliced): a version-2 frame
+ * (len >= HEADER_SIZE, version 2, its names inside the region) hashes its 136-byte
+ * header with the REDACTED bit cleared, its names and the payload's digest (a stub
+ * stores the digest itself); anything else as version 1 over the clamped pieces. */
+static void frame_hash_region(const uint8_t *p, long long len, uint8_t *out)
+{
+    if (len >= HEADER_SIZE && p[8] == 2 && p[9] == 0) {
+        long long names_end = HEADER_SIZE + (long long)ld16(p + 14) + (long long)ld16(p + 16);
+        if (names_end <= len) {
+            const uint8_t *payload = p + names_end, *digest = payload;
+            size_t plen = (size_t)(len - names_end), dlen = plen;
+            uint8_t own[PAYLOAD_DIGEST_SIZE], hdr[HASHED_LEN];
+            b2b_state S;
+            if (!(p[10] & FLAG_REDACTED)) {
+                b2b_init(&S, PAYLOAD_DIGEST_SIZE, NULL);
+                b2b_update(&S, payload, plen);
+                b2b_final(&S, own);
+                digest = own;
+                dlen = PAYLOAD_DIGEST_SIZE;
+            }
+            memcpy(hdr, p + HASHED_START, HASHED_LEN);
+            hdr[2] &= (uint8_t)~FLAG_REDACTED;  /* flags, low byte: a stub hashes as the frame it replaced */
+            b2b_init(&S, 32, NULL);
+            b2b_update(&S, hdr, HASHED_LEN);
+            b2b_update(&S, p + HEADER_SIZE, (size_t)(names_end - HEADER_SIZE));
+            b2b_update(&S, digest, dlen);
+            b2b_final(&S, out);
+            return;
+        }
+    }
+    long long h0 = len < HASHED_START ? len : HASHED_START, h1 = len < HASH_OFFSET ? len : HASH_OFFSET;
+    long long b0 = len < HEADER_SIZE ? len : HEADER_SIZE;
+    chain_hash(p + h0, (size_t)(h1 - h0), p + b0, (size_t)(len - b0), out);
 }
 
 /* ====================================================================================
@@ -785,7 +824,7 @@ static void event_write(const event_t *ev, const uint8_t *prev, uint8_t *out, ui
             memcpy(body + pos, ev->part[i].buf, (size_t)ev->part[i].len);
         pos += (size_t)ev->part[i].len;
     }
-    chain_hash(out + HASHED_START, HASHED_LEN, body, ev->body_len, out + HASH_OFFSET);
+    frame_hash_region(out, (long long)ev->frame_len, out + HASH_OFFSET);  /* version 2: over the payload's digest */
     memcpy(hash_out, out + HASH_OFFSET, 32);
     st32(out, ev->frame_len);
     st32(out + 4, crc32_update(0, out + HASHED_START, ev->frame_len - HASHED_START));
@@ -1012,13 +1051,14 @@ static int header_at(const uint8_t *base, long long len, long long off, long lon
     h->seq = ld64(q + 16);
     h->clock = ld64(q + 24);
     h->wall = ld64(q + 32);
-    if (h->version != FRAME_VERSION)
+    if (h->version < FRAME_VERSION_MIN || h->version > FRAME_VERSION)
         *why = WHY_VERSION;
-    else if ((unsigned long long)HEADER_SIZE + h->elen + h->slen + h->plen != h->frame_len)
+    else if ((unsigned long long)HEADER_SIZE + h->elen + h->slen
+             + (h->flags & FLAG_REDACTED ? PAYLOAD_DIGEST_SIZE : h->plen) != h->frame_len)
         *why = WHY_LENGTHS;
     else if (h->elen == 0 || h->slen == 0)
         *why = WHY_EMPTY_NAME;
-    else if (h->flags & ~KNOWN_FLAGS)
+    else if ((h->flags & ~KNOWN_FLAGS) || (h->version == 1 && (h->flags & FLAG_REDACTED)))
         *why = WHY_FLAGS;
     return *why ? HV_BAD : HV_VALID;
 }
@@ -1097,7 +1137,7 @@ static PyObject *frame_object(const uint8_t *p, const header_t *h)
         (unsigned long long)h->seq, (unsigned long long)h->clock, (unsigned long long)h->wall,
         bytes_at(p + 48, 16), bytes_at(p + 64, 16), bytes_at(p + 80, 16), bytes_at(p + 96, 16),
         bytes_at(p + 112, 32), bytes_at(p + HASH_OFFSET, 32), bytes_at(e, h->elen), bytes_at(s, h->slen),
-        bytes_at(pl, h->plen));
+        bytes_at(pl, h->flags & FLAG_REDACTED ? PAYLOAD_DIGEST_SIZE : h->plen));  /* a stub: the digest */
     return make_named(FrameType, items);
 }
 
@@ -1221,9 +1261,7 @@ static int frame_hash_into(const Py_buffer *view, PyObject *off_obj, PyObject *f
         len = PySlice_AdjustIndices((Py_ssize_t)n, &start, &end, step);
         lo = start;
     }
-    const uint8_t *p = view_bytes(view) + lo;
-    long long h0 = clamp_ll(HASHED_START, len), h1 = clamp_ll(HASH_OFFSET, len), b0 = clamp_ll(HEADER_SIZE, len);
-    chain_hash(p + h0, (size_t)(h1 - h0), p + b0, (size_t)(len - b0), out);
+    frame_hash_region(view_bytes(view) + lo, len, out);
     return 0;
 }
 
@@ -1408,7 +1446,7 @@ static int scan_step(const uint8_t *base, long long len, long long off, long lon
     }
     if (check_hash) {
         uint8_t digest[32];
-        chain_hash(p + HASHED_START, HASHED_LEN, p + HEADER_SIZE, h->frame_len - HEADER_SIZE, digest);
+        frame_hash_region(p, (long long)h->frame_len, digest);
         if (memcmp(digest, p + HASH_OFFSET, 32) != 0) {
             PyObject *err = Py_BuildValue("(LN)", off, PyUnicode_FromFormat("event hash mismatch at sequence %llu",
                                                                             (unsigned long long)h->seq));
@@ -1770,10 +1808,10 @@ static PyObject *py_index_group(PyObject *self, PyObject *const *args, Py_ssize_
  * Python constructors on a cache miss and reused after.
  * ==================================================================================== */
 enum { EV_PAYLOAD_CACHE, EV_CAUSATION, EV_COORD, EV_CORRELATION, EV_CLOCK, EV_HASH, EV_ID, EV_SEQ, EV_KIND,
-       EV_PAYLOAD, EV_PV, EV_PREV, EV_WALL, EV_SLOTS };
+       EV_PAYLOAD, EV_PV, EV_PREV, EV_WALL, EV_REDACTED, EV_SLOTS };
 static const char *const EV_NAMES[EV_SLOTS] = {
     "_payload", "causation_id", "coordinate", "correlation_id", "entity_clock", "event_hash", "event_id",
-    "global_sequence", "kind", "payload_bytes", "payload_version", "prev_hash", "wall_ms",
+    "global_sequence", "kind", "payload_bytes", "payload_version", "prev_hash", "wall_ms", "redacted",
 };
 static PyTypeObject *EventType;     /* batpak_mp._values.Event */
 static Py_ssize_t ev_offset[EV_SLOTS];
@@ -1914,13 +1952,15 @@ static PyObject *event_object(const uint8_t *p, const header_t *h, PyObject *coo
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
     PyObject *v[EV_SLOTS];
     v[EV_COORD] = coord;
-    v[EV_PAYLOAD_CACHE] = Py_NewRef(Undecoded);
+    int redacted = (h->flags & FLAG_REDACTED) != 0;  /* a stub: no payload (None), flagged */
+    v[EV_PAYLOAD_CACHE] = Py_NewRef(redacted ? Py_None : Undecoded);
+    v[EV_REDACTED] = Py_NewRef(redacted ? Py_True : Py_False);
     v[EV_KIND] = kind_of(h->kind);
     v[EV_ID] = bytes_at(p + 48, 16);
     v[EV_SEQ] = PyLong_FromUnsignedLongLong(h->seq);
     v[EV_CLOCK] = PyLong_FromUnsignedLongLong(h->clock);
     v[EV_WALL] = PyLong_FromUnsignedLongLong(h->wall);
-    v[EV_PAYLOAD] = bytes_at(p + HEADER_SIZE + h->elen + h->slen, h->plen);
+    v[EV_PAYLOAD] = bytes_at(p + HEADER_SIZE + h->elen + h->slen, redacted ? 0 : h->plen);
     v[EV_PV] = PyLong_FromLong(h->pv);
     v[EV_HASH] = bytes_at(p + HASH_OFFSET, 32);
     v[EV_PREV] = bytes_at(p + 112, 32);

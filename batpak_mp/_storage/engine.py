@@ -31,7 +31,7 @@ from typing import Any
 from .._errors import BatpakError, CorruptSegment, DiskFull, StoreClosed, StoreLocked, StorePoisoned
 from .._format.directory import CHECKPOINT_FILE, INDEX_DIR, LOCK_FILE, META_FILE, SEGMENT_DIR
 from .._format.ids import store_tag_of
-from .._format.meta import decode_meta, encode_meta, inherited_of
+from .._format.meta import decode_meta, encode_meta, inherited_of, upgraded_meta
 from .._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from .._prepare import Prepared, prepare, prepare_items
 from .._query import Region
@@ -136,6 +136,9 @@ class Engine:
             self.disk.write_file_atomic(path, encode_meta(self.store_id, self._clock_ms()))
         else:
             self.store_id = decode_meta(raw, path)
+            upgraded = upgraded_meta(raw)
+            if upgraded is not None:  # a version-1 store: new frames chain payload digests (FORMAT.md §9)
+                self.disk.write_file_atomic(path, upgraded)
         self.inherited = inherited_of(raw, path) if raw is not None else ()  # a fork's (FORMAT.md §8.1)
         self.store_tag = store_tag_of(self.store_id)  # in every event id
         self.store_key = int.from_bytes(self.store_id[:8], "little") or 1  # in the control block

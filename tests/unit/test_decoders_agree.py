@@ -42,6 +42,7 @@ from batpak_mp._format.frame import (
     FLAG_COMMIT_END,
     FLAG_FENCED,
     FLAG_HAS_CAUSATION,
+    FLAG_REDACTED,
     FRAME_VERSION,
     HASHED_START,
     HEADER_FIELDS,
@@ -267,6 +268,9 @@ def test_flags_the_format_does_not_know_are_bad_everywhere() -> None:
         flags = 1 << bit
         area = set_frame_field(data, "<H", at("flags"), flags)
         status, reason = scan_frame(area, 0, len(area))
+        if flags == FLAG_REDACTED:  # a stub holds a 32-byte digest where this frame holds no payload
+            assert (status, reason) == (BAD, "field lengths do not add up to the frame length")
+            continue
         assert (status == OK) == bool(flags & KNOWN_FLAGS), bit
         if status == BAD:
             assert reason == f"unknown flags {flags:#x}"

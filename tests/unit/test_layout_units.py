@@ -510,10 +510,11 @@ def test_event_from_header_unpacks_in_header_order() -> None:
 def test_flag_names() -> None:
     from batpak_mp._format.frame import FLAG_NAMES, KNOWN_FLAGS, flag_names
 
-    assert FLAG_NAMES == {0x1: "COMMIT_END", 0x2: "HAS_CAUSATION", 0x4: "HAS_CORRELATION", 0x8: "FENCED"}
-    assert KNOWN_FLAGS == 0xF
+    assert FLAG_NAMES == {0x1: "COMMIT_END", 0x2: "HAS_CAUSATION", 0x4: "HAS_CORRELATION", 0x8: "FENCED",
+                          0x10: "REDACTED"}
+    assert KNOWN_FLAGS == 0x1F
     assert flag_names(0x9) == ["COMMIT_END", "FENCED"]
-    assert flag_names(0x31) == ["COMMIT_END", "unknown:0x30"]
+    assert flag_names(0x31) == ["COMMIT_END", "REDACTED", "unknown:0x20"]
 
 
 def test_inspect_names_a_fenced_frame(tmp_path: Path) -> None:
@@ -636,7 +637,7 @@ def test_committed_through() -> None:
     with pytest.raises(bp.CorruptSegment, match="checksum"):
         committed_through("seg", scan_segment(bytes(middle), 0, len(middle), 1), 1, 0)
     future = bytearray(frame(1) + frame(2))
-    struct.pack_into("<H", future, len(frame(1)) + 8, 2)
+    struct.pack_into("<H", future, len(frame(1)) + 8, 3)  # FRAME_VERSION is 2
     struct.pack_into("<I", future, len(frame(1)) + 4, zlib.crc32(future[len(frame(1)) + 8:]))
     with pytest.raises(bp.FutureFormat):
         committed_through("seg", scan_segment(bytes(future), 0, len(future), 1), 1, 0)

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from batpak_mp import _errors as bp_values_errors
 from batpak_mp import _values as bp_values
 from batpak_mp._format import directory, frame, record, scan
-from batpak_mp._format.frame import FLAG_COMMIT_END, HASHED_START, HEADER_SIZE, KNOWN_FLAGS, MIN_FRAME
+from batpak_mp._format.frame import FLAG_COMMIT_END, FLAG_REDACTED, HASHED_START, HEADER_SIZE, KNOWN_FLAGS, MIN_FRAME
 from batpak_mp._native import _pure
 from batpak_mp._prepare import Prepared
 
@@ -385,7 +385,7 @@ def test_scan_frame_on_valid_frames(fields: tuple[Any, ...], before: bytes, afte
     data = encode(fields)
     buf = before + data + after
     status, value = frame_agrees(buf, len(before), len(buf))
-    if fields[0] & ~KNOWN_FLAGS == 0 and is_utf8(fields[11]) and is_utf8(fields[12]):
+    if fields[0] & ~(KNOWN_FLAGS & ~FLAG_REDACTED) == 0 and is_utf8(fields[11]) and is_utf8(fields[12]):
         assert status == frame.OK and C.hash_matches(buf, len(before), value)
     frame_agrees(buf, len(before), len(before) + len(data))
 
@@ -545,9 +545,67 @@ def logs(draw: st.DrawFn) -> tuple[bytes, int, int]:
         fields = draw(event_fields(seq=(first + i) % (1 << 64), flag=commit | draw(st.sampled_from([0, 0x2, 0x8]))))
         short_names = (draw(st.binary(min_size=1, max_size=20)), draw(st.binary(min_size=1, max_size=20)))
         fields = (*fields[:11], *short_names, draw(st.binary(max_size=300)))
-        body += encode(fields)
+        body += reform(encode(fields), draw(st.sampled_from(FORMS)))
     tail = draw(st.one_of(st.just(b""), st.binary(max_size=12).map(lambda b: bytes(len(b))), st.binary(max_size=40)))
     return prefix + body + tail, len(prefix), first
+
+
+FORMS = ("v2", "v2", "stub", "v1")  # how a frame of a log is written: as the writer does, a stub, or version 1
+
+
+def as_v1(data: bytes) -> bytes:
+    """A version-2 frame made into the version-1 frame of the same fields (its hash over
+    the payload bytes, its CRC redone)."""
+    buf = bytearray(data)
+    struct.pack_into("<H", buf, 8, 1)
+    buf[144:176] = frame.chain_hash(bytes(buf[8:144]), bytes(buf[176:]))
+    struct.pack_into("<I", buf, 4, zlib.crc32(buf[8:]))
+    return bytes(buf)
+
+
+def as_stub(data: bytes) -> bytes:
+    h = frame.frame_header(data, 0, len(data))
+    assert isinstance(h, tuple)
+    return frame.encode_stub(data, 0, h)
+
+
+def reform(data: bytes, form: str) -> bytes:
+    return as_v1(data) if form == "v1" else as_stub(data) if form == "stub" else data
+
+
+@PROPS
+@given(event_fields(), st.sampled_from(BUFFER_KINDS))
+def test_stubs_and_version_1_frames_agree_and_keep_their_hash(fields: tuple[Any, ...], kind: str) -> None:
+    """A stub verifies against the frame's own event hash in both codecs, reads as a
+    redacted Event (payload None) and agrees everywhere; a version-1 frame hashes its
+    payload bytes and agrees too; a version-1 frame flagged REDACTED is bad."""
+    fields = (fields[0] & (KNOWN_FLAGS & ~FLAG_REDACTED), *fields[1:])
+    data = encode(fields)
+    names_ok = is_utf8(fields[11]) and is_utf8(fields[12])
+    stub, v1 = as_stub(data), as_v1(data)
+    assert len(stub) == len(data) - len(fields[13]) + 32 and stub[144:176] == data[144:176]
+    for buf in (stub, v1):
+        with buffer_of(kind, buf) as b:
+            status, _ = frame_agrees(b, 0, len(buf))
+        if buf is stub:
+            assert frame.frame_hash(buf, 0, len(buf)) == data[144:176] == C.frame_hash(buf, 0, len(buf))
+        assert status == (frame.OK if names_ok else frame.BAD)
+        events_agree(_pure.event_at, C.event_at, buf, 0, len(buf), fields[3])
+    if names_ok:
+        ev = C.event_at(stub, 0, len(stub), fields[3], {})
+        assert ev.redacted and ev.payload is None and ev.payload_bytes == b"" and ev.event_hash == data[144:176]
+        assert not C.event_at(v1, 0, len(v1), fields[3], {}).redacted
+    assert frame.encode_stub(stub, 0, frame.frame_header(stub, 0, len(stub))) == stub  # a stub stays a stub
+    bad_stub = bytearray(stub)
+    struct.pack_into("<H", bad_stub, 8, 1)  # a version-1 stub: no such frame
+    struct.pack_into("<I", bad_stub, 4, zlib.crc32(bad_stub[8:]))
+    assert frame_agrees(bytes(bad_stub), 0, len(bad_stub)) == (frame.BAD, f"unknown flags {fields[0] | FLAG_REDACTED:#x}")
+    altered = bytearray(stub)
+    altered[-1] ^= 1  # a stub whose digest is not the payload's: the hash no longer matches
+    struct.pack_into("<I", altered, 4, zlib.crc32(altered[8:]))
+    frame_agrees(bytes(altered), 0, len(altered))
+    assert frame.frame_hash(altered, 0, len(altered)) != data[144:176]
+    assert C.frame_hash(altered, 0, len(altered)) != data[144:176]
 
 
 @st.composite
