@@ -181,7 +181,7 @@ def wait_stream(url: str, stream: str, through: int, timeout: float = 30.0) -> N
     while time.monotonic() < deadline:
         try:
             last = stream_last(url, stream)
-        except Exception:  # noqa: BLE001 - the server may be restarting; keep looking until the deadline
+        except Exception:
             last = -1
         if last >= through:
             return

@@ -19,12 +19,12 @@ from ._remote import RemoteStore, RemoteSubscription, connect
 from ._restore import StreamRestoreReport, restore_from_stream
 
 __all__ = [
+    "STATUS_FILE",
     "Bridge",
     "BridgeConfig",
     "ChainCheck",
     "RemoteStore",
     "RemoteSubscription",
-    "STATUS_FILE",
     "StreamMismatch",
     "StreamRestoreReport",
     "StreamTampered",

@@ -181,6 +181,9 @@ class _Rejected(Exception):
     """A publish of the window was refused or not acknowledged: look at the stream again."""
 
 
+_RETRYABLE: tuple[type[BaseException], ...] = (_Rejected, *NATS_ERRORS)
+
+
 class _Publisher:
     """Publishes with reply subjects of one inbox, so a window of publishes is in flight
     at once, in order on one connection; each acknowledgement (or refusal) resolves its
@@ -323,7 +326,7 @@ class Bridge:
                     self._error(exc)
                     self._set("failed", force=True)
                     return EXIT_CORRUPT
-                except (_Rejected, *NATS_ERRORS) as exc:
+                except _RETRYABLE as exc:
                     self._error(exc)
                     self._set("retrying", force=True)
                     if self.stop.is_set() and self._drain_over():
@@ -403,7 +406,7 @@ class Bridge:
                                                   publish_headers(frame, self.store_hex, frame_version(raw)), seq))
                 try:
                     acks = await asyncio.wait_for(asyncio.gather(*futures), ACK_TIMEOUT_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pub.forget()
                     raise _Rejected(f"window {nxt}..{end} not acknowledged within {ACK_TIMEOUT_S} s") from None
                 for seq, ack in zip(range(nxt, end + 1), acks, strict=True):

@@ -152,7 +152,7 @@ def restore_from_stream(url: str, stream: str, data_dir: str | os.PathLike[str],
                     seen = received[0]
                     try:
                         await asyncio.wait_for(done.wait(), STALL_TIMEOUT_S)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         continue
                 await sub.unsubscribe()
             finally:

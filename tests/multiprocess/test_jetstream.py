@@ -34,7 +34,7 @@ def _append_some(data_dir: str, n: int, tag: str = "") -> list[bp.Receipt]:
 def test_bridge_remote_reader_and_restore(tmp_path: os.PathLike[str], data_dir: str) -> None:
     base = os.fspath(tmp_path)
     with nats_server(base) as ns:
-        with bp.serve(data_dir, segment_max_bytes=1 << 20) as svc:
+        with bp.serve(data_dir, segment_max_bytes=1 << 20):
             receipts = _append_some(data_dir, 120)
             with bp.connect(data_dir) as store:
                 fence_events = []
@@ -73,7 +73,7 @@ def test_bridge_remote_reader_and_restore(tmp_path: os.PathLike[str], data_dir: 
                 assert stop_bridge(bridge) == 0
             with bp.connect(data_dir) as store:
                 last = store.frontier().visible
-            assert stream_last(ns.url, "JS1") == last - 0 or stream_last(ns.url, "JS1") <= last
+            assert stream_last(ns.url, "JS1") == last  # a stopped bridge drained what was visible
         assert_verified(data_dir)
         # disaster recovery: a new directory from the stream alone
         restored = os.path.join(base, "restored")
