@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -95,3 +97,72 @@ def _example() -> Any:
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     return importlib.import_module("examples.eventsourcing_bank.bank")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http(base: str, method: str, path: str) -> tuple[int, int, Any]:
+    """One request on loopback (never through a proxy): (status, worker pid, JSON body)."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(base + path, data=b"" if method == "POST" else None, method=method)
+    try:
+        with opener.open(req, timeout=15) as resp:
+            return resp.status, int(resp.headers["X-Worker-Pid"]), json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, int(e.headers["X-Worker-Pid"]), json.loads(e.read())
+
+
+def test_the_wsgi_example_under_gunicorn_with_four_workers(tmp_path: Any) -> None:
+    """examples/eventsourcing_bank/wsgi.py as its docstring runs it: concurrent deposits
+    through 4 gunicorn workers all count, and every worker serves the same log."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = str(tmp_path / "data")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PERSISTENCE_MODULE="batpak_mp.eventsourcing", BATPAK_MP_DATA_DIR=data)
+    with bp.serve(data, segment_max_bytes=1 << 20), open(tmp_path / "gunicorn.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--chdir", ROOT, "-w", "4", "-b", f"127.0.0.1:{port}",
+                                 "examples.eventsourcing_bank.wsgi:app"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, (tmp_path / "gunicorn.log").read_text()
+                try:
+                    if _http(base, "POST", "/accounts/alice")[0] == 201:
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, (tmp_path / "gunicorn.log").read_text()
+                    time.sleep(0.1)
+            assert _http(base, "POST", "/accounts/alice")[0] == 409  # opened once
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda _: _http(base, "POST", "/accounts/alice/deposit?amount=2"), range(40)))
+            assert all(status == 200 for status, _, _ in got), got
+            assert len({pid for _, pid, _ in got}) > 1  # more than one worker took deposits
+            ids = sorted(n for _, _, body in got for n in body["notifications"])
+            assert ids == list(range(2, 42))  # the opening is 1; each deposit its own id
+            status, _, body = _http(base, "GET", "/accounts/alice")
+            assert (status, body) == (200, {"balance": 80})
+            logs = {pid: body for _, pid, body in (_http(base, "GET", "/notifications?after=30") for _ in range(12))}
+            assert len({json.dumps(b) for b in logs.values()}) == 1  # every worker serves the same log
+            assert [n["id"] for n in next(iter(logs.values()))] == list(range(31, 42))
+            assert _http(base, "GET", "/accounts/bob")[0] == 404
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    assert_verified(data)
