@@ -613,6 +613,20 @@ class Store:
             self._ensure_open()
             return self._reader.latest(entity)
 
+    def latest_in_scope(self, scope: str) -> Event | None:
+        """The newest event of ``scope`` (its highest ``scope_position``), or None."""
+        with self._lock:
+            self._ensure_open()
+            return self._reader.latest_in_scope(scope)
+
+    def query_scope(self, scope: str, after_position: int = 0, *, limit: int = 1000,
+                    upto_position: int | None = None, region: Region | None = None) -> Page:
+        """The events of ``scope`` by their gap-free ``scope_position`` (after
+        ``after_position``, at most ``upto_position``); ``page.next_after`` is a position."""
+        with self._lock:
+            self._ensure_open()
+            return self._reader.query_scope(scope, after_position, limit, upto_position, region)
+
     def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[Event]:
         with self._lock:
             self._ensure_open()

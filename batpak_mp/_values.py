@@ -162,6 +162,7 @@ class Event:
         "prev_hash",
         "wall_ms",
         "redacted",
+        "scope_position",
     )
 
     def __init__(
@@ -179,6 +180,7 @@ class Event:
         causation_id: bytes | None,
         correlation_id: bytes | None,
         redacted: bool = False,
+        scope_position: int | None = None,
     ) -> None:
         self.event_id = event_id
         self.global_sequence = global_sequence
@@ -193,6 +195,9 @@ class Event:
         self.causation_id = causation_id
         self.correlation_id = correlation_id
         self.redacted = redacted  # a stub: compaction removed the payload (None), its digest stays in the chain
+        # the event's gap-free position in its scope (1, 2, ...: stream order), filled by
+        # the reader from positions.idx; None where a read does not know it
+        self.scope_position = scope_position
         self._payload: Any = None if redacted else _UNDECODED
 
     @property

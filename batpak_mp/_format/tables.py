@@ -164,3 +164,81 @@ class BaseTable:
                 return int(seqs[i])
             i += 1
         return 0
+
+
+# ---- per-scope positions (FORMAT.md §12.4): positions.idx and scopeheads.idx ---------------
+# Index layout 2 added these two files (layout 1: records.idx, the delta and base tables
+# only). Both are derived data: a writer that finds them missing, of another store or
+# behind its log rebuilds them from records.idx and the fence chain.
+INDEX_LAYOUT = 2
+POSITIONS_FILE = "positions.idx"  # per global sequence: (scope position, previous in scope, skip)
+SCOPE_HEADS_FILE = "scopeheads.idx"  # open addressing: scope hash -> newest sequence in stream order
+POSITIONS_MAGIC = b"BPMPPOSN"
+SCOPE_HEADS_MAGIC = b"BPMPSCPH"
+POSITIONS_HEADER = struct.Struct("<8sIIQQ")  # magic, layout, reserved, store key, through (watermark)
+POSITIONS_HEADER_SIZE = 64
+POSITION = struct.Struct("<QQQ")  # scope position (0: none yet), sequence of position - 1, sequence at skip_position
+POSITION_SIZE = POSITION.size  # 24
+POSITIONS_THROUGH_AT = 24  # byte offset of the watermark in the header
+SCOPE_HEADS_MOVED_AT = 32  # byte offset of the header's aux word: 1 once the table was replaced (map anew)
+SCOPE_HEADS_MIN_CAPACITY = 4096  # slots (64 KiB); the table is replaced by one 4x larger past half full
+
+
+def position_offset(seq: int) -> int:
+    """Byte offset of the entry of global sequence ``seq`` (>= 1) in positions.idx."""
+    return POSITIONS_HEADER_SIZE + (seq - 1) * POSITION_SIZE
+
+
+def encode_positions_header(store_key: int, through: int) -> bytes:
+    return POSITIONS_HEADER.pack(POSITIONS_MAGIC, INDEX_LAYOUT, 0, store_key, through).ljust(POSITIONS_HEADER_SIZE, b"\0")
+
+
+def positions_through(data: Any, store_key: int) -> int | None:
+    """The watermark of a positions.idx header of this store and layout (every sequence up
+    to it has its final entry); None when the file is another store's, older or unlabelled;
+    FutureFormat when newer."""
+    if len(data) < POSITIONS_HEADER.size:
+        return None
+    magic, layout, _, key, through = POSITIONS_HEADER.unpack_from(data, 0)
+    if magic == POSITIONS_MAGIC and layout > INDEX_LAYOUT:
+        raise FutureFormat(POSITIONS_FILE, layout, INDEX_LAYOUT)
+    if magic != POSITIONS_MAGIC or layout != INDEX_LAYOUT or key != store_key:
+        return None
+    return int(through)
+
+
+def scope_heads_header(capacity: int) -> bytes:
+    return TABLE_HEADER.pack(SCOPE_HEADS_MAGIC, INDEX_LAYOUT, 0, capacity, 0, 0, bytes(32)).ljust(TABLE_HEADER_SIZE, b"\0")
+
+
+def _clear_lowest(n: int) -> int:
+    return n & (n - 1)
+
+
+def skip_position(p: int) -> int:
+    """The position an entry at scope position ``p`` skips back to (0: none): a
+    deterministic skip list (the height rule of Bitcoin's block index), so that reaching
+    any earlier position takes O(log p) steps along (prev, skip) links."""
+    if p < 2:
+        return 0
+    return _clear_lowest(_clear_lowest(p - 1)) + 1 if p & 1 else _clear_lowest(p)
+
+
+def walk_to_position(entry: Any, seq: int, pos: int, target: int) -> int:
+    """The sequence of scope position ``target`` (1 <= target <= pos), starting from the
+    entry at ``seq`` holding position ``pos``; ``entry(seq)`` gives its (position, prev,
+    skip) triple. Returns 0 when a link is missing or the positions disagree (a stale
+    entry: the caller refreshes)."""
+    while pos > target:
+        got, prev, skip = entry(seq)
+        if got != pos:
+            return 0
+        sp = skip_position(pos)
+        spp = skip_position(pos - 1)
+        if skip and (sp == target or (sp > target and not (spp < sp - 2 and spp >= target))):
+            seq, pos = skip, sp
+        else:
+            seq, pos = prev, pos - 1
+        if not seq:
+            return 0
+    return seq

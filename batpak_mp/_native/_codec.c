@@ -1808,10 +1808,11 @@ static PyObject *py_index_group(PyObject *self, PyObject *const *args, Py_ssize_
  * Python constructors on a cache miss and reused after.
  * ==================================================================================== */
 enum { EV_PAYLOAD_CACHE, EV_CAUSATION, EV_COORD, EV_CORRELATION, EV_CLOCK, EV_HASH, EV_ID, EV_SEQ, EV_KIND,
-       EV_PAYLOAD, EV_PV, EV_PREV, EV_WALL, EV_REDACTED, EV_SLOTS };
+       EV_PAYLOAD, EV_PV, EV_PREV, EV_WALL, EV_REDACTED, EV_SCOPE_POS, EV_SLOTS };
 static const char *const EV_NAMES[EV_SLOTS] = {
     "_payload", "causation_id", "coordinate", "correlation_id", "entity_clock", "event_hash", "event_id",
     "global_sequence", "kind", "payload_bytes", "payload_version", "prev_hash", "wall_ms", "redacted",
+    "scope_position",
 };
 static PyTypeObject *EventType;     /* batpak_mp._values.Event */
 static Py_ssize_t ev_offset[EV_SLOTS];
@@ -1955,6 +1956,7 @@ static PyObject *event_object(const uint8_t *p, const header_t *h, PyObject *coo
     int redacted = (h->flags & FLAG_REDACTED) != 0;  /* a stub: no payload (None), flagged */
     v[EV_PAYLOAD_CACHE] = Py_NewRef(redacted ? Py_None : Undecoded);
     v[EV_REDACTED] = Py_NewRef(redacted ? Py_True : Py_False);
+    v[EV_SCOPE_POS] = Py_NewRef(Py_None);  /* filled by the reader from positions.idx */
     v[EV_KIND] = kind_of(h->kind);
     v[EV_ID] = bytes_at(p + 48, 16);
     v[EV_SEQ] = PyLong_FromUnsignedLongLong(h->seq);

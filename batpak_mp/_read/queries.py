@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._errors import InvalidArgument
+from .._format.directory import name_hash
 from .._format.frame import FLAG_FENCED
 from .._format.record import (
     R_ENTITY_CLOCK,
@@ -28,6 +29,7 @@ from .._format.record import (
     RECORD_SIZE,
     RECORDS_HEADER_SIZE,
 )
+from .._format.tables import walk_to_position
 from .._query import Region, region_of
 from .._values import Event, Kind, Page, check_name
 
@@ -184,3 +186,98 @@ def entity_seqs_after(reader: Reader, raw: bytes, after: int, visible: int) -> l
 def _stale(what: str) -> Exception:
     from .reader import StaleView  # the reader imports this module: its exception is named at use
     return StaleView(what)
+
+
+# -- per-scope positions ----------------------------------------------------------------------
+SCOPE_CHUNK = 256  # positions looked at per walk while a region filters a scope's events
+
+
+def scope_head(reader: Reader, scope_raw: bytes) -> tuple[int, int]:
+    """(sequence, position) of the newest event of a scope this reader may see, or (0, 0):
+    the head in scopeheads.idx, stepped back along the scope's chain past what the view
+    does not show yet (beyond the frontier, or inside a fence not revealed to it)."""
+    h = name_hash(scope_raw)
+    visible = reader.view.visible
+    scopes = reader.scopes
+    for candidate in scopes.head_candidates(h):
+        seq = candidate
+        while seq:
+            pos, prev, _ = scopes.entry(seq)
+            if not pos:
+                break  # no entry: not this scope's chain (or stale): try another candidate
+            if seq <= visible:
+                rec = reader.record(seq)
+                if rec[R_SCOPE_HASH] != h:
+                    break
+                if not (rec[R_FLAGS] & FLAG_FENCED and reader.hidden(seq, rec[R_FLAGS])):
+                    return seq, pos
+            seq = prev
+    return 0, 0
+
+
+def latest_in_scope(reader: Reader, scope: str) -> Event | None:
+    """The newest event of ``scope`` in stream order (highest position), or None."""
+    raw = check_name("scope", scope)
+    reader.refresh()
+
+    def run() -> Event | None:
+        seq, _ = scope_head(reader, raw)
+        if not seq:
+            return None
+        ev = reader.event(seq)
+        if ev.coordinate.scope != scope:
+            raise _stale(f"scope chain of {scope!r}")
+        return ev
+
+    found: Event | None = reader._retrying(run)
+    return found
+
+
+def query_scope(reader: Reader, scope: str, after_position: int = 0, limit: int = 1000,
+                upto_position: int | None = None, region: Region | None = None) -> Page:
+    """The events of ``scope`` with positions above ``after_position`` (and at most
+    ``upto_position``), in position order, that ``region`` also selects; at most
+    ``limit``. ``page.next_after`` is the last *position* looked at (resume with it).
+    Cost: a seek of O(log n) steps along the scope's skip links, then the positions
+    returned (with a region: the positions looked at)."""
+    raw = check_name("scope", scope)
+    if type(after_position) is not int or after_position < 0:
+        raise InvalidArgument("after_position", after_position, "must be an int >= 0")
+    if type(limit) is not int or limit < 1:
+        raise InvalidArgument("limit", limit, "must be an int >= 1")
+    if upto_position is not None and (type(upto_position) is not int or upto_position < 0):
+        raise InvalidArgument("upto_position", upto_position, "must be an int >= 0")
+    if region is not None and not isinstance(region, Region):
+        raise InvalidArgument("region", region, "must be a bp.Region")
+    reader.refresh()
+    entry = reader.scopes.entry
+
+    def run() -> Page:
+        head, head_pos = scope_head(reader, raw)
+        top_bound = head_pos if upto_position is None else min(head_pos, upto_position)
+        events: list[Event] = []
+        looked = after_position
+        while looked < top_bound and len(events) < limit:
+            want = limit - len(events)
+            top = min(top_bound, looked + (want if region is None else max(want, SCOPE_CHUNK)))
+            seq = walk_to_position(entry, head, head_pos, top)
+            seqs: list[int] = []
+            for _ in range(top - looked):
+                if not seq:
+                    raise _stale(f"positions of scope {scope!r}")
+                seqs.append(seq)
+                seq = entry(seq)[1]
+            seqs.reverse()
+            for pos, s in enumerate(seqs, start=looked + 1):
+                ev = reader.event(s)
+                if ev.coordinate.scope != scope or ev.scope_position != pos:
+                    raise _stale(f"positions of scope {scope!r}")
+                if region is None or region.matches(ev):
+                    events.append(ev)
+                    if len(events) >= limit:
+                        return Page(events, pos)
+            looked = top
+        return Page(events, max(looked, after_position))
+
+    page: Page = reader._retrying(run)
+    return page

@@ -64,6 +64,7 @@ from .._native import event_at, frame_header, scan_events, scan_frame, unpack_re
 from .._query import Region
 from .._values import Coordinate, Event, Page
 from . import queries
+from .positions import ScopeMaps
 
 __all__ = ["Hidden", "Reader", "StaleView", "View", "frame_to_event", "map_readonly"]
 
@@ -143,6 +144,7 @@ class Reader:
         self._delta_gen = -1
         self.view = View(0, 0, 0)
         self._coords: dict[bytes, tuple[int, Coordinate]] = {}  # decoded names, reused across events
+        self.scopes = ScopeMaps(self._idx_dir)  # per-scope positions (positions.idx, scopeheads.idx)
         self._revealed_first: list[int] = []  # committed fences' ranges, sorted by first sequence
         self._revealed_last: list[int] = []
 
@@ -168,6 +170,7 @@ class Reader:
                 time.sleep(0.001)
                 continue
             self.view = view
+            self.scopes.cover(view.visible)
             return view
         raise AssertionError("unreachable")
 
@@ -244,6 +247,7 @@ class Reader:
         return m
 
     def close(self) -> None:
+        self.scopes.close()
         self._map_base(0)
         self._map_delta(0)
         for m in self._segments.values():
@@ -291,6 +295,9 @@ class Reader:
         ev = event_at(seg, off, off + flen, seq, self._coords)
         if ev is None:
             raise StaleView(f"sequence {seq}")
+        pos = self.scopes.position(seq)
+        if pos:
+            ev.scope_position = pos
         return ev
 
     def _retrying(self, fn: Callable[[], Any]) -> Any:
@@ -374,6 +381,13 @@ class Reader:
 
     def select(self, after: int, limit: int, reg: Region, *, skip_fenced: bool = False) -> Page:
         return queries.select(self, after, limit, reg, skip_fenced=skip_fenced)
+
+    def latest_in_scope(self, scope: str) -> Event | None:
+        return queries.latest_in_scope(self, scope)
+
+    def query_scope(self, scope: str, after_position: int = 0, limit: int = 1000, upto_position: int | None = None,
+                    region: Region | None = None) -> Page:
+        return queries.query_scope(self, scope, after_position, limit, upto_position, region)
 
     def walk_ancestors(self, event_id: bytes, limit: int | None = None) -> Iterator[Event]:
         """The event and its predecessors in its entity, newest first, checking the hash

@@ -39,8 +39,10 @@ from .._read.reader import Reader, View
 from .._read.receipts import receipt_matches
 from .._signing import Signer
 from .._values import (
+    CATEGORY_SYSTEM,
     EFFECT_DENIAL,
     FENCE_ENTITY,
+    SYSTEM_FENCE_COMMIT,
     BatchItem,
     Coordinate,
     Event,
@@ -110,7 +112,10 @@ class Engine:
             self.reader = Reader(self.data_dir, self._journal.view)
             self._journal.attach(self.reader)
             self.reader.refresh()
-            self._fences.rebuild(self.reader.history(FENCE_ENTITY))
+            fence_chain = self.reader.history(FENCE_ENTITY)
+            self._fences.rebuild(fence_chain)
+            self._index.open_positions(self.visible, [(ev.global_sequence, ev.payload["ranges"]) for ev in fence_chain
+                                                      if ev.kind == (CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT)])
             self.reader.view = self.view()
         except BaseException:
             self._release()
@@ -249,6 +254,7 @@ class Engine:
     def reveal(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Make fenced events visible: call after their FENCE_COMMIT event is committed
         (the event is the authority; fences.tbl only lets readers find out fast)."""
+        self._index.reveal_positions(ranges, self.visible)  # positions first: a reader that sees them revealed finds them
         self._fences.reveal(ranges)
         self.reader.view = self.view()
 
@@ -377,6 +383,15 @@ class Engine:
     def latest(self, entity: str) -> Event | None:
         self._check_open()
         return self.reader.latest(entity)
+
+    def latest_in_scope(self, scope: str) -> Event | None:
+        self._check_open()
+        return self.reader.latest_in_scope(scope)
+
+    def query_scope(self, scope: str, after_position: int = 0, *, limit: int = 1000,
+                    upto_position: int | None = None, region: Region | None = None) -> Page:
+        self._check_open()
+        return self.reader.query_scope(scope, after_position, limit, upto_position, region)
 
     def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[Event]:
         self._check_open()

@@ -58,6 +58,8 @@ from .._format.tables import (
     DELTA_SLOT_SIZE,
     ENTITY_BASE_MAGIC,
     IDEM_BASE_MAGIC,
+    POSITIONS_FILE,
+    SCOPE_HEADS_FILE,
     TABLE_HEADER_SIZE,
     BaseTable,
     check_header,
@@ -72,6 +74,7 @@ from .._format.tables import (
 from .._native import index_group, name_hash, scan_frame, unpack_record  # the active codec
 from .osio import Disk
 from .planning import M_IDEM, M_SEQ, EventMeta
+from .positions import ScopePositions
 
 RECORDS_GROWTH = 1 << 16  # records.idx grows by this many records (4 MiB) at a time
 _u64 = struct.Struct("<Q")
@@ -101,8 +104,10 @@ class IndexFiles:
         self.entity_base: BaseTable | None = None
         self.idem_base: BaseTable | None = None
         self._base_maps: list[Any] = []
+        self.positions = ScopePositions(disk, idx_dir, store_key)  # per-scope positions (opened after recovery)
 
     def close(self) -> None:
+        self.positions.close()
         self.close_bases()
         for m in (self.records_map, self.delta_map):
             if m is not None:
@@ -166,6 +171,16 @@ class IndexFiles:
         group (a reader that sees a slot finds its record). One call of the active codec."""
         self.ensure_records(metas[-1][M_SEQ])
         index_group(self.records_map, metas, segment_id, offset, self.delta_map, self.delta_slots, self._upsert)
+        self.positions.index(metas)  # before the frontier moves, as the records
+
+    def open_positions(self, visible: int, commits: Sequence[tuple[int, Sequence[Sequence[int]]]]) -> None:
+        """Open (or rebuild) the per-scope positions through ``visible`` once recovery is
+        done; ``commits``: every FENCE_COMMIT's sequence and ranges, in order."""
+        self.positions.open(self.records_map, visible, commits, trusted_records=self.records_trusted)
+
+    def reveal_positions(self, ranges: Sequence[Sequence[int]], last_seq: int) -> None:
+        """Positions for the events a committed fence reveals (before fences.tbl names them)."""
+        self.positions.reveal(ranges, self.record, last_seq)
 
     def _upsert(self, entity_hash: int, seq: int, prev_seq: int) -> int:
         """The delta slot of an entity met for the first time in this segment."""
@@ -412,7 +427,7 @@ class IndexFiles:
     def prune(self) -> None:
         """Remove table files of older generations (mapped readers keep their inode)."""
         keep = {entities_base_name(self.base_segment), idem_base_name(self.base_segment),
-                RECORDS_FILE, FENCES_FILE, VERIFIED_FILE}
+                RECORDS_FILE, FENCES_FILE, VERIFIED_FILE, POSITIONS_FILE, SCOPE_HEADS_FILE}
         if self.delta_gen:
             keep.add(delta_name(self.delta_gen))
         for name in self.disk.listdir(self.dir):
