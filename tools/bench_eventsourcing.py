@@ -34,7 +34,6 @@ import re
 import shutil
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
 import unittest
@@ -278,4 +277,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -106,4 +106,5 @@ class Ledger(EventSourcedProjection[UUID]):
         processing_event.collect_events(entry)
 
     def entries(self) -> int:
+        """How many entries the ledger holds (its notification log's newest id)."""
         return self.recorder.max_notification_id() or 0

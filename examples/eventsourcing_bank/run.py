@@ -63,7 +63,7 @@ def follow(data_dir: str, until: int, timeout: float) -> int:
     os.environ.update(_env(data_dir))
     with EventSourcedProjectionRunner(application_class=Bank, projection_class=Ledger) as runner:
         runner.wait(until, timeout=timeout)
-        return runner.projection.entries()
+        return int(runner.projection.entries())
 
 
 def demo(workers: int) -> None:

@@ -243,3 +243,22 @@ def test_select_events_windows_agree_with_a_plain_filter(versions: list[int]) ->
                     want = (want[::-1] if desc else want)[:limit]
                     got = rec.select_events(oid, gt=gt, lte=lte, desc=desc, limit=limit)
                     assert [s.originator_version for s in got] == want, (gt, lte, desc, limit)
+
+
+def test_a_stopped_service_is_an_operational_error_and_nothing_half_written(tmp_path: Any) -> None:
+    data = str(tmp_path / "own")
+    svc = bp.serve(data, segment_max_bytes=1 << 20)
+    try:
+        rec = BatpakProcessRecorder(Datastore(data, timeout=5), "solo/app")
+        oid = uuid.uuid4()
+        assert rec.insert_events([StoredEvent(oid, 1, "t", b"1")], tracking=suite.Tracking("up", 1)) == [1]
+    finally:
+        assert svc.stop() == 0
+    with pytest.raises(OperationalError):  # eventsourcing's type, the store's error chained
+        rec.insert_events([StoredEvent(oid, 2, "t", b"2")], tracking=suite.Tracking("up", 2))
+    with bp.serve(data, segment_max_bytes=1 << 20):
+        again = BatpakProcessRecorder(Datastore(data), "solo/app")
+        assert [s.originator_version for s in again.select_events(oid)] == [1]
+        assert again.max_tracking_id("up") == 1 and again.max_notification_id() == 1
+        assert again.insert_events([StoredEvent(oid, 2, "t", b"2")], tracking=suite.Tracking("up", 2)) == [2]
+    assert_verified(data)
