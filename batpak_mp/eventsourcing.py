@@ -18,11 +18,10 @@ How eventsourcing's records map onto the store:
   the newest recorded one is ``IntegrityError``, and the append carries the entity's clock
   as ``expected_clock``, so a concurrent writer that got there first makes the store
   refuse the whole batch (all or nothing), which is then looked at again.
-- notification ids are the positions of an application's events in its scope: 1, 2, 3...
-  in commit order, with no gaps, the same in every process. ``_ScopePositions`` keeps
-  them (one place, to be replaced by the store's own per-scope positions).
-- a topic is the payload's; the event's kind is ``Kind(KIND_CATEGORY, hash of the topic)``
-  so a kind filter can narrow a topic query later.
+- notification ids are the store's ``scope_position`` of an application's events: 1, 2,
+  3... in commit order, with no gaps, the same in every process (``_ScopeLog``).
+- a topic is the payload's; the event's kind is ``Kind(KIND_CATEGORY, hash of the topic)``,
+  so a topic filter reads only the events of those kinds (the payload's topic decides).
 
 Invariants: only the store's own typed errors are turned into eventsourcing's
 (``IntegrityError`` for a conflict, ``DataError`` for bad input, ``OperationalError``
@@ -38,8 +37,6 @@ import contextlib
 import os
 import threading
 import zlib
-from array import array
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -65,13 +62,12 @@ from eventsourcing.utils import Environment, EnvType, resolve_topic
 from ._client import Store
 from ._client import connect as _connect
 from ._errors import BatpakError, ConcurrencyConflict, StoreClosed, WriterTimeout, WriterUnavailable
-from ._values import BatchItem, Coordinate, Event, Kind
+from ._query import Region
+from ._values import BatchItem, Coordinate, Event, Kind, Receipt
 
 KIND_CATEGORY = 0xE  # eventsourcing's events and tracking records: one category, 0x0 and 0xD are the store's
 TRACKING_TYPE = 0  # type id of a tracking record; topics hash onto 1..4095
 _TOPIC_TYPES = 4095
-SCAN_PAGE = 10_000  # events per read while catching up with a scope's positions (bounded memory per read)
-SELECT_PAGE = 500  # events per read while looking for topics in a range of notification ids
 MAX_ATTEMPTS = 100  # re-plans of one insert after the store saw a concurrent writer first (each one a new round)
 DEFAULT_POOL_SIZE = 8  # Stores per factory: threads of one process append in the same group commit
 SUBSCRIPTION_POLL_S = 0.1  # a stopped subscription notices within this long
@@ -112,7 +108,6 @@ class Datastore:
         self._all: list[Store] = []
         self._slots = threading.BoundedSemaphore(pool_size)
         self._lock = threading.Lock()
-        self._positions: dict[str, _ScopePositions] = {}
         self._closed = False
         with self.store():  # fail now, not at the first insert, when nothing serves data_dir
             pass
@@ -140,13 +135,6 @@ class Datastore:
         finally:
             self._slots.release()
 
-    def positions(self, scope: str) -> _ScopePositions:
-        with self._lock:
-            found = self._positions.get(scope)
-            if found is None:
-                found = self._positions[scope] = _ScopePositions(scope)
-            return found
-
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -155,69 +143,54 @@ class Datastore:
             store.close()
 
 
-class _ScopePositions:
-    """Gap-free positions (notification ids) of one scope's events, as this process has
-    seen them: position N is the Nth event of the scope in commit order. Every process
-    counts the same log, so every process gives an event the same position. Kept as the
-    global sequences of the scope's events, read once each, on demand.
-
-    TODO(issue 15 item 2): the store's own per-scope positions replace this class (the
-    first read of a process then no longer walks the scope, nor memory grows with it)."""
+class _ScopeLog:
+    """An application's notification log: the events of its scope by their gap-free
+    ``scope_position`` (the store assigns it in commit order; 1, 2, 3...), which every
+    process reads alike. Holds no state: each call asks the store's position index
+    (``latest_in_scope`` one look-up, ``query_scope`` an O(log n) seek)."""
 
     def __init__(self, scope: str) -> None:
         self.scope = scope
-        self._seqs = array("q")
-        self._scanned = 0  # the last global sequence looked at
-        self._lock = threading.Lock()
-
-    def _catch_up(self, store: Store, upto: int | None = None) -> None:
-        with self._lock:
-            target = store.frontier().visible if upto is None else upto
-            while self._scanned < target:
-                page = store.query_after(self._scanned, limit=SCAN_PAGE, scope=self.scope)
-                self._seqs.extend(e.global_sequence for e in page.events)
-                if page.next_after <= self._scanned:
-                    break  # nothing more is visible yet
-                self._scanned = page.next_after
 
     def count(self, store: Store) -> int:
         """How many events the scope has (its newest position)."""
-        self._catch_up(store)
-        return len(self._seqs)
+        head = store.latest_in_scope(self.scope)
+        return 0 if head is None else int(head.scope_position or 0)
 
-    def position(self, store: Store, seq: int) -> int:
-        """The position of the scope's event at global sequence ``seq`` (visible)."""
-        if seq > self._scanned:
-            self._catch_up(store, seq)
-        i = bisect_left(self._seqs, seq)
-        if i == len(self._seqs) or self._seqs[i] != seq:
-            raise PersistenceError(f"sequence {seq} is not an event of scope {self.scope!r}")
-        return i + 1
+    def positions(self, store: Store, receipts: Sequence[Receipt]) -> list[int]:
+        """The positions of events just appended in one request, all in this scope: the
+        writer numbers a request's events together, so they follow the first one's."""
+        if not receipts:
+            return []
+        first = store.get(receipts[0].event_id).scope_position
+        if not first:
+            raise PersistenceError(f"event {receipts[0].event_id.hex()} has no position in scope {self.scope!r}")
+        return list(range(first, first + len(receipts)))
 
-    def sequence(self, position: int) -> int:
-        """The global sequence of the event at ``position`` (1 <= position <= count)."""
-        return self._seqs[position - 1]
+    def sequence(self, store: Store, position: int) -> int:
+        """The global sequence of the event at ``position`` (0 when there is none yet)."""
+        page = store.query_scope(self.scope, position - 1, limit=1, upto_position=position)
+        return page.events[0].global_sequence if page.events else 0
 
     def read(self, store: Store, first: int, last: int, topics: Sequence[str], limit: int) -> list[Notification]:
-        """Notifications ``first..last`` (positions known to ``count``), at most ``limit``,
-        of the given topics (all when empty)."""
-        out: list[Notification] = []
+        """Notifications ``first..last``, at most ``limit``, of the given topics (all
+        when empty: a topic's kind narrows the read, the payload's topic decides)."""
         wanted = frozenset(topics)
-        position = first
-        while position <= last and len(out) < limit:
-            n = min(last - position + 1, SELECT_PAGE if wanted else limit - len(out))
-            page = store.query_after(self.sequence(position) - 1, limit=n, scope=self.scope)
-            if not page.events:
-                raise PersistenceError(f"positions {position}..{last} of scope {self.scope!r} are no longer readable")
+        region = Region(kinds=frozenset(topic_kind(t) for t in wanted)) if wanted else None
+        prefix = len(self.scope) + 1
+        out: list[Notification] = []
+        after = first - 1
+        while after < last and len(out) < limit:
+            page = store.query_scope(self.scope, after, limit=limit - len(out), upto_position=last, region=region)
             for ev in page.events:
-                stored = _stored(ev, len(self.scope) + 1)
+                stored = _stored(ev, prefix)
                 if not wanted or stored.topic in wanted:
-                    out.append(Notification(id=position, originator_id=stored.originator_id,
+                    out.append(Notification(id=int(ev.scope_position or 0), originator_id=stored.originator_id,
                                             originator_version=stored.originator_version, topic=stored.topic,
                                             state=stored.state))
-                    if len(out) == limit:
-                        break
-                position += 1
+            if page.next_after <= after:
+                break
+            after = page.next_after
         return out
 
 
@@ -296,8 +269,7 @@ class BatpakRecorder:
                     continue  # another writer got there first: look again (IntegrityError if it took our versions)
                 if not positions:
                     return None
-                scope = self.datastore.positions(self.scope)
-                return [scope.position(store, r.global_sequence) for r in receipts[:len(stored_events)]]
+                return _ScopeLog(self.scope).positions(store, receipts[:len(stored_events)])
         raise OperationalError(f"gave up after {MAX_ATTEMPTS} concurrent writers got there first")
 
     def _select(self, originator_id: UUID | str, gt: int | None, lte: int | None, desc: bool,
@@ -361,18 +333,18 @@ class BatpakApplicationRecorder(BatpakRecorder, ApplicationRecorder):
                              topics: Sequence[str] = (), *, inclusive_of_start: bool = True) -> Sequence[Notification]:
         first = 1 if start is None else (start if inclusive_of_start else start + 1)
         first = max(first, 1)
-        positions = self.datastore.positions(self.scope)
+        log = _ScopeLog(self.scope)
         with self.datastore.store() as store:
-            last = positions.count(store)
+            last = log.count(store)
             if stop is not None:
                 last = min(last, stop)
             if first > last or limit < 1:
                 return []
-            return positions.read(store, first, last, topics, limit)
+            return log.read(store, first, last, topics, limit)
 
     def max_notification_id(self) -> int | None:
         with self.datastore.store() as store:
-            return self.datastore.positions(self.scope).count(store) or None
+            return _ScopeLog(self.scope).count(store) or None
 
     def subscribe(self, gt: int | None = None, topics: Sequence[str] = ()) -> Subscription[ApplicationRecorder]:
         return BatpakSubscription(self, gt=gt, topics=topics)
@@ -410,13 +382,13 @@ class BatpakSubscription(Subscription[BatpakApplicationRecorder]):
         super().__init__(recorder, gt=gt, topics=topics)
         self._wanted = frozenset(topics)
         self._buffer: deque[Notification] = deque()
-        self._positions = recorder.datastore.positions(recorder.scope)
+        self._prefix = len(recorder.scope) + 1
         with _translated():
             self._store = _connect(recorder.datastore.data_dir, timeout=recorder.datastore.timeout)
-            after = 0
+            after = 0  # from the first notification (eventsourcing's meaning of gt=None)
             if gt:
-                count = self._positions.count(self._store)
-                after = self._positions.sequence(min(gt, count)) if count else 0
+                log = _ScopeLog(recorder.scope)
+                after = log.sequence(self._store, min(gt, log.count(self._store)) or 1)
             self._feed = self._store.subscribe(after, scope=recorder.scope)
 
     def __next__(self) -> Notification:
@@ -426,10 +398,10 @@ class BatpakSubscription(Subscription[BatpakApplicationRecorder]):
                 ev = self._feed.next(SUBSCRIPTION_POLL_S)
                 if ev is None:
                     continue
-                position = self._positions.position(self._store, ev.global_sequence)
+                position = int(ev.scope_position or 0)
                 if position <= last:
                     continue
-                stored = _stored(ev, len(self._positions.scope) + 1)
+                stored = _stored(ev, self._prefix)
                 self._last_notification_id = last = position
                 if self._wanted and stored.topic not in self._wanted:
                     continue

@@ -42,6 +42,7 @@ from batpak_mp.eventsourcing import (
     BatpakTrackingRecorder,
     Datastore,
     Factory,
+    topic_kind,
 )
 
 MODULE = "batpak_mp.eventsourcing"
@@ -215,6 +216,25 @@ def test_text_originator_ids_and_topics_filter() -> None:
     got = rec.select_notifications(None, 10, topics=["b"])
     assert [(n.id, n.originator_id, n.topic) for n in got] == [(2, "order-2", "b"), (3, "order-1/x", "b")]
     assert [s.state for s in rec.select_events("order-1/x")] == [b"1", b"3"]
+
+
+def test_a_topic_filter_reads_by_kind_and_the_payload_topic_decides() -> None:
+    """Topics share a kind when their hashes meet: the filter still returns only the topic asked for."""
+    seen: dict[bp.Kind, str] = {}
+    i = 0
+    while True:  # two topics whose kinds collide (4095 kinds: found within a few hundred)
+        topic = f"app.events:Thing{i}"
+        kind = topic_kind(topic)
+        if kind in seen:
+            a, b = seen[kind], topic
+            break
+        seen[kind] = topic
+        i += 1
+    rec = BatpakApplicationRecorder(_datastore(), _scope())
+    rec.insert_events([StoredEvent(uuid.uuid4(), 1, t, t.encode()) for t in (a, "other", b, a)])
+    assert [(n.id, n.topic) for n in rec.select_notifications(None, 10, topics=[a])] == [(1, a), (4, a)]
+    assert [n.id for n in rec.select_notifications(2, 1, topics=[a, b])] == [3]
+    assert [n.id for n in rec.select_notifications(None, 10, stop=3, topics=[b, "other"])] == [2, 3]
 
 
 def test_subscription_from_none_starts_at_the_first_notification() -> None:
