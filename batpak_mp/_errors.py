@@ -325,3 +325,14 @@ class StreamUnavailable(BatpakError, ConnectionError):
         self.stream = stream
         self.reason = reason
         super().__init__(f"stream {stream!r} at {url}: {reason}")
+
+
+class MetricsUnavailable(BatpakError, OSError):
+    """The metrics endpoint cannot listen on ``address`` (``serve(metrics=...)``,
+    ``batpak-mp serve --metrics``): the port is in use, the host is not this machine's,
+    or the port needs privileges. Nothing was started."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"cannot serve metrics on {address!r}: {reason}")

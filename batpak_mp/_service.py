@@ -22,6 +22,7 @@ import fcntl
 import os
 import select
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -200,10 +201,12 @@ class Service:
     """A running supervisor + writer for one data directory. It stops (draining the
     writer) when the process that called ``serve`` ends, however it ends."""
 
-    def __init__(self, data_dir: str, proc: subprocess.Popen[bytes], policy: RestartPolicy) -> None:
+    def __init__(self, data_dir: str, proc: subprocess.Popen[bytes], policy: RestartPolicy,
+                 metrics_url: str | None = None) -> None:
         self.data_dir = data_dir
         self._proc = proc
         self.policy = policy
+        self.metrics_url = metrics_url  # http://HOST:PORT/metrics when serve(metrics=...) was given
         try:
             self._control = ControlBlock.attach(data_dir)
         except posix_ipc.Error as exc:  # not an OSError: none escapes the API raw
@@ -246,22 +249,31 @@ class Service:
 
 def serve(data_dir: str | os.PathLike[str], *, restart: RestartPolicy | None = None,
           sync: SyncMode | str = SyncMode.GROUP, ready_timeout: float = READY_TIMEOUT_S,
-          hang_timeout_ms: int = C.HANG_TIMEOUT_MS, **config: Any) -> Service:
+          hang_timeout_ms: int = C.HANG_TIMEOUT_MS, metrics: str | None = None, **config: Any) -> Service:
     """Start the supervisor (which starts the writer); return once the writer serves.
-    The service stops when the calling process ends (``--parent-pid``)."""
+    The service stops when the calling process ends (``--parent-pid``). ``metrics``:
+    ``"HOST:PORT"`` to serve Prometheus metrics there (port 0: any free port; the
+    service's ``metrics_url`` says which), bound here first, so a bad address is
+    ``InvalidArgument`` and a busy one ``MetricsUnavailable`` before anything starts."""
     path = os.path.abspath(os.fspath(data_dir))
     policy = restart or RestartPolicy.once()
     if not isinstance(policy, RestartPolicy):
         raise InvalidArgument("restart", restart, "must be a bp.RestartPolicy")
     prepare_data_dir(path)
     wargs = writer_args(sync, config, path)
+    listener, metrics_url = _metrics_listener(metrics)
     read_fd, write_fd = os.pipe()
     cmd = C.supervisor_argv(path, policy, hang_timeout_ms=hang_timeout_ms, ready_fd=write_fd, writer_args=wargs,
                             parent_pid=os.getpid())
+    if listener is not None:
+        cmd = C.with_metrics_fd(cmd, listener.fileno())
     try:
-        proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cmd, pass_fds=(write_fd,) if listener is None else (write_fd, listener.fileno()),
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     finally:
         os.close(write_fd)
+        if listener is not None:
+            listener.close()  # the supervisor has its copy
     try:
         line = _read_line(read_fd, ready_timeout)
     finally:
@@ -269,11 +281,21 @@ def serve(data_dir: str | os.PathLike[str], *, restart: RestartPolicy | None = N
     ready, detail = C.parse_announcement(line)
     if ready:
         try:
-            return Service(path, proc, policy)
+            return Service(path, proc, policy, metrics_url)
         except BaseException:
             _stop_process(proc, STOP_TIMEOUT_S)
             raise
     raise _not_served(path, proc, line, detail, ready_timeout)
+
+
+def _metrics_listener(metrics: str | None) -> tuple[socket.socket | None, str | None]:
+    """The listening socket of ``serve(metrics=...)`` and its URL, or (None, None)."""
+    if metrics is None:
+        return None, None
+    from ._metrics import listen, url_of  # prometheus_client: only for a service that serves metrics
+
+    sock = listen(metrics)
+    return sock, url_of(sock)
 
 
 def _not_served(path: str, proc: subprocess.Popen[bytes], line: str, detail: str, ready_timeout: float) -> Exception:

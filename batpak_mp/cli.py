@@ -1,7 +1,7 @@
 """The ``batpak-mp`` command line.
 
 Owns: argument parsing, exit codes and the human/JSON output of every command (serve,
-status, append, get, history, tail, verify, inspect, drill, demo, bench, backup, restore, fork). Errors are one
+status, top, append, get, history, tail, verify, inspect, drill, demo, bench, backup, restore, fork). Errors are one
 clear line on stderr; ``--debug`` (before the command) shows the traceback instead.
 
 Exit codes (also in ``batpak-mp --help`` and the README): 0 ok; 1 a check found
@@ -381,12 +381,14 @@ def verify(data_dir: str, as_json: bool, progress_after: float) -> None:
               help="With --sync interval: the longest an acknowledged event waits for its fsync.")
 @click.option("--max-payload-bytes", type=click.IntRange(min=1), default=None,
               help="Largest encoded payload accepted (default 16 MiB).")
+@click.option("--metrics", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464).")
 @click.option("--bridge", "bridge_url", default=None, metavar="URL",
               help="Also run a JetStream bridge to this NATS URL, under the same restart policy (docs/SCALING.md).")
 @click.option("--bridge-stream", default=None, metavar="NAME", help="The bridge's stream (with --bridge).")
 def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None, hang_timeout_ms: int,
           ready_timeout_ms: int, stop_timeout_ms: int, restart_delay_ms: int, sync_interval_ms: int | None,
-          max_payload_bytes: int | None, bridge_url: str | None = None,
+          max_payload_bytes: int | None, metrics: str | None, bridge_url: str | None = None,
           bridge_stream: str | None = None) -> None:
     """Run the service for DATA_DIR in the foreground until SIGTERM/SIGINT (graceful drain).
     DATA_DIR is created 0700 when missing; one open to group/other or owned by another user
@@ -400,15 +402,26 @@ def serve(data_dir: str, restart: str, sync: str, segment_max_bytes: int | None,
     config = {key: value for key, value in (("segment_max_bytes", segment_max_bytes),
                                             ("sync_interval_ms", sync_interval_ms),
                                             ("max_payload_bytes", max_payload_bytes)) if value is not None}
+    wargs = writer_args(sync, config, path)
     if (bridge_url is None) != (bridge_stream is None):
         _fail(EXIT_USAGE, "--bridge and --bridge-stream go together")
+    listener = None
+    if metrics is not None:  # bound here: a bad or busy address fails before anything starts
+        from ._metrics import listen
+
+        listener = listen(metrics)
     ready_r, ready_w = os.pipe()
     cmd = C.supervisor_argv(path, policy, hang_timeout_ms=hang_timeout_ms, ready_timeout_ms=ready_timeout_ms,
                             stop_timeout_ms=stop_timeout_ms, restart_delay_ms=restart_delay_ms, ready_fd=ready_w,
-                            writer_args=writer_args(sync, config, path), parent_pid=os.getpid(),
+                            writer_args=wargs, parent_pid=os.getpid(),
                             bridge=(bridge_url, bridge_stream) if bridge_url and bridge_stream else None)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(ready_w,))
+    if listener is not None:
+        cmd = C.with_metrics_fd(cmd, listener.fileno())
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                            pass_fds=(ready_w,) if listener is None else (ready_w, listener.fileno()))
     os.close(ready_w)
+    if listener is not None:
+        listener.close()  # the supervisor serves it now
 
     def announce() -> None:
         """Tell systemd (Type=notify) when the writer serves: the supervisor's ready line."""
@@ -1013,6 +1026,21 @@ def bench(quick: bool, repeat: int | None, only: str, out: str | None, chart: st
         sys.exit(code)
     if code != 0:
         _fail(EXIT_PROBLEMS, f"{program.name} exited with code {code}")
+
+
+@cli.command()
+@click.argument("data_dir", type=DATA_DIR)
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and tests).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, metavar="S",
+              help="Seconds between refreshes.")
+def top(data_dir: str, once: bool, interval: float) -> None:
+    """A live view of DATA_DIR's service: writer state, appends and bytes per second, group
+    sizes, commit and fsync latency, queue depth, clients, restarts, frontiers and the lag
+    of each durable cursor (the figures of `serve --metrics`). q or Ctrl-C quits. Exits 3
+    when no service runs."""
+    from ._top import run_top
+
+    run_top(os.path.abspath(data_dir), once=once, interval=interval)
 
 
 # ---- entry point -------------------------------------------------------------------------

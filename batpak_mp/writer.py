@@ -57,6 +57,7 @@ from ._ipc.codes import OPT_READY_FD, OPT_SUPERVISOR_PID, WRITER_READY_LINE, Wri
 from ._ipc.control import DOORBELLS, ControlBlock
 from ._ipc.names import doorbell_slot, ipc_prefix, parse_area_name, request_queue_name
 from ._ipc.objects import pid_alive
+from ._ipc.stats import WriterStats
 from ._prepare import Prepared
 from ._storage.engine import Engine, EngineConfig, parse_sync
 from ._values import (
@@ -404,6 +405,7 @@ class Writer:
         self._rung_at = -1
         self.groups = self.requests = 0
         self.group_sizes: dict[int, int] = {}  # requests in a commit group -> how many groups (tools/bench.py)
+        self.stats = WriterStats()  # the control block's stats region (metrics: batpak_mp/_metrics.py)
         # replies held until the groups they belong to are published: (groups written at
         # their commit, area, request, results, index)
         self._waiting: list[tuple[int, _Area, W.Request, list[Any], int]] = []
@@ -444,10 +446,11 @@ class Writer:
         e = self.engine
         with self._control_lock:
             view = e.view()
-            self.control.update(visible=view.visible, durable=e.durable, base_segment=view.base_segment,
-                                delta_gen=view.delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self.clients),
-                                dropped_messages=self.dropped, revealed=view.revealed, groups=self.groups,
-                                requests=self.requests, **extra)
+            self.control.update_with_stats(  # the stats region with the counters it must agree with
+                self.stats.values(), visible=view.visible, durable=e.durable, base_segment=view.base_segment,
+                delta_gen=view.delta_gen, heartbeat_ns=time.monotonic_ns(), clients=len(self.clients),
+                dropped_messages=self.dropped, revealed=view.revealed, groups=self.groups,
+                requests=self.requests, **extra)
             if e.visible != self._rung_at or "state" in extra:
                 self._rung_at = e.visible
                 self.control.ring()  # subscribers in every process wake up
@@ -492,7 +495,9 @@ class Writer:
                 return
             fd, path, target = job
             try:
+                t0 = time.monotonic_ns()
                 self.engine.disk.fdatasync(fd, path)
+                self.stats.fsync(time.monotonic_ns() - t0)
                 self._inbox.put(_SyncDone(target, None, path))
             except OSError as exc:
                 self._inbox.put(_SyncDone(target, exc, path))
@@ -681,8 +686,10 @@ class Writer:
         self.requests += len(appends)
         self.group_sizes[len(appends)] = self.group_sizes.get(len(appends), 0) + 1
         fenced = [req.op == W.OP_APPEND_FENCED for _, req, _ in appends]
+        t0 = time.monotonic_ns()
         results = self.engine.commit([p for _, _, p in appends], fenced if any(fenced) else None, settle=settle)
         target = self.engine.groups_written  # every reply waits for the groups written so far
+        self.stats.group([p for _, _, p in appends], results, target, t0)
         self._waiting += [(target, area, _names_only(req), results, i) for i, (area, req, _) in enumerate(appends)]
 
     def _area_pid(self, name: str) -> int | None:
@@ -717,6 +724,7 @@ class Writer:
         """Reply to every request whose groups are published (fsynced, in the default
         mode): acknowledged means durable."""
         published = self.engine.groups_published
+        self.stats.published(published, time.monotonic_ns())
         if not self._waiting or self._waiting[0][0] > published:
             return
         ready = [w for w in self._waiting if w[0] <= published]
@@ -740,6 +748,10 @@ class Writer:
 
     def reply_receipts(self, area: _Area, req: W.Request, receipts: list[Receipt]) -> None:
         items = req.body[1] if req.op == W.OP_APPEND_FENCED else req.body  # one receipt per item
+        if req.epoch_seen != self.epoch and receipts and receipts[0].deduplicated:
+            # a request first sent to an earlier writer (re-sent, or left in the queue): its
+            # "original" may be its own first attempt, so it is not reported as a duplicate
+            receipts = [r._replace(deduplicated=False) for r in receipts]
         fields = [W.receipt_fields(r, it[0], it[1]) for r, it in zip(receipts, items, strict=True)]
         self.reply(area, W.Reply(req.request_id, self.epoch, W.STATUS_OK, fields))
 

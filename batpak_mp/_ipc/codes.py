@@ -64,6 +64,7 @@ OPT_STOP_TIMEOUT_MS = "--stop-timeout-ms"
 OPT_READY_FD = "--ready-fd"  # the supervisor's and the writer's: where to write the readiness line
 OPT_SUPERVISOR_PID = "--supervisor-pid"  # the writer's: stop when the parent is no longer this pid
 OPT_PARENT_PID = "--parent-pid"  # the supervisor's: drain and stop when its parent is no longer this pid
+OPT_METRICS_FD = "--metrics-fd"  # the supervisor's: a listening socket to serve /metrics on (batpak_mp._metrics)
 
 HANG_TIMEOUT_MS = 3_000  # a ready writer whose heartbeat (every 50 ms) is older than this is killed
 RESTART_DELAY_MS = 0  # pause before each restart (restart policies, not back-off, bound restarts)
@@ -122,6 +123,13 @@ def bridge_argv(data_dir: str, url: str, stream: str, *, supervisor_pid: int, py
     """The command line a supervisor starts its bridge with."""
     return [python or sys.executable, "-m", BRIDGE_MODULE, data_dir, OPT_BRIDGE_NATS, url,
             OPT_BRIDGE_STREAM_NAME, stream, OPT_SUPERVISOR_PID, str(supervisor_pid)]
+
+
+def with_metrics_fd(argv: list[str], fd: int) -> list[str]:
+    """``supervisor_argv``'s command line with the supervisor serving metrics on the
+    listening socket ``fd`` (inherited: pass it in ``pass_fds``)."""
+    at = argv.index(WRITER_ARGS_AFTER)
+    return [*argv[:at], OPT_METRICS_FD, str(fd), *argv[at:]]
 
 
 # -- readiness lines ---------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Owns: its byte layout (docs/PROTOCOL.md §4), the seqlock that lets one writer update it
 while any number of readers read it without locks (its name is ``names.control_name``),
-and the doorbells: a table of futex words after the first page, one of which the writer
-rings after each reply it writes into a client's area (§4.3). Written by the writer
+the doorbells: a table of futex words after the first page, one of which the writer
+rings after each reply it writes into a client's area (§4.3), and where the stats region
+(§4.4, laid out by ``stats``) sits in the first page, under the same seqlock. Written by the writer
 (frontiers, state, heartbeat, doorbells) and by the supervisor (state after it reaps a
 writer, restart count, failure reason); read by clients, which map it read-only.
 Invariants: the block a process uses passed ``objects``' checks on the descriptor it was
@@ -18,7 +19,7 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import posix_ipc
@@ -28,9 +29,10 @@ from .._values import WriterState
 from . import objects
 from .futex import ReadOnlyMapping, Word, WordTable, word_in_writable
 from .names import control_name, doorbell_slot
+from .stats import STATS, Stats, decode
 
 CONTROL_MAGIC = 0x4C54435F504D5042  # "BPMP_CTL" little-endian
-CONTROL_VERSION = 2  # 2: doorbells after the first page (version 1 was one page; clients had semaphores)
+CONTROL_VERSION = 3  # 3: the stats region (§4.4); 2: doorbells after the first page (1 was one page)
 FIELDS_PAGE = 4096  # the fields, the reason and the notify word
 DOORBELLS_AT = FIELDS_PAGE
 DOORBELLS = 4096  # u32 futex words: a client waits on word doorbell_slot(area) % DOORBELLS
@@ -50,6 +52,8 @@ _REASON_AT = _FIELDS_AT + _FIELD_FMT.size
 _REASON_LEN = struct.Struct("<I")
 _SEQ = struct.Struct("<Q")
 NOTIFY_AT = 2048  # a u32 the writer bumps after every publish; subscribers futex-wait on it
+STATS_AT = 2560  # the stats region (stats.STATS_FIELDS, u64 each), inside the seqlock, after the notify word
+assert NOTIFY_AT + 4 <= STATS_AT and STATS_AT + STATS.size <= FIELDS_PAGE
 _FRONTIER = struct.Struct("<QQQQ")  # visible, durable, base_segment, delta_gen
 _REVEALED = _FIELDS.index("revealed")
 
@@ -86,6 +90,7 @@ class ControlBlock:
         self.owner = owner
         self.bell: Word | None = bell  # the futex word (writable only for the owner)
         self._doorbells: WordTable | ReadOnlyMapping | None = doorbells
+        self._stats_stored: Sequence[int] | None = None  # the values last stored in the stats region
 
     @classmethod
     def create(cls, data_dir: str, log: Callable[[str], None] | None = None) -> ControlBlock:
@@ -105,7 +110,7 @@ class ControlBlock:
         elif version > CONTROL_VERSION:
             mm.close()
             raise FutureFormat(name, version, CONTROL_VERSION)
-        elif version < CONTROL_VERSION:  # left by an older service: the doorbells are new (zero)
+        elif version < CONTROL_VERSION:  # left by an older service: doorbells and stats are new (zero)
             _HEAD.pack_into(mm, 0, CONTROL_MAGIC, CONTROL_VERSION, 0)
         return cls(name, mm, True, word_in_writable(mm, NOTIFY_AT), WordTable(mm, DOORBELLS_AT, DOORBELLS))
 
@@ -174,6 +179,16 @@ class ControlBlock:
         snap: ControlSnapshot = self._settled(fields)
         return snap
 
+    def read_stats(self) -> tuple[ControlSnapshot, Stats]:
+        """The fields and the stats region (§4.4) in one consistent read."""
+        def fields(mm: mmap.mmap) -> tuple[tuple[int, ...], bytes, tuple[int, ...]]:
+            (n,) = _REASON_LEN.unpack_from(mm, _REASON_AT)
+            return (_FIELD_FMT.unpack_from(mm, _FIELDS_AT), bytes(mm[_REASON_AT + 4:_REASON_AT + 4 + min(n, REASON_MAX)]),
+                    STATS.unpack_from(mm, STATS_AT))
+
+        values, reason, stats = self._settled(fields)
+        return ControlSnapshot._make((*values, reason.decode("utf-8", "replace"))), decode(stats)
+
     def frontier(self) -> tuple[int, int, int, int, int]:
         """(visible, base_segment, delta_gen, state, revealed) — the hot read of every
         client call."""
@@ -187,6 +202,14 @@ class ControlBlock:
 
     # -- writing (one writer at a time: the writer, or the supervisor after a reap) ------
     def update(self, **fields: int | str) -> None:
+        self._update(fields, None)
+
+    def update_with_stats(self, stats: Sequence[int], /, **fields: int | str) -> None:
+        """``update(**fields)`` and the whole stats region (§4.4: the writer's
+        ``WriterStats.values()``) in one seqlock'd update."""
+        self._update(fields, stats)
+
+    def _update(self, fields: dict[str, int | str], stats: Sequence[int] | None) -> None:
         mm = self._mm
         values = dict(zip(_FIELDS, _FIELD_FMT.unpack_from(mm, _FIELDS_AT), strict=True))
         seq = values["seq"]
@@ -204,6 +227,9 @@ class ControlBlock:
             raw = str(reason).encode()[:REASON_MAX]
             _REASON_LEN.pack_into(mm, _REASON_AT, len(raw))
             mm[_REASON_AT + 4:_REASON_AT + 4 + len(raw)] = raw
+        if stats is not None and stats is not self._stats_stored:  # the same tuple again: stored already
+            STATS.pack_into(mm, STATS_AT, *stats)
+            self._stats_stored = stats
         _SEQ.pack_into(mm, _FIELDS_AT, seq + 2)
 
     def heartbeat(self) -> None:

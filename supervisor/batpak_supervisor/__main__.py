@@ -7,7 +7,7 @@ Everything else is in ``process`` (I/O) and ``policy`` (pure decisions).
 
     python -m batpak_supervisor DATA_DIR [--restart once|bounded:N:MS]
         [--hang-timeout-ms 3000] [--restart-delay-ms 0] [--ready-timeout-ms 30000]
-        [--stop-timeout-ms 10000] [--ready-fd N] [--parent-pid PID] -- WRITER_ARGS...
+        [--stop-timeout-ms 10000] [--ready-fd N] [--parent-pid PID] [--metrics-fd N] -- WRITER_ARGS...
 
 With ``--parent-pid`` the supervisor drains its writer and stops (exit 0) once its parent
 is no longer PID (``bp.serve`` and ``batpak-mp serve`` pass their own pid).
@@ -102,6 +102,8 @@ def parse(argv: list[str]) -> Config:
                    help=f"kill a writer not ready this long after its start (default {C.READY_TIMEOUT_MS})")
     p.add_argument(C.OPT_STOP_TIMEOUT_MS, dest="stop_timeout_ms", type=_positive_ms, default=C.STOP_TIMEOUT_MS,
                    help=f"SIGKILL a draining writer after this long (default {C.STOP_TIMEOUT_MS})")
+    p.add_argument(C.OPT_METRICS_FD, dest="metrics_fd", type=_fd, default=None,
+                   help="serve Prometheus metrics on this listening socket (made by bp.serve / batpak-mp serve)")
     p.add_argument(C.OPT_READY_FD, dest="ready_fd", type=_fd, default=None,
                    help="write 'ready <writer_pid>' or 'failed <reason>' here once, then close it")
     p.add_argument(C.OPT_PARENT_PID, dest="parent_pid", type=_pid, default=None,
@@ -115,6 +117,7 @@ def parse(argv: list[str]) -> Config:
         p.error(f"{C.OPT_BRIDGE} and {C.OPT_BRIDGE_STREAM} go together")
     return Config(
         data_dir=ns.data_dir, policy=ns.restart, writer_args=tuple(writer_args),
+        metrics_fd=ns.metrics_fd,
         hang_timeout_ms=ns.hang_timeout_ms, restart_delay_ms=ns.restart_delay_ms,
         ready_timeout_ms=ns.ready_timeout_ms, stop_timeout_ms=ns.stop_timeout_ms,
         ready_fd=ns.ready_fd, parent_pid=ns.parent_pid,

@@ -29,7 +29,11 @@ Invariants:
   which lets a client tell a reused pid from the service's own.
 
 Must not import the writer, the client or the engine (roles never import each other);
-uses only ``batpak_mp._values``, ``batpak_mp._ipc`` and ``batpak_mp._errors``.
+uses only ``batpak_mp._values``, ``batpak_mp._ipc`` and ``batpak_mp._errors``, and
+``batpak_mp._metrics`` (imported only with ``--metrics-fd``: a thread serving /metrics).
+
+Metrics: with ``--metrics-fd`` the supervisor serves ``/metrics`` on that listening
+socket from one thread for its whole life, restarts from its own count.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from batpak_mp._errors import BatpakError
 from batpak_mp._ipc import codes as C
@@ -75,6 +80,7 @@ class Config:
     stop_timeout_ms: int = C.STOP_TIMEOUT_MS
     ready_fd: int | None = None
     parent_pid: int | None = None
+    metrics_fd: int | None = None  # a listening socket: serve /metrics on it (batpak_mp._metrics)
     bridge: tuple[str, str] | None = None  # (NATS URL, stream): a bridge runs beside the writer
 
 
@@ -217,6 +223,7 @@ class Supervisor:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self._ready_fd = config.ready_fd
+        self._metrics: Any = None  # a batpak_mp._metrics.MetricsServer with --metrics-fd
         self._parent_fd: int | None = None  # a pidfd of the parent: readable once it is gone
         self._parent_gone = False
         self._old_handlers: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
@@ -505,6 +512,10 @@ class Supervisor:
             self._mark(supervisor_pid=os.getpid(), restarts=0, writer_pid=0,
                        state=int(WriterState.STARTING), reason="")
             _log(f"supervising {cfg.data_dir} (restart policy {cfg.policy.spec()})")
+            if cfg.metrics_fd is not None:
+                from batpak_mp._metrics import serve_on_fd  # prometheus_client and the reader: only when asked
+                self._metrics = serve_on_fd(cfg.metrics_fd, cfg.data_dir, lambda: self.state.restarts)
+                _log(f"serving metrics on {self._metrics.url}")
             return self._loop()
         except (BatpakError, OSError) as exc:  # no control block, no pipe, no fork: say so, once
             _log(f"failed: {exc}")
@@ -519,6 +530,8 @@ class Supervisor:
                 self.block.close()
             self._release_dir()
             self._restore_signals()
+            if self._metrics is not None:
+                self._metrics.close()
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             if self._parent_fd is not None:

@@ -18,7 +18,8 @@ import grimp
 
 ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
-SUPERVISOR_MAY_IMPORT = ("batpak_mp._ipc", "batpak_mp._values", "batpak_mp._errors")
+SUPERVISOR_MAY_IMPORT = ("batpak_mp._ipc", "batpak_mp._values", "batpak_mp._errors",
+                         "batpak_mp._metrics")  # only with --metrics-fd: the /metrics thread (issue 14)
 
 
 def test_lint_imports_keeps_every_contract() -> None:
