@@ -6,7 +6,10 @@ anything starts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -225,3 +228,58 @@ def _up(url: str) -> bool:
         return scrape(url)["batpak_writer_up"] == 1
     except OSError:
         return False
+
+
+def test_malformed_cursor_records_are_ignored_not_fatal(data_dir: str) -> None:
+    """Acks are data anyone with the store's own kinds can write: one whose position is
+    not a sequence, or that names another cursor than its entity, is no position."""
+    svc = bp.serve(data_dir, metrics="127.0.0.1:0", segment_max_bytes=1 << 20)
+    try:
+        assert svc.metrics_url is not None
+        store = bp.connect(data_dir)
+        ack = bp.Kind(0, 0x010)
+        store.append_store_kinds([
+            bp.BatchItem(bp.Coordinate("cursor:evil", "system"), ack, {"cursor": "evil", "through": "x"}),
+            bp.BatchItem(bp.Coordinate("cursor:liar", "system"), ack, {"cursor": "other", "through": 1}),
+            bp.BatchItem(bp.Coordinate("cursor:neg", "system"), ack, {"cursor": "neg", "through": -5}),
+            bp.BatchItem(bp.Coordinate("cursor:good", "elsewhere"), ack, {"cursor": "good", "through": 1}),
+            bp.BatchItem(bp.Coordinate("cursor:ok", "system"), ack, {"cursor": "ok", "through": 1}),
+        ])
+        store.close()
+        m = scrape(svc.metrics_url)
+        assert [k for k in m if k.startswith("batpak_cursor_position")] == ['batpak_cursor_position{cursor="ok"}']
+        assert m["batpak_metrics_errors_total"] == 0
+    finally:
+        assert svc.stop() == 0
+    assert_verified(data_dir)
+
+
+def test_top_refreshes_in_a_terminal_and_q_quits(data_dir: str) -> None:
+    svc = bp.serve(data_dir, segment_max_bytes=1 << 20)
+    try:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: top on a terminal of its own
+            os.environ["COLUMNS"] = "120"
+            os.execv(EXE, [EXE, "top", data_dir, "--interval", "0.2"])
+        out = b""
+        deadline = time.monotonic() + 30
+        while out.count(b"visible") < 2 and time.monotonic() < deadline:  # two frames at least
+            if select.select([fd], [], [], 1)[0]:
+                out += os.read(fd, 65536)
+        assert out.count(b"visible") >= 2, out[-2000:]
+        assert b"q quits" in out
+        os.write(fd, b"q")
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            assert time.monotonic() < deadline, "top did not quit on q"
+            with contextlib.suppress(OSError):
+                if select.select([fd], [], [], 0.1)[0]:
+                    os.read(fd, 65536)
+        assert os.waitstatus_to_exitcode(status) == 0
+        os.close(fd)
+    finally:
+        assert svc.stop() == 0
+    assert_verified(data_dir)

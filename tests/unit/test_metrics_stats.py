@@ -5,13 +5,17 @@ frame of ``top`` (``_top.frame``): no processes, no files."""
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
+from batpak_supervisor.__main__ import parse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
+import batpak_mp as bp
 from batpak_mp._errors import InvalidArgument
+from batpak_mp._ipc import codes as C
 from batpak_mp._ipc import stats as S
 from batpak_mp._ipc.control import FIELDS_PAGE, NOTIFY_AT, STATS_AT, ControlSnapshot
 from batpak_mp._metrics import Figures, families, parse_address
@@ -121,3 +125,19 @@ def test_top_frame_shows_the_figures_and_rates() -> None:
     assert "12 events (10/s)" in text  # 10 more events in one second
     assert "1 / 10 messages" in text
     assert text.index("billing") < text.index("audit")  # the most lagging first
+
+
+def test_the_supervisor_parses_the_metrics_socket_it_is_given() -> None:
+    r, w = os.pipe()
+    try:
+        argv = C.with_metrics_fd(C.supervisor_argv("/data", bp.RestartPolicy.once(), writer_args=["--sync", "none"]), r)
+        assert argv[argv.index(C.OPT_METRICS_FD) + 1] == str(r) and argv[-3:] == [C.WRITER_ARGS_AFTER, "--sync", "none"]
+        config = parse(argv[3:])
+        assert config.metrics_fd == r and config.writer_args == ("--sync", "none")
+        assert parse(C.supervisor_argv("/data", bp.RestartPolicy.once())[3:]).metrics_fd is None
+    finally:
+        os.close(r)
+        os.close(w)
+    with pytest.raises(SystemExit) as info:  # a closed descriptor: bad usage, exit 2
+        parse(C.with_metrics_fd(C.supervisor_argv("/data", bp.RestartPolicy.once()), r)[3:])
+    assert info.value.code == C.SupervisorExit.USAGE
