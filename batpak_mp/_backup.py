@@ -18,9 +18,10 @@ How a copy is consistent (docs/OPERATIONS.md "Backup, restore and fork"):
   scanned (checksum and event hash) in the copy; derived files (index/, the checkpoint,
   snapshots) are not copied: the writer that opens the copy rebuilds them.
 
-Invariants: nothing in the source is written, renamed, locked or probed in a way a
-writer could trip over (segments are opened read-only; the writer lock is only probed
-with a shared lock, as ``bp.serve`` does). A destination is built in a staging directory
+Invariants: nothing in the source is written, renamed, locked or probed (segments are
+opened read-only; the writer lock is never touched: a probe could make a restarting
+writer fail with ``StoreLocked``; whether a service runs is read from the control
+block). ``restore`` is the exception by design: it holds the target's locks. A destination is built in a staging directory
 beside it (same parent, so the same file system) and published by one atomic rename, or
 ``renameat2(RENAME_EXCHANGE)`` when a previous backup is there, each followed by an fsync
 of the parent: a SIGKILL at any point leaves the destination the previous good backup or
@@ -47,6 +48,7 @@ from typing import NamedTuple, TypeVar
 
 import posix_ipc
 
+from ._client import process_started_ns, service_gone
 from ._errors import (
     AlreadyServed,
     BackupRefused,
@@ -89,11 +91,14 @@ from ._read.offline import find_frontier
 from ._read.reader import unborn_segment
 from ._read.verify import verify
 from ._service import cleanup_ipc, lock_holder
+from ._values import WriterState
 
 T = TypeVar("T")
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all): called per chunk and per step
 
 CHUNK = 1 << 18  # bytes per read and write while copying: sequential enough for full speed, often enough for progress
+WRITEBACK = 8 << 20  # bytes: start writing the copy back every 8 MiB, so the final fsync (and the live
+# writer's own fsyncs meanwhile) never wait behind a whole segment of dirty pages
 DIR_MODE = 0o700  # as a data directory (OPERATIONS.md, trust model)
 FILE_MODE = 0o600
 SIDE_FILES = ("receipt.pub", "receipt.key")  # copied with a backup: the signing key's public half, and the key itself
@@ -201,6 +206,26 @@ def _libc_renameat2() -> Callable[..., int] | None:
     fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
     fn.restype = ctypes.c_int
     return fn
+
+
+def _libc_sync_file_range() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the dirty pages in the range, do not wait
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``[offset, offset+length)`` back now (a hint: errors show at fsync)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -330,20 +355,25 @@ class _Source:
 
     def durable_hint(self) -> tuple[tuple[int, int] | None, bool]:
         """(store key, durable frontier) from the control block of this store, when there
-        is one, and whether a writer holds the store now."""
-        key = store_key_of(self.store_id)
-        served = lock_holder(writer_lock_path(self.root)) is not None
+        is one, and whether its service runs (starting, ready or draining, with a live
+        writer or supervisor: the clients' own judgement, ``service_gone``). The writer
+        lock is never probed: a probe at the moment a restarted writer takes it would make
+        that writer fail with ``StoreLocked``."""
         try:
             block = ControlBlock.attach(self.root)
         except (BatpakError, posix_ipc.Error, OSError):
-            return None, served
+            return None, False
         try:
             snap = block.read()
         except BatpakError:
-            return None, served
+            return None, False
         finally:
             block.close()
-        return ((key, snap.durable) if snap.store_key == key else None), served
+        if snap.store_key != store_key_of(self.store_id):
+            return None, False
+        served = snap.state in (WriterState.STARTING, WriterState.READY, WriterState.DRAINING) and service_gone(
+            snap, time.monotonic_ns(), process_started_ns) is None
+        return (snap.store_key, snap.durable), served
 
     def frontier(self) -> tuple[int, int]:
         """(F, visible): F the sequence every copy holds at least — the durable frontier
@@ -424,6 +454,8 @@ class _Copier:
                     if off < limit:
                         crc = zlib.crc32(memoryview(chunk)[:limit - off], crc)
                     _os("write", dst, lambda: _pwrite_all(dfd, chunk, off))  # noqa: B023
+                    if (off + n) % WRITEBACK < n:
+                        _start_writeback(dfd, (off + n) // WRITEBACK * WRITEBACK - WRITEBACK, WRITEBACK)
                     off += n
                     self.done += n
                     self.step()
