@@ -28,6 +28,7 @@ from ._errors import (
     PayloadTooLarge,
     ProtocolError,
     ReactorError,
+    RedactionRefused,
     ReservedKind,
     StorageError,
     StoreClosed,
@@ -51,6 +52,7 @@ from ._signing import verify_receipt_signature
 from ._storage.engine import Engine, EngineConfig
 from ._values import (
     BatchItem,
+    CompactReport,
     Coordinate,
     Event,
     Frontier,
@@ -76,6 +78,7 @@ __all__ = [
     "BackupReport",
     "BatchItem",
     "BatpakError",
+    "CompactReport",
     "ConcurrencyConflict",
     "Coordinate",
     "CorruptSegment",
@@ -113,6 +116,7 @@ __all__ = [
     "ReactorError",
     "ReactorFailure",
     "Receipt",
+    "RedactionRefused",
     "Region",
     "ReservedKind",
     "RestartPolicy",

@@ -336,3 +336,13 @@ class MetricsUnavailable(BatpakError, OSError):
         self.address = address
         self.reason = reason
         super().__init__(f"cannot serve metrics on {address!r}: {reason}")
+
+
+class RedactionRefused(BatpakError, ValueError):
+    """An event's payload cannot be removed: a system event (the store's own record), or a
+    frame of format version 1, whose hash covers its payload bytes (FORMAT.md §9.1)."""
+
+    def __init__(self, event: str, reason: str) -> None:
+        self.event = event
+        self.reason = reason
+        super().__init__(f"cannot redact event {event}: {reason}")

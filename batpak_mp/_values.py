@@ -34,10 +34,13 @@ SYSTEM_CURSOR_ACK = 0x010
 SYSTEM_FENCE_COMMIT = 0x020  # payload {"fence": token, "ranges": [[first, last], ...]}: those become visible
 SYSTEM_FENCE_CANCEL = 0x021  # payload {"fence": token, "ranges": [...], "why": str}: they stay hidden for good
 FENCE_ENTITY = "fences"  # the chain holding every fence commit and cancel (scope "system")
+SYSTEM_REDACT_REQUEST = 0x030  # payload {"event": id, "sequence": int, "reason": str}: compaction removes its payload
+REDACTION_ENTITY = "redactions"  # the chain of erasure requests (scope "system"); kept for good, never redacted
 EFFECT_DENIAL = 0x001
 EFFECT_BYPASS = 0x002
 STORE_KINDS: dict[int, frozenset[str]] = {
     (CATEGORY_SYSTEM << 12) | SYSTEM_CURSOR_ACK: frozenset({"cursor", "through"}),
+    (CATEGORY_SYSTEM << 12) | SYSTEM_REDACT_REQUEST: frozenset({"event", "sequence", "reason"}),
     (CATEGORY_EFFECT << 12) | EFFECT_DENIAL: frozenset({"gate", "code", "message"}),
     (CATEGORY_EFFECT << 12) | EFFECT_BYPASS: frozenset({"reason"}),
 }
@@ -160,9 +163,9 @@ class Event:
         "payload_bytes",
         "payload_version",
         "prev_hash",
-        "wall_ms",
         "redacted",
         "scope_position",
+        "wall_ms",
     )
 
     def __init__(
@@ -416,3 +419,13 @@ class RestartPolicy:
         if len(parts) == 3 and parts[0] == "bounded" and all(x.isascii() and x.isdigit() for x in parts[1:]):
             return cls.bounded(int(parts[1]), int(parts[2]))
         raise InvalidArgument("restart", text, "must be 'once' or 'bounded:MAX_RESTARTS:WITHIN_MS'")
+
+
+class CompactReport(NamedTuple):
+    """What ``compact()`` did: sealed segments rewritten and swapped in, events whose
+    payload it removed (each now a stub), and the bytes the segment files shrank by."""
+
+    segments_rewritten: int
+    events_removed: int
+    bytes_reclaimed: int
+    elapsed_ms: float

@@ -22,6 +22,8 @@ INDEX_DIR = "index"
 RECORDS_FILE = "records.idx"
 VERIFIED_FILE = "verified.tbl"  # sealed segments checksummed in this boot (derived, msgpack)
 FENCES_FILE = "fences.tbl"  # revealed sequence ranges of committed fences (derived from the log)
+COMPACTION_MARKER = "compaction.pending"  # index/: a segment swap whose records.idx update may be unfinished
+COMPACT_SUFFIX = ".compact"  # segments/<segment name>.compact: a compacted copy being written (FORMAT.md §3.9)
 
 
 def segment_name(segment_id: int) -> str:
@@ -45,6 +47,16 @@ def parse_segment_name(name: str) -> int | None:
     if len(name) == 16 and name.endswith(".seg") and name[:12].isascii() and name[:12].isdigit():
         return int(name[:12])
     return None
+
+
+def compact_temp_name(segment_id: int) -> str:
+    """The compacted copy of a segment while it is written, before the rename swaps it in."""
+    return segment_name(segment_id) + COMPACT_SUFFIX
+
+
+def parse_compact_temp_name(name: str) -> int | None:
+    """The segment id of a name made by ``compact_temp_name``, else None."""
+    return parse_segment_name(name[:-len(COMPACT_SUFFIX)]) if name.endswith(COMPACT_SUFFIX) else None
 
 
 def parse_delta_name(name: str) -> int | None:

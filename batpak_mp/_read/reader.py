@@ -71,6 +71,7 @@ __all__ = ["Hidden", "Reader", "StaleView", "View", "frame_to_event", "map_reado
 _rec_unpack = RECORD.unpack_from
 _locate = LOCATION.unpack_from
 SCAN_RUN = 64  # events ``scan`` builds per call of the codec (a run ends early at a fence or a segment's end)
+STALE_RETRIES = 100  # ~1 ms apart: how long a record may disagree with its frame (a compaction's swap) before it is damage
 
 
 class View(NamedTuple):
@@ -301,15 +302,31 @@ class Reader:
         return ev
 
     def _retrying(self, fn: Callable[[], Any]) -> Any:
-        """Run a read; on a stale index refresh the view once, then call it corruption."""
+        """Run a read; on a stale index refresh the view and read again, with the
+        segments mapped afresh: a compaction may have swapped a segment file and
+        re-pointed its records (``_storage/compaction.py``), so for up to
+        ``STALE_RETRIES`` ms a record of one file and the bytes of the other are a swap
+        under way; after that they are corruption."""
         try:
             return fn()
         except StaleView:
+            pass
+        for attempt in range(STALE_RETRIES):
+            self.forget_segments()
             self.refresh()
             try:
                 return fn()
             except StaleView as exc:
-                raise CorruptSegment(self.data_dir, 0, f"index does not match the log at {exc}") from None
+                if attempt == STALE_RETRIES - 1:
+                    raise CorruptSegment(self.data_dir, 0, f"index does not match the log at {exc}") from None
+            time.sleep(0.001)
+        raise AssertionError("unreachable")
+
+    def forget_segments(self) -> None:
+        """Drop the cached segment mappings (the next read maps each file by its name
+        again: after a compaction swapped one). Not closed here: a scan in progress may
+        still hold one; each closes when its last user lets go."""
+        self._segments.clear()
 
     def head_of(self, entity_raw: bytes) -> int:
         """Newest visible sequence of an entity, or 0."""
@@ -409,6 +426,17 @@ class Reader:
                 count += 1
             expect_hash = frame.prev_hash
             seq = self._retrying(functools.partial(self.prev_in_entity, seq))
+
+    def frame_version(self, seq: int) -> int:
+        """The frame version of a visible sequence (1: written before format version 2,
+        its hash covers its payload bytes; FORMAT.md §9.1)."""
+        def run() -> int:
+            self.frame(seq)  # validated against its record
+            rec = self.record(seq)
+            off = rec[R_OFFSET]
+            return int.from_bytes(self._segment(rec[R_SEGMENT_ID])[off + 8:off + 10], "little")
+        version: int = self._retrying(run)
+        return version
 
     def _run_start(self, seq: int) -> tuple[mmap.mmap, int]:
         """Where the frame of ``seq`` starts (its segment map and offset), validated."""

@@ -137,9 +137,11 @@ class Recovery:
         self.segment_max_bytes = segment_max_bytes
         self.seal = seal
 
-    def run(self, ckpt: Checkpoint | None, floor: int) -> Recovered:
-        """Recover; nothing at or below ``floor`` may be missing."""
-        if ckpt is not None and self.stamps.same_boot(ckpt.boot_id) and self.index.records_trusted:
+    def run(self, ckpt: Checkpoint | None, floor: int, *, full: bool = False) -> Recovered:
+        """Recover; nothing at or below ``floor`` may be missing. ``full``: skip the
+        same-boot path (a compaction's swap was cut short: records.idx may not match a
+        segment, and only the full recovery copies every seal footer into it)."""
+        if not full and ckpt is not None and self.stamps.same_boot(ckpt.boot_id) and self.index.records_trusted:
             try:
                 done = self._same_boot(ckpt, floor)
                 if done is not None:

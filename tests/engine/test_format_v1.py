@@ -10,6 +10,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import pytest
 from conftest import SMALL, assert_verified
 
 import batpak_mp as bp
@@ -66,6 +67,9 @@ def test_a_writer_upgrades_a_version_1_store_and_chains_on(tmp_path: Path) -> No
         assert r.prev_hash == old_head.event_hash and r.entity_clock == old_head.entity_clock + 1
         walked = list(eng.walk_ancestors(r.event_id))
         assert [e.entity_clock for e in walked] == list(range(r.entity_clock, 0, -1))
+        v1_event = bytes.fromhex(expected["events"][0]["id"])  # type: ignore[index]
+        with pytest.raises(bp.RedactionRefused, match="version-1 frame"):
+            eng.redact(v1_event, reason="a version-1 frame's hash covers its payload bytes")
     with bp.Engine.open(d, SMALL) as eng:  # reopened: version 1 and 2 frames side by side
         check_events(eng, expected)
         assert eng.get(r.event_id).payload == {"i": 999}

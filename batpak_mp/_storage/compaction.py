@@ -1,0 +1,156 @@
+"""Compaction: sealed segments rewritten with stubs in place of removed payloads, and
+swapped in while readers and appends go on (docs/FORMAT.md §3.9, OPERATIONS.md
+"Retention and erasure").
+
+Owns: the swap of one sealed segment (``Compactor.rewrite``) and the clean-up of an
+interrupted one at open (``Compactor.recover``). The bytes of the new file are
+``_format.compact.rewrite_sealed``'s; which sequences lose their payload is the caller's
+(the engine: redaction requests and retention rules).
+
+The swap, in this order, each step fsynced before the next:
+  1. the old file is checked whole (checksum and footer: damage is never copied on);
+  2. the new file is written as ``segments/<name>.compact`` and fsynced;
+  3. ``index/compaction.pending`` (the segment id) is written: a crash from here on makes
+     the next open take the full recovery, which copies every seal footer into
+     records.idx, so records and segment can never disagree after a restart;
+  4. ``rename(<name>.compact, <name>)`` and an fsync of ``segments/``: the one atomic
+     step. Before it the old file is the segment, after it the new one; any process that
+     opens the name (a reader mapping it, a backup copying it) gets one or the other,
+     whole. Processes that mapped the old file keep reading it (its inode lives on
+     until the last mapping goes; then its space returns to the file system);
+  5. the segment's records in records.idx are re-pointed at the new offsets (readers
+     that meet a record of one file and the bytes of the other see a mismatch, drop
+     their mapping and read again: ``_read/reader.py``);
+  6. the marker is removed.
+Nothing is ever truncated or written in place in a segment. Invariants: only sealed
+segments are rewritten (the active one is never touched); appends go on meanwhile (they
+write the active segment and records past every sealed one). Every OS call goes through
+``osio.Disk``. Must not import the writer, the client, the IPC layer or the read side.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Container, Iterable
+from typing import NamedTuple
+
+from .._format.compact import rewrite_sealed
+from .._format.directory import COMPACTION_MARKER, compact_temp_name, parse_compact_temp_name
+from .._format.record import R_SEGMENT_ID
+from .indexfiles import IndexFiles
+from .osio import Disk
+from .segments import SegmentFiles
+
+
+class Swapped(NamedTuple):
+    """One segment rewritten and swapped in."""
+
+    segment_id: int
+    stubbed: tuple[int, ...]
+    bytes_removed: int
+
+
+class CompactCopy(NamedTuple):
+    """A compacted copy written and fsynced beside its segment, ready to swap in."""
+
+    segment_id: int
+    first_seq: int
+    temp_path: str
+    records: bytes
+    stubbed: tuple[int, ...]
+    bytes_removed: int
+
+
+class Compactor:
+    """Rewrites sealed segments of one open directory (the engine's segment and index
+    files). ``prepare`` (reads a sealed segment, writes its copy: the slow part) may run
+    on any thread; ``swap`` (marker, rename, records) runs where records.idx is written."""
+
+    def __init__(self, disk: Disk, segments: SegmentFiles, index: IndexFiles, idx_dir: str,
+                 on_swap: Callable[[int], None] = lambda sid: None) -> None:
+        self.disk = disk
+        self.segments = segments
+        self.index = index
+        self.marker = os.path.join(idx_dir, COMPACTION_MARKER)
+        self.on_swap = on_swap  # told after a swap and its records (the engine's reader drops its old mapping)
+
+    def interrupted(self) -> bool:
+        """Whether a swap was interrupted (its records may not match the segment now)."""
+        return self.disk.read_file(self.marker) is not None
+
+    def recover(self) -> None:
+        """At open, after the full recovery made records.idx agree with every footer:
+        remove a half-written copy and the marker of an interrupted swap."""
+        d = self.disk
+        for name in d.listdir(self.segments.dir):
+            if parse_compact_temp_name(name) is not None:
+                d.unlink(os.path.join(self.segments.dir, name))
+        if self.interrupted():
+            d.fsync_dir(self.segments.dir)
+            d.unlink(self.marker)
+
+    def segments_holding(self, seqs: Iterable[int], active_segment: int, visible: int) -> dict[int, set[int]]:
+        """The sealed segments (before ``active_segment``) holding any of ``seqs``, each
+        with those of its sequences."""
+        out: dict[int, set[int]] = {}
+        for seq in seqs:
+            if 0 < seq <= visible:
+                sid = self.index.record(seq)[R_SEGMENT_ID]
+                if sid < active_segment:
+                    out.setdefault(sid, set()).add(seq)
+        return out
+
+    def prepare(self, segment_id: int, strip: Container[int]) -> CompactCopy | None:
+        """Write the compacted copy of sealed segment ``segment_id`` (every frame of a
+        sequence in ``strip`` a stub) as ``<name>.compact`` and fsync it; None when none
+        of them can become a stub there. The segment is checked whole first."""
+        d, segs = self.disk, self.segments
+        seg = segs.open(segment_id, os.O_RDONLY)
+        try:
+            verdict = segs.judge(seg, first_seq=None, unsealed_ok=False)
+            trailer = verdict.trailer
+            assert trailer is not None  # unsealed_ok=False: judge raised otherwise
+            segs.check_sealed(seg, trailer, footer=True)
+            body = d.map_shared(seg.fd, seg.size, seg.path, writable=False)
+            try:
+                new = rewrite_sealed(seg.path, body, trailer, strip)
+            finally:
+                body.close()
+        finally:
+            d.close_quietly(seg.fd, seg.path)
+        if new is None:
+            return None
+        tmp = os.path.join(segs.dir, compact_temp_name(segment_id))
+        fd = d.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            d.pwrite(fd, new.data, 0, tmp)
+            d.fsync(fd, tmp)
+        except BaseException:
+            d.close_quietly(fd, tmp)
+            d.unlink_quietly(tmp)
+            raise
+        d.close(fd, tmp)
+        return CompactCopy(segment_id, verdict.header.first_seq, tmp, new.records, new.stubbed, new.bytes_removed)
+
+    def swap(self, p: CompactCopy) -> Swapped:
+        """Swap a prepared copy in: the marker, the rename (atomic: any process opening
+        the segment's name gets the old file or the new one, whole), the records, the
+        marker removed. A failure before the rename leaves the old segment in place."""
+        d, segs = self.disk, self.segments
+        try:
+            d.write_file_atomic(self.marker, f"{p.segment_id}\n".encode())
+            d.replace(p.temp_path, segs.path(p.segment_id))
+        except BaseException:
+            d.unlink_quietly(p.temp_path)
+            raise
+        try:
+            d.fsync_dir(segs.dir)
+        finally:  # renamed: the records must follow whatever else fails (the marker stays then)
+            self.index.adopt_records(p.first_seq, p.records)
+            self.on_swap(p.segment_id)
+        d.unlink(self.marker)
+        return Swapped(p.segment_id, p.stubbed, p.bytes_removed)
+
+    def abandon(self, p: CompactCopy) -> None:
+        """Drop a prepared copy that will not be swapped in."""
+        self.disk.unlink_quietly(p.temp_path)
