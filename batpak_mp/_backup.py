@@ -715,7 +715,7 @@ def fork(data_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *, at: 
 
 
 def _check_sealed(path: str) -> None:
-    """A sealed segment passes its whole-file checksum and its footer decodes."""
+    """A sealed segment passes its whole-file checksum (which covers its footer)."""
     m = _map(path)
     try:
         trailer = decode_trailer(m[len(m) - SEG_TRAILER_SIZE:])

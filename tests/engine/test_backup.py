@@ -226,3 +226,24 @@ def test_restore_puts_a_backup_in_place_and_keeps_what_was_there(tmp_path: os.Pa
     assert_verified(other)
     assert_verified(src)
     assert_verified(dest)
+
+
+def test_a_crash_between_the_two_renames_is_undone_by_the_next_run(tmp_path: os.PathLike[str]) -> None:
+    """Where RENAME_EXCHANGE is missing the previous backup is moved aside, then the new
+    one moved in: a crash in between leaves no DEST but ``.DEST.bpmp-old``, and a crash
+    while staging leaves ``.DEST.bpmp-staging``. The next run puts the previous backup
+    back, drops the staging and goes on."""
+    src, dest = os.path.join(tmp_path, "data"), os.path.join(tmp_path, "backup")
+    fill(src, 3000)
+    first = bp.backup(src, dest)
+    os.rename(dest, os.path.join(tmp_path, ".backup.bpmp-old"))  # the state after the first rename
+    os.makedirs(os.path.join(tmp_path, ".backup.bpmp-staging", "segments"))
+    with open(os.path.join(tmp_path, ".backup.bpmp-staging", "segments", "000000000001.seg"), "wb") as f:
+        f.write(b"half a copy")
+    fill(src, 500, start=3000)
+    second = bp.backup(src, dest)
+    assert second.incremental and second.files_reused >= 1  # the previous backup was found again
+    assert second.last_sequence == first.last_sequence + 500
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".backup")) == [".backup.bpmp-lock"]
+    assert_verified(dest)
+    assert_verified(src)

@@ -208,3 +208,31 @@ def test_cli_backup_fork_restore(served: tuple[bp.Service, str], tmp_path: os.Pa
     assert json.loads(r.stdout)["last_sequence"] == second["last_sequence"]
     for path in (dest, fork_dir, restored):
         assert_verified(path)
+
+
+def test_cli_backup_shows_progress_when_stderr_is_a_terminal(served: tuple[bp.Service, str],
+                                                             tmp_path: os.PathLike[str]) -> None:
+    import pty
+
+    _, data_dir = served
+    with bp.connect(data_dir) as store:
+        seed(store, 3000, "bar")
+    main, tty = pty.openpty()
+    try:
+        p = subprocess.run([EXE, "backup", data_dir, os.path.join(tmp_path, "b"), "--json"], stdout=subprocess.PIPE,
+                           stderr=tty, text=True, timeout=120, env={**os.environ, "COLUMNS": "120"})
+        os.close(tty)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(main)
+    assert p.returncode == 0
+    assert json.loads(p.stdout)["last_sequence"] >= 3000  # stdout stays clean JSON
+    assert b"backup" in shown and b"\x1b[" in shown  # the bar, drawn on the terminal
