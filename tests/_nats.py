@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -212,3 +213,17 @@ def assert_stream_is_journal(url: str, stream: str, data_dir: str) -> int:
         assert [e.global_sequence for e in page.events] == list(range(1, len(local) + 1))
         assert [(e.event_id, e.event_hash) for e in page.events] == [(e.event_id, e.event_hash) for e in local]
     return len(local)
+
+
+def wait_status(data_dir: str, check: Callable[[dict[str, Any]], bool], timeout: float = 15.0) -> dict[str, Any]:
+    """The bridge's status file once ``check`` holds (the bridge writes it about once a second)."""
+    from batpak_mp import jetstream
+
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        status = jetstream.read_status(data_dir)
+        if status is not None and check(status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"bridge status never matched: {status}")

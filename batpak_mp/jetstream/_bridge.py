@@ -8,8 +8,8 @@ frontier (each found through its index record, ``_read.reader.Reader``, the read
 order on its entity's subject with the headers of ``_mapping`` and the server-side
 expectation ``Nats-Expected-Last-Sequence`` = sequence - 1 (so stream sequence N is
 global sequence N, and a second bridge, or anyone else, cannot interleave: its publish
-is refused and it re-reads the stream), a window of publishes in flight, acknowledgements
-awaited per window; and its status file ``bridge.status`` in the data directory (state,
+is refused and it re-reads the stream), a sliding window of publishes in flight, acknowledgements
+taken in order; and its status file ``bridge.status`` in the data directory (state,
 published through, lag, events/s, errors; ``batpak-mp status`` shows it).
 Invariants: the bridge keeps no state that can disagree with the stream (after any crash
 it starts from the stream's last message); only visible (committed) frames are published;
@@ -29,6 +29,7 @@ import mmap
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ from ._nats import NATS_ERRORS, ensure_stream, get_message, open_nats
 
 STATUS_FILE = "bridge.status"  # JSON in the data directory, rewritten (atomically) about once a second
 STATUS_EVERY_S = 1.0  # how often the status file is rewritten while the bridge runs
-WINDOW = 512  # publishes in flight before their acknowledgements are awaited (one window at a time)
+WINDOW = 1024  # publishes in flight at most; each acknowledgement lets the next frame go (a sliding window)
 ACK_TIMEOUT_S = 5.0  # a window not acknowledged within this is retried from the stream's last message
 RETRY_S = 0.5  # pause after an error (NATS away, a refused publish) before looking at the stream again
 IDLE_WAIT_S = 0.5  # longest wait on the control block's bell before looking again (the writer rings it)
@@ -372,6 +373,19 @@ class Bridge:
                                      "(the stream and the journal diverged)", mine, headers.get(H_HASH))
         return last
 
+    def _acknowledged(self, seq: int, ack: dict[str, Any]) -> None:
+        """One acknowledgement, in order; a refusal or a misplaced message is ``_Rejected``
+        (the session ends and the next one starts from the stream's last message)."""
+        err = ack.get("error")
+        if err is not None:
+            raise _Rejected(f"publish of sequence {seq} refused: {err.get('description', err)}")
+        if ack.get("seq") != seq:
+            raise _Rejected(f"sequence {seq} stored at stream sequence {ack.get('seq')}")
+        st = self.status
+        st.published_through = seq
+        if not ack.get("duplicate"):
+            st.published_total += 1
+
     async def _session(self, nc: Client, journal: _Journal) -> bool:
         """Publish from where the stream ends; True when asked to stop and drained."""
         js = nc.jetstream()
@@ -382,6 +396,7 @@ class Bridge:
         st.published_through = last
         pub = _Publisher(nc)
         await pub.start()
+        inflight: deque[tuple[int, asyncio.Future[dict[str, Any]]]] = deque()  # sent, not yet acknowledged
         try:
             nxt = last + 1
             while True:
@@ -389,36 +404,28 @@ class Bridge:
                     self.stop.set()
                 seen = journal.bell_value()
                 visible = st.visible = journal.visible()
-                if nxt > visible:
-                    if self.stop.is_set():
-                        return True
-                    self._set("idle")
-                    await asyncio.to_thread(journal.wait, seen, IDLE_WAIT_S)
-                    continue
                 if self.stop.is_set() and self._drain_over():
                     return True
-                self._set("publishing")
-                end = min(visible, nxt + WINDOW - 1)
-                futures = []
-                for seq in range(nxt, end + 1):
-                    frame, raw = journal.frame(seq)
-                    futures.append(await pub.send(subject_of(self.prefix, frame.entity), raw,
-                                                  publish_headers(frame, self.store_hex, frame_version(raw)), seq))
-                try:
-                    acks = await asyncio.wait_for(asyncio.gather(*futures), ACK_TIMEOUT_S)
-                except TimeoutError:
-                    pub.forget()
-                    raise _Rejected(f"window {nxt}..{end} not acknowledged within {ACK_TIMEOUT_S} s") from None
-                for seq, ack in zip(range(nxt, end + 1), acks, strict=True):
-                    err = ack.get("error")
-                    if err is not None:
-                        raise _Rejected(f"publish of sequence {seq} refused: {err.get('description', err)}")
-                    if ack.get("seq") != seq:
-                        raise _Rejected(f"sequence {seq} stored at stream sequence {ack.get('seq')}")
-                    st.published_through = seq
-                    if not ack.get("duplicate"):
-                        st.published_total += 1
-                nxt = end + 1
+                while len(inflight) < WINDOW and nxt <= visible:  # keep the window full
+                    frame, raw = journal.frame(nxt)
+                    inflight.append((nxt, await pub.send(subject_of(self.prefix, frame.entity), raw,
+                                                         publish_headers(frame, self.store_hex, frame_version(raw)), nxt)))
+                    nxt += 1
+                if inflight:
+                    self._set("publishing")
+                    try:
+                        await asyncio.wait_for(asyncio.shield(inflight[0][1]), ACK_TIMEOUT_S)
+                    except TimeoutError:
+                        pub.forget()
+                        raise _Rejected(f"sequence {inflight[0][0]} not acknowledged within {ACK_TIMEOUT_S} s") from None
+                    while inflight and inflight[0][1].done():
+                        seq, fut = inflight.popleft()
+                        self._acknowledged(seq, fut.result())
+                    continue
+                if self.stop.is_set():
+                    return True
+                self._set("idle")
+                await asyncio.to_thread(journal.wait, seen, IDLE_WAIT_S)
         finally:
             await pub.close()
 

@@ -127,6 +127,7 @@ class ChainCheck:
         self.next_seq = 1
         self.heads: dict[bytes, Head] = {}
         self.broken: StreamTampered | None = None  # sticky: nothing after a bad message is accepted
+        self._tag: bytes | None = None  # the store tag every event id carries (bytes 6..8)
 
     def _bad(self, seq: int, subject: str, reason: str) -> StreamTampered:
         self.broken = StreamTampered(self.stream, seq, subject, reason)
@@ -160,8 +161,9 @@ class ChainCheck:
                 raise self._bad(stream_seq, subject, f"header {name} is {h.get(name)!r}, its frame says {value!r}")
         if frame.global_sequence != stream_seq:
             raise self._bad(stream_seq, subject, f"frame of sequence {frame.global_sequence} at stream sequence {stream_seq}")
-        tag = store_tag_of(bytes.fromhex(self.store_hex)) if len(self.store_hex) == 32 else -1
-        if event_id_sequence(frame.event_id) != stream_seq or int.from_bytes(frame.event_id[6:8], "big") != tag:
+        if self._tag is None:
+            self._tag = store_tag_of(bytes.fromhex(self.store_hex)).to_bytes(2, "big") if len(self.store_hex) == 32 else b""
+        if event_id_sequence(frame.event_id) != stream_seq or frame.event_id[6:8] != self._tag:
             raise self._bad(stream_seq, subject, "event id does not carry this store's tag and this sequence")
         if not subject.endswith("." + entity_token(frame.entity)):
             raise self._bad(stream_seq, subject, "subject does not name the frame's entity")

@@ -7,7 +7,10 @@ order, remote check clean) where the stream is the journal's, and bp.verify clea
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,12 +23,14 @@ from _nats import (
     start_bridge,
     stop_bridge,
     stream_last,
+    wait_status,
     wait_stream,
 )
 from conftest import assert_verified
 
 import batpak_mp as bp
 from batpak_mp import jetstream
+from batpak_mp._storage.osio import Disk, FaultPlan
 from batpak_mp.jetstream._mapping import EXPECTED_LAST_SEQ
 from batpak_mp.jetstream._nats import open_nats
 
@@ -53,14 +58,11 @@ def test_nats_down_ten_seconds_and_back(tmp_path: os.PathLike[str], data_dir: st
             while time.monotonic() < down_until:  # the store keeps taking appends; the bridge falls behind
                 _append(data_dir, 5)
                 time.sleep(0.5)
-            status = jetstream.read_status(data_dir)
-            assert status is not None and status["errors"] > 0 and status["lag_events"] > 0, status
+            wait_status(data_dir, lambda st: st["errors"] > 0 and st["lag_events"] > 0)
             ns.start()
             wait_stream(ns.url, "F1", _visible(data_dir), timeout=60)
             assert_stream_is_journal(ns.url, "F1", data_dir)
-            time.sleep(1.2)  # the next status write
-            status = jetstream.read_status(data_dir)
-            assert status is not None and status["lag_events"] == 0
+            wait_status(data_dir, lambda st: st["lag_events"] == 0 and st["state"] == "idle")
         finally:
             assert stop_bridge(bridge) == 0
     assert_verified(data_dir)
@@ -77,8 +79,11 @@ def test_stream_of_another_store_is_refused(tmp_path: os.PathLike[str], data_dir
         before = stream_last(ns.url, "F2")
         with bp.serve(data_dir, segment_max_bytes=1 << 20):
             _append(data_dir, 10)
-            bridge = start_bridge(data_dir, ns.url, "F2")
-            assert bridge.wait(30) == 2  # refused: a restart cannot help (WriterExit.USAGE)
+            bridge = subprocess.Popen([sys.executable, "-m", "batpak_mp.cli", "bridge", data_dir, "--nats", ns.url,
+                                       "--stream", "F2"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, err = bridge.communicate(timeout=30)
+            assert bridge.returncode == 2, err  # refused: a restart cannot help (WriterExit.USAGE)
+            assert b"refused this journal" in err
             status = jetstream.read_status(data_dir)
             assert status is not None and status["state"] == "failed"
             assert "StreamMismatch" in status["last_error"] and "holds the journal of store" in status["last_error"]
@@ -177,4 +182,23 @@ def test_r3_stream_rides_through_a_node_sigkill(tmp_path: os.PathLike[str], data
             assert_stream_is_journal(rest, "F4", data_dir)
         finally:
             assert stop_bridge(bridge) == 0
+    assert_verified(data_dir)
+
+
+def test_restore_onto_a_failing_disk_is_typed_and_never_serves_half(tmp_path: os.PathLike[str], data_dir: str) -> None:
+    base = os.fspath(tmp_path)
+    with nats_server(base) as ns:
+        with bp.serve(data_dir, segment_max_bytes=1 << 20):
+            _append(data_dir, 20)
+            bridge = start_bridge(data_dir, ns.url, "F5")
+            wait_stream(ns.url, "F5", _visible(data_dir))
+            assert stop_bridge(bridge) == 0
+        target = os.path.join(base, "restored")
+        with pytest.raises(bp.DiskFull):  # the frames' write meets a full disk
+            jetstream.restore_from_stream(ns.url, "F5", target,
+                                          disk=Disk(FaultPlan(fail={"pwrite": (0, errno.ENOSPC)})))
+        assert not os.path.exists(os.path.join(target, "durable.ckpt"))  # not recovered: nothing claims it is whole
+        with pytest.raises(bp.StorageError):  # store.meta cannot be written
+            jetstream.restore_from_stream(ns.url, "F5", os.path.join(base, "restored2"),
+                                          disk=Disk(FaultPlan(fail={"write": (0, errno.EIO)})))
     assert_verified(data_dir)

@@ -10,10 +10,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from _nats import assert_stream_is_journal, nats_server, start_bridge, stop_bridge, stream_last, wait_stream
+from _nats import (
+    assert_stream_is_journal,
+    nats_server,
+    start_bridge,
+    stop_bridge,
+    stream_last,
+    wait_status,
+    wait_stream,
+)
 from conftest import assert_verified
 
 import batpak_mp as bp
@@ -45,9 +52,8 @@ def test_bridge_remote_reader_and_restore(tmp_path: os.PathLike[str], data_dir: 
             try:
                 wait_stream(ns.url, "JS1", visible)
                 n = assert_stream_is_journal(ns.url, "JS1", data_dir)
-                status = jetstream.read_status(data_dir)
-                assert status is not None and status["stream"] == "JS1" and status["published_through"] == n
-                assert status["errors"] == 0 and status["lag_events"] == 0
+                status = wait_status(data_dir, lambda st: st["published_through"] == n and st["state"] == "idle")
+                assert status["stream"] == "JS1" and status["errors"] == 0 and status["lag_events"] == 0
                 with jetstream.connect(ns.url, "JS1") as remote:
                     assert all(remote.verify_receipt(r) for r in receipts + fence_events)
                     forged = receipts[5]._replace(event_hash=bytes(32))
@@ -88,6 +94,16 @@ def test_bridge_remote_reader_and_restore(tmp_path: os.PathLike[str], data_dir: 
         assert original.events_checked <= bp.verify(restored).events_checked
         with pytest.raises(bp.InvalidArgument):  # never into a directory that holds anything
             jetstream.restore_from_stream(ns.url, "JS1", restored)
+        # the same from the command line, which verifies what it restored
+        out = subprocess.run([sys.executable, "-m", "batpak_mp.cli", "restore-from-stream", ns.url, "JS1",
+                              os.path.join(base, "restored-cli"), "--segment-max-bytes", str(1 << 20), "--json"],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["verify_ok"] and doc["events"] == report.events and doc["store_id"] == report.store_id
+        out = subprocess.run([sys.executable, "-m", "batpak_mp.cli", "restore-from-stream", ns.url, "NO_SUCH",
+                              os.path.join(base, "restored-none")], capture_output=True, text=True)
+        assert out.returncode == 2 and "no such stream" in out.stderr
 
 
 def test_serve_runs_the_bridge_under_the_restart_policy(tmp_path: os.PathLike[str], data_dir: str) -> None:
@@ -97,14 +113,7 @@ def test_serve_runs_the_bridge_under_the_restart_policy(tmp_path: os.PathLike[st
                                   "--segment-max-bytes", str(1 << 20), "--bridge", ns.url, "--bridge-stream", "JS2"],
                                  stdin=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                status = jetstream.read_status(data_dir)
-                if status is not None and status["state"] in ("idle", "publishing"):
-                    break
-                time.sleep(0.1)
-            else:
-                raise AssertionError("the supervisor's bridge never came up")
+            status = wait_status(data_dir, lambda st: st["state"] in ("idle", "publishing"), timeout=30)
             _append_some(data_dir, 40)
             with bp.connect(data_dir) as store:
                 wait_stream(ns.url, "JS2", store.frontier().visible)
@@ -114,8 +123,7 @@ def test_serve_runs_the_bridge_under_the_restart_policy(tmp_path: os.PathLike[st
             _append_some(data_dir, 40, "after")
             with bp.connect(data_dir) as store:
                 wait_stream(ns.url, "JS2", store.frontier().visible)
-            status = jetstream.read_status(data_dir)
-            assert status is not None and status["pid"] != first_pid
+            wait_status(data_dir, lambda st: st["pid"] != first_pid and st["lag_events"] == 0)
             out = subprocess.run([sys.executable, "-m", "batpak_mp.cli", "status", data_dir, "--json"],
                                  capture_output=True, text=True, check=True)
             doc = json.loads(out.stdout)
@@ -124,6 +132,6 @@ def test_serve_runs_the_bridge_under_the_restart_policy(tmp_path: os.PathLike[st
         finally:
             serve.send_signal(signal.SIGTERM)
             assert serve.wait(30) == 0
-        status = jetstream.read_status(data_dir)
-        assert status is not None and status["state"] == "stopped"
+        final = jetstream.read_status(data_dir)
+        assert final is not None and final["state"] == "stopped"
         assert_verified(data_dir)
