@@ -139,6 +139,7 @@ __all__ = [
     "WriterTimeout",
     "WriterUnavailable",
     "__version__",
+    "aio",
     "backup",
     "codec_backend",
     "connect",
@@ -150,3 +151,13 @@ __all__ = [
     "verify",
     "verify_receipt_signature",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``bp.aio`` (the asyncio face) is imported on first use: a sync process never pays
+    for asyncio."""
+    if name == "aio":
+        import importlib
+
+        return importlib.import_module(".aio", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

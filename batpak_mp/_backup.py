@@ -91,9 +91,11 @@ from ._read.offline import find_frontier
 from ._read.reader import unborn_segment
 from ._read.verify import verify
 from ._service import cleanup_ipc, lock_holder
+from ._storage.osio import Disk
 from ._values import WriterState
 
 T = TypeVar("T")
+DISK = Disk()  # the write side's seam: every failure a StorageError (DiskFull for ENOSPC/EDQUOT) naming op and path
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all): called per chunk and per step
 
 CHUNK = 1 << 18  # bytes per read and write while copying: sequential enough for full speed, often enough for progress
@@ -155,38 +157,14 @@ def _os(op: str, path: str, fn: Callable[[], T]) -> T:
         raise cls(op, path, exc) from None
 
 
-def _fsync_dir(path: str) -> None:
-    def run() -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _os("fsync", path, run)
-
-
-def _read(path: str) -> bytes | None:
-    def run() -> bytes | None:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-    return _os("read", path, run)
-
-
 def _write_new(path: str, data: bytes, mode: int = FILE_MODE) -> None:
     """Create ``path`` (it must not exist), write ``data``, fsync."""
-    def run() -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _os("write", path, run)
+    fd = DISK.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        DISK.pwrite(fd, data, 0, path)
+        DISK.fsync(fd, path)
+    finally:
+        DISK.close_quietly(fd, path)
 
 
 def _mkdir(path: str) -> None:
@@ -198,27 +176,19 @@ def _remove_tree(path: str) -> None:
         _os("remove", path, lambda: shutil.rmtree(path))
 
 
-def _libc_renameat2() -> Callable[..., int] | None:
+def _libc(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """A libc function returning int (errno kept), or None where libc lacks it."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (AttributeError, OSError):
         return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
-    return fn
+    return fn  # type: ignore[no-any-return]
 
 
-def _libc_sync_file_range() -> Callable[..., int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _libc_sync_file_range()
+_renameat2 = _libc("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_sync_file_range = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the dirty pages in the range, do not wait
 
 
@@ -231,7 +201,7 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 def _exchange(a: str, b: str) -> bool:
     """Swap the directories ``a`` and ``b`` in one step; False when the file system (or
     libc) cannot."""
-    fn = _libc_renameat2()
+    fn = _renameat2
     if fn is None:
         return False
     if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
@@ -287,7 +257,7 @@ class _Target:
                 _remove_tree(self.old)
             else:
                 _os("rename", self.path, lambda: os.rename(self.old, self.path))
-            _fsync_dir(self.parent)
+            DISK.fsync_dir(self.parent)
         _remove_tree(self.staging)
 
     def start(self) -> str:
@@ -299,20 +269,20 @@ class _Target:
         """Put the staging directory in place of the destination atomically; the
         destination's previous contents end up at the staging path (returned), or None
         when there was no destination."""
-        _fsync_dir(os.path.join(self.staging, SEGMENT_DIR))
-        _fsync_dir(self.staging)
+        DISK.fsync_dir(os.path.join(self.staging, SEGMENT_DIR))
+        DISK.fsync_dir(self.staging)
         if not os.path.lexists(self.path):
             _os("rename", self.path, lambda: os.rename(self.staging, self.path))
-            _fsync_dir(self.parent)
+            DISK.fsync_dir(self.parent)
             step()
             return None
         if not _exchange(self.staging, self.path):
             _os("rename", self.path, lambda: os.rename(self.path, self.old))
-            _fsync_dir(self.parent)
+            DISK.fsync_dir(self.parent)
             step()
             _os("rename", self.path, lambda: os.rename(self.staging, self.path))
             _os("rename", self.old, lambda: os.rename(self.old, self.staging))
-        _fsync_dir(self.parent)
+        DISK.fsync_dir(self.parent)
         step()
         return self.staging
 
@@ -335,7 +305,7 @@ def _listing(path: str) -> list[str] | None:
         return None
     if not os.path.isdir(path):
         raise BackupRefused(path, "it is not a directory")
-    return _os("listdir", path, lambda: os.listdir(path))
+    return DISK.listdir(path)
 
 
 # -- the source: its store id and frontier, and its segments ----------------------------------
@@ -345,7 +315,7 @@ class _Source:
         meta_path = os.path.join(root, META_FILE)
         if not os.path.isdir(root):
             raise InvalidArgument("data_dir", root, "is not a batpak-mp data directory (no such directory)")
-        raw = _read(meta_path)
+        raw = DISK.read_file(meta_path)
         if raw is None:
             raise InvalidArgument("data_dir", root, f"is not a batpak-mp data directory (no {META_FILE})")
         self.meta = raw
@@ -388,7 +358,7 @@ class _Source:
         return found.visible, found.visible
 
     def segments(self) -> list[SourceSegment]:
-        names = _os("listdir", self.seg_dir, lambda: os.listdir(self.seg_dir)) if os.path.isdir(self.seg_dir) else []
+        names = DISK.listdir(self.seg_dir) if os.path.isdir(self.seg_dir) else []
         ids = sorted(sid for sid in map(parse_segment_name, names) if sid is not None)
         if ids and unborn_segment(self.path(ids[-1])):
             ids.pop()  # being created by a rotation: it holds no event
@@ -440,32 +410,32 @@ class _Copier:
         into it may meet ENOSPC later); the crc32 of ``dst[0:min(length, size-32)]``,
         computed on the bytes as read."""
         limit = min(length, size - SEG_TRAILER_SIZE)
-        sfd = _os("open", src, lambda: os.open(src, os.O_RDONLY | os.O_CLOEXEC))
+        sfd = DISK.open(src, os.O_RDONLY)
         try:
-            dfd = _os("open", dst, lambda: os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+            dfd = DISK.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
                 crc, off = 0, 0
                 while off < length:
                     n = min(CHUNK, length - off)
-                    chunk = _os("read", src, lambda: os.pread(sfd, n, off))  # noqa: B023 (called at once)
+                    chunk = DISK.pread(sfd, n, off, src)
                     if len(chunk) != n:
                         raise CorruptSegment(src, off + len(chunk), f"file ended at {off + len(chunk)} bytes, "
                                              f"expected {length}")
                     if off < limit:
                         crc = zlib.crc32(memoryview(chunk)[:limit - off], crc)
-                    _os("write", dst, lambda: _pwrite_all(dfd, chunk, off))  # noqa: B023
+                    DISK.pwrite(dfd, chunk, off, dst)
                     if (off + n) % WRITEBACK < n:
                         _start_writeback(dfd, (off + n) // WRITEBACK * WRITEBACK - WRITEBACK, WRITEBACK)
                     off += n
                     self.done += n
                     self.step()
                 if size > length:
-                    _os("fallocate", dst, lambda: os.posix_fallocate(dfd, length, size - length))
-                _os("fsync", dst, lambda: os.fsync(dfd))
+                    DISK.allocate(dfd, size, dst)  # the rest, as the writer preallocates (holes only: cheap)
+                DISK.fsync(dfd, dst)
             finally:
-                os.close(dfd)
+                DISK.close_quietly(dfd, dst)
         finally:
-            os.close(sfd)
+            DISK.close_quietly(sfd, src)
         self.files += 1
         return crc
 
@@ -486,21 +456,11 @@ class _Copier:
         return end
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 def _map(path: str) -> mmap.mmap:
-    def run() -> mmap.mmap:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
-        finally:
-            os.close(fd)
-    return _os("mmap", path, run)
+    m = DISK.map_readonly(path)
+    if m is None:
+        raise CorruptSegment(path, 0, "segment is empty")
+    return m
 
 
 def _frames_end(path: str, seg: SourceSegment, through: int, who: str) -> int:
@@ -548,7 +508,7 @@ def _link_or_copy(copier: _Copier, src: str, dst: str, seg: SourceSegment) -> bo
     it, checked. True when linked."""
     try:
         os.link(src, dst)
-        _fsync_dir(os.path.dirname(dst))
+        DISK.fsync_dir(os.path.dirname(dst))
         return True
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
@@ -572,7 +532,7 @@ def _previous_backup(dest: str, store_id: bytes) -> Manifest | None:
     if MANIFEST_FILE not in names:
         raise BackupRefused(dest, f"it is not empty and holds no {MANIFEST_FILE} (not a backup made by bp.backup)")
     path = os.path.join(dest, MANIFEST_FILE)
-    raw = _read(path)
+    raw = DISK.read_file(path)
     manifest = decode_manifest(raw or b"", path)
     if manifest.store_id != store_id:
         raise BackupRefused(dest, f"it is a backup of another store ({manifest.store_id.hex()}, this one is "
@@ -628,7 +588,7 @@ def backup(data_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *,
             copier.step()
         last = steps[-1].through if steps else 0
         for side in SIDE_FILES:
-            data = _read(os.path.join(src.root, side))
+            data = DISK.read_file(os.path.join(src.root, side))
             if data is not None:
                 _write_new(os.path.join(staging, side), data)
         _write_new(os.path.join(staging, META_FILE), src.meta)
@@ -733,21 +693,19 @@ def _seal_copy(path: str, seg: SourceSegment, end: int, records: bytes) -> None:
     if end + len(footer) > seg.size - SEG_TRAILER_SIZE:
         raise CorruptSegment(path, end, "no room for the seal footer (the writer always leaves it)")
 
-    def run() -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = DISK.open(path, os.O_RDWR)
+    try:
+        DISK.pwrite(fd, footer, end, path)
+        DISK.fsync(fd, path)  # the footer before the trailer that vouches for it (§3.6)
+        m = DISK.map_shared(fd, seg.size, path, writable=False)
         try:
-            _pwrite_all(fd, footer, end)
-            os.fsync(fd)
-            m = mmap.mmap(fd, seg.size, mmap.MAP_SHARED, mmap.PROT_READ)
-            try:
-                crc = zlib.crc32(memoryview(m)[: seg.size - SEG_TRAILER_SIZE])
-            finally:
-                m.close()
-            _pwrite_all(fd, encode_trailer(end, len(footer), crc), seg.size - SEG_TRAILER_SIZE)
-            os.fsync(fd)
+            crc = zlib.crc32(memoryview(m)[: seg.size - SEG_TRAILER_SIZE])
         finally:
-            os.close(fd)
-    _os("seal", path, run)
+            m.close()
+        DISK.pwrite(fd, encode_trailer(end, len(footer), crc), seg.size - SEG_TRAILER_SIZE, path)
+        DISK.fsync(fd, path)
+    finally:
+        DISK.close_quietly(fd, path)
 
 
 # -- bp.restore ---------------------------------------------------------------------------------
@@ -790,7 +748,7 @@ def restore(backup_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str]
     _check_apart(src.root, target.path)
     with target.locked(), _held_locks(target.path):
         names = _listing(target.path) or []
-        meta = _read(os.path.join(target.path, META_FILE)) if names else None
+        meta = DISK.read_file(os.path.join(target.path, META_FILE)) if names else None
         found = decode_meta(meta, target.path) if meta is not None else None
         mine = {os.path.basename(supervisor_lock_path(target.path)), os.path.basename(writer_lock_path(target.path))}
         if not force and found is not None and found != src.store_id:
@@ -810,7 +768,7 @@ def restore(backup_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str]
             else:
                 copier.copy(src.path(seg.segment_id), dst, seg.size, seg.size)
         for side in (META_FILE, *SIDE_FILES):
-            data = _read(os.path.join(src.root, side))
+            data = DISK.read_file(os.path.join(src.root, side))
             if data is not None:
                 _write_new(os.path.join(staging, side), data)
         report = verify(staging)
@@ -826,7 +784,7 @@ def restore(backup_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str]
         if old is not None:
             if set(os.listdir(old)) - mine:
                 kept = _keep_aside(old, f"{target.path}.pre-restore-{_now_ms()}")
-                _fsync_dir(target.parent)
+                DISK.fsync_dir(target.parent)
             else:
                 _remove_tree(old)
     return RestoreReport(target.path, src.store_id.hex(), last, kept, time.perf_counter() - started)

@@ -28,8 +28,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import posix_ipc
 
@@ -47,9 +47,9 @@ from ._errors import (
 from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from ._ipc import objects
 from ._ipc import wire as W
-from ._ipc.control import ControlBlock, ControlSnapshot, state_name
+from ._ipc.control import DOORBELLS, ControlBlock, ControlSnapshot, state_name
 from ._ipc.futex import Word
-from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, ipc_prefix, request_queue_name
+from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, area_token, ipc_prefix, request_queue_name
 from ._prepare import Prepared, prepare, prepare_items
 from ._query import Region
 from ._read.reader import Reader, View
@@ -98,21 +98,27 @@ def _after_fork_in_child() -> None:
         store._lock = threading.RLock()
         store._pin_lock = threading.Lock()
         store._pins = 0  # the threads that had it pinned do not exist here
+        store._calls = 0  # nor the threads that had requests in flight
+        store._calls_done = threading.Condition(threading.Lock())
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Area:
-    """This process's shared-memory area (owned: unlinked on close, and only by the
+    """One shared-memory area of this process (owned: unlinked on close, and only by the
     process that created it) and its doorbell, the word of the control block the writer
-    rings after writing a reply into it (shared with the few areas whose names hash to
-    the same word: a wake-up is only a hint, the area's ``REPLY_TO`` says whose reply)."""
+    rings after writing a reply into it (the word named by the area's token:
+    ``names.doorbell_slot``; shared with other areas on the same word, so a wake-up is
+    only a hint: the area's ``REPLY_TO`` says whose reply). An area carries one request
+    at a time; a ``_Channel`` lends its areas out, so a process has as many requests in
+    flight as it has areas lent."""
 
-    def __init__(self, prefix: str, size: int, control: ControlBlock) -> None:
+    def __init__(self, prefix: str, size: int, control: ControlBlock, bell: int | None = None) -> None:
         pid = os.getpid()
         for _ in range(100):
-            name = area_name(prefix, pid, secrets.token_hex(AREA_TOKEN_BYTES))
+            word = secrets.randbelow(DOORBELLS) if bell is None else bell
+            name = area_name(prefix, pid, area_token(word, secrets.token_hex(AREA_TOKEN_BYTES)))
             try:
                 shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
                 break
@@ -327,49 +333,114 @@ def _is_bytes(value: Any, size: int) -> bool:
     return isinstance(value, bytes) and len(value) == size
 
 
-class _Channel:
-    """This process's line to the writer: the store's request queue, a shared-memory area
-    of its own (made on first use, grown for a large request and given back after it,
-    replaced after a writer restart or a fork) and the request ids. Not thread-safe: the
-    ``Store`` calls it under its lock."""
+class Wait(NamedTuple):
+    """What a request in flight (``_Channel.exchange``) needs before it can go on: either
+    its reply — ``area`` holds it once its ``REPLY_TO`` is ``request_id``; wake when the
+    area's doorbell word no longer holds ``seen``, or after ``timeout`` seconds — or,
+    when ``message`` is set, room in the full request queue for it (send it, blocking at
+    most ``timeout``, and tell the exchange whether it went)."""
 
-    def __init__(self, data_dir: str, control: ControlBlock) -> None:
+    area: _Area | None
+    request_id: int
+    seen: int
+    timeout: float
+    message: bytes | None
+
+
+Exchange = Generator[Wait, bool, W.Reply]
+
+
+class _Channel:
+    """This process's line to the writer: the store's request queue, a pool of
+    shared-memory areas (made on demand, one per request in flight, lent out and given
+    back; one grown for a large request is not kept; an area a writer may still answer
+    into is abandoned, never reused), and the request ids. Thread-safe: any number of
+    threads (or one asyncio loop) have requests in flight at once.
+
+    The life of a request is one generator, ``exchange`` (sans-IO: it never blocks), so
+    the thread driver ``call`` (futex waits) and the asyncio driver (``aio``: one waiter
+    thread for all of a loop's requests) share every rule of it. ``bell``: the doorbell
+    word every area of this channel rings (an asyncio waiter watches one word); None: a
+    random word per area."""
+
+    POOL_MAX = 64  # idle areas kept (64 KiB each): beyond it, a returned area is unlinked
+
+    def __init__(self, data_dir: str, control: ControlBlock, bell: int | None = None) -> None:
         self.prefix = ipc_prefix(data_dir)
         self._control = control
+        self._bell = bell
         try:  # the service's own queue only (owner: the data directory's): else UnsafeIpcObject
             self.queue = objects.open_request_queue(request_queue_name(data_dir), os.stat(data_dir).st_uid)
         except (posix_ipc.ExistentialError, FileNotFoundError):
             raise WriterUnavailable(f"the request queue of {data_dir!r} does not exist (is the service up?)") from None
-        self.area: _Area | None = None
-        self._request_ids = itertools.count(1)
+        self._free: list[_Area] = []  # idle areas, newest last
+        self._pool_lock = threading.Lock()
+        self._closed = False
+        self._request_ids = itertools.count(1)  # next() on a count is atomic under the GIL
 
-    def _area_for(self, need: int) -> _Area:
-        area = self.area
-        oversized = area is not None and area.size > AREA_SHRINK_ABOVE and need * 16 < area.size
-        if area is None or area.size < need or area.pid != os.getpid() or oversized:
-            size = AREA_MIN
-            while size < need:
-                size *= 2
-            if size > AREA_MAX:
-                raise InvalidArgument("request", need, f"is larger than the {AREA_MAX} byte limit of one request")
-            if area is not None:
-                area.close()
-            self.area = None
-            area = self.area = _Area(self.prefix, size, self._control)
-        return area
+    # -- the pool --------------------------------------------------------------------------
+    def idle_areas(self) -> list[_Area]:
+        """The areas waiting in the pool (tests and diagnostics)."""
+        with self._pool_lock:
+            return list(self._free)
 
-    def fresh_area(self) -> None:
-        """Drop the current area (a writer may still answer into it) and start anew."""
-        if self.area is not None:
-            self.area.close()
-            self.area = None
+    def _take(self, need: int) -> _Area:
+        size = AREA_MIN
+        while size < need:
+            size *= 2
+        if size > AREA_MAX:
+            raise InvalidArgument("request", need, f"is larger than the {AREA_MAX} byte limit of one request")
+        with self._pool_lock:
+            free = self._free
+            for i in range(len(free) - 1, -1, -1):
+                if free[i].size >= need:
+                    return free.pop(i)
+        return _Area(self.prefix, size, self._control, self._bell)
 
-    def forget_area(self) -> None:
-        """In a forked child: the parent's area is the parent's (not unlinked here)."""
-        self.area = None
+    def _give(self, area: _Area) -> None:
+        """An area whose request is answered: back to the pool (unlinked when the pool is
+        full or closed, or when it was grown past ``AREA_SHRINK_ABOVE`` for one request)."""
+        if area.pid != os.getpid():
+            return  # made before a fork: the parent's
+        with self._pool_lock:
+            if not self._closed and area.size <= AREA_SHRINK_ABOVE and len(self._free) < self.POOL_MAX:
+                self._free.append(area)
+                return
+        area.close()
 
+    def after_fork(self) -> None:
+        """In a forked child: the parent's areas are the parent's (not unlinked here)."""
+        self._free = []
+        self._pool_lock = threading.Lock()
+
+    # -- one request -----------------------------------------------------------------------
     def call(self, op: int, body: Any, reply_room: int, timeout: float) -> W.Reply:
-        """Send one request and wait for its reply, riding through writer restarts."""
+        """Send one request and wait for its reply in this thread (futex waits)."""
+        run = self.exchange(op, body, reply_room, timeout)
+        try:
+            wait = next(run)
+            while True:
+                if wait.message is None:
+                    assert wait.area is not None
+                    wait.area.bell.wait(wait.seen, wait.timeout)
+                    wait = run.send(False)
+                else:
+                    wait = run.send(self.send_blocking(wait.message, wait.timeout))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def send_blocking(self, message: bytes, timeout: float) -> bool:
+        """Put ``message`` on the queue, waiting up to ``timeout`` for room; False if none came."""
+        try:
+            self.queue.send(message, timeout)
+            return True
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            return False
+
+    def exchange(self, op: int, body: Any, reply_room: int, timeout: float) -> Exchange:
+        """One request, from its encoding to its reply, riding through writer restarts;
+        yields a ``Wait`` whenever it must wait. Each area it used is given back when
+        answered, or abandoned (a writer may still answer into it) on any failure."""
         deadline = time.monotonic() + timeout
         request_id = next(self._request_ids)
         snap = self._control.read()
@@ -377,57 +448,74 @@ class _Channel:
         epoch = snap.writer_epoch
         encoded = W.encode_request(W.Request(op, request_id, epoch, body))
         need = max(len(encoded), reply_room)
-        sent = self._send(encoded, need, request_id, deadline, timeout)
-        while True:
-            seen = sent.bell.value  # read before looking: a reply written after this wakes the wait
-            if not sent.replied(request_id):
+        area = yield from self._send(encoded, need, request_id, deadline, timeout)
+        try:
+            while True:
+                seen = area.bell.value  # read before looking: a reply written after this wakes the wait
+                if not area.replied(request_id):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise WriterTimeout("the writer's reply", timeout)
+                    yield Wait(area, request_id, seen, min(POLL_S, remaining), None)
+                    if area.replied(request_id):
+                        continue
+                    snap = self._control.read()  # no reply yet (a wait ran out, or another area's bell)
+                    _check_state(snap)
+                    if snap.writer_epoch != epoch and snap.state == WriterState.READY:
+                        # a new writer: our request may be lost with the old one. Re-send the
+                        # same request (same keys) through a fresh area; duplicates are no-ops.
+                        epoch = snap.writer_epoch
+                        area.close()
+                        area = yield from self._send(encoded, need, request_id, deadline, timeout)
+                    continue
+                reply = area.reply()
+                if reply.request_id != request_id:  # REPLY_TO said it is: this body is not the writer's
+                    raise ProtocolError(f"reply names request {reply.request_id!r:.40}, not {request_id}")
+                larger = reply_too_large(reply)
+                if larger is not None:
+                    need = larger + 1024
+                    area.close()
+                    area = yield from self._send(encoded, need, request_id, deadline, timeout)
+                    continue
+                self._give(area)
+                return reply
+        except BaseException:
+            area.close()  # a writer may still answer into it, or answered something untrusted
+            raise
+
+    def _send(self, encoded: bytes, need: int, request_id: int, deadline: float,
+              timeout: float) -> Generator[Wait, bool, _Area]:
+        area = self._take(need)
+        try:
+            area.mm[:len(encoded)] = encoded
+            msg = W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, request_id))
+            while True:
+                try:
+                    self.queue.send(msg, 0)
+                    return area
+                except posix_ipc.BusyError:
+                    pass
+                except posix_ipc.SignalError:
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self.fresh_area()
-                    raise WriterTimeout("the writer's reply", timeout)
-                sent.bell.wait(seen, min(POLL_S, remaining))
-                if sent.replied(request_id):
-                    continue
-                snap = self._control.read()  # no reply yet (a wait ran out, or another area's bell)
-                _check_state(snap)
-                if snap.writer_epoch != epoch and snap.state == WriterState.READY:
-                    # a new writer: our request may be lost with the old one. Re-send the
-                    # same request (same keys) through a fresh area; duplicates are no-ops.
-                    epoch = snap.writer_epoch
-                    self.fresh_area()
-                    sent = self._send(encoded, need, request_id, deadline, timeout)
-                continue
-            reply = sent.reply()
-            if reply.request_id != request_id:  # REPLY_TO said it is: this body is not the writer's
-                raise ProtocolError(f"reply names request {reply.request_id!r:.40}, not {request_id}")
-            larger = reply_too_large(reply)
-            if larger is not None:
-                need = larger + 1024
-                self.fresh_area()
-                sent = self._send(encoded, need, request_id, deadline, timeout)
-                continue
-            return reply
-
-    def _send(self, encoded: bytes, need: int, request_id: int, deadline: float, timeout: float) -> _Area:
-        area = self._area_for(need)
-        area.mm[:len(encoded)] = encoded
-        msg = W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, request_id))
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WriterTimeout("room in the request queue", timeout)
-            try:
-                self.queue.send(msg, min(POLL_S, remaining))
-                return area
-            except posix_ipc.BusyError:
+                    raise WriterTimeout("room in the request queue", timeout)
+                if (yield Wait(None, request_id, 0, min(POLL_S, remaining), msg)):
+                    return area
                 _check_state(self._control.read())
-            except posix_ipc.SignalError:
-                continue
+        except BaseException:
+            self._give(area)  # never sent: nobody will answer into it
+            raise
 
     def close(self) -> None:
-        """Say BYE (the writer forgets our area), unlink our area, close the queue."""
-        area = self.area
-        if area is not None and area.pid == os.getpid():
+        """Say BYE for each idle area (the writer forgets it), unlink them, close the queue.
+        Areas still lent out are unlinked when given back."""
+        with self._pool_lock:
+            self._closed = True
+            areas, self._free = self._free, []
+        for area in areas:
+            if area.pid != os.getpid():
+                continue
             try:
                 msg = W.encode_message(W.Message(W.WIRE_VERSION, os.getpid(), area.name, 0))
                 bye = W.encode_request(W.Request(W.OP_BYE, 0, 0, None))
@@ -436,8 +524,52 @@ class _Channel:
             except (posix_ipc.Error, ValueError, BatpakError):
                 pass
             area.close()
-        self.area = None
         self.queue.close()
+
+
+class Call(NamedTuple):
+    """One request an op (below) needs answered: the reply's data is sent back into it."""
+
+    op: int
+    body: Any
+    reply_room: int = 0
+    timeout: float | None = None
+
+
+T = TypeVar("T")
+Op = Generator[Call, Any, T]  # a write: yields its requests, returns its result
+
+
+def _op_prepared(prepared: list[Prepared], fence: bytes | None = None) -> Op[list[Receipt]]:
+    """Append prepared events (all or nothing), through ``fence`` when given."""
+    items = [[p.entity, p.scope, p.kind, p.payload, p.payload_version, p.idem, p.expected_clock,
+              p.causation if any(p.causation) else None, p.correlation if any(p.correlation) else None]
+             for p in prepared]
+    room = sum(len(p.payload) + len(p.entity) + len(p.scope) + W.RECEIPT_WIRE_MAX + _PER_ITEM_OVERHEAD
+               for p in prepared) + 1024
+    if fence is None:
+        data = yield Call(W.OP_APPEND, items, room)
+    else:
+        data = yield Call(W.OP_APPEND_FENCED, [fence, items], room + 64)
+    return receipts_from_reply(prepared, data)
+
+
+def _op_effect(coord: Coordinate, type_id: int, payload: Any, *, causation_id: bytes | None,
+               idempotency_key: str | bytes | None) -> Op[Receipt]:
+    item = effect_item(coord, type_id, payload, causation_id=causation_id, idempotency_key=idempotency_key)
+    return (yield from _op_prepared(_prepare_items([item], store_kinds=True)))[0]
+
+
+def _op_fence_begin() -> Op[bytes]:
+    return bytes((yield Call(W.OP_FENCE_BEGIN, None))[0])
+
+
+def _op_fence_finish(token: bytes, op: int) -> Op[None]:
+    yield Call(op, token)
+
+
+def _op_sync(timeout: float | None) -> Op[int]:
+    return int((yield Call(W.OP_SYNC, None, 0, timeout))[1])
 
 
 class Store:
@@ -456,6 +588,9 @@ class Store:
         self._pin_lock = threading.Lock()
         self._pins = 0
         self._control_closed = False
+        # requests in flight (any number of threads at once): ``close`` lets them finish
+        self._calls = 0
+        self._calls_done = threading.Condition(threading.Lock())
         with _ipc_errors(f"cannot reach the service of {self.data_dir!r}"):
             self._control = ControlBlock.attach(self.data_dir)
         try:
@@ -512,54 +647,87 @@ class Store:
         if self._forked:
             # a child of a fork: the parent's area is not ours; get our own
             self._forked = False
-            self._channel.forget_area()
+            self._channel.after_fork()
             self._lock = threading.RLock()
             self._reader = Reader(self.data_dir, self._view)
 
     def _request(self, op: int, body: Any, reply_room: int = 0, timeout: float | None = None) -> Any:
         """One request to the writer (riding through its restarts): the reply's data, or
-        the typed error the reply carries, raised."""
-        with self._lock:
-            self._ensure_open()
-            try:
-                with _ipc_errors("the request channel to the writer failed"):
-                    reply = self._channel.call(op, body, reply_room, self.timeout if timeout is None else timeout)
-            except ProtocolError:
-                self._channel.fresh_area()  # whatever answered into it is not trusted again
-                raise
+        the typed error the reply carries, raised. Holds no lock while it waits: threads
+        sharing this store have their requests in flight together (and share group
+        commits), and reads never wait behind them."""
+        self._begin_call()
+        try:
+            with _ipc_errors("the request channel to the writer failed"):
+                reply = self._channel.call(op, body, reply_room, self.timeout if timeout is None else timeout)
+        finally:
+            self._end_call()
         return reply_data(op, reply)
 
+    def _begin_call(self) -> None:
+        if self._closed or self._forked:
+            with self._lock:
+                self._ensure_open()
+        with self._calls_done:
+            if self._closed:
+                raise StoreClosed()
+            self._calls += 1
+
+    def _end_call(self) -> None:
+        with self._calls_done:
+            self._calls -= 1
+            if not self._calls:
+                self._calls_done.notify_all()
+
     # -- writes ----------------------------------------------------------------------------
+    # Each write is an *op*: a generator that yields the ``Call``s it needs and returns its
+    # result. ``_drive`` runs one in this thread; ``aio.AsyncStore`` runs the same op on an
+    # event loop, so both faces share every rule of a write.
+    def _drive(self, op: Op[T]) -> T:
+        try:
+            call = next(op)
+            while True:
+                call = op.send(self._request(call.op, call.body, call.reply_room, call.timeout))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
     def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
                expected_clock: int | None = None, causation_id: bytes | None = None,
                correlation_id: bytes | None = None, payload_version: int | None = None) -> Receipt:
         """Append one event; returns once it is durable (in the default sync mode).
         ``payload_version`` defaults to the version registered for ``kind``
         (``bp.register_payload``), else 0."""
+        return self._drive(self._op_append(coord, kind, payload, idempotency_key=idempotency_key,
+                                           expected_clock=expected_clock, causation_id=causation_id,
+                                           correlation_id=correlation_id, payload_version=payload_version))
+
+    def _op_append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
+                   expected_clock: int | None = None, causation_id: bytes | None = None,
+                   correlation_id: bytes | None = None, payload_version: int | None = None) -> Op[Receipt]:
         p = prepare(coord, kind, payload, idempotency_key=idempotency_key, expected_clock=expected_clock,
                     causation_id=causation_id, correlation_id=correlation_id, max_payload=MAX_PAYLOAD,
                     payload_version=payload_version_for(kind) if payload_version is None else payload_version)
         if idempotency_key is None:
             p = p._replace(idem=secrets.token_bytes(16))  # every request is re-sendable
-        return self._append([p])[0]
+        return (yield from _op_prepared([p]))[0]
 
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events all-or-nothing (across entities)."""
-        return self._append(_prepare_items(items))
+        return self._drive(_op_prepared(_prepare_items(items)))
 
     def append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events of the store's own allowlisted reserved kinds (cursor positions,
         gate audit records) together with ordinary ones, all or nothing. For the store's
         own layers (cursors, reactors, gates: ``_api.ReplayHost``); a reserved kind off
         the allowlist is ``ReservedKind`` here, and the writer checks the allowlist again."""
-        return self._append(_prepare_items(items, store_kinds=True))
+        return self._drive(_op_prepared(_prepare_items(items, store_kinds=True)))
 
     def append_effect(self, coord: Coordinate, type_id: int, payload: Any, *, causation_id: bytes | None = None,
                       idempotency_key: str | bytes | None = None) -> Receipt:
         """Append a store-recorded effect (reserved category 0xD): only an allowlisted
         type id with a payload of its shape (the writer checks both again)."""
-        item = effect_item(coord, type_id, payload, causation_id=causation_id, idempotency_key=idempotency_key)
-        return self.append_store_kinds([item])[0]
+        return self._drive(_op_effect(coord, type_id, payload, causation_id=causation_id,
+                                      idempotency_key=idempotency_key))
 
     def append_denial(self, coord: Coordinate, denial: Denial, *, proposal_kind: Kind | None = None,
                       causation_id: bytes | None = None) -> Receipt:
@@ -573,16 +741,7 @@ class Store:
         return event, audit
 
     def _append(self, prepared: list[Prepared], fence: bytes | None = None) -> list[Receipt]:
-        items = [[p.entity, p.scope, p.kind, p.payload, p.payload_version, p.idem, p.expected_clock,
-                  p.causation if any(p.causation) else None, p.correlation if any(p.correlation) else None]
-                 for p in prepared]
-        room = sum(len(p.payload) + len(p.entity) + len(p.scope) + W.RECEIPT_WIRE_MAX + _PER_ITEM_OVERHEAD
-                   for p in prepared) + 1024
-        if fence is None:
-            data = self._request(W.OP_APPEND, items, room)
-        else:
-            data = self._request(W.OP_APPEND_FENCED, [fence, items], room + 64)
-        return receipts_from_reply(prepared, data)
+        return self._drive(_op_prepared(prepared, fence))
 
     # -- reads (no round trip) -------------------------------------------------------------
     def get(self, event_id: bytes) -> Event:
@@ -741,7 +900,7 @@ class Store:
 
     def sync(self, timeout: float | None = None) -> int:
         """Ask the writer to fsync now; returns the durable frontier."""
-        return int(self._request(W.OP_SYNC, None, timeout=timeout)[1])
+        return self._drive(_op_sync(timeout))
 
     def wait_for_durable(self, sequence: int, timeout: float) -> None:
         """Return once ``sequence`` is on disk; ``WriterTimeout`` otherwise."""
@@ -779,6 +938,9 @@ class Store:
                 return
             self._closed = True
         _live_stores.discard(self)
+        with self._calls_done:  # requests in flight end within their own timeouts
+            while self._calls:
+                self._calls_done.wait()
         with self._lock:
             with contextlib.suppress(posix_ipc.Error, OSError, ValueError):
                 self._channel.close()
@@ -794,7 +956,7 @@ class Store:
     def __del__(self) -> None:
         try:
             if not self._closed:
-                self._channel.fresh_area()
+                self._channel.close()
         except Exception:
             pass
 
@@ -805,9 +967,9 @@ class Fence:
     ``cancel`` (or an exception in the ``with`` block, the death of this process, or a
     writer restart) leaves them invisible for good. ``bp.verify`` still checks them."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, token: bytes | None = None) -> None:
         self._store = store
-        self.token: bytes = store._request(W.OP_FENCE_BEGIN, None)[0]
+        self.token: bytes = store._drive(_op_fence_begin()) if token is None else token
         self.done = False
 
     def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
@@ -825,7 +987,7 @@ class Fence:
         if self.done:
             return
         self.done = True
-        self._store._request(op, self.token)
+        self._store._drive(_op_fence_finish(self.token, op))
 
     def commit(self) -> None:
         """Reveal every event written through this fence, at once."""
@@ -904,6 +1066,18 @@ class Subscription:
 
     def next(self, timeout: float | None = None) -> Event | None:
         """The next matching event; None after ``timeout`` idle seconds or when closed."""
+        steps = self.steps(timeout)
+        try:
+            bell, seen, wait = next(steps)
+            while True:
+                bell.wait(seen, wait)
+                bell, seen, wait = steps.send(None)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def steps(self, timeout: float | None) -> Generator[tuple[Word, int, float], None, Event | None]:
+        """``next`` without blocking (sans-IO, shared with ``aio``): yields (word, seen,
+        seconds) whenever it must sleep until the notify word moves past ``seen``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         store = self._store
         while not self._closed:
@@ -927,7 +1101,7 @@ class Subscription:
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
                         return None
-                bell.wait(seen, wait)
+                yield bell, seen, wait  # pinned while it sleeps: the word stays mapped
         return None
 
     def close(self) -> None:

@@ -248,10 +248,15 @@ class ControlBlock:
 
     def doorbell(self, area: str) -> Word:
         """The word a client waits on for the replies written into ``area``."""
+        return self.doorbell_word(doorbell_slot(area, DOORBELLS))
+
+    def doorbell_word(self, slot: int) -> Word:
+        """Doorbell word ``slot`` (0..DOORBELLS-1): what an asyncio waiter watches for all
+        the areas it named after that word (``names.area_token``)."""
         table = self._doorbells
         if not isinstance(table, ReadOnlyMapping):
             raise WriterUnavailable("the control block is closed")
-        return table.word(DOORBELLS_AT + 4 * doorbell_slot(area, DOORBELLS))
+        return table.word(DOORBELLS_AT + 4 * (slot % DOORBELLS))
 
     def close(self) -> None:
         bell, self.bell = self.bell, None

@@ -39,7 +39,8 @@ CONTROL_SUFFIX = "-ctl"  # <prefix>-ctl: the control block (shared memory)
 QUEUE_SUFFIX = "-req"  # <prefix>-req: the request queue (message queue)
 AREA_INFIX = "-c"  # <prefix>-c<pid>-<hex>: a client area (shared memory)
 SEMAPHORE_SUFFIX = "s"  # <area>s: an area's doorbell semaphore in wire version 2; "s" is not a hex digit
-AREA_TOKEN_BYTES = 4  # random bytes in a new area's name (8 hex digits): a fresh name per area
+AREA_TOKEN_BYTES = 4  # random bytes in a new area's name (8 hex digits, after the 3 naming its doorbell word)
+BELL_DIGITS = 3  # hex digits at the start of an area token naming its doorbell word (16**3 = 4096 words)
 WRITER_LOCK_FILE = LOCK_FILE  # flock'ed by the live writer; probed (never held) by the supervisor
 SUPERVISOR_LOCK_FILE = "supervisor.lock"  # flock'ed for a supervisor's life: one per data directory
 
@@ -78,9 +79,22 @@ def semaphore_name(area: str) -> str:
 
 
 def doorbell_slot(area: str, slots: int) -> int:
-    """Which of the control block's ``slots`` doorbell words rings for ``area``: a hash of
-    its name (two areas may share a word; a waiter re-checks its own area on each wake)."""
-    return zlib.crc32(area.encode()) % slots
+    """Which of the control block's ``slots`` doorbell words rings for ``area``: named by
+    the first three hex digits of the area's token (``area_token``), so a client picks its
+    word — at random for one area, the same word for all the areas of one asyncio waiter.
+    Two areas may share a word: a waiter re-checks its own area(s) on each wake, and a
+    wake-up is only a hint, so a client choosing another's word costs it nothing but a
+    spurious wake. Any other name falls back to a hash of it."""
+    parsed = parse_area_name(area)
+    if parsed is None or len(parsed.token) < BELL_DIGITS:
+        return zlib.crc32(area.encode()) % slots
+    return int(parsed.token[:BELL_DIGITS], 16) % slots
+
+
+def area_token(bell: int, random_hex: str) -> str:
+    """An area token that rings doorbell word ``bell`` (0..4095): three hex digits naming
+    the word, then ``random_hex`` (a fresh name per area)."""
+    return f"{bell % (16 ** BELL_DIGITS):0{BELL_DIGITS}x}{random_hex}"
 
 
 class AreaName(NamedTuple):

@@ -16,7 +16,8 @@ import os
 import random
 import signal
 
-from conftest import SMALL, assert_verified
+from _backup_helpers import grow
+from conftest import assert_verified
 
 import batpak_mp as bp
 from batpak_mp._format.manifest import MANIFEST_FILE
@@ -24,13 +25,6 @@ from batpak_mp._read.offline import OfflineStore
 
 KILLS = 22  # real kills wanted (the issue asks for at least 20)
 SEED = 20261202
-
-
-def grow(path: str, n: int, start: int) -> None:
-    with bp.Engine.open(path, SMALL) as e:
-        for i in range(start, start + n, 100):
-            e.append_batch([bp.BatchItem(bp.Coordinate(f"user:{j % 11}", "s"), bp.Kind(1, 1),
-                                         {"i": j, "pad": "k" * 300}) for j in range(i, min(start + n, i + 100))])
 
 
 def backup_killed_at(src: str, dest: str, fraction: float, m: int) -> int:
@@ -81,14 +75,14 @@ def state(dest: str) -> int:
 def test_backup_killed_at_random_points_leaves_the_previous_or_the_new_backup(tmp_path: os.PathLike[str]) -> None:
     rng = random.Random(SEED)
     src, dest = os.path.join(tmp_path, "data"), os.path.join(tmp_path, "backup")
-    grow(src, 2500, 0)
+    grow(src, 2500, 0, pad=300, entities=11)
     good = bp.backup(src, dest).last_sequence
     events, kills, rounds = 2500, 0, 0
     outcomes = {"previous": 0, "new": 0}
     while kills < KILLS:
         rounds += 1
         assert rounds < 4 * KILLS, "too few kills landed"
-        grow(src, 900, events)
+        grow(src, 900, events, pad=300, entities=11)
         events += 900
         fraction = rng.uniform(0.0, 1.0) if rng.random() < 0.5 else 2.0
         m = rng.randint(1, 6)  # 5 steps follow the last byte of a backup that replaces one: 6 lets some finish

@@ -11,22 +11,13 @@ import os
 from typing import Any
 
 import pytest
+from _backup_helpers import grow as fill
 from conftest import SMALL, assert_verified
 
 import batpak_mp as bp
 from batpak_mp._format.directory import SEGMENT_DIR
 from batpak_mp._format.manifest import MANIFEST_FILE
 from batpak_mp._format.segment import SEG_HEADER_SIZE
-
-
-def fill(path: str, n: int, start: int = 0) -> list[bp.Receipt]:
-    """``n`` events (about 400 bytes each) in batches of 100: ~2,600 fill a 1 MiB segment."""
-    out: list[bp.Receipt] = []
-    with bp.Engine.open(path, SMALL) as e:
-        for i in range(start, start + n, 100):
-            out += e.append_batch([bp.BatchItem(bp.Coordinate(f"user:{j % 7}", "s"), bp.Kind(1, 1),
-                                                {"i": j, "pad": "x" * 200}) for j in range(i, min(start + n, i + 100))])
-    return out
 
 
 def fingerprint(root: str) -> dict[str, str]:

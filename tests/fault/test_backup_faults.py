@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from _backup_helpers import grow
 from _tmpfs import fill, free_bytes, small_tmpfs
 from conftest import SMALL, assert_verified
 
@@ -15,27 +16,18 @@ from batpak_mp._format.directory import SEGMENT_DIR
 from batpak_mp._read.offline import OfflineStore
 
 
-def events(path: str, n: int, start: int = 0) -> list[bp.Receipt]:
-    out: list[bp.Receipt] = []
-    with bp.Engine.open(path, SMALL) as e:
-        for i in range(start, start + n, 100):
-            out += e.append_batch([bp.BatchItem(bp.Coordinate(f"user:{j % 5}", "s"), bp.Kind(1, 1),
-                                                {"i": j, "pad": "z" * 200}) for j in range(i, min(start + n, i + 100))])
-    return out
-
-
 def listing(path: str) -> dict[str, int]:
     return {n: os.path.getsize(os.path.join(path, SEGMENT_DIR, n)) for n in os.listdir(os.path.join(path, SEGMENT_DIR))}
 
 
 def test_backup_onto_a_full_disk_is_typed_and_keeps_the_previous_backup(tmp_path: str) -> None:
     src = os.path.join(tmp_path, "data")
-    events(src, 3000)  # two 1 MiB segments
+    grow(src, 3000)  # two 1 MiB segments
     with small_tmpfs(os.fspath(tmp_path), "10m") as mnt:
         dest = os.path.join(mnt, "backup")
         first = bp.backup(src, dest)
         before = listing(dest)
-        events(src, 6000, start=3000)  # now about four segments: more than the space left
+        grow(src, 6000, start=3000)  # now about four segments: more than the space left
         ballast = fill(mnt)
         os.truncate(ballast, os.path.getsize(ballast) - (1 << 20))  # room for part of it only
         with pytest.raises(bp.DiskFull) as info:
@@ -60,7 +52,7 @@ def test_backup_onto_a_full_disk_is_typed_and_keeps_the_previous_backup(tmp_path
 
 def test_fork_and_backup_onto_another_file_system_copy(tmp_path: str) -> None:
     src = os.path.join(tmp_path, "data")
-    receipts = events(src, 6000)
+    receipts = grow(src, 6000)
     with small_tmpfs(os.fspath(tmp_path), "16m") as mnt:
         fork_dir = os.path.join(mnt, "fork")
         report = bp.fork(src, fork_dir)

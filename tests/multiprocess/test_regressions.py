@@ -168,7 +168,12 @@ def test_engine_stamps_the_registered_payload_version(data_dir: str) -> None:
 def test_client_area_is_given_back_after_a_large_payload(service: tuple[bp.Service, str]) -> None:
     _, data_dir = service
     with bp.connect(data_dir) as s:
-        s.append(bp.Coordinate("big", "s"), K, b"x" * (4 << 20))
-        assert s._channel.area is not None and s._channel.area.size >= 4 << 20
         s.append(bp.Coordinate("big", "s"), K, 1)
-        assert s._channel.area is not None and s._channel.area.size == 64 * 1024
+        small = s._channel.idle_areas()
+        s.append(bp.Coordinate("big", "s"), K, b"x" * (4 << 20))  # needs an area of 8 MiB for one request
+        assert [a.name for a in s._channel.idle_areas()] == [a.name for a in small]  # the big one is not kept
+        mine = [n for n in os.listdir("/dev/shm") if f"-c{os.getpid()}-" in n]
+        assert sorted(mine) == sorted(a.name.lstrip("/") for a in small)  # ...and is unlinked
+        assert all(a.size == 64 * 1024 for a in small)
+        s.append(bp.Coordinate("big", "s"), K, 1)
+        assert s._channel.idle_areas()[-1].size == 64 * 1024

@@ -5,6 +5,7 @@ the supervisor."""
 from __future__ import annotations
 
 import os
+import random
 import re
 from pathlib import Path
 
@@ -98,8 +99,19 @@ def test_the_writer_accepts_messages_naming_only_its_own_areas() -> None:
 
 
 def test_an_area_rings_one_doorbell_of_many() -> None:
-    slots = {N.doorbell_slot(N.area_name("/bpmp-0123456789ab", 42, f"{i:08x}"), 4096) for i in range(1000)}
+    rng = random.Random(7)
+    tokens = [N.area_token(rng.randrange(4096), f"{rng.getrandbits(32):08x}") for _ in range(1000)]
+    slots = {N.doorbell_slot(N.area_name("/bpmp-0123456789ab", 42, t), 4096) for t in tokens}
     assert all(0 <= s < 4096 for s in slots) and len(slots) > 800  # spread: collisions cost a spurious wake-up
+
+
+def test_an_area_token_names_its_doorbell_word() -> None:
+    for bell in (0, 1, 0xABC, 4095):
+        name = N.area_name("/bpmp-0123456789ab", 42, N.area_token(bell, "deadbeef"))
+        assert N.parse_area_name(name) is not None
+        assert N.doorbell_slot(name, 4096) == bell
+    # a name that is not an area's still gets a word (a hash), never an error
+    assert 0 <= N.doorbell_slot("/bpmp-0123456789ab-ctl", 4096) < 4096
 
 
 # Spellings that must appear only in batpak_mp/_ipc/names.py (and _format/directory.py for
