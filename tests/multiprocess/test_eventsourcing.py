@@ -282,3 +282,20 @@ def test_a_stopped_service_is_an_operational_error_and_nothing_half_written(tmp_
         assert again.max_tracking_id("up") == 1 and again.max_notification_id() == 1
         assert again.insert_events([StoredEvent(oid, 2, "t", b"2")], tracking=suite.Tracking("up", 2)) == [2]
     assert_verified(data)
+
+
+def test_wait_wakes_when_the_tracking_record_commits() -> None:
+    """``wait`` blocks on the writer's wake-up, not on eventsourcing's 0.1-0.8 s sleeps:
+    a record committed at 0.3 s ends it well before the library's polling (0.1 + 0.2 +
+    0.4 s) would look again."""
+    import threading
+    import time
+
+    rec = BatpakTrackingRecorder(_datastore(), _scope())
+    timer = threading.Timer(0.3, rec.insert_tracking, args=(suite.Tracking("up", 5),))
+    started = time.monotonic()
+    timer.start()
+    rec.wait("up", 5, timeout=10)
+    took = time.monotonic() - started
+    timer.join()
+    assert 0.3 <= took < 0.65, took
