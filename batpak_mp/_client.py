@@ -54,6 +54,7 @@ from ._prepare import Prepared, prepare, prepare_items
 from ._query import Region
 from ._read.reader import Reader, View
 from ._read.receipts import receipt_matches
+from ._read.redaction import redaction_item
 from ._replay import Cursor, EventFilter, Handler, Projection, Reactor
 from ._replay import caused_by as _caused_by
 from ._replay import project as _project
@@ -63,6 +64,7 @@ from ._values import (
     EFFECT_DENIAL,
     SYSTEM_FENCE_COMMIT,
     BatchItem,
+    CompactReport,
     Coordinate,
     Event,
     Frontier,
@@ -75,6 +77,7 @@ from ._values import (
 )
 
 DEFAULT_TIMEOUT_S = 30.0
+COMPACT_TIMEOUT_S = 600.0  # a compaction rewrites sealed segments one after another: minutes on a big store
 STALE_HEARTBEAT_NS = 300_000_000  # 300 ms (six 50 ms heartbeats): only then are the service's pids looked at
 START_SLACK_NS = 20_000_000  # /proc start times count clock ticks (10 ms): a process started this soon
 # after the block's last stamp may still be the service's own (benefit of the doubt: wait on)
@@ -572,6 +575,13 @@ def _op_sync(timeout: float | None) -> Op[int]:
     return int((yield Call(W.OP_SYNC, None, 0, timeout))[1])
 
 
+def _op_compact(timeout: float | None) -> Op[CompactReport]:
+    data = yield Call(W.OP_COMPACT, None, 0, timeout)
+    if len(data) != 4 or not all(type(v) in (int, float) and v >= 0 for v in data):
+        raise ProtocolError(f"malformed reply to compact: {data!r:.200}")
+    return CompactReport(int(data[0]), int(data[1]), int(data[2]), float(data[3]))
+
+
 class Store:
     """A connection to a served data directory. Thread-safe; fork-safe."""
 
@@ -901,6 +911,17 @@ class Store:
     def sync(self, timeout: float | None = None) -> int:
         """Ask the writer to fsync now; returns the durable frontier."""
         return self._drive(_op_sync(timeout))
+
+    def redact(self, event_id: bytes, *, reason: str) -> Receipt:
+        """Ask for ``event_id``'s payload to go at the next compaction (OPERATIONS.md §11)."""
+        with self._lock:
+            self._ensure_open()
+            item = redaction_item(self._reader, event_id, reason)
+        return self._drive(_op_prepared(_prepare_items([item], store_kinds=True)))
+
+    def compact(self, timeout: float | None = COMPACT_TIMEOUT_S) -> CompactReport:
+        """Have the writer compact now, appends going on (OPERATIONS.md §11.2)."""
+        return self._drive(_op_compact(timeout))
 
     def wait_for_durable(self, sequence: int, timeout: float) -> None:
         """Return once ``sequence`` is on disk; ``WriterTimeout`` otherwise."""

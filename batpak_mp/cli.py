@@ -532,6 +532,34 @@ def _copy_with_progress(what: str, run: Callable[[Callable[[int, int], None] | N
 
 @cli.command()
 @click.argument("data_dir", type=DATA_DIR)
+@json_option
+def compact(data_dir: str, as_json: bool) -> None:
+    """Remove the payloads erasure requests name (a stub stays in each one's place, the
+    chains still verify): sealed segments are rewritten and swapped in, by the running
+    service (appends go on) or, with none running, here under the writer lock.
+    OPERATIONS.md §11."""
+    path = os.path.abspath(data_dir)
+    if not is_data_dir(path):
+        raise click.BadParameter(f"{path!r} is not a batpak-mp data directory", param_hint="DATA_DIR")
+    try:
+        store = connect(path)
+    except WriterUnavailable:
+        from ._storage.engine import Engine
+
+        with Engine.open(path) as eng:  # no service: this process is the writer meanwhile (StoreLocked otherwise)
+            r = eng.compact()
+    else:
+        try:
+            r = store.compact()
+        finally:
+            store.close()
+    _emit(as_json, r._asdict(), f"compacted {path}: {r.segments_rewritten} segment(s) rewritten, "
+                                f"{r.events_removed} payload(s) removed, {r.bytes_reclaimed:,} bytes reclaimed "
+                                f"in {r.elapsed_ms:.0f} ms")
+
+
+@cli.command()
+@click.argument("data_dir", type=DATA_DIR)
 @click.argument("dest", type=DATA_DIR)
 @json_option
 def backup(data_dir: str, dest: str, as_json: bool) -> None:

@@ -59,6 +59,7 @@ from ._ipc.names import doorbell_slot, ipc_prefix, parse_area_name, request_queu
 from ._ipc.objects import pid_alive
 from ._ipc.stats import WriterStats
 from ._prepare import Prepared
+from ._storage.compaction import CompactStep, compact_in_background
 from ._storage.engine import Engine, EngineConfig, parse_sync
 from ._values import (
     CATEGORY_EFFECT,
@@ -163,6 +164,67 @@ class _SyncDone(NamedTuple):
     target: int  # groups written when the fsync started: it covers them
     error: OSError | None
     path: str
+
+
+class _Compaction:
+    """Compaction in a served store (issue 13): copies prepared on a thread of their own
+    (``compact_in_background``), each swapped in by the writer's loop between commit
+    groups (``tick``, at least every 50 ms), so appends go on; one run at a time, every OP_COMPACT meanwhile answered by
+    it with its totals (or the error that stopped it)."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.w = writer
+        self.waiters: list[tuple[_Area, int]] = []
+        self.totals = [0, 0, 0]  # segments swapped in (-1: failed), payloads removed, bytes
+        self.started = 0.0
+        self.running = False
+        self.steps: queue.SimpleQueue[CompactStep] = queue.SimpleQueue()  # from the compaction thread
+
+    def poll(self) -> None:
+        while self.running:
+            try:
+                self.step(self.steps.get_nowait())
+            except queue.Empty:
+                return
+
+    def begin(self, area: _Area, request_id: int) -> None:
+        self.waiters.append((area, request_id))
+        if self.running:
+            return
+        try:
+            plan = self.w.engine.compaction_plan()
+        except BatpakError as exc:
+            self._answer(exc)
+            return
+        self.running, self.totals, self.started = True, [0, 0, 0], time.monotonic()
+        compact_in_background(plan, self.w.engine.compaction_prepare, self.steps.put)
+
+    def step(self, step: CompactStep) -> None:
+        engine, totals = self.w.engine, self.totals
+        if step.copy is None:  # the run ended
+            self.running = False
+            self._answer(step.error)
+        elif totals[0] < 0:  # a swap failed already: later copies are dropped
+            engine.compaction_abandon(step.copy)
+        else:
+            try:
+                done = engine.compaction_swap(step.copy)
+            except BatpakError as exc:  # the old segment stays in place, whole; the waiters hear why
+                totals[0] = -1
+                self._answer(exc)
+                return
+            totals[0] += 1
+            totals[1] += len(done.stubbed)
+            totals[2] += done.bytes_removed
+
+    def _answer(self, error: BaseException | None) -> None:
+        data = [max(self.totals[0], 0), self.totals[1], self.totals[2], round((time.monotonic() - self.started) * 1000, 2)]
+        for area, request_id in self.waiters:
+            if error is not None:
+                self.w.reply_error(area, request_id, error)
+            else:
+                self.w.reply(area, W.Reply(request_id, self.w.epoch, W.STATUS_OK, data))
+        self.waiters = []
 
 
 class Fences:
@@ -399,6 +461,7 @@ class Writer:
         self._swept_skipped = 0
         # messages from the receiver thread and fsync results from the syncer thread
         self._inbox: queue.SimpleQueue[bytes | _SyncDone] = queue.SimpleQueue()
+        self.compaction = _Compaction(self)  # issue 13: a compaction's copies, swapped in between groups
         self._sync_jobs: queue.SimpleQueue[tuple[int, str, int] | None] = queue.SimpleQueue()
         self._syncing = False
         self._receiver_stop = False
@@ -579,6 +642,7 @@ class Writer:
 
     def tick(self) -> None:
         now = time.monotonic_ns()
+        self.compaction.poll()  # swap in the copies a compaction prepared since (issue 13)
         if self.config.sync.value == "interval":
             self.engine.tick()
         if now - self._last_publish >= HEARTBEAT_EVERY_NS:
@@ -648,6 +712,8 @@ class Writer:
                     appends, held = [], 0
             elif req.op == W.OP_BYE:
                 self.clients.drop(area)
+            elif req.op == W.OP_COMPACT:
+                self.compaction.begin(area, req.request_id)  # answered when the run ends (tick)
             else:
                 others.append((area, req))
         if appends:

@@ -37,8 +37,9 @@ OP_FENCE_BEGIN = 5  # body: None; reply: [fence token (16 bytes)]
 OP_APPEND_FENCED = 6  # body: [token, [item, ...]]; written hidden inside the fence; reply: receipts
 OP_FENCE_COMMIT = 7  # body: token; the fence's events become visible; reply: [visible, durable]
 OP_FENCE_CANCEL = 8  # body: token; its events stay hidden for good; reply: [visible, durable]
+OP_COMPACT = 9  # body: None; compaction (issue 13) runs, appends go on; reply: [segments, events, bytes, elapsed_ms]
 FENCE_OPS = (OP_FENCE_BEGIN, OP_APPEND_FENCED, OP_FENCE_COMMIT, OP_FENCE_CANCEL)
-_OPS = frozenset((OP_APPEND, OP_SYNC, OP_PING, OP_BYE, *FENCE_OPS))
+_OPS = frozenset((OP_APPEND, OP_SYNC, OP_PING, OP_BYE, *FENCE_OPS, OP_COMPACT))
 
 STATUS_OK = 0
 STATUS_ERROR = 1

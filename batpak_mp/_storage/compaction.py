@@ -31,6 +31,7 @@ write the active segment and records past every sealed one). Every OS call goes 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Container, Iterable
 from typing import NamedTuple
 
@@ -154,3 +155,33 @@ class Compactor:
     def abandon(self, p: CompactCopy) -> None:
         """Drop a prepared copy that will not be swapped in."""
         self.disk.unlink_quietly(p.temp_path)
+
+
+class CompactStep(NamedTuple):
+    """What a background compaction hands its owner's loop: a copy to swap in, or (copy
+    None) the end of the run, with the error that ended it early, if any."""
+
+    copy: CompactCopy | None
+    error: BaseException | None = None
+
+
+def compact_in_background(plan: dict[int, set[int]], prepare: Callable[[int, set[int]], CompactCopy | None],
+                          post: Callable[[CompactStep], None]) -> threading.Thread:
+    """Prepare each planned segment's copy on a thread of its own (reading a sealed
+    segment and writing its copy: the slow part) and ``post`` each to the owner's loop,
+    which swaps it in (``Compactor.swap``: where records.idx is written), then a last
+    step. The loop keeps committing meanwhile: appends flow."""
+    def run() -> None:
+        try:
+            for sid, strip in sorted(plan.items()):
+                copy = prepare(sid, strip)
+                if copy is not None:
+                    post(CompactStep(copy))
+        except BaseException as exc:  # a failed step ends the run; the owner reports it
+            post(CompactStep(None, exc))
+            return
+        post(CompactStep(None))
+
+    thread = threading.Thread(target=run, name="batpak-compaction", daemon=True)
+    thread.start()
+    return thread

@@ -425,6 +425,10 @@ class Engine:
         self._check_open()
         return self._compactor.swap(prepared)
 
+    def compaction_abandon(self, prepared: CompactCopy) -> None:
+        """Delete a prepared copy that will not be swapped in."""
+        self._compactor.abandon(prepared)
+
     def compact(self) -> CompactReport:
         """Rewrite every sealed segment holding an event whose payload must go, with a
         stub in its place, and swap each in (``_storage/compaction.py``)."""
