@@ -318,9 +318,12 @@ def receipts_from_reply(prepared: Sequence[Prepared], data: Any) -> list[Receipt
 
 
 def _receipt(p: Prepared, f: Any) -> Receipt:
-    if not isinstance(f, list) or len(f) not in (8, 10):
+    if not isinstance(f, list) or len(f) not in (8, 10, 11):
         raise ProtocolError(f"malformed receipt in reply: {f!r:.200}")
     event_id, seq, clock, ehash, prev, wall, durable, sig, *named = f
+    deduplicated = named.pop() if len(named) == 3 else False  # an earlier call's event (PROTOCOL.md §8.1)
+    if deduplicated is not True and deduplicated is not False:
+        raise ProtocolError(f"malformed receipt in reply: {f!r:.200}")
     # entity and scope travel only when they are not the request's (another event's
     # receipt: a duplicate key sent with another coordinate)
     entity, scope = named if named else (p.entity.decode(), p.scope.decode())
@@ -329,7 +332,7 @@ def _receipt(p: Prepared, f: Any) -> Receipt:
                 and (sig is None or isinstance(sig, bytes)))
     if not (ints_ok and bytes_ok and type(durable) is bool and type(entity) is str and type(scope) is str):
         raise ProtocolError(f"malformed receipt in reply: {f!r:.200}")
-    return Receipt(event_id, seq, entity, scope, clock, ehash, prev, wall, durable, sig)
+    return Receipt(event_id, seq, entity, scope, clock, ehash, prev, wall, durable, sig, deduplicated)
 
 
 def _is_bytes(value: Any, size: int) -> bool:

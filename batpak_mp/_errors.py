@@ -10,6 +10,7 @@ Must not import anything else from the package.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -73,15 +74,36 @@ class InvalidArgument(BatpakError, ValueError):
 
 
 class ConcurrencyConflict(BatpakError):
-    """``expected_clock`` did not match the entity's clock (its number of events)."""
+    """``expected_clock`` did not match the entity's clock (its number of events).
+    ``entity``/``expected``/``actual`` name the first conflict of the request;
+    ``conflicts`` names every one of a batch, as (entity, expected, actual) triples."""
 
-    def __init__(self, entity: str, expected: int, actual: int) -> None:
+    def __init__(self, entity: str, expected: int, actual: int,
+                 conflicts: Sequence[Sequence[Any]] | None = None) -> None:
         self.entity = entity
         self.expected = expected
         self.actual = actual
+        self.conflicts: tuple[tuple[str, int, int], ...] = (
+            ((entity, expected, actual),) if conflicts is None
+            else tuple((str(e), int(x), int(a)) for e, x, a in conflicts))
+        more = f" (and {len(self.conflicts) - 1} more: {list(self.conflicts[1:5])})" if len(self.conflicts) > 1 else ""
         super().__init__(
-            f"entity {entity!r}: expected clock {expected}, actual clock {actual}"
+            f"entity {entity!r}: expected clock {expected}, actual clock {actual}{more}"
         )
+
+
+class IdempotencyConflict(BatpakError, ValueError):
+    """An idempotency key was used again for another request: the event stored under it
+    (at ``sequence``) differs in ``field`` (entity, scope, kind, payload, payload_version,
+    causation_id or correlation_id). ``key`` is the key's 128-bit hash, in hex. Nothing
+    was written."""
+
+    def __init__(self, key: str, sequence: int, field: str) -> None:
+        self.key = key
+        self.sequence = sequence
+        self.field = field
+        super().__init__(f"idempotency key (hash {key}) was used for another request: the event at sequence "
+                         f"{sequence} has another {field}")
 
 
 class NotFound(BatpakError, KeyError):

@@ -145,6 +145,7 @@ class Receipt(NamedTuple):
     wall_ms: int
     durable: bool
     signature: bytes | None = None
+    deduplicated: bool = False  # its idempotency key was committed by an earlier call: nothing was written
 
 
 class Event:

@@ -818,6 +818,10 @@ class Writer:
             # a request first sent to an earlier writer (re-sent, or left in the queue): its
             # "original" may be its own first attempt, so it is not reported as a duplicate
             receipts = [r._replace(deduplicated=False) for r in receipts]
+        if req.epoch_seen != self.epoch and receipts and receipts[0].deduplicated:
+            # a request first sent to an earlier writer (re-sent, or left in the queue): its
+            # "original" may be its own first attempt, so it is not reported as a duplicate
+            receipts = [r._replace(deduplicated=False) for r in receipts]
         fields = [W.receipt_fields(r, it[0], it[1]) for r, it in zip(receipts, items, strict=True)]
         self.reply(area, W.Reply(req.request_id, self.epoch, W.STATUS_OK, fields))
 

@@ -379,7 +379,9 @@ def receipt_fields(r: Any, entity: bytes, scope: bytes) -> list[Any]:
     another coordinate is answered with the stored event's receipt)."""
     fields = [r.event_id, r.global_sequence, r.entity_clock, r.event_hash, r.prev_hash, r.wall_ms, r.durable,
               r.signature]
-    if r.entity.encode() != entity or r.scope.encode() != scope:
+    if r.deduplicated:  # an earlier call's event: entity, scope and the flag (PROTOCOL.md §8.1)
+        fields += [r.entity, r.scope, True]
+    elif r.entity.encode() != entity or r.scope.encode() != scope:
         fields += [r.entity, r.scope]
     return fields
 
@@ -405,7 +407,9 @@ def _wire_value(value: Any) -> Any:
 def error_to_wire(exc: BaseException) -> list[Any]:
     """[class name, fields] of a typed error (only data, never code)."""
     if isinstance(exc, E.ConcurrencyConflict):
-        return ["ConcurrencyConflict", [exc.entity, exc.expected, exc.actual]]
+        return ["ConcurrencyConflict", [exc.entity, exc.expected, exc.actual, [list(c) for c in exc.conflicts]]]
+    if isinstance(exc, E.IdempotencyConflict):
+        return ["IdempotencyConflict", [exc.key, exc.sequence, exc.field]]
     if isinstance(exc, E.PayloadTooLarge):
         return ["PayloadTooLarge", [exc.size, exc.limit, exc.what]]
     if isinstance(exc, E.ReservedKind):
@@ -434,6 +438,8 @@ def error_from_wire(data: Any) -> E.BatpakError:
         name, args = data
         if name == "ConcurrencyConflict":
             return E.ConcurrencyConflict(*args)
+        if name == "IdempotencyConflict":
+            return E.IdempotencyConflict(*args)
         if name == "PayloadTooLarge":
             return E.PayloadTooLarge(*args)
         if name == "ReservedKind":

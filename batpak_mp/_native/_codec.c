@@ -2363,11 +2363,12 @@ static int finish_event(const planned_t *e, PyObject **a, const uint8_t *hashes,
     PyObject *m[10] = {Py_NewRef(e->seq), Py_NewRef(e->clock), item_of(e->item, 2), Py_NewRef(e->flags),
                        PyLong_FromUnsignedLong(frame_len), item_of(e->st, 2), Py_NewRef(name_h),
                        Py_NewRef(scope_hash), Py_NewRef(entity), item_of(e->item, 5)};
-    PyObject *r[10] = {Py_NewRef(e->event_id), Py_NewRef(e->seq), decoded(entity), decoded(scope), Py_NewRef(e->clock),
-                       Py_NewRef(ehash), Py_NewRef(prev), Py_NewRef(a[5]), Py_NewRef(a[8]), Py_NewRef(Py_None)};
+    PyObject *r[11] = {Py_NewRef(e->event_id), Py_NewRef(e->seq), decoded(entity), decoded(scope), Py_NewRef(e->clock),
+                       Py_NewRef(ehash), Py_NewRef(prev), Py_NewRef(a[5]), Py_NewRef(a[8]), Py_NewRef(Py_None),
+                       Py_NewRef(Py_False)};  /* Receipt: ..., signature, deduplicated */
     PyObject *s[4] = {Py_NewRef(e->clock), Py_NewRef(ehash), Py_NewRef(e->seq), Py_NewRef(name_h)};
     *meta = named_of((PyObject *)&PyTuple_Type, m, 10);  /* each steals its items, also on failure */
-    *receipt = named_of(a[10], r, 10);
+    *receipt = named_of(a[10], r, 11);
     *state = named_of(a[11], s, 4);
     if (!*meta || !*receipt || !*state) {
         Py_CLEAR(*meta);

@@ -184,7 +184,7 @@ def encode_request(items: Sequence[Any], entities: dict[bytes, Any], known: dict
             scope_hash = scope_hashes[scope] = name_hash(scope)
         metas.append((seq, clock, p[2], row[0], flen, st[2], st[3], scope_hash, entity, p[5]))
         receipts.append(_new_tuple(receipt_type, (event_id, seq, entity.decode(), scope.decode(), clock, ehash, prev,
-                                                  wall_ms, durable, None)))
+                                                  wall_ms, durable, None, False)))
         states.append(_new_tuple(state_type, (clock, ehash, seq, st[3])))
         if p[5] != ZERO_ID:
             keyed.append((p[5], seq))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from .._errors import BatpakError, StorageError, StorePoisoned
 from .._format.checkpoint import encode_checkpoint
 from .._format.directory import CHECKPOINT_FILE, name_hash
+from .._format.frame import Frame
 from .._prepare import Prepared
 from .._read.reader import Reader, View
 from .._signing import Signer
@@ -43,6 +44,7 @@ from .planning import (
     Lookups,
     Planner,
     fits,
+    frame_in_group,
     new_entity,
     segment_bytes_for,
 )
@@ -90,7 +92,7 @@ class Journal:
         self.index_listener: Callable[[], None] = lambda: None
         self.reader_stale = False  # a rotation failed before the reader mapped the index files it made
         self.planner = Planner(
-            Lookups(self._published_state, index.idem_seq, self._receipt_of_written),
+            Lookups(self._published_state, index.idem_seq, self._receipt_of_written, self._frame_of_written),
             BatchLimits(config.max_batch_events, config.max_batch_bytes), store_tag,
             signer=signer, durable_receipts=config.sync is SyncMode.GROUP)
 
@@ -388,6 +390,16 @@ class Journal:
             if metas[0][M_SEQ] <= seq <= metas[-1][M_SEQ]:
                 return p.group.receipts[seq - metas[0][M_SEQ]]
         return self.receipt_for(seq)
+
+    def _frame_of_written(self, seq: int) -> Frame | None:
+        """The frame of a written event (the idempotency check): in a group not yet
+        published, or in the log."""
+        for p in self._pending:
+            metas = p.group.metas
+            if metas[0][M_SEQ] <= seq <= metas[-1][M_SEQ]:
+                return frame_in_group(p.group, seq - metas[0][M_SEQ])
+        assert self.reader is not None
+        return self.reader.frame(seq)
 
     def receipt_for(self, seq: int) -> Receipt:
         """The receipt of a published event (signed when the engine signs)."""

@@ -24,16 +24,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NamedTuple
 
-from .._errors import InvalidArgument, PayloadTooLarge
+from .._errors import ConcurrencyConflict, IdempotencyConflict, InvalidArgument, PayloadTooLarge
 from .._format.frame import (
     FLAG_FENCED,
+    FLAG_REDACTED,
+    OK,
     ZERO_HASH,
     ZERO_ID,
+    Frame,
 )
 from .._format.ids import event_id_prefix
 from .._format.record import RECORD_SIZE
 from .._format.segment import FOOTER_HEAD, SEG_HEADER_SIZE, SEG_TRAILER_SIZE
-from .._native import encode_request, name_hash  # the active codec: C when built, else _format's
+from .._native import encode_request, name_hash, scan_frame  # the active codec: C when built, else _format's
 from .._prepare import Prepared
 from .._values import Receipt
 
@@ -82,6 +85,9 @@ class Lookups(NamedTuple):
     entity_state: Callable[[bytes], EntityState]  # an entity's state in the published log
     idem_seq: Callable[[bytes], int]  # the sequence a key was written under (written or published); 0: never
     receipt_for: Callable[[int], Receipt]  # the receipt of an event written before this group
+    # the frame of an event written before this group (the idempotency check compares a
+    # re-used key's request with it); None: no such look-up (the check is skipped)
+    frame_for: Callable[[int], Frame | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -196,13 +202,32 @@ class Planner:
         original receipts when every key was, and a refusal when only some were."""
         if len(items) == 1:  # the common case, a single append
             seq = self._idem_seq(items[0].idem, group)
-            return [self._original(seq, group)] if seq else None
+            if not seq:
+                return None
+            self._same_request(items[0], seq, group)
+            return [self._original(seq, group)]
         seqs = [self._idem_seq(p.idem, group) for p in items]
         if not any(seqs):
             return None
         if not all(seqs):
             raise InvalidArgument("idempotency_key", None, "some keys of this batch were committed before and some not")
+        for p, seq in zip(items, seqs, strict=True):
+            self._same_request(p, seq, group)
         return [self._original(seq, group) for seq in seqs]
+
+    def _same_request(self, p: Prepared, seq: int, group: Group) -> None:
+        """``IdempotencyConflict`` when the event stored under ``p``'s key (at ``seq``)
+        is not what ``p`` asks for: a key re-used for another request."""
+        first = self.next_seq - group.count
+        if seq >= first:
+            frame = frame_in_group(group, seq - first)
+        elif self.lookups.frame_for is not None:
+            frame = self.lookups.frame_for(seq)
+        else:
+            return
+        field = request_difference(p, frame) if frame is not None else None
+        if field is not None:
+            raise IdempotencyConflict(p.idem.hex(), seq, field)
 
     def encode(self, group: Group, items: Sequence[Prepared], fenced: bool = False) -> int:
         """Check each event's expected clock and encode the request into ``group``: one
@@ -212,9 +237,13 @@ class Planner:
         if len(self._scope_hashes) > SCOPE_CACHE_MAX:
             self._scope_hashes.clear()
         first = self.next_seq
-        data, metas, receipts, keyed = encode_request(
-            items, group.entities, self._entities, self.lookups.entity_state, first, group.wall_ms, group.id_prefix,
-            FLAG_FENCED if fenced else 0, self.durable_receipts, self._scope_hashes, Receipt, EntityState)
+        try:
+            data, metas, receipts, keyed = encode_request(
+                items, group.entities, self._entities, self.lookups.entity_state, first, group.wall_ms,
+                group.id_prefix, FLAG_FENCED if fenced else 0, self.durable_receipts, self._scope_hashes, Receipt,
+                EntityState)
+        except ConcurrencyConflict as exc:
+            raise self._all_conflicts(group, items, exc) from None
         if self.signer is not None:
             receipts = [self._signed(r, p) for r, p in zip(receipts, items, strict=True)]
         group.part_starts.append(len(group.metas))
@@ -225,6 +254,23 @@ class Planner:
         group.nbytes += len(data)
         self.next_seq = first + len(items)
         return len(data)
+
+    def _all_conflicts(self, group: Group, items: Sequence[Prepared], first: ConcurrencyConflict) -> ConcurrencyConflict:
+        """The conflict of a request naming every event whose expected clock is wrong
+        (the codec stops at the first): each event's entity state as the guard saw it."""
+        clocks: dict[bytes, int] = {}
+        found: list[tuple[str, int, int]] = []
+        for p in items:
+            clock = clocks.get(p.entity)
+            if clock is None:
+                st = group.entities.get(p.entity) or self._entities.get(p.entity) or self.lookups.entity_state(p.entity)
+                clock = st.clock
+            if p.expected_clock is not None and p.expected_clock != clock:
+                found.append((p.entity.decode(errors="replace"), p.expected_clock, clock))
+            clocks[p.entity] = clock + 1
+        if len(found) < 2:
+            return first
+        return ConcurrencyConflict(*found[0], conflicts=found)
 
     def _signed(self, r: Receipt, p: Prepared) -> Receipt:
         assert self.signer is not None
@@ -264,5 +310,35 @@ class Planner:
         """The receipt of an event planned before: in this group, or written earlier."""
         first = self.next_seq - group.count
         if seq >= first:
-            return group.receipts[seq - first]
-        return self.lookups.receipt_for(seq)
+            return group.receipts[seq - first]._replace(deduplicated=True)
+        return self.lookups.receipt_for(seq)._replace(deduplicated=True)
+
+
+def frame_in_group(group: Group, index: int) -> Frame | None:
+    """The frame of the ``index``-th event of a planned (or written) group."""
+    metas = group.metas
+    if not 0 <= index < len(metas):
+        return None
+    off = sum(m[M_FRAME_LEN] for m in metas[:index])
+    status, value = scan_frame(group.data(), off, off + metas[index][M_FRAME_LEN])
+    return value if status == OK and isinstance(value, Frame) else None
+
+
+def request_difference(p: Prepared, f: Frame) -> str | None:
+    """The first field in which request ``p`` differs from the stored frame ``f`` (None:
+    the same request). A stub's payload was removed: it is not compared."""
+    if f.entity != p.entity:
+        return "entity"
+    if f.scope != p.scope:
+        return "scope"
+    if f.kind != p.kind:
+        return "kind"
+    if not f.flags & FLAG_REDACTED and bytes(f.payload) != p.payload:
+        return "payload"
+    if f.payload_version != p.payload_version:
+        return "payload_version"
+    if f.causation_id != p.causation:
+        return "causation_id"
+    if f.correlation_id != p.correlation:
+        return "correlation_id"
+    return None

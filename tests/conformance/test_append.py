@@ -73,8 +73,9 @@ def test_duplicate_key_returns_original_and_writes_nothing(impl: Impl, key: str 
     api, shapes = impl.api, impl.shapes()
     c = impl.coord()
     first = api.append(c, KIND, {"n": 1}, idempotency_key=key)
-    again = api.append(c, KIND, {"n": 2}, idempotency_key=key)
-    assert again == first
+    again = api.append(c, KIND, {"n": 1}, idempotency_key=key)
+    assert again.deduplicated and not first.deduplicated
+    assert again._replace(deduplicated=False) == first
     assert shapes.receipts([first, again]) == [receipt_at(1, c, 1)] * 2
     assert impl.visible() == shapes.start + 1
     assert [e.payload for e in api.history(c.entity)] == [{"n": 1}]
@@ -88,13 +89,17 @@ def test_key_kind_is_part_of_the_key(impl: Impl) -> None:
     assert shapes.receipts(rs) == [receipt_at(1, c, 1), receipt_at(2, c, 2, prev="h#1")]
 
 
-def test_duplicate_key_on_another_coordinate_returns_the_stored_event(impl: Impl) -> None:
-    api, shapes = impl.api, impl.shapes()
+def test_duplicate_key_on_another_coordinate_is_refused(impl: Impl) -> None:
+    """A key re-used for another request (here another entity) is an IdempotencyConflict
+    naming the stored event (issue 15 #2); nothing is written."""
+    api = impl.api
     a, b = impl.coord("a"), impl.coord("b")
     first = api.append(a, KIND, 1, idempotency_key=f"dup-{a.entity}")
-    again = api.append(b, KIND, 2, idempotency_key=f"dup-{a.entity}")
-    assert shapes.receipts([first, again]) == [receipt_at(1, a, 1)] * 2
-    assert api.verify_receipt(again)
+    start = impl.visible()
+    err = check_error(lambda: api.append(b, KIND, 1, idempotency_key=f"dup-{a.entity}"), bp.IdempotencyConflict,
+                      key=Has(""), sequence=first.global_sequence, field="entity")
+    assert isinstance(err, ValueError)
+    assert impl.visible() == start
     assert api.history(b.entity) == []
 
 
@@ -120,9 +125,9 @@ def test_expected_clock_conflict_writes_nothing(impl: Impl) -> None:
     api.append(c, KIND, 2)
     start = impl.visible()
     check_error(lambda: api.append(c, KIND, 3, expected_clock=1), bp.ConcurrencyConflict,
-                entity=c.entity, expected=1, actual=2)
+                entity=c.entity, expected=1, actual=2, conflicts=((c.entity, 1, 2),))
     check_error(lambda: api.append(fresh, KIND, 3, expected_clock=3), bp.ConcurrencyConflict,
-                entity=fresh.entity, expected=3, actual=0)
+                entity=fresh.entity, expected=3, actual=0, conflicts=((fresh.entity, 3, 0),))
     assert impl.visible() == start
     assert [e.entity_clock for e in api.history(c.entity)] == [1, 2]
     assert api.history(fresh.entity) == []
@@ -133,7 +138,7 @@ def test_conflict_does_not_use_up_the_key(impl: Impl) -> None:
     c = impl.coord()
     key = f"retry-{c.entity}"
     check_error(lambda: api.append(c, KIND, 1, idempotency_key=key, expected_clock=1), bp.ConcurrencyConflict,
-                entity=c.entity, expected=1, actual=0)
+                entity=c.entity, expected=1, actual=0, conflicts=((c.entity, 1, 0),))
     r = api.append(c, KIND, 1, idempotency_key=key, expected_clock=0)
     assert shapes.receipt(r) == receipt_at(1, c, 1)
 
@@ -145,7 +150,7 @@ def test_duplicate_key_answers_before_the_clock_guard(impl: Impl) -> None:
     first = api.append(c, KIND, 1, idempotency_key=f"k-{c.entity}", expected_clock=0)
     api.append(c, KIND, 2)
     again = api.append(c, KIND, 1, idempotency_key=f"k-{c.entity}", expected_clock=0)
-    assert again == first
+    assert again.deduplicated and again._replace(deduplicated=False) == first
     assert shapes.receipt(again) == receipt_at(1, c, 1)
     assert impl.visible() == shapes.start + 2
 

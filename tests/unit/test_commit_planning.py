@@ -186,9 +186,13 @@ def test_a_key_seen_earlier_in_the_group_returns_the_first_receipts() -> None:
     assert p.plan(g, [ev("a", key="k1"), ev("b", key="k2")]) is None
     first = list(g.receipts)
     before = snapshot(p, g)
-    again = p.plan(g, [ev("x", "other payload", key="k1"), ev("y", key="k2")])
-    assert again == first
+    again = p.plan(g, [ev("a", key="k1"), ev("b", key="k2")])
+    assert again == [r._replace(deduplicated=True) for r in first]
     assert snapshot(p, g) == before  # nothing added
+    with pytest.raises(bp.IdempotencyConflict) as info:  # the same key for another request (issue 15)
+        p.plan(g, [ev("x", "other payload", key="k1"), ev("y", key="k2")])
+    assert (info.value.sequence, info.value.field) == (first[0].global_sequence, "entity")
+    assert snapshot(p, g) == before
 
 
 def test_written_keys_return_their_original_receipts() -> None:
@@ -202,7 +206,8 @@ def test_written_keys_return_their_original_receipts() -> None:
         log.receipts[r.global_sequence] = r
     p = planner(log, next_seq=7)
     g = p.group(WALL_MS)
-    assert p.plan(g, [ev("a", key="k2"), ev("a", key="k1")]) == [original[1], original[0]]
+    assert p.plan(g, [ev("a", key="k2"), ev("a", key="k1")]) == [original[1]._replace(deduplicated=True),
+                                                                 original[0]._replace(deduplicated=True)]
     assert g.count == 0 and p.next_seq == 7
 
 
