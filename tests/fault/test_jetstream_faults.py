@@ -202,3 +202,18 @@ def test_restore_onto_a_failing_disk_is_typed_and_never_serves_half(tmp_path: os
             jetstream.restore_from_stream(ns.url, "F5", os.path.join(base, "restored2"),
                                           disk=Disk(FaultPlan(fail={"write": (0, errno.EIO)})))
     assert_verified(data_dir)
+
+
+def test_two_bridges_by_mistake_never_interleave(tmp_path: os.PathLike[str], data_dir: str) -> None:
+    with nats_server(os.fspath(tmp_path)) as ns, bp.serve(data_dir, segment_max_bytes=1 << 20):
+        bridges = [start_bridge(data_dir, ns.url, "F6") for _ in range(2)]
+        try:
+            for _ in range(10):
+                _append(data_dir, 30)
+                time.sleep(0.05)
+            wait_stream(ns.url, "F6", _visible(data_dir))
+            assert_stream_is_journal(ns.url, "F6", data_dir)  # each event once, in order, although both published
+        finally:
+            for b in bridges:
+                assert stop_bridge(b) == 0
+    assert_verified(data_dir)
