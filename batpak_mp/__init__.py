@@ -31,6 +31,7 @@ from ._errors import (
     ReactorError,
     RedactionRefused,
     ReservedKind,
+    RetentionRefused,
     StorageError,
     StoreClosed,
     StoreLocked,
@@ -48,6 +49,7 @@ from ._native import codec_backend
 from ._query import Region
 from ._read.verify import verify
 from ._replay import Cursor, Projection, Reactor, ReactorFailure
+from ._retention import RetentionRule
 from ._service import Service, serve
 from ._signing import verify_receipt_signature
 from ._storage.engine import Engine, EngineConfig
@@ -123,6 +125,8 @@ __all__ = [
     "ReservedKind",
     "RestartPolicy",
     "RestoreReport",
+    "RetentionRefused",
+    "RetentionRule",
     "Service",
     "StorageError",
     "Store",

@@ -29,7 +29,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import posix_ipc
 
@@ -54,11 +54,12 @@ from ._prepare import Prepared, prepare, prepare_items
 from ._query import Region
 from ._read.reader import Reader, View
 from ._read.receipts import receipt_matches
-from ._read.redaction import redaction_item
+from ._read.redaction import current_retention, redaction_item, retention_item
 from ._replay import Cursor, EventFilter, Handler, Projection, Reactor
 from ._replay import caused_by as _caused_by
 from ._replay import project as _project
 from ._replay import project_if_changed as _project_if_changed
+from ._retention import Retention, RetentionRule
 from ._signing import verify_receipt_signature
 from ._values import (
     EFFECT_DENIAL,
@@ -585,7 +586,40 @@ def _op_compact(timeout: float | None) -> Op[CompactReport]:
     return CompactReport(int(data[0]), int(data[1]), int(data[2]), float(data[3]))
 
 
-class Store:
+class _Erasure:
+    """Store's erasure and retention calls (issue 13; OPERATIONS.md §11), mixed in."""
+
+    if TYPE_CHECKING:
+        _lock: threading.RLock
+        _reader: Reader
+        _retention_cache: dict[str, Any]
+
+        def _ensure_open(self) -> None: ...
+        def _drive(self, op: Op[T]) -> T: ...
+        def append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]: ...
+
+    def redact(self, event_id: bytes, *, reason: str) -> Receipt:
+        """Ask for ``event_id``'s payload to go at the next compaction (OPERATIONS.md §11)."""
+        with self._lock:
+            self._ensure_open()
+            item = redaction_item(self._reader, event_id, reason)
+        return self._drive(_op_prepared(_prepare_items([item], store_kinds=True)))[0]
+
+    def set_retention(self, rules: Sequence[RetentionRule], *, idempotency_window_ms: int | None = None) -> Receipt:
+        """Put retention ``rules`` in force for every process (OPERATIONS.md §11.3)."""
+        return self.append_store_kinds([retention_item(rules, idempotency_window_ms)])[0]
+
+    def retention(self) -> Retention:
+        with self._lock:
+            self._ensure_open()
+            return current_retention(self._reader, self._retention_cache)
+
+    def compact(self, timeout: float | None = COMPACT_TIMEOUT_S) -> CompactReport:
+        """Have the writer compact now, appends going on (OPERATIONS.md §11.2)."""
+        return self._drive(_op_compact(timeout))
+
+
+class Store(_Erasure):
     """A connection to a served data directory. Thread-safe; fork-safe."""
 
     def __init__(self, data_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
@@ -614,6 +648,7 @@ class Store:
             self._control.close()
             raise
         self._reader = Reader(self.data_dir, self._view)
+        self._retention_cache: dict[str, Any] = {}  # the rules in force, while the retention chain's head stays
         self._public_key = self._load_public_key()
         _live_stores.add(self)
 
@@ -914,17 +949,6 @@ class Store:
     def sync(self, timeout: float | None = None) -> int:
         """Ask the writer to fsync now; returns the durable frontier."""
         return self._drive(_op_sync(timeout))
-
-    def redact(self, event_id: bytes, *, reason: str) -> Receipt:
-        """Ask for ``event_id``'s payload to go at the next compaction (OPERATIONS.md §11)."""
-        with self._lock:
-            self._ensure_open()
-            item = redaction_item(self._reader, event_id, reason)
-        return self._drive(_op_prepared(_prepare_items([item], store_kinds=True)))
-
-    def compact(self, timeout: float | None = COMPACT_TIMEOUT_S) -> CompactReport:
-        """Have the writer compact now, appends going on (OPERATIONS.md §11.2)."""
-        return self._drive(_op_compact(timeout))
 
     def wait_for_durable(self, sequence: int, timeout: float) -> None:
         """Return once ``sequence`` is on disk; ``WriterTimeout`` otherwise."""

@@ -368,3 +368,13 @@ class RedactionRefused(BatpakError, ValueError):
         self.event = event
         self.reason = reason
         super().__init__(f"cannot redact event {event}: {reason}")
+
+
+class RetentionRefused(BatpakError, ValueError):
+    """A retention rule that would remove what must stay: system events (cursor
+    positions, fences, erasure requests) or the latest event of an entity."""
+
+    def __init__(self, rule: Any, reason: str) -> None:
+        self.rule = rule
+        self.reason = reason
+        super().__init__(f"retention rule {rule!r} refused: {reason}")

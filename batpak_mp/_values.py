@@ -36,11 +36,14 @@ SYSTEM_FENCE_CANCEL = 0x021  # payload {"fence": token, "ranges": [...], "why": 
 FENCE_ENTITY = "fences"  # the chain holding every fence commit and cancel (scope "system")
 SYSTEM_REDACT_REQUEST = 0x030  # payload {"event": id, "sequence": int, "reason": str}: compaction removes its payload
 REDACTION_ENTITY = "redactions"  # the chain of erasure requests (scope "system"); kept for good, never redacted
+SYSTEM_RETENTION_SET = 0x031  # payload {"rules": [...], "idempotency_window_ms": int | None}: the rules from now on
+RETENTION_ENTITY = "retention"  # the chain of retention rule sets (scope "system"): the latest is in force
 EFFECT_DENIAL = 0x001
 EFFECT_BYPASS = 0x002
 STORE_KINDS: dict[int, frozenset[str]] = {
     (CATEGORY_SYSTEM << 12) | SYSTEM_CURSOR_ACK: frozenset({"cursor", "through"}),
     (CATEGORY_SYSTEM << 12) | SYSTEM_REDACT_REQUEST: frozenset({"event", "sequence", "reason"}),
+    (CATEGORY_SYSTEM << 12) | SYSTEM_RETENTION_SET: frozenset({"rules", "idempotency_window_ms"}),
     (CATEGORY_EFFECT << 12) | EFFECT_DENIAL: frozenset({"gate", "code", "message"}),
     (CATEGORY_EFFECT << 12) | EFFECT_BYPASS: frozenset({"reason"}),
 }

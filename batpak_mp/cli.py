@@ -616,6 +616,32 @@ def fork(data_dir: str, dest: str, at: int | None, as_json: bool) -> None:
 
 
 # ---- status ------------------------------------------------------------------------------
+def _retention_doc(path: str) -> dict[str, Any] | None:
+    """The retention rules in force (issue 13), read from the files (no lock, no writes);
+    None when they cannot be read."""
+    from ._read.redaction import current_retention
+
+    try:
+        store = OfflineStore.open(path)
+    except BatpakError:
+        return None
+    try:
+        r = current_retention(store.reader, {})
+    except BatpakError:
+        return None
+    finally:
+        store.close()
+    return {"rules": [rule.to_wire() for rule in r.rules], "idempotency_window_ms": r.idempotency_window_ms}
+
+
+def _retention_line(doc: dict[str, Any]) -> str:
+    rules = "; ".join(f"entity {p or '*'} scope {s or '*'} kind {':'.join(map(str, k)) if k else '*'}"
+                      f"{f' keep last {n}' if n else ''}{f' max age {a} ms' if a else ''}" for p, s, k, n, a in doc["rules"])
+    window = doc["idempotency_window_ms"]
+    keys = f"idempotency keys for {window} ms" if window else "idempotency keys for good"
+    return f"{len(doc['rules'])} rule(s){': ' + rules if rules else ''}; {keys}"
+
+
 @cli.command()
 @click.argument("data_dir", type=DATA_DIR)
 @json_option
@@ -648,6 +674,9 @@ def status(data_dir: str, as_json: bool) -> None:
     bridge = _bridge_status(path)
     if bridge is not None:
         doc["bridge"] = bridge
+    retention = _retention_doc(path)
+    if retention is not None:
+        doc["retention"] = retention
     if as_json:
         _print_json(doc)
     else:
@@ -670,6 +699,8 @@ def status(data_dir: str, as_json: bool) -> None:
             lines.append(f"reason       {snap.reason}")
         if bridge is not None:
             lines.append(f"bridge       {_bridge_line(bridge)}")
+        if retention is not None:
+            lines.append(f"retention    {_retention_line(retention)}")
         click.echo("\n".join(lines))
     if down is not None:
         _fail(EXIT_STORE, down)

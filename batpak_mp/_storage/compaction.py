@@ -25,22 +25,33 @@ The swap, in this order, each step fsynced before the next:
 Nothing is ever truncated or written in place in a segment. Invariants: only sealed
 segments are rewritten (the active one is never touched); appends go on meanwhile (they
 write the active segment and records past every sealed one). Every OS call goes through
-``osio.Disk``. Must not import the writer, the client, the IPC layer or the read side.
+``osio.Disk``. ``EngineErasure``: the engine's calls for it (redact, set_retention, retention,
+compact and its steps). Must not import the writer, the client or the IPC layer.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Container, Iterable
-from typing import NamedTuple
+import time
+from collections.abc import Callable, Container, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._format.compact import rewrite_sealed
 from .._format.directory import COMPACTION_MARKER, compact_temp_name, parse_compact_temp_name
 from .._format.record import R_SEGMENT_ID
+from .._prepare import Prepared, prepare_items
+from .._read.redaction import current_retention, expiring, redaction_item, requested, retention_item
+from .._retention import Retention, RetentionRule
+from .._values import CompactReport, Receipt
 from .indexfiles import IndexFiles
 from .osio import Disk
 from .segments import SegmentFiles
+
+if TYPE_CHECKING:
+    from .._read.reader import Reader
+    from .config import EngineConfig
+    from .journal import Journal
 
 
 class Swapped(NamedTuple):
@@ -185,3 +196,85 @@ def compact_in_background(plan: dict[int, set[int]], prepare: Callable[[int, set
     thread = threading.Thread(target=run, name="batpak-compaction", daemon=True)
     thread.start()
     return thread
+
+
+class EngineErasure:
+    """The engine's erasure and retention calls (issue 13), mixed into ``Engine``: erasure
+    requests, retention rules, and compaction whole (``compact``) or in the steps the
+    writer's loop drives (``compaction_plan`` / ``_prepare`` / ``_swap`` / ``_abandon``)."""
+
+    if TYPE_CHECKING:
+        reader: Reader
+        config: EngineConfig
+        _journal: Journal
+        _compactor: Compactor
+        _retention_cache: dict[str, Any]
+        _clock_ms: Callable[[], int]
+
+        def _check_open(self) -> None: ...
+        def _commit_one(self, prepared: list[Prepared]) -> list[Receipt]: ...
+
+    def redact(self, event_id: bytes, *, reason: str) -> Receipt:
+        """Ask for ``event_id``'s payload to be removed at the next compaction (a stub
+        stays: FORMAT.md §3.8); the request is a system event on the ``redactions``
+        chain. ``RedactionRefused`` for a system event or a version-1 frame."""
+        self._check_open()
+        item = redaction_item(self.reader, event_id, reason)
+        return self._commit_one(prepare_items([item], max_payload=self.config.max_payload_bytes, store_kinds=True))[0]
+
+    def set_retention(self, rules: Sequence[RetentionRule], *, idempotency_window_ms: int | None = None) -> Receipt:
+        """Put ``rules`` in force (replacing the ones before) for every process: a system
+        event on the ``retention`` chain. Compaction applies them (OPERATIONS.md §11.3)."""
+        self._check_open()
+        item = retention_item(rules, idempotency_window_ms)
+        return self._commit_one(prepare_items([item], max_payload=self.config.max_payload_bytes, store_kinds=True))[0]
+
+    def retention(self) -> Retention:
+        """The retention rules in force (the latest ``set_retention``)."""
+        self._check_open()
+        return current_retention(self.reader, self._retention_cache)
+
+    def compaction_plan(self) -> dict[int, set[int]]:
+        """The sealed segments compaction would rewrite now, each with the sequences
+        whose payload goes (erasure requests, retention rules; never the active segment)."""
+        self._check_open()
+        seg = self._journal.seg
+        active = seg.segment_id if seg else 1 << 62
+        strip = requested(self.reader)
+        rules = self.retention().rules
+        if rules and seg is not None:
+            strip |= expiring(self.reader, rules, self._clock_ms(), seg.first_seq - 1)
+        return self._compactor.segments_holding(strip, active, self._journal.visible)
+
+    def compaction_prepare(self, segment_id: int, strip: set[int]) -> CompactCopy | None:
+        """Write one segment's compacted copy beside it (the slow part: any thread)."""
+        return self._compactor.prepare(segment_id, strip)
+
+    def compaction_swap(self, prepared: CompactCopy) -> Swapped:
+        """Swap a prepared copy in (the thread that writes records.idx: the engine's owner)."""
+        self._check_open()
+        return self._compactor.swap(prepared)
+
+    def compaction_abandon(self, prepared: CompactCopy) -> None:
+        """Delete a prepared copy that will not be swapped in."""
+        self._compactor.abandon(prepared)
+
+    def compact(self) -> CompactReport:
+        """Rewrite every sealed segment holding an event whose payload must go, with a
+        stub in its place, and swap each in (``_storage/compaction.py``)."""
+        started = time.perf_counter()
+        segments = events = reclaimed = 0
+        for sid, strip in sorted(self.compaction_plan().items()):
+            prepared = self.compaction_prepare(sid, strip)
+            if prepared is None:
+                continue
+            done = self.compaction_swap(prepared)
+            segments += 1
+            events += len(done.stubbed)
+            reclaimed += done.bytes_removed
+        return CompactReport(segments, events, reclaimed, round((time.perf_counter() - started) * 1000, 2))
+
+    def _segment_swapped(self, segment_id: int) -> None:
+        reader = getattr(self, "reader", None)
+        if reader is not None:
+            reader.forget_segments()  # its mapping of the old file goes; the file's space with it

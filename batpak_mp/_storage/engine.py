@@ -37,7 +37,6 @@ from .._prepare import Prepared, prepare, prepare_items
 from .._query import Region
 from .._read.reader import Reader, View
 from .._read.receipts import receipt_matches
-from .._read.redaction import redaction_item, requested
 from .._signing import Signer
 from .._values import (
     CATEGORY_SYSTEM,
@@ -45,7 +44,6 @@ from .._values import (
     FENCE_ENTITY,
     SYSTEM_FENCE_COMMIT,
     BatchItem,
-    CompactReport,
     Coordinate,
     Event,
     Kind,
@@ -53,7 +51,7 @@ from .._values import (
     Receipt,
     payload_version_for,
 )
-from .compaction import CompactCopy, Compactor, Swapped
+from .compaction import Compactor, EngineErasure
 from .config import EngineConfig, parse_sync
 from .fences import FenceTable
 from .indexfiles import IndexFiles
@@ -65,7 +63,7 @@ from .segments import ActiveSegment, SegmentFiles
 __all__ = ["Engine", "EngineConfig", "parse_sync"]
 
 
-class Engine:
+class Engine(EngineErasure):
     """Single-owner journal engine. Open with ``Engine.open(data_dir)``.
 
     Beyond the public API, the writer process drives: ``commit`` (several requests, some
@@ -166,6 +164,8 @@ class Engine:
         self._journal = Journal(self.data_dir, self.config, d, self._clock_ms, self.store_tag, self.signer,
                                 segments, self._index, self._fences, stamps)
         self._compactor = Compactor(d, segments, self._index, self._idx_dir, on_swap=self._segment_swapped)
+        self._retention_cache: dict[str, Any] = {}
+        self._journal.idem_window = lambda: self.retention().idempotency_window_ms
         done = Recovery(segments, self._index, stamps, self.config.segment_max_bytes, self._journal.seal).run(
             ckpt, floor, full=self._compactor.interrupted())  # a swap cut short: every footer into records.idx
         self._compactor.recover()
@@ -398,56 +398,6 @@ class Engine:
                     upto_position: int | None = None, region: Region | None = None) -> Page:
         self._check_open()
         return self.reader.query_scope(scope, after_position, limit, upto_position, region)
-
-    # ------------------------------------------------------------------ erasure (issue 13)
-    def redact(self, event_id: bytes, *, reason: str) -> Receipt:
-        """Ask for ``event_id``'s payload to be removed at the next compaction (a stub
-        stays: FORMAT.md §3.8); the request is a system event on the ``redactions``
-        chain. ``RedactionRefused`` for a system event or a version-1 frame."""
-        self._check_open()
-        item = redaction_item(self.reader, event_id, reason)
-        return self._commit_one(prepare_items([item], max_payload=self.config.max_payload_bytes, store_kinds=True))[0]
-
-    def compaction_plan(self) -> dict[int, set[int]]:
-        """The sealed segments compaction would rewrite now, each with the sequences
-        whose payload goes (erasure requests; never the active segment)."""
-        self._check_open()
-        seg = self._seg
-        return self._compactor.segments_holding(requested(self.reader), seg.segment_id if seg else 1 << 62,
-                                                self.visible)
-
-    def compaction_prepare(self, segment_id: int, strip: set[int]) -> CompactCopy | None:
-        """Write one segment's compacted copy beside it (the slow part: any thread)."""
-        return self._compactor.prepare(segment_id, strip)
-
-    def compaction_swap(self, prepared: CompactCopy) -> Swapped:
-        """Swap a prepared copy in (the thread that writes records.idx: the engine's owner)."""
-        self._check_open()
-        return self._compactor.swap(prepared)
-
-    def compaction_abandon(self, prepared: CompactCopy) -> None:
-        """Delete a prepared copy that will not be swapped in."""
-        self._compactor.abandon(prepared)
-
-    def compact(self) -> CompactReport:
-        """Rewrite every sealed segment holding an event whose payload must go, with a
-        stub in its place, and swap each in (``_storage/compaction.py``)."""
-        started = time.perf_counter()
-        segments = events = reclaimed = 0
-        for sid, strip in sorted(self.compaction_plan().items()):
-            prepared = self.compaction_prepare(sid, strip)
-            if prepared is None:
-                continue
-            done = self.compaction_swap(prepared)
-            segments += 1
-            events += len(done.stubbed)
-            reclaimed += done.bytes_removed
-        return CompactReport(segments, events, reclaimed, round((time.perf_counter() - started) * 1000, 2))
-
-    def _segment_swapped(self, segment_id: int) -> None:
-        reader = getattr(self, "reader", None)
-        if reader is not None:
-            reader.forget_segments()  # its mapping of the old file goes; the file's space with it
 
     def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[Event]:
         self._check_open()

@@ -90,9 +90,10 @@ class Journal:
         self._pending: list[_Pending] = []  # groups written, waiting for the fsync that publishes them
         self.groups_written = self.groups_published = 0  # monotonic: the writer's pipeline counts on them
         self.index_listener: Callable[[], None] = lambda: None
+        self.idem_window: Callable[[], int | None] = lambda: None  # ms a key deduplicates (the engine's retention)
         self.reader_stale = False  # a rotation failed before the reader mapped the index files it made
         self.planner = Planner(
-            Lookups(self._published_state, index.idem_seq, self._receipt_of_written, self._frame_of_written),
+            Lookups(self._published_state, self._idem_seq, self._receipt_of_written, self._frame_of_written),
             BatchLimits(config.max_batch_events, config.max_batch_bytes), store_tag,
             signer=signer, durable_receipts=config.sync is SyncMode.GROUP)
 
@@ -109,6 +110,17 @@ class Journal:
 
     def attach(self, reader: Reader) -> None:
         self.reader = reader
+
+    def _idem_seq(self, idem: bytes) -> int:
+        """The sequence an idempotency key was written under, unless its event is older
+        than the retention's idempotency window (issue 13): a retry after the window is
+        a new event. Looked at only on a hit (a retry), never on the plain path."""
+        seq = self.index.idem_seq(idem)
+        if seq and seq <= self.visible and self.reader is not None:
+            window = self.idem_window()
+            if window is not None and self._clock_ms() - self.reader.get_seq(seq).wall_ms > window:
+                return 0
+        return seq
 
     def view(self) -> View:
         """What readers may see: the visible frontier and the current index files."""

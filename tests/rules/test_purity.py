@@ -45,6 +45,7 @@ PURE_GLOBS = (
     "batpak_mp/_storage/config.py",
     "batpak_mp/_api.py",
     "batpak_mp/_query.py",             # the Region filter of every read
+    "batpak_mp/_retention.py",         # retention rules and what they remove (issue 13)
 )
 # Must exist: a rename or move must update this file rather than silently drop the check.
 REQUIRED = ("batpak_mp/_format/frame.py", "batpak_mp/_prepare.py", "batpak_mp/_values.py",
