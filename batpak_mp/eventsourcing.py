@@ -107,7 +107,6 @@ class Datastore:
         self.data_dir = data_dir
         self.timeout = timeout
         self._free: list[Store] = []
-        self._all: list[Store] = []
         self._slots = threading.BoundedSemaphore(pool_size)
         self._lock = threading.Lock()
         self._closed = False
@@ -126,22 +125,26 @@ class Datastore:
             if store is None:
                 with _translated():
                     store = _connect(self.data_dir, timeout=self.timeout)
-                with self._lock:
-                    self._all.append(store)
             try:
                 with _translated():
                     yield store
             finally:
                 with self._lock:
-                    self._free.append(store)
+                    closed = self._closed
+                    if not closed:
+                        self._free.append(store)
+                if closed:  # closed while this call ran (another thread): it finished first
+                    store.close()
         finally:
             self._slots.release()
 
     def close(self) -> None:
+        """Close the idle connections now; one in use by another thread is closed when
+        its call ends (a call in flight finishes, as a database pool lets it)."""
         with self._lock:
             self._closed = True
-            stores, self._all, self._free = self._all, [], []
-        for store in stores:
+            idle, self._free = self._free, []
+        for store in idle:
             store.close()
 
 

@@ -299,3 +299,34 @@ def test_wait_wakes_when_the_tracking_record_commits() -> None:
     took = time.monotonic() - started
     timer.join()
     assert 0.3 <= took < 0.65, took
+
+
+def test_closing_the_datastore_lets_a_call_in_flight_finish() -> None:
+    """eventsourcing's runners close an application while its processing thread may still
+    be inside insert_events: that call completes, its connection is closed after it, and
+    only later calls are refused."""
+    import threading
+
+    ds = _datastore()
+    rec = BatpakApplicationRecorder(ds, _scope())
+    inside, closed = threading.Event(), threading.Event()
+    got: list[Any] = []
+
+    def in_flight() -> None:
+        with ds.store() as store:
+            inside.set()
+            closed.wait(10)
+            got.append(store.frontier().visible)  # still usable: closed under it, not yet
+        got.append(store)
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    assert inside.wait(10)
+    ds.close()
+    closed.set()
+    t.join(10)
+    assert isinstance(got[0], int) and got[0] > 0
+    with pytest.raises(bp.StoreClosed):
+        got[1].frontier()  # closed once its call ended
+    with pytest.raises(OperationalError):
+        rec.insert_events([StoredEvent(uuid.uuid4(), 1, "t", b"x")])
