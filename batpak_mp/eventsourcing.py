@@ -10,8 +10,9 @@ How eventsourcing's records map onto the store:
 - every application has a scope of its own (``BATPAK_MP_SCOPE``, else
   ``<BATPAK_MP_NAMESPACE or "es">/<application name>``), so several applications share
   one store; an aggregate's events are the events of the entity ``<scope>:<originator
-  id>`` (so an entity-prefix query of ``<scope>`` finds them all), in the scope ``<scope>``. Snapshots (and any other recorder
-  purpose P) live in the scope ``<scope>.P``, tracking records in ``<scope>.tracking``.
+  id>`` in the scope ``<scope>`` (an entity-prefix query of ``<scope>`` finds them all).
+  Snapshots (and any other recorder purpose P) live in the scope ``<scope>.P``, tracking
+  records in ``<scope>.tracking``, one entity per upstream application.
 - ``originator_version`` travels in the payload; versions of one aggregate must rise
   along its chain. A batch is checked as SQL's primary key (originator_id,
   originator_version) would check it against an aggregate's events: a version at or below
@@ -101,7 +102,7 @@ def _translated() -> Iterator[None]:
 class Datastore:
     """One served store as a factory's recorders use it: a small pool of ``Store``
     connections (a ``Store`` serves one caller at a time, so threads of one process take
-    one each and their appends share a group commit) and each scope's positions."""
+    one each and their appends share a group commit)."""
 
     def __init__(self, data_dir: str, *, pool_size: int = DEFAULT_POOL_SIZE, timeout: float = 30.0) -> None:
         self.data_dir = data_dir

@@ -23,6 +23,7 @@ from conftest import assert_verified
 from eventsourcing.persistence import (
     AggregateRecorder,
     ApplicationRecorder,
+    DataError,
     InfrastructureFactory,
     IntegrityError,
     OperationalError,
@@ -207,6 +208,15 @@ def test_a_version_at_or_below_the_newest_is_an_integrity_error_and_nothing_is_w
     assert rec.max_notification_id() == 2
     assert [s.originator_version for s in rec.select_events(oid, desc=True, limit=1)] == [2]
     assert [s.originator_version for s in rec.select_events(oid, gt=1)] == [2]
+
+
+def test_an_originator_id_the_store_cannot_name_is_a_data_error() -> None:
+    rec = BatpakApplicationRecorder(_datastore(), _scope())
+    with pytest.raises(DataError, match="control character"):
+        rec.insert_events([StoredEvent("bad\x00id", 1, "t", b"x")])
+    with pytest.raises(DataError):
+        rec.select_events("x" * 2000)  # past the 1024-byte name limit
+    assert rec.max_notification_id() is None
 
 
 def test_text_originator_ids_and_topics_filter() -> None:
