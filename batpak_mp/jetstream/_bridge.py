@@ -45,6 +45,7 @@ from .._format.record import R_FRAME_LEN, R_OFFSET, R_SEGMENT_ID
 from .._ipc.control import ControlBlock
 from .._read.reader import Reader, View, map_readonly
 from .._storage.osio import Disk
+from .._values import WriterState
 from ._mapping import H_HASH, H_STORE, default_prefix, frame_version, publish_headers, subject_of
 from ._nats import NATS_ERRORS, ensure_stream, get_message, open_nats
 
@@ -126,6 +127,11 @@ class _Journal:
     def visible(self) -> int:
         return int(self.control.frontier()[0])
 
+    def gone(self) -> bool:
+        """The service behind this control block stopped or failed (a new one may come,
+        with a new block: attach again)."""
+        return int(self.control.frontier()[3]) in (WriterState.STOPPED, WriterState.FAILED)
+
     def bell_value(self) -> int:
         bell = self.control.bell
         return int(bell.value) if bell is not None else 0
@@ -176,6 +182,10 @@ class _Journal:
         self._segments.clear()
         self.reader.close()
         self.control.close()
+
+
+class _Reattach(Exception):
+    """The service stopped: find its control block again (a new service makes a new one)."""
 
 
 class _Rejected(Exception):
@@ -246,7 +256,6 @@ class Bridge:
         self.status = BridgeStatus(os.getpid(), config.url, config.stream, self.prefix, _now_ms())
         self.stop = asyncio.Event()
         self._last_status = 0.0
-        self._journal: _Journal | None = None
 
     # -- status ---------------------------------------------------------------------------
     def _set(self, state: str, *, force: bool = False) -> None:
@@ -299,13 +308,13 @@ class Bridge:
         """Publish until ``stop`` is set (then drain what is visible, up to ``DRAIN_S``)."""
         self._set("starting", force=True)
         try:
-            self._journal = await self._attach()
+            journal: _Journal | None = await self._attach()
         except WriterUnavailable:
             self._set("stopped", force=True)
             return EXIT_OK
         nc: Client | None = None
         try:
-            while True:
+            while journal is not None:
                 if nc is None:
                     self._set("connecting")
                     try:
@@ -317,8 +326,15 @@ class Bridge:
                         await self._pause(RETRY_S)
                         continue
                 try:
-                    if await self._session(nc, self._journal):
+                    if await self._session(nc, journal):
                         break
+                except _Reattach:  # the service stopped; a new one (new control block) may come
+                    self._set("waiting")
+                    journal.close()
+                    journal = None
+                    await self._pause(ATTACH_WAIT_S)
+                    with contextlib.suppress(WriterUnavailable):  # raised only once asked to stop
+                        journal = await self._attach()
                 except StreamMismatch as exc:
                     self._error(exc)
                     self._set("failed", force=True)
@@ -339,7 +355,8 @@ class Bridge:
             if nc is not None:
                 with contextlib.suppress(*NATS_ERRORS):
                     await asyncio.wait_for(nc.close(), 2.0)
-            self._journal.close()
+            if journal is not None:
+                journal.close()
 
     _stop_at: float | None = None
 
@@ -424,6 +441,8 @@ class Bridge:
                     continue
                 if self.stop.is_set():
                     return True
+                if journal.gone():
+                    raise _Reattach()
                 self._set("idle")
                 await asyncio.to_thread(journal.wait, seen, IDLE_WAIT_S)
         finally:

@@ -98,16 +98,16 @@ class RemoteStore:
 
     def _on_msg(self, msg: Msg) -> None:
         check = self._check
-        if check.broken is not None:
+        seq = msg.metadata.sequence.stream
+        if check.broken is not None or seq < check.next_seq:  # a redelivery after the consumer reset: kept already
             return
         try:
-            frame = check.check(msg.metadata.sequence.stream, msg.subject, msg.headers, msg.data)
+            frame = check.check(seq, msg.subject, msg.headers, msg.data)
         except StreamTampered:
             with self._cond:
                 self._cond.notify_all()
             return
         ev = frame_to_event(frame)
-        seq = frame.global_sequence
         with self._cond:
             self._events.append(ev)
             self._fenced.append(bool(frame.flags & FLAG_FENCED))

@@ -119,6 +119,8 @@ def restore_from_stream(url: str, stream: str, data_dir: str | os.PathLike[str],
             if done.is_set() or failure:
                 return
             seq = msg.metadata.sequence.stream
+            if seq < check.next_seq:  # a redelivery after the consumer reset: written already
+                return
             if seq > last:
                 done.set()
                 return

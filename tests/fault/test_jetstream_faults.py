@@ -217,3 +217,20 @@ def test_two_bridges_by_mistake_never_interleave(tmp_path: os.PathLike[str], dat
             for b in bridges:
                 assert stop_bridge(b) == 0
     assert_verified(data_dir)
+
+
+def test_a_standalone_bridge_outlives_a_stop_and_a_new_serve(tmp_path: os.PathLike[str], data_dir: str) -> None:
+    with nats_server(os.fspath(tmp_path)) as ns:
+        with bp.serve(data_dir, segment_max_bytes=1 << 20):
+            _append(data_dir, 20)
+            bridge = start_bridge(data_dir, ns.url, "F7")
+            wait_stream(ns.url, "F7", _visible(data_dir))
+        try:  # the service stopped (its control block removed); the bridge waits for the next one
+            wait_status(data_dir, lambda st: st["state"] == "waiting")
+            with bp.serve(data_dir, segment_max_bytes=1 << 20):
+                _append(data_dir, 20)
+                wait_stream(ns.url, "F7", _visible(data_dir))
+                assert_stream_is_journal(ns.url, "F7", data_dir)
+        finally:
+            assert stop_bridge(bridge) == 0
+    assert_verified(data_dir)
