@@ -63,7 +63,6 @@ from ._retention import Retention, RetentionRule
 from ._signing import verify_receipt_signature
 from ._values import (
     EFFECT_DENIAL,
-    SYSTEM_FENCE_COMMIT,
     BatchItem,
     CompactReport,
     Coordinate,
@@ -89,7 +88,6 @@ POLL_S = 0.05  # while waiting for a reply, the control block is checked this of
 MAX_PAYLOAD = 16 * 1024 * 1024
 _PER_ITEM_OVERHEAD = 64  # msgpack framing of one item beyond its variable fields
 _MASK128 = (1 << 128) - 1
-_FENCE_COMMIT = Kind(0, SYSTEM_FENCE_COMMIT)
 
 _live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
@@ -881,6 +879,13 @@ class Store(_Erasure):
                     seq = reader._retrying(functools.partial(reader.prev_in_entity, seq))
             return None
 
+    def stream_entries(self, after: int, limit: int, region: Region) -> tuple[list[tuple[Event, int, bool]], int]:
+        """``stream_page`` with each event's stream position and whether it is the last
+        one at that position (what cursors acknowledge): (entries, last position looked at)."""
+        with self._lock:
+            self._ensure_open()
+            return self._reader.stream_page(after, limit, region)
+
     def stream_page(self, after: int, limit: int, *, entity: str | None = None, scope: str | None = None,
                     kind: Kind | None = None) -> tuple[list[Event], int]:
         """The next page of the log after ``after`` in stream order (see ``_stream_page``)
@@ -892,14 +897,17 @@ class Store(_Erasure):
 
     # -- replay: cursors, reactors, causal links, projections (see _replay) -----------------
     def cursor(self, name: str, *, entity: str | None = None, scope: str | None = None, kind: Kind | None = None,
-               include_system: bool = False, start_after: int | None = 0, timeout: float | None = None) -> Cursor:
+               include_system: bool = False, start_after: int | None = 0, timeout: float | None = None,
+               reset: bool = False) -> Cursor:
         """A durable named consumer of the matching events: resumes after its last
         ``ack`` (kept in the journal), at-least-once. ``start_after`` (a sequence, or None
         for the current frontier) applies only to a cursor that has never acknowledged.
-        ``timeout``: iteration ends after that many idle seconds."""
+        ``timeout``: iteration ends after that many idle seconds. A cursor remembers its
+        filter: opening it under another is ``CursorFilterChanged``, unless ``reset``
+        (it then starts over at ``start_after`` under the new filter)."""
         self._ensure_open()
         return Cursor(self, name, EventFilter(entity, scope, kind, include_system), start_after=start_after,
-                      timeout=timeout)
+                      timeout=timeout, reset=reset)
 
     def react(self, name: str, handler: Handler, *, entity: str | None = None, scope: str | None = None,
               kind: Kind | None = None, include_system: bool = False, start_after: int | None = 0,
@@ -1060,28 +1068,10 @@ class Fence:
 
 def _stream_page(reader: Reader, after: int, limit: int, entity: str | None, scope: str | None,
                  kind: Kind | None) -> tuple[list[Event], int]:
-    """The next page of the log in *stream* order, for consumers that keep a position
-    (subscriptions, cursors, reactors, incremental projections). An event written in a
-    visibility fence is delivered where its FENCE_COMMIT event stands, not at its own
-    (earlier) sequence, so a consumer that had already passed it still receives it,
-    exactly once. Returns (events, the last sequence looked at)."""
-    page = reader.query_after(after, limit, entity, scope, kind, skip_fenced=True)
-    end = page.next_after
-    commits = reader.query_after(after, 1 << 62, None, None, _FENCE_COMMIT, upto=end).events
-    if not commits:
-        return page.events, end
-    keyed: list[tuple[int, int, Event]] = [(e.global_sequence, 0, e) for e in page.events]
-    for c in commits:
-        n = 0
-        for first, last in c.payload["ranges"]:
-            for seq in range(int(first), int(last) + 1):
-                ev = reader.event(seq, include_hidden=True)  # the commit event is the authority
-                if ((entity is None or ev.coordinate.entity == entity) and (scope is None or ev.coordinate.scope == scope)
-                        and (kind is None or ev.kind == kind)):
-                    n += 1
-                    keyed.append((c.global_sequence, n, ev))
-    keyed.sort(key=lambda t: (t[0], t[1]))
-    return [e for _, _, e in keyed], end
+    """The next page of the log in *stream* order (``_read/queries.stream_page``: a fenced
+    event is delivered where its FENCE_COMMIT stands) and the last position looked at."""
+    entries, end = reader.stream_page(after, limit, Region(entity=entity, scope=scope, kind=kind))
+    return [e for e, _, _ in entries], end
 
 
 class Subscription:
@@ -1097,8 +1087,13 @@ class Subscription:
         self._store = store
         self.position = after  # the last sequence looked at (events delivered or filtered out)
         self._entity, self._scope, self._kind = entity, scope, kind
+        self._region = Region(entity=entity, scope=scope, kind=kind)
         self._timeout = timeout
-        self._buffer: deque[Event] = deque()
+        self._buffer: deque[tuple[Event, int, bool]] = deque()
+        # the stream position of the last event handed out (a fenced event's is its
+        # FENCE_COMMIT's sequence) and whether it was the last one at that position
+        self.stream_position = after
+        self.stream_last = True
         self._closed = False
         # validate the filters now (query_after raises typed errors for bad ones)
         store.query_after(after, limit=1, entity=entity, scope=scope, kind=kind)
@@ -1130,16 +1125,16 @@ class Subscription:
         store = self._store
         while not self._closed:
             if self._buffer:
-                return self._buffer.popleft()
+                ev, self.stream_position, self.stream_last = self._buffer.popleft()
+                return ev
             with store._pinned() as control:  # StoreClosed once another thread closed the store
                 bell = control.bell
                 if bell is None:
                     raise StoreClosed()
                 seen = bell.value  # read before looking: a publish after this wakes the wait
-                events, self.position = store.stream_page(self.position, self.PAGE, entity=self._entity,
-                                                          scope=self._scope, kind=self._kind)
-                if events:
-                    self._buffer.extend(events)
+                entries, self.position = store.stream_entries(self.position, self.PAGE, self._region)
+                if entries:
+                    self._buffer.extend(entries)
                     continue
                 if control.frontier()[0] > self.position:
                     continue  # more to look at (a page of non-matching events)

@@ -92,6 +92,19 @@ class ConcurrencyConflict(BatpakError):
         )
 
 
+class CursorFilterChanged(BatpakError, ValueError):
+    """A durable cursor (or reactor) was opened under another filter than the one its
+    position was acknowledged under: the position would not mean the same events.
+    ``stored`` and ``given`` are the two filters' identities. Open it with ``reset=True``
+    to start it over under the new filter, or use another name."""
+
+    def __init__(self, cursor: str, stored: str, given: str) -> None:
+        self.cursor = cursor
+        self.stored = stored
+        self.given = given
+        super().__init__(f"cursor {cursor!r} was acknowledged under filter {stored!r}, not {given!r}")
+
+
 class IdempotencyConflict(BatpakError, ValueError):
     """An idempotency key was used again for another request: the event stored under it
     (at ``sequence``) differs in ``field`` (entity, scope, kind, payload, payload_version,

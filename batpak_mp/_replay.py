@@ -57,12 +57,14 @@ from ._api import EventFeed, ReplayHost
 from ._errors import (
     BatpakError,
     ConcurrencyConflict,
+    CursorFilterChanged,
     InvalidArgument,
     ProtocolError,
     ReactorError,
     StorageError,
 )
 from ._ipc.names import PID_MAX
+from ._query import Region
 from ._values import (
     CATEGORY_SYSTEM,
     SYSTEM_CURSOR_ACK,
@@ -78,6 +80,7 @@ from ._values import (
 CURSOR_SCOPE = "system"
 CURSOR_ACK = Kind(CATEGORY_SYSTEM, SYSTEM_CURSOR_ACK)
 ACK_RACES = 64  # tries against other instances of the same cursor before giving up
+ACK_AT_MAX = 100_000  # delivered fenced events remembered for their acks; past it, the acknowledged ones are dropped
 PAGE = 1000  # events per query_after page while folding or scanning
 MAX_REACTIONS = 9_999  # a batch holds 10,000 events: the reactions plus the ack
 DEFAULT_MAX_FAILURES = 5  # consecutive failures of one event before run() raises ReactorError
@@ -145,6 +148,12 @@ class EventFilter:
     def key(self) -> tuple[str | None, str | None, int | None, bool]:
         return (self.entity, self.scope, None if self.kind is None else self.kind.packed(), self.system)
 
+    def identity(self) -> str:
+        """The stable text a durable cursor records with its acks (``Region.identity``, and
+        ``+system`` when system events pass without being named)."""
+        text = Region(entity=self.entity, scope=self.scope, kind=self.kind).identity()
+        return text + ";+system" if self.include_system and self.entity is None else text
+
 
 # -- cursors ---------------------------------------------------------------------------------
 
@@ -163,7 +172,9 @@ class Cursor:
     backwards) but both see the unacknowledged events."""
 
     def __init__(self, store: ReplayHost, name: str, flt: EventFilter, *, start_after: int | None = 0,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, reset: bool = False) -> None:
+        if type(reset) is not bool:
+            raise InvalidArgument("reset", reset, "must be a bool")
         if not isinstance(name, str) or not name:
             raise InvalidArgument("name", name, "must be a non-empty str")
         if start_after is not None and (type(start_after) is not int or start_after < 0):
@@ -172,6 +183,8 @@ class Cursor:
             raise InvalidArgument("timeout", timeout, "must be a number of seconds >= 0, or None")
         self.name = name
         self.filter = flt
+        self.identity = flt.identity()
+        self._ack_at: dict[int, int] = {}  # sequence -> the position its ack records (delivered at another)
         self._store = store
         self._coord = Coordinate(f"cursor:{name}", CURSOR_SCOPE)
         self._timeout = timeout
@@ -181,13 +194,19 @@ class Cursor:
         found = self._load()
         if found is not None:
             self.acked, self._clock = found
-        else:
+            stored = self._stored_identity
+            if stored is not None and stored != self.identity:
+                if not reset:
+                    raise CursorFilterChanged(name, stored, self.identity)
+                found = None  # the documented reset: the cursor starts over under its new filter
+                self.acked = 0
+        if found is None:
             visible = store.frontier().visible
             begin = visible if start_after is None else start_after
             if begin > visible:
                 raise InvalidArgument("start_after", start_after, f"is beyond the visible frontier {visible}")
-            if begin:
-                self._commit([], begin, _derived_key("cursor-start", name, begin))  # a restart starts there too
+            if begin or reset:  # a restart starts there too; a reset records the new filter at once
+                self._commit([], begin, _derived_key("cursor-start", name, begin, self.identity, self._clock))
         self.delivered = self.acked
         self._sub: EventFeed = store.subscribe(self.acked, entity=flt.entity, scope=flt.scope, kind=flt.kind)
 
@@ -198,13 +217,17 @@ class Cursor:
 
     # -- the position in the journal -------------------------------------------------------
     def _load(self) -> tuple[int, int] | None:
-        """(acknowledged position, entity clock) from the journal, or None for a new cursor."""
+        """(acknowledged position, entity clock) from the journal, or None for a new cursor
+        (``_stored_identity``: the filter the newest ack recorded, None before issue 14)."""
+        self._stored_identity: str | None = None
         head = self._store.entity_head(self._coord.entity)
         if head is None:
             return None
         ack: Event | None = head
         if head.kind != CURSOR_ACK:  # someone appended an ordinary event to this entity
             ack = next((e for e in reversed(self._store.history(self._coord.entity)) if e.kind == CURSOR_ACK), None)
+        if ack is not None and isinstance(ack.payload, dict) and isinstance(ack.payload.get("filter"), str):
+            self._stored_identity = ack.payload["filter"]
         return (self._through(ack) if ack is not None else 0), head.entity_clock
 
     def _through(self, ack: Event) -> int:
@@ -220,7 +243,7 @@ class Cursor:
         acknowledged ``through`` (then nothing of this batch was written)."""
         conflict: ConcurrencyConflict | None = None
         for _ in range(ACK_RACES):
-            ack = BatchItem(self._coord, CURSOR_ACK, {"cursor": self.name, "through": through},
+            ack = BatchItem(self._coord, CURSOR_ACK, {"cursor": self.name, "through": through, "filter": self.identity},
                             idempotency_key=key, expected_clock=self._clock)
             try:
                 receipts = self._store.append_store_kinds([*items, ack])
@@ -264,8 +287,17 @@ class Cursor:
             ev = self._sub.next(remaining)
             if ev is None:
                 return None
+            # where it was delivered: a fenced event at its FENCE_COMMIT (an ack records that
+            # position, or the one before when more of the same commit follow)
+            pos: int = getattr(self._sub, "stream_position", ev.global_sequence)
+            last: bool = getattr(self._sub, "stream_last", True)
+            self.delivered = pos
             if self.filter.admits(ev):
-                self.delivered = ev.global_sequence
+                at = pos if last else pos - 1
+                if at != ev.global_sequence:
+                    if len(self._ack_at) > ACK_AT_MAX:
+                        self._ack_at = {k: v for k, v in self._ack_at.items() if v > self.acked}
+                    self._ack_at[ev.global_sequence] = at
                 return ev
 
     def __iter__(self) -> Cursor:
@@ -277,11 +309,17 @@ class Cursor:
             raise StopIteration
         return ev
 
+    def ack_position(self, event: Event) -> int:
+        """The stream position an ack of ``event`` records: its sequence, or for an event
+        revealed by a fence, its FENCE_COMMIT's (the one before, while more of that
+        commit are still to come)."""
+        return self._ack_at.get(event.global_sequence, event.global_sequence)
+
     def ack(self, event: Event) -> None:
         """Acknowledge ``event`` and every event before it (durable on return)."""
         if not isinstance(event, Event):
             raise InvalidArgument("event", event, "must be a bp.Event")
-        self.ack_through(event.global_sequence)
+        self.ack_through(self.ack_position(event))
 
     def ack_through(self, sequence: int) -> None:
         """Acknowledge every event up to ``sequence``. Never moves backwards: a sequence at
@@ -490,10 +528,11 @@ class Reactor:
             if items:
                 # the reactions and the ack of their source, together; the ack covers every
                 # event handled before it too
-                self.cursor._commit(items, ev.global_sequence, _derived_key("reactor-ack", self.name, ev.event_id))
+                self.cursor._commit(items, self.cursor.ack_position(ev),
+                                    _derived_key("reactor-ack", self.name, ev.event_id))
                 self._unacked = self._unacked_count = 0
             else:
-                self._unacked = ev.global_sequence
+                self._unacked = max(self._unacked, self.cursor.ack_position(ev))
                 self._unacked_count += 1
                 if self._unacked_count >= self.ack_every:
                     self._flush()

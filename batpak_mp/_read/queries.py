@@ -31,7 +31,7 @@ from .._format.record import (
 )
 from .._format.tables import walk_to_position
 from .._query import Region, region_of
-from .._values import Event, Kind, Page, check_name
+from .._values import CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT, Event, Kind, Page, check_name
 
 if TYPE_CHECKING:
     from .reader import Reader
@@ -281,3 +281,39 @@ def query_scope(reader: Reader, scope: str, after_position: int = 0, limit: int 
 
     page: Page = reader._retrying(run)
     return page
+
+
+# -- stream order -----------------------------------------------------------------------------
+FENCE_COMMIT_REGION = Region(kind=Kind(CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT))
+StreamEntry = tuple[Event, int, bool]  # (event, stream position, the last entry at that position)
+
+
+def stream_page(reader: Reader, after: int, limit: int, region: Region) -> tuple[list[StreamEntry], int]:
+    """The next page after stream position ``after`` in *stream* order, for consumers that
+    keep a position (subscriptions, cursors, reactors, consumer groups, incremental
+    projections). An event written in a visibility fence is delivered where its
+    FENCE_COMMIT event stands (its stream position is the commit's sequence), after the
+    commit, in the order of the commit's ranges: a consumer that had passed its own
+    sequence still gets it, exactly once. Each entry says its stream position and whether
+    it is the last one delivered at that position (an ack of an earlier one of a commit
+    must not cover the rest). Returns (entries, the last position looked at); ``region``
+    filters (its ``upto`` bounds the positions)."""
+    page = select(reader, after, limit, region, skip_fenced=True)
+    end = page.next_after
+    commits = select(reader, after, 1 << 62, FENCE_COMMIT_REGION.with_upto(end)).events
+    if not commits:
+        return [(e, e.global_sequence, True) for e in page.events], end
+    keyed: list[tuple[int, int, Event]] = [(e.global_sequence, 0, e) for e in page.events]
+    for c in commits:
+        n = 0
+        for first, last in c.payload["ranges"]:
+            for seq in range(int(first), int(last) + 1):
+                ev = reader.event(seq, include_hidden=True)  # the commit event is the authority
+                if region.matches(ev):  # its own sequence is below the commit: within any bound the commit is
+                    n += 1
+                    keyed.append((c.global_sequence, n, ev))
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    out: list[StreamEntry] = []
+    for i, (pos, _, ev) in enumerate(keyed):
+        out.append((ev, pos, i + 1 == len(keyed) or keyed[i + 1][0] != pos))
+    return out, end

@@ -399,6 +399,9 @@ class Reader:
     def select(self, after: int, limit: int, reg: Region, *, skip_fenced: bool = False) -> Page:
         return queries.select(self, after, limit, reg, skip_fenced=skip_fenced)
 
+    def stream_page(self, after: int, limit: int, region: Region) -> tuple[list[queries.StreamEntry], int]:
+        return queries.stream_page(self, after, limit, region)
+
     def latest_in_scope(self, scope: str) -> Event | None:
         return queries.latest_in_scope(self, scope)
 

@@ -247,7 +247,7 @@ def test_a_raising_handler_backs_off_and_is_not_acknowledged(service: tuple[bp.S
         assert [(f.sequence, f.attempt) for f in r.errors] == [(bad.global_sequence, n) for n in range(1, len(calls) + 1)]
         assert isinstance(r.errors[-1].error, RuntimeError)
         assert r.cursor.position == ok.global_sequence  # the failing event is not acknowledged
-        assert s.cursor("reactor:flaky").position == ok.global_sequence  # in the journal too
+        assert s.cursor("reactor:flaky", kind=K).position == ok.global_sequence  # in the journal too
         assert s.caused_by(bad.event_id) == []
 
         # max_failures consecutive failures -> ReactorError; the event stays unacknowledged
@@ -301,18 +301,18 @@ def test_writer_restart_while_a_reactor_runs(service: tuple[bp.Service, str]) ->
         _expect(q, "ready")
         src = _append_sources(s, n // 2)
         deadline = time.monotonic() + 10
-        while s.cursor("reactor:restart").position < src[5].global_sequence and time.monotonic() < deadline:
+        while s.cursor("reactor:restart", kind=K).position < src[5].global_sequence and time.monotonic() < deadline:
             time.sleep(0.01)
         f = s.frontier()
         os.kill(f.writer_pid, signal.SIGKILL)  # the reactor has work in flight
-        position_at_kill = s.cursor("reactor:restart").position
+        position_at_kill = s.cursor("reactor:restart", kind=K).position
         _wait_new_writer(s, f.writer_epoch)
         src += _append_sources(s, n - n // 2, n // 2)
         assert _expect(q, "done") == n
         p.join(10)
         assert p.exitcode == 0
         assert _reactions_by_cause(s) == Counter({r.event_id: 1 for r in src})  # no gap, no duplicate
-        assert s.cursor("reactor:restart").position == src[-1].global_sequence
+        assert s.cursor("reactor:restart", kind=K).position == src[-1].global_sequence
         assert position_at_kill < src[n // 2 - 1].global_sequence  # it was killed mid-way
 
 
