@@ -234,3 +234,30 @@ def test_a_standalone_bridge_outlives_a_stop_and_a_new_serve(tmp_path: os.PathLi
         finally:
             assert stop_bridge(bridge) == 0
     assert_verified(data_dir)
+
+
+def test_a_damaged_journal_frame_is_never_published(tmp_path: os.PathLike[str], data_dir: str) -> None:
+    """Fail closed: the bridge publishes up to the damaged frame, then stops with exit 71
+    (a restart cannot help) and says why; the stream stays a clean prefix of the journal."""
+    with nats_server(os.fspath(tmp_path)) as ns, bp.serve(data_dir, segment_max_bytes=1 << 20):
+        _append(data_dir, 10)
+        with bp.connect(data_dir) as store:
+            bad = store.append(bp.Coordinate("victim", "s"), bp.Kind(1, 1), {"mark": "MARK" * 8})
+        _append(data_dir, 10)
+        seg = os.path.join(data_dir, "segments", sorted(os.listdir(os.path.join(data_dir, "segments")))[-1])
+        fd = os.open(seg, os.O_RDWR)
+        try:  # one bit of the payload, through the page cache every reader maps
+            data = os.pread(fd, 1 << 20, 0)
+            at = data.index(b"MARK" * 8)
+            os.pwrite(fd, bytes([data[at] ^ 0x01]), at)
+        finally:
+            os.close(fd)
+        bridge = start_bridge(data_dir, ns.url, "F8")
+        assert bridge.wait(30) == 71
+        status = jetstream.read_status(data_dir)
+        assert status is not None and status["state"] == "failed" and "CorruptSegment" in status["last_error"]
+        assert stream_last(ns.url, "F8") == bad.global_sequence - 1
+        with jetstream.connect(ns.url, "F8") as remote:
+            assert remote.query_after(0, limit=1000).events[-1].global_sequence == bad.global_sequence - 1
+    report = bp.verify(data_dir)  # and the local check finds the same damage
+    assert not report.ok
