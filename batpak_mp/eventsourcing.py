@@ -39,7 +39,6 @@ import os
 import threading
 import time
 import zlib
-from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 from uuid import UUID
@@ -408,7 +407,6 @@ class BatpakSubscription(Subscription[BatpakApplicationRecorder]):
     def __init__(self, recorder: BatpakApplicationRecorder, gt: int | None = None, topics: Sequence[str] = ()) -> None:
         super().__init__(recorder, gt=gt, topics=topics)
         self._wanted = frozenset(topics)
-        self._buffer: deque[Notification] = deque()
         self._prefix = len(recorder.scope) + 1
         with _translated():
             self._store = _connect(recorder.datastore.data_dir, timeout=recorder.datastore.timeout)
