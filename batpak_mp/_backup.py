@@ -59,7 +59,7 @@ from ._errors import (
     StorageError,
     StoreLocked,
 )
-from ._format.directory import META_FILE, SEGMENT_DIR, parse_segment_name, segment_name
+from ._format.directory import META_FILE, SEGMENT_DIR, name_hash, parse_segment_name, segment_name
 from ._format.frame import FLAG_COMMIT_END
 from ._format.ids import store_key_of
 from ._format.manifest import (
@@ -72,7 +72,8 @@ from ._format.manifest import (
     plan_segments,
 )
 from ._format.meta import Lineage, decode_lineage, decode_meta, encode_meta
-from ._format.record import record_offset
+from ._format.record import R_PREV_IN_ENTITY, RECORD, record_offset
+from ._format.scan import ScannedFrame
 from ._format.segment import (
     FOOTER_HEAD,
     SEG_HEADER_SIZE,
@@ -103,7 +104,10 @@ WRITEBACK = 8 << 20  # bytes: start writing the copy back every 8 MiB, so the fi
 # writer's own fsyncs meanwhile) never wait behind a whole segment of dirty pages
 DIR_MODE = 0o700  # as a data directory (OPERATIONS.md, trust model)
 FILE_MODE = 0o600
-SIDE_FILES = ("receipt.pub", "receipt.key")  # copied with a backup: the signing key's public half, and the key itself
+# copied with a backup, after the segments: the signing key's public half and the key itself; the
+# wrapped data keys of encrypted entities (_crypto.KEYS_FILE: a key is on disk before any frame
+# encrypted under it, so a table read after the segments has every key they need)
+SIDE_FILES = ("receipt.pub", "receipt.key", "keys.tbl")
 _RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h): swap two paths atomically
 _AT_FDCWD = -100
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -392,7 +396,11 @@ class _Source:
 
 # -- copying one segment ----------------------------------------------------------------------
 class _Copier:
-    """Copies files into a staging directory, counting bytes and calling ``progress``."""
+    """Copies segment files into a staging directory, counting bytes and calling
+    ``progress``. Each source file is opened once and everything about it (its size,
+    trailer, frames) is read through that descriptor: a compaction that swaps a sealed
+    segment by rename meanwhile (FORMAT.md §3.9) gives one whole file or the other,
+    never a mix."""
 
     def __init__(self, progress: Progress | None, total: int) -> None:
         self.progress = progress
@@ -404,56 +412,77 @@ class _Copier:
         if self.progress is not None:
             self.progress(self.done, self.total)
 
-    def copy(self, src: str, dst: str, length: int, size: int) -> int:
-        """Copy ``src[0:length]`` into a new file ``dst`` of ``size`` bytes (the rest
-        allocated after the copy, reading as zeros, as the writer preallocates: no write
-        into it may meet ENOSPC later); the crc32 of ``dst[0:min(length, size-32)]``,
-        computed on the bytes as read."""
+    def copy(self, sfd: int, src: str, dst: str, length: int, size: int) -> int:
+        """Copy ``src[0:length]`` (open as ``sfd``) into a new file ``dst`` of ``size``
+        bytes (the rest allocated after the copy, reading as zeros, as the writer
+        preallocates: no write into it may meet ENOSPC later); the crc32 of
+        ``dst[0:min(length, size-32)]``, computed on the bytes as read."""
         limit = min(length, size - SEG_TRAILER_SIZE)
-        sfd = DISK.open(src, os.O_RDONLY)
+        dfd = DISK.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
-            dfd = DISK.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            try:
-                crc, off = 0, 0
-                while off < length:
-                    n = min(CHUNK, length - off)
-                    chunk = DISK.pread(sfd, n, off, src)
-                    if len(chunk) != n:
-                        raise CorruptSegment(src, off + len(chunk), f"file ended at {off + len(chunk)} bytes, "
-                                             f"expected {length}")
-                    if off < limit:
-                        crc = zlib.crc32(memoryview(chunk)[:limit - off], crc)
-                    DISK.pwrite(dfd, chunk, off, dst)
-                    if (off + n) % WRITEBACK < n:
-                        _start_writeback(dfd, (off + n) // WRITEBACK * WRITEBACK - WRITEBACK, WRITEBACK)
-                    off += n
-                    self.done += n
-                    self.step()
-                if size > length:
-                    DISK.allocate(dfd, size, dst)  # the rest, as the writer preallocates (holes only: cheap)
-                DISK.fsync(dfd, dst)
-            finally:
-                DISK.close_quietly(dfd, dst)
+            crc, off = 0, 0
+            while off < length:
+                n = min(CHUNK, length - off)
+                chunk = DISK.pread(sfd, n, off, src)
+                if len(chunk) != n:
+                    raise CorruptSegment(src, off + len(chunk), f"file ended at {off + len(chunk)} bytes, "
+                                         f"expected {length}")
+                if off < limit:
+                    crc = zlib.crc32(memoryview(chunk)[:limit - off], crc)
+                DISK.pwrite(dfd, chunk, off, dst)
+                if (off + n) % WRITEBACK < n:
+                    _start_writeback(dfd, (off + n) // WRITEBACK * WRITEBACK - WRITEBACK, WRITEBACK)
+                off += n
+                self.done += n
+                self.step()
+            if size > length:
+                DISK.allocate(dfd, size, dst)  # the rest, as the writer preallocates (holes only: cheap)
+            DISK.fsync(dfd, dst)
         finally:
-            DISK.close_quietly(sfd, src)
+            DISK.close_quietly(dfd, dst)
         self.files += 1
         return crc
 
-    def copy_sealed(self, src: str, dst: str, size: int, trailer_crc: int) -> None:
-        crc = self.copy(src, dst, size, size)
-        if crc != trailer_crc:  # it covers the footer too: the bytes are the ones that were sealed
-            raise CorruptSegment(src, 0, "sealed segment checksum mismatch (a byte changed after sealing): "
-                                         "the source fails verification; nothing was published")
+    def copy_sealed(self, src: str, dst: str) -> tuple[int, str]:
+        """Copy a sealed segment whole, its whole-file checksum checked on the bytes as
+        read; (its size, the hex of its header and trailer) for the manifest."""
+        sfd = DISK.open(src, os.O_RDONLY)
+        try:
+            size = DISK.fstat(sfd, src).st_size
+            head = DISK.pread(sfd, SEG_HEADER_SIZE, 0, src)
+            tail = DISK.pread(sfd, SEG_TRAILER_SIZE, max(size - SEG_TRAILER_SIZE, 0), src)
+            trailer = decode_trailer(tail)
+            if trailer is None:
+                raise CorruptSegment(src, max(size - SEG_TRAILER_SIZE, 0), "a sealed segment lost its trailer")
+            if self.copy(sfd, src, dst, size, size) != trailer.segment_crc:  # it covers the footer too
+                raise CorruptSegment(src, 0, "sealed segment checksum mismatch (a byte changed after sealing): "
+                                             "the source fails verification; nothing was published")
+        finally:
+            DISK.close_quietly(sfd, src)
+        return size, (head + tail).hex()
 
-    def copy_prefix(self, src: str, dst: str, seg: SourceSegment, through: int, who: str) -> int:
-        """Copy the frames of ``seg`` through sequence ``through`` (and its header) into
-        ``dst``, each checked (its CRC) by the scan that found where they end; the offset
-        where they end. Frames at or below a durable sequence never change, so the bytes
-        copied are the bytes scanned."""
-        end = _frames_end(src, seg, through, who)
-        self.total -= seg.size - end  # counted whole before the frontier's frame was found
-        self.copy(src, dst, end, seg.size)
-        return end
+    def copy_prefix(self, src: str, dst: str, seg: SourceSegment, through: int | None,
+                    who: str) -> tuple[int, list[ScannedFrame]]:
+        """Copy the header and the frames of ``seg`` through sequence ``through`` (None:
+        its last whole commit) into
+        ``dst``, each frame checked (its CRC) by the scan that found where they end; (the
+        offset where they end, those frames). Frames at or below a durable sequence never
+        change, and the scan and the copy read the same file, so the bytes copied are the
+        bytes scanned."""
+        sfd = DISK.open(src, os.O_RDONLY)
+        try:
+            size = DISK.fstat(sfd, src).st_size
+            m = DISK.map_shared(sfd, size, src, writable=False)
+            try:
+                frames = _frames_through(m, src, seg, through, who)
+            finally:
+                m.close()
+            end = frames[-1].offset + frames[-1].frame_len if frames else SEG_HEADER_SIZE
+            self.total -= size - end  # counted whole before the frontier's frame was found
+            self.copy(sfd, src, dst, end, size)
+        finally:
+            DISK.close_quietly(sfd, src)
+        return end, frames
 
 
 def _map(path: str) -> mmap.mmap:
@@ -463,32 +492,43 @@ def _map(path: str) -> mmap.mmap:
     return m
 
 
-def _frames_end(path: str, seg: SourceSegment, through: int, who: str) -> int:
-    """Where the frame of sequence ``through`` ends in segment ``path``; it must be whole
-    (the scan checks every frame's CRC) and end a commit (``who``: the argument that
-    named it, for the error). Damage among those frames is ``CorruptSegment``."""
-    if through < seg.first_seq:
-        return SEG_HEADER_SIZE
-    m = _map(path)
-    try:
-        limit = len(m) - SEG_TRAILER_SIZE
-        trailer = decode_trailer(m[limit:])
-        if trailer is not None:
-            limit = trailer.footer_offset
-        scan = scan_segment(m, SEG_HEADER_SIZE, limit, seg.first_seq)
-    finally:
-        m.close()
+def _frames_through(m: mmap.mmap, path: str, seg: SourceSegment, through: int | None,
+                    who: str) -> list[ScannedFrame]:
+    """The frames of segment ``path`` (mapped as ``m``) from its first through sequence
+    ``through`` (None: through its last whole commit); they must be whole (the scan checks every frame's CRC) and end a commit
+    (``who``: the argument that named it, for the error). Damage among them is
+    ``CorruptSegment``."""
+    if through is not None and through < seg.first_seq:
+        return []
+    limit = len(m) - SEG_TRAILER_SIZE
+    trailer = decode_trailer(m[limit:])
+    if trailer is not None:
+        limit = trailer.footer_offset
+    scan = scan_segment(m, SEG_HEADER_SIZE, limit, seg.first_seq)
     frames = scan.frames[: scan.committed]
+    if through is None:
+        return frames
     i = through - seg.first_seq
     if i >= len(frames):
         raise CorruptSegment(path, scan.stop_offset, f"sequence {through} was durable but its segment's whole "
                              f"commits end at {seg.first_seq + len(frames) - 1} ({scan.stop_reason})")
-    f = frames[i]
-    if not f.flags & FLAG_COMMIT_END:
+    if not frames[i].flags & FLAG_COMMIT_END:
         last = next(g.seq for g in frames[i:] if g.flags & FLAG_COMMIT_END)
         raise InvalidArgument(who, through, f"lies inside a batch (its commit ends at sequence {last}); "
                                             "a copy holds whole commits only")
-    return f.offset + f.frame_len
+    return frames[: i + 1]
+
+
+def _footer_records(sid: int, frames: list[ScannedFrame], records: mmap.mmap | bytes) -> bytes:
+    """The seal footer's records of ``frames`` (FORMAT.md §4), from the frames themselves
+    (locations, flags and hashes as copied) and ``records`` (records.idx, or its image)
+    for each one's ``prev_in_entity``, which needs the history before it."""
+    out = bytearray()
+    for f in frames:
+        prev = RECORD.unpack_from(records, record_offset(f.seq))[R_PREV_IN_ENTITY]
+        out += RECORD.pack(f.clock, sid, f.offset, f.frame_len, f.kind, f.flags, name_hash(f.entity),
+                           name_hash(f.scope), prev, f.idem_hash)
+    return bytes(out)
 
 
 def _same_file(a: str, size: int, head_tail: str) -> bool:
@@ -513,9 +553,7 @@ def _link_or_copy(copier: _Copier, src: str, dst: str, seg: SourceSegment) -> bo
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
             raise StorageError("link", dst, exc) from None
-    trailer = decode_trailer(bytes.fromhex(seg.seal)[SEG_HEADER_SIZE:])
-    assert trailer is not None
-    copier.copy_sealed(src, dst, seg.size, trailer.segment_crc)
+    copier.copy_sealed(src, dst)
     return False
 
 
@@ -575,16 +613,15 @@ def backup(data_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *,
         for s in steps:
             name = names[s.segment.segment_id]
             src_path, dst_path = src.path(s.segment.segment_id), os.path.join(staging, name)
+            size, seal = s.segment.size, s.segment.seal
             if s.action == "reuse" and _reuse(os.path.join(target.path, name), dst_path, s.segment):
                 reused += 1
             elif s.segment.seal:
-                trailer = decode_trailer(bytes.fromhex(s.segment.seal)[SEG_HEADER_SIZE:])
-                assert trailer is not None
                 copier.total += s.segment.size if s.action == "reuse" else 0  # the previous copy changed
-                copier.copy_sealed(src_path, dst_path, s.segment.size, trailer.segment_crc)
+                size, seal = copier.copy_sealed(src_path, dst_path)
             else:
                 copier.copy_prefix(src_path, dst_path, s.segment, s.through, "frontier")
-            files.append(ManifestFile(name, s.segment.size, s.segment.seal))
+            files.append(ManifestFile(name, size, seal))
             copier.step()
         last = steps[-1].through if steps else 0
         for side in SIDE_FILES:
@@ -655,13 +692,15 @@ def fork(data_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *, at: 
                     _check_sealed(src_path)
                     linked += _link_or_copy(copier, src_path, dst_path, s.segment)
                 else:
-                    end = copier.copy_prefix(src_path, dst_path, s.segment, s.through, "at")
-                    records = bytes(found.records[record_offset(s.segment.first_seq):record_offset(s.through + 1)])
-                    _seal_copy(dst_path, s.segment, end, records)
+                    end, frames = copier.copy_prefix(src_path, dst_path, s.segment, s.through, "at")
+                    _seal_copy(dst_path, s.segment, end, _footer_records(s.segment.segment_id, frames, found.records))
                 copier.step()
         finally:
             if isinstance(found.records, mmap.mmap):
                 found.records.close()
+        keys = DISK.read_file(os.path.join(src.root, SIDE_FILES[2]))  # read after the segments, as a backup does
+        if keys is not None:
+            _write_new(os.path.join(staging, SIDE_FILES[2]), keys)  # inherited encrypted payloads stay readable
         fork_id = secrets.token_bytes(16)
         inherited = tuple((sid, min(t, point)) for sid, t in (src.lineage.inherited if src.lineage else ()))
         lineage = Lineage(src.store_id, point, (*inherited, (src.store_id, point)))
@@ -762,11 +801,9 @@ def restore(backup_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str]
         for seg in segments:
             dst = os.path.join(staging, SEGMENT_DIR, segment_name(seg.segment_id))
             if seg.seal:
-                trailer = decode_trailer(bytes.fromhex(seg.seal)[SEG_HEADER_SIZE:])
-                assert trailer is not None
-                copier.copy_sealed(src.path(seg.segment_id), dst, seg.size, trailer.segment_crc)
+                copier.copy_sealed(src.path(seg.segment_id), dst)
             else:
-                copier.copy(src.path(seg.segment_id), dst, seg.size, seg.size)
+                copier.copy_prefix(src.path(seg.segment_id), dst, seg, None, "backup")
         for side in (META_FILE, *SIDE_FILES):
             data = DISK.read_file(os.path.join(src.root, side))
             if data is not None:

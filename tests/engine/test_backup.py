@@ -238,3 +238,27 @@ def test_a_crash_between_the_two_renames_is_undone_by_the_next_run(tmp_path: os.
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".backup")) == [".backup.bpmp-lock"]
     assert_verified(dest)
     assert_verified(src)
+
+
+def test_compaction_in_the_source_reaches_the_next_backup_and_never_a_fork(tmp_path: os.PathLike[str]) -> None:
+    """Compaction swaps a sealed segment for a rewritten copy (a new file, by rename): the
+    next backup sees another seal and copies it again; a fork made before keeps its hard
+    link to the old file, with the payload, untouched."""
+    src, dest, fork_dir = (os.path.join(tmp_path, n) for n in ("data", "backup", "fork"))
+    receipts = fill(src, 6000)
+    bp.backup(src, dest)
+    bp.fork(src, fork_dir)
+    fork_files = fingerprint(fork_dir)
+    with bp.Engine.open(src, SMALL) as e:
+        e.redact(receipts[10].event_id, reason="test")
+        assert e.compact().segments_rewritten == 1
+    again = bp.backup(src, dest)
+    assert again.files_copied >= 2 and again.files_reused >= 1  # the rewritten segment, the active one
+    assert fingerprint(fork_dir) == fork_files
+    with bp.Engine.open(dest, SMALL) as e:
+        assert e.get(receipts[10].event_id).payload is None and e.verify_receipt(receipts[10])
+    with bp.Engine.open(fork_dir, SMALL) as e:
+        assert e.get(receipts[10].event_id).payload["i"] == 10
+    assert_verified(dest)
+    assert_verified(fork_dir)
+    assert_verified(src)
