@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import posix_ipc
 
 from ._api import EventStore, ReplayHost
+from ._crypto import KEYS_FILE, open_for_reading, shred_payload
 from ._errors import (
     BatpakError,
     FenceLost,
@@ -72,6 +73,8 @@ from ._values import (
     Page,
     Receipt,
     WriterState,
+    SHRED_ENTITY,
+    SYSTEM_SHRED,
     check_name,
     payload_version_for,
 )
@@ -616,6 +619,14 @@ class _Erasure:
         """Have the writer compact now, appends going on (OPERATIONS.md §11.2)."""
         return self._drive(_op_compact(timeout))
 
+    def shred(self, entity: str) -> Receipt:
+        """Destroy ``entity``'s data key (OPERATIONS.md §11.4): its payloads read as shredded."""
+        check_name("entity", entity)
+        if not os.path.exists(os.path.join(self._reader.data_dir, KEYS_FILE)):
+            raise InvalidArgument("entity", entity, "this store encrypts no payloads: there is no key to shred")
+        item = BatchItem(Coordinate(SHRED_ENTITY, "system"), Kind(0, SYSTEM_SHRED), shred_payload(entity))
+        return self.append_store_kinds([item])[0]
+
 
 class Store(_Erasure):
     """A connection to a served data directory. Thread-safe; fork-safe."""
@@ -646,6 +657,7 @@ class Store(_Erasure):
             self._control.close()
             raise
         self._reader = Reader(self.data_dir, self._view)
+        open_for_reading(self.data_dir)  # encrypted payloads (issue 13): MasterKeyError without the key
         self._retention_cache: dict[str, Any] = {}  # the rules in force, while the retention chain's head stays
         self._public_key = self._load_public_key()
         _live_stores.add(self)

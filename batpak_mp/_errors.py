@@ -391,3 +391,14 @@ class RetentionRefused(BatpakError, ValueError):
         self.rule = rule
         self.reason = reason
         super().__init__(f"retention rule {rule!r} refused: {reason}")
+
+
+class MasterKeyError(BatpakError, PermissionError):
+    """The store encrypts payloads and the master key is missing, malformed, not the one
+    its data keys were wrapped with, or kept inside the data directory. Raised at open,
+    before anything is written."""
+
+    def __init__(self, data_dir: str, reason: str) -> None:
+        self.data_dir = data_dir
+        self.reason = reason
+        super().__init__(f"master key of {data_dir or 'the store'}: {reason}")

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from ._errors import FutureVersion, InvalidArgument, InvalidCoordinate, InvalidKind, ReservedKind
+from ._errors import FutureVersion, InvalidArgument, InvalidCoordinate, InvalidKind, MasterKeyError, ReservedKind
 
 MAX_NAME_BYTES = 1024  # entity/scope limit in UTF-8 bytes: keeps frame headers small
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -38,12 +38,15 @@ SYSTEM_REDACT_REQUEST = 0x030  # payload {"event": id, "sequence": int, "reason"
 REDACTION_ENTITY = "redactions"  # the chain of erasure requests (scope "system"); kept for good, never redacted
 SYSTEM_RETENTION_SET = 0x031  # payload {"rules": [...], "idempotency_window_ms": int | None}: the rules from now on
 RETENTION_ENTITY = "retention"  # the chain of retention rule sets (scope "system"): the latest is in force
+SYSTEM_SHRED = 0x032  # payload {"key": 16-byte key id}: that data key is destroyed before this event is written
+SHRED_ENTITY = "shredding"  # the chain of shreds (scope "system"); names no entity, only its key id
 EFFECT_DENIAL = 0x001
 EFFECT_BYPASS = 0x002
 STORE_KINDS: dict[int, frozenset[str]] = {
     (CATEGORY_SYSTEM << 12) | SYSTEM_CURSOR_ACK: frozenset({"cursor", "through"}),
     (CATEGORY_SYSTEM << 12) | SYSTEM_REDACT_REQUEST: frozenset({"event", "sequence", "reason"}),
     (CATEGORY_SYSTEM << 12) | SYSTEM_RETENTION_SET: frozenset({"rules", "idempotency_window_ms"}),
+    (CATEGORY_SYSTEM << 12) | SYSTEM_SHRED: frozenset({"key"}),
     (CATEGORY_EFFECT << 12) | EFFECT_DENIAL: frozenset({"gate", "code", "message"}),
     (CATEGORY_EFFECT << 12) | EFFECT_BYPASS: frozenset({"reason"}),
 }
@@ -210,15 +213,32 @@ class Event:
     @property
     def payload(self) -> Any:
         """The decoded payload, upcast in memory to the registered version of its kind
-        (``register_payload``); ``FutureVersion`` if it was stored at a newer one."""
+        (``register_payload``); ``FutureVersion`` if it was stored at a newer one. An
+        encrypted payload is decrypted first (issue 13); None once its key was shredded."""
         if self._payload is _UNDECODED:
-            value = msgpack.unpackb(self.payload_bytes, raw=False, strict_map_key=False)
+            raw: bytes | None = self.payload_bytes
+            if self.payload_bytes[:1] == _ENCRYPTED:
+                raw = _decrypted(self)
+                if raw is None:  # shredded: its key is gone everywhere
+                    self._payload = None
+                    return None
+            value = msgpack.unpackb(raw, raw=False, strict_map_key=False)
             if _PAYLOAD_VERSIONS:
                 registered = _PAYLOAD_VERSIONS.get((self.kind[0] << 12) | self.kind[1])
                 if registered is not None:
                     value = _upcast(self.kind, self.payload_version, value, registered)
             self._payload = value
         return self._payload
+
+    @property
+    def encrypted(self) -> bool:
+        """The payload is stored encrypted under its entity's data key (issue 13)."""
+        return self.payload_bytes[:1] == _ENCRYPTED
+
+    @property
+    def shredded(self) -> bool:
+        """The payload was encrypted and its key destroyed (``shred``): it reads as None."""
+        return self.payload_bytes[:1] == _ENCRYPTED and _decrypted(self) is None
 
     @property
     def entity(self) -> str:
@@ -245,6 +265,21 @@ class Event:
 
 
 _UNDECODED: Any = object()
+_ENCRYPTED = b"\xc1"  # the first byte of an encrypted payload (_crypto.MARK): msgpack never uses 0xC1
+_CIPHERS: dict[bytes, Callable[[bytes, bytes], bytes | None]] = {}  # store tag (2 bytes) -> decrypt(entity, data)
+
+
+def register_cipher(store_tag: int, decrypt: Callable[[bytes, bytes], bytes | None]) -> None:
+    """How this process decrypts the payloads of the store with ``store_tag`` (``_crypto``)."""
+    _CIPHERS[store_tag.to_bytes(2, "big")] = decrypt
+
+
+def _decrypted(ev: Event) -> bytes | None:
+    decrypt = _CIPHERS.get(ev.event_id[6:8])
+    if decrypt is None:
+        raise MasterKeyError("", "this process opened no master key for the store of event "
+                                 f"{ev.event_id.hex()}: its payload is encrypted")
+    return decrypt(ev.coordinate._entity_bytes, ev.payload_bytes)
 
 # -- payload versions ------------------------------------------------------------------------
 # packed kind -> (current version, upcasters): upcasters[n - 1] turns a version-n payload

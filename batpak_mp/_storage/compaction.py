@@ -37,13 +37,26 @@ import time
 from collections.abc import Callable, Container, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .._crypto import shred_payload
+from .._errors import InvalidArgument
 from .._format.compact import rewrite_sealed
 from .._format.directory import COMPACTION_MARKER, compact_temp_name, parse_compact_temp_name
 from .._format.record import R_SEGMENT_ID
 from .._prepare import Prepared, prepare_items
 from .._read.redaction import current_retention, expiring, redaction_item, requested, retention_item
 from .._retention import Retention, RetentionRule
-from .._values import CompactReport, Receipt
+from .._values import (
+    CATEGORY_SYSTEM,
+    SHRED_ENTITY,
+    SYSTEM_SHRED,
+    BatchItem,
+    CompactReport,
+    Coordinate,
+    Kind,
+    Receipt,
+    check_name,
+)
+from .encryption import Encryption
 from .indexfiles import IndexFiles
 from .osio import Disk
 from .segments import SegmentFiles
@@ -210,6 +223,8 @@ class EngineErasure:
         _compactor: Compactor
         _retention_cache: dict[str, Any]
         _clock_ms: Callable[[], int]
+        _encryption: Encryption
+        store_tag: int
 
         def _check_open(self) -> None: ...
         def _commit_one(self, prepared: list[Prepared]) -> list[Receipt]: ...
@@ -278,3 +293,22 @@ class EngineErasure:
         reader = getattr(self, "reader", None)
         if reader is not None:
             reader.forget_segments()  # its mapping of the old file goes; the file's space with it
+
+    def enable_encryption(self, entity_prefixes: Sequence[str]) -> None:
+        """Encrypt the payloads of entities starting with any of ``entity_prefixes`` from
+        now on, each under a data key of its own wrapped by the master key
+        (``BATPAK_MP_MASTER_KEY_FILE``); ``MasterKeyError`` without one."""
+        self._check_open()
+        self._encryption.enable(entity_prefixes)
+        self._encryption.register(self.store_tag)
+        self._journal.cipher = self._encryption.apply
+
+    def shred(self, entity: str) -> Receipt:
+        """Destroy ``entity``'s data key: its payloads read as shredded everywhere from
+        now on (backups taken afterwards too); the chain and ``bp.verify`` still pass."""
+        self._check_open()
+        check_name("entity", entity)
+        if self._encryption.ring is None:
+            raise InvalidArgument("entity", entity, "this store encrypts no payloads: there is no key to shred")
+        item = BatchItem(Coordinate(SHRED_ENTITY, "system"), Kind(CATEGORY_SYSTEM, SYSTEM_SHRED), shred_payload(entity))
+        return self._commit_one(prepare_items([item], max_payload=self.config.max_payload_bytes, store_kinds=True))[0]

@@ -53,6 +53,7 @@ from .._values import (
 )
 from .compaction import Compactor, EngineErasure
 from .config import EngineConfig, parse_sync
+from .encryption import Encryption
 from .fences import FenceTable
 from .indexfiles import IndexFiles
 from .journal import Journal
@@ -108,6 +109,7 @@ class Engine(EngineErasure):
         self._idx_dir = os.path.join(self.data_dir, INDEX_DIR)
         try:
             self._lock()
+            self._encryption = Encryption.open(self.disk, self.data_dir)  # MasterKeyError here: nothing written yet
             self._load_meta()
             self._recover(durable_hint)
             self.reader = Reader(self.data_dir, self._journal.view)
@@ -166,6 +168,8 @@ class Engine(EngineErasure):
         self._compactor = Compactor(d, segments, self._index, self._idx_dir, on_swap=self._segment_swapped)
         self._retention_cache: dict[str, Any] = {}
         self._journal.idem_window = lambda: self.retention().idempotency_window_ms
+        self._encryption.register(self.store_tag)
+        self._journal.cipher = self._encryption.apply if self._encryption.ring is not None else None
         done = Recovery(segments, self._index, stamps, self.config.segment_max_bytes, self._journal.seal).run(
             ckpt, floor, full=self._compactor.interrupted())  # a swap cut short: every footer into records.idx
         self._compactor.recover()

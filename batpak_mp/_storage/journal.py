@@ -91,6 +91,7 @@ class Journal:
         self.groups_written = self.groups_published = 0  # monotonic: the writer's pipeline counts on them
         self.index_listener: Callable[[], None] = lambda: None
         self.idem_window: Callable[[], int | None] = lambda: None  # ms a key deduplicates (the engine's retention)
+        self.cipher: Callable[[Sequence[Prepared]], Sequence[Prepared]] | None = None  # the store encrypts payloads
         self.reader_stale = False  # a rotation failed before the reader mapped the index files it made
         self.planner = Planner(
             Lookups(self._published_state, self._idem_seq, self._receipt_of_written, self._frame_of_written),
@@ -151,6 +152,8 @@ class Journal:
             fence = fenced is not None and fenced[ri]
             start, before = group.count, group.nbytes
             try:
+                if self.cipher is not None:  # payload encryption, shreds (issue 13: encryption.py)
+                    items = self.cipher(items)
                 originals = plan.plan(group, items, fence)
             except BatpakError as exc:
                 results[ri] = exc
