@@ -3,9 +3,11 @@
 Run as ``python -m batpak_mp.writer DATA_DIR [options]`` (the supervisor does this).
 Owns: taking the lock and recovering (through the engine), the request queue, the
 client areas it reads and answers (through checked descriptors, never mapped: a client
-cannot fault the writer by truncating its area), the pipelined group-commit loop (a receiver thread empties the
-kernel queue; the loop validates and writes each group while a syncer thread runs the
-fsync of the previous one; replies wait for the fsync covering them), visibility fences
+cannot fault the writer by truncating its area), the pipelined group-commit loop (the
+loop takes every message waiting in the kernel queue, validates and writes them as one
+group while a syncer thread runs the fsync of the previous one, which wakes the loop
+with a message of its own; replies wait for the fsync covering them; a heartbeat thread
+keeps the heartbeat going through long commits), visibility fences
 held by clients, the control block's writer fields (epoch, state, heartbeat, frontiers,
 the subscribers' futex word), lifecycle events in the log, reclaiming IPC objects of
 dead clients, and a graceful drain on SIGTERM/SIGINT.
@@ -78,6 +80,8 @@ from ._values import (
 QUEUE_DEPTH = 10  # the kernel default msg_max: must work without raising limits
 HEARTBEAT_EVERY_NS = 50_000_000  # 50 ms: the supervisor's hang detection reads this
 RECEIVE_TIMEOUT_S = 0.05  # how long the loop sleeps in the kernel when idle
+NUDGE = b"\x00"  # the syncer's "an fsync finished" on the request queue (not a request: no client is answered)
+NUDGE_PRIORITY = 1  # above the clients' 0, so it is taken first
 CHECKPOINT_EVERY_NS = 1_000_000_000  # durable floor persisted at least once a second...
 CHECKPOINT_EVERY_EVENTS = 20_000  # ...and every 20k events: bounds the tail a restart scans
 SWEEP_EVERY_NS = 5_000_000_000  # dead clients' IPC objects reclaimed every 5 s
@@ -89,7 +93,6 @@ FILES_WANTED = 4096  # the writer raises its soft RLIMIT_NOFILE to this (areas, 
 DRAIN_MAX = 64  # messages taken per group while draining at stop
 GROUP_STATS_ENV = "BATPAK_MP_GROUP_STATS"  # a file the writer writes its group sizes to at a clean stop (benchmarks)
 GROUP_MAX = 256  # requests in one commit group at most (one write, one fsync)
-INBOX_MAX = 1024  # messages the receiver thread holds before leaving the rest queued
 
 
 def _log(msg: str) -> None:
@@ -459,12 +462,12 @@ class Writer:
         self.dropped = 0
         self.limits = W.request_limits(config.max_payload_bytes, config.max_batch_events, config.max_batch_bytes)
         self._swept_skipped = 0
-        # messages from the receiver thread and fsync results from the syncer thread
-        self._inbox: queue.SimpleQueue[bytes | _SyncDone] = queue.SimpleQueue()
+        # the fsync the syncer thread finished (the loop takes it; one fsync in flight at a time)
+        self._synced: _SyncDone | None = None
         self.compaction = _Compaction(self)  # issue 13: a compaction's copies, swapped in between groups
         self._sync_jobs: queue.SimpleQueue[tuple[int, str, int] | None] = queue.SimpleQueue()
         self._syncing = False
-        self._receiver_stop = False
+        self._beater_stop = threading.Event()
         self._rung_at = -1
         self.groups = self.requests = 0
         self.group_sizes: dict[int, int] = {}  # requests in a commit group -> how many groups (tools/bench.py)
@@ -518,37 +521,17 @@ class Writer:
                 self._rung_at = e.visible
                 self.control.ring()  # subscribers in every process wake up
 
-    def _beat_from_receiver(self) -> None:
-        """The receiver thread keeps the heartbeat going while the loop is busy in a long
-        commit (a 10,000-event batch, a slow fsync): busy is not hung."""
-        now = time.monotonic_ns()
-        if now - self._last_beat >= HEARTBEAT_EVERY_NS:
-            self._last_beat = now
-            with self._control_lock:
-                self.control.update(heartbeat_ns=now)
+    def _beat_loop(self) -> None:
+        """Heartbeat thread: keeps the heartbeat going while the loop is busy in a long
+        commit (a 10,000-event batch, a slow write): busy is not hung."""
+        while not self._beater_stop.wait(HEARTBEAT_EVERY_NS / 1e9):
+            now = time.monotonic_ns()
+            if now - self._last_beat >= HEARTBEAT_EVERY_NS:
+                self._last_beat = now
+                with self._control_lock:
+                    self.control.update(heartbeat_ns=now)
 
     # -- the loop ------------------------------------------------------------------------
-    def _receive_loop(self) -> None:
-        """Receiver thread: empties the kernel queue into the inbox, also while the
-        commit loop sits in fsync (which releases the GIL). The kernel queue holds only
-        10 messages; this lets one commit group carry a request from every client."""
-        receive = self.queue.receive
-        inbox = self._inbox
-        while not self._receiver_stop:
-            if inbox.qsize() >= INBOX_MAX:
-                time.sleep(0.0005)  # the loop is behind; the kernel queue holds the rest
-                self._beat_from_receiver()
-                continue
-            try:
-                msg, _ = receive(RECEIVE_TIMEOUT_S)
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
-                self._beat_from_receiver()
-                continue
-            except posix_ipc.ExistentialError:
-                break
-            inbox.put(msg)
-            self._beat_from_receiver()
-
     def _sync_loop(self) -> None:
         """Syncer thread: runs the fsync of written groups while the loop parses and
         writes the next group (one fsync in flight at a time), then reports back."""
@@ -561,11 +544,21 @@ class Writer:
                 t0 = time.monotonic_ns()
                 self.engine.disk.fdatasync(fd, path)
                 self.stats.fsync(time.monotonic_ns() - t0)
-                self._inbox.put(_SyncDone(target, None, path))
+                self._synced = _SyncDone(target, None, path)
             except OSError as exc:
-                self._inbox.put(_SyncDone(target, exc, path))
+                self._synced = _SyncDone(target, exc, path)
             finally:  # the job's own duplicate (pending_sync_target): a rotation cannot close it
                 self.engine.disk.close_quietly(fd, path)
+            self._nudge()
+
+    def _nudge(self) -> None:
+        """Wake the loop if it sleeps in the kernel queue (a message of its own, taken
+        first). A full queue needs none: the loop is awake taking messages, and looks at
+        ``_synced`` after each take."""
+        try:
+            self.queue.send(NUDGE, 0, NUDGE_PRIORITY)
+        except posix_ipc.Error:
+            pass
 
     def _sync_done(self, done: _SyncDone) -> None:
         self._syncing = False
@@ -576,33 +569,37 @@ class Writer:
             self.engine.publish_through(groups, True)
         self._answer_published()
 
+    def _take(self, batch: list[bytes]) -> None:
+        """Take what the kernel queue holds into ``batch`` (up to ``GROUP_MAX``), sleeping
+        there up to ``RECEIVE_TIMEOUT_S`` for the first message. The loop takes them
+        itself — no thread between the queue and the loop — so a request costs no extra
+        wake-up; clients beyond the queue's 10 messages wait in the kernel for room."""
+        receive = self.queue.receive
+        try:
+            msg = receive(RECEIVE_TIMEOUT_S)[0]
+            while True:
+                if msg != NUDGE:
+                    batch.append(msg)
+                    if len(batch) >= GROUP_MAX:
+                        return
+                msg = receive(0)[0]
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            return
+
     def serve(self) -> None:
-        inbox = self._inbox
         pipelined = self.config.sync.value == "group"
-        self._receiver = threading.Thread(target=self._receive_loop, name="batpak-receiver", daemon=True)
-        self._receiver.start()
+        beater = threading.Thread(target=self._beat_loop, name="batpak-heartbeat", daemon=True)
+        beater.start()
         syncer = threading.Thread(target=self._sync_loop, name="batpak-syncer", daemon=True)
         syncer.start()
         try:
             while not self.stopping:
-                try:
-                    first = inbox.get(timeout=RECEIVE_TIMEOUT_S)
-                except queue.Empty:
-                    self.tick()
-                    continue
                 batch: list[bytes] = []
-                item: bytes | _SyncDone = first
-                while True:
-                    if isinstance(item, _SyncDone):
-                        self._sync_done(item)
-                    else:
-                        batch.append(item)
-                    if len(batch) >= GROUP_MAX:
-                        break
-                    try:
-                        item = inbox.get_nowait()
-                    except queue.Empty:
-                        break
+                self._take(batch)
+                done = self._synced
+                if done is not None:
+                    self._synced = None
+                    self._sync_done(done)
                 if batch:
                     self.handle(batch, pipelined=pipelined)
                 if pipelined and not self._syncing and self.engine.groups_written > self.engine.groups_published:
@@ -611,19 +608,12 @@ class Writer:
                     self._sync_jobs.put((fd, path, self.engine.groups_written))
                 self.tick()
         finally:
-            self._receiver_stop = True
-            self._receiver.join()
+            self._beater_stop.set()
+            beater.join()
             self._sync_jobs.put(None)
             syncer.join()
-        rest: list[bytes] = []  # taken off the kernel queue but not served yet: serve before stopping
-        while not inbox.empty():
-            item = inbox.get_nowait()
-            if not isinstance(item, _SyncDone):
-                rest.append(item)
         self.engine.sync()  # written groups: fsync and publish them, then answer
         self._answer_published()
-        if rest:
-            self.handle(rest)
 
     def drain(self) -> None:
         """Answer whatever is queued now, then stop taking work."""
@@ -633,9 +623,11 @@ class Writer:
             batch: list[bytes] = []
             while len(batch) < DRAIN_MAX:
                 try:
-                    batch.append(self.queue.receive(0)[0])
+                    msg = self.queue.receive(0)[0]
                 except (posix_ipc.BusyError, posix_ipc.SignalError):
                     break
+                if msg != NUDGE:
+                    batch.append(msg)
             if not batch:
                 break
             self.handle(batch)
@@ -814,10 +806,6 @@ class Writer:
 
     def reply_receipts(self, area: _Area, req: W.Request, receipts: list[Receipt]) -> None:
         items = req.body[1] if req.op == W.OP_APPEND_FENCED else req.body  # one receipt per item
-        if req.epoch_seen != self.epoch and receipts and receipts[0].deduplicated:
-            # a request first sent to an earlier writer (re-sent, or left in the queue): its
-            # "original" may be its own first attempt, so it is not reported as a duplicate
-            receipts = [r._replace(deduplicated=False) for r in receipts]
         if req.epoch_seen != self.epoch and receipts and receipts[0].deduplicated:
             # a request first sent to an earlier writer (re-sent, or left in the queue): its
             # "original" may be its own first attempt, so it is not reported as a duplicate
