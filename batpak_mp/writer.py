@@ -464,6 +464,7 @@ class Writer:
         self._swept_skipped = 0
         # the fsync the syncer thread finished (the loop takes it; one fsync in flight at a time)
         self._synced: _SyncDone | None = None
+        self._nudge_failed = False  # logged once
         self.compaction = _Compaction(self)  # issue 13: a compaction's copies, swapped in between groups
         self._sync_jobs: queue.SimpleQueue[tuple[int, str, int] | None] = queue.SimpleQueue()
         self._syncing = False
@@ -557,8 +558,12 @@ class Writer:
         ``_synced`` after each take."""
         try:
             self.queue.send(NUDGE, 0, NUDGE_PRIORITY)
-        except posix_ipc.Error:
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
             pass
+        except posix_ipc.Error as exc:  # the loop still sees the fsync, at its next 50 ms wake
+            if not self._nudge_failed:
+                self._nudge_failed = True
+                _log(f"cannot wake the loop through the request queue ({exc}): replies wait up to 50 ms")
 
     def _sync_done(self, done: _SyncDone) -> None:
         self._syncing = False

@@ -181,7 +181,8 @@ def maps_file(pid: int, st: os.stat_result) -> bool | None:
 # -- message queues -----------------------------------------------------------------------------
 def create_request_queue(name: str, depth: int, message_size: int,
                          log: Callable[[str], None] | None = None) -> posix_ipc.MessageQueue:
-    """The writer's end (read-only) of the request queue ``name``: created (mode 0600)
+    """The writer's end of the request queue ``name`` (it reads requests, and writes only
+    the wake-up its own syncer thread sends the loop): created (mode 0600)
     when missing; an existing queue is used only when it is this user's, 0600, with these
     limits; else unlinked and created afresh (``UnsafeIpcObject`` when it cannot be)."""
     uid = os.geteuid()
@@ -189,11 +190,11 @@ def create_request_queue(name: str, depth: int, message_size: int,
     for _ in range(CREATE_ATTEMPTS):
         try:
             return posix_ipc.MessageQueue(name, posix_ipc.O_CREX, mode=MODE, max_messages=depth,
-                                          max_message_size=message_size, read=True, write=False)
+                                          max_message_size=message_size, read=True, write=True)
         except posix_ipc.ExistentialError:
             pass
         try:
-            mq = posix_ipc.MessageQueue(name, read=True, write=False)
+            mq = posix_ipc.MessageQueue(name, read=True, write=True)
         except posix_ipc.ExistentialError:
             continue
         except posix_ipc.PermissionsError:
