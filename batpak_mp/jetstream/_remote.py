@@ -49,7 +49,7 @@ from .._values import (
 from ._mapping import ChainCheck
 from ._nats import API_TIMEOUT_S, NATS_ERRORS, LoopThread, check_store, follow, open_nats, stream_info
 
-DEFAULT_TIMEOUT_S = 10.0  # a read waits this long for the stream (info and catching up) before StreamUnavailable
+DEFAULT_TIMEOUT_S = 10.0  # a read waits this long for the stream's info, or for the next message while it catches up
 _FENCE_COMMIT = Kind(CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT)
 
 
@@ -136,15 +136,19 @@ class RemoteStore:
                 through = self._loop.run(self._last_seq(), min(self.timeout, API_TIMEOUT_S))
             except NATS_ERRORS as exc:
                 raise StreamUnavailable(self.url, self.stream, f"stream info: {type(exc).__name__}: {exc}") from None
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.timeout  # moved on by every message: the first read of a long stream takes a while
         with self._cond:
-            while len(self._events) < through:
+            seen = len(self._events)
+            while seen < through:
                 self._raise_if_broken()
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise StreamUnavailable(self.url, self.stream, f"caught up to {len(self._events)} of {through} "
-                                            f"within {self.timeout} s")
+                    raise StreamUnavailable(self.url, self.stream, f"caught up to {seen} of {through}: no message "
+                                            f"for {self.timeout} s")
                 self._cond.wait(min(left, 0.2))
+                if len(self._events) > seen:
+                    seen = len(self._events)
+                    deadline = time.monotonic() + self.timeout
         self._raise_if_broken()
         return through
 
