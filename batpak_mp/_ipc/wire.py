@@ -26,7 +26,7 @@ from .._values import MAX_NAME_BYTES
 # 3: a client area starts with the id of the request its reply answers; doorbells are
 # words of the control block, not semaphores (§4.3, §6). 2: a receipt names its entity
 # and scope when they are not the request's (§8.1)
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 MAX_MESSAGE = 8192  # the kernel's default msgsize_max: a queue message never exceeds it
 
 OP_APPEND = 1  # body: [item, ...]; all-or-nothing
