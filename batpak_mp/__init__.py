@@ -6,6 +6,8 @@ The public face: everything a caller needs is importable from here (see ``__all_
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._backup import BackupReport, ForkReport, RestoreReport, backup, fork, restore
 from ._client import Fence, Store, Subscription, connect
 from ._errors import (
@@ -161,6 +163,10 @@ __all__ = [
     "verify",
     "verify_receipt_signature",
 ]
+
+
+if TYPE_CHECKING:  # type checkers see the module; at run time it is imported on first use
+    from . import aio as aio
 
 
 def __getattr__(name: str) -> object:

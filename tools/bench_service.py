@@ -8,6 +8,8 @@ against its baseline so the printed ratios are comparable even on a noisy shared
   batched4   durable batches of 100, 4 client processes     vs LMDB sync=True, 4 processes, 100 puts/txn
   reads4     point reads by id, 4 client processes          vs SQLite and LMDB point reads, 4 processes
   threads8   8 threads appending through one Store          vs 8 processes, one Store each
+  aio100     bp.aio: 100 appends in flight from one process's event loop
+                                                           vs the sync API from 16 processes (issue 14)
   groups     single appends from 1, 4, 16 and 64 client processes: commit group sizes (the
              writer's histogram, BATPAK_MP_GROUP_STATS), throughput and CPU per append
   latency    single-append latency p50/p99, 1 client        vs write+fdatasync of 256 bytes on the same disk
@@ -53,7 +55,7 @@ PAYLOAD_BYTES = msgpack.packb(PAYLOAD)
 KIND = bp.Kind(1, 1)
 GROUP_STATS_ENV = "BATPAK_MP_GROUP_STATS"  # batpak_mp.writer writes its commit-group sizes there at a clean stop
 GROUP_PROCS = (1, 4, 16, 64)
-WORKLOADS = ("singles16", "batched4", "reads4", "threads8", "groups", "latency", "attach")
+WORKLOADS = ("singles16", "batched4", "reads4", "threads8", "aio100", "groups", "latency", "attach")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 Result = tuple[int, float]  # (operations, CPU seconds of the process that did them)
@@ -241,6 +243,28 @@ def threads_appending(w: int, start: float, stop: float, data_dir: str, threads:
     return sum(counts), cpu
 
 
+def aio_appending(w: int, start: float, stop: float, data_dir: str, in_flight: int) -> Result:
+    """``in_flight`` coroutines appending single events through one AsyncStore of this process."""
+    import asyncio
+
+    async def main() -> Result:
+        counts = [0] * in_flight
+        async with await bp.aio.connect(data_dir) as s:
+            async def run(t: int) -> None:
+                c = bp.Coordinate(f"aio-{w}-{t}", "bench")
+                while time.time() < stop:
+                    await s.append(c, KIND, PAYLOAD)
+                    counts[t] += 1
+
+            await asyncio.sleep(max(0.0, start - time.time()))
+            cpu = time.process_time()
+            await asyncio.gather(*(run(t) for t in range(in_flight)))
+            cpu = time.process_time() - cpu
+        return sum(counts), cpu
+
+    return asyncio.run(main())
+
+
 # ---- workloads: each returns {"batpak": {...}, "<baseline>": {...}} of rate and CPU ------
 def figures(ops: int, cpu: float, seconds: float) -> dict[str, float]:
     return {"rate": ops / seconds, "cpu_us": cpu / ops * 1e6 if ops else 0.0, "ops": ops}
@@ -307,6 +331,17 @@ def workload_threads(seconds: float, threads: int) -> dict[str, dict[str, float]
     d = fresh("threads-procs")
     with bp.serve(d) as svc:
         out[f"{threads} processes"] = figures(*run_parallel(threads, bp_singles, (d,), seconds, served(svc)), seconds)
+    return out
+
+
+def workload_aio(seconds: float, in_flight: int, procs: int) -> dict[str, dict[str, float]]:
+    out = {}
+    d = fresh("aio-bp")
+    with bp.serve(d) as svc:
+        out["batpak"] = figures(*run_parallel(1, aio_appending, (d, in_flight), seconds, served(svc)), seconds)
+    d = fresh("aio-procs")
+    with bp.serve(d) as svc:
+        out[f"sync, {procs} processes"] = figures(*run_parallel(procs, bp_singles, (d,), seconds, served(svc)), seconds)
     return out
 
 
@@ -437,6 +472,7 @@ ROWS: dict[str, tuple[str, str]] = {  # workload -> (the baseline its ratio is t
     "batched4": ("LMDB", "events/s"),
     "reads4": ("SQLite", "reads/s"),
     "threads8": ("8 processes", "events/s"),
+    "aio100": ("sync, 16 processes", "events/s"),
 }
 
 
@@ -485,6 +521,8 @@ def main() -> None:
         rows.append(ratio_row("reads4", repeat, lambda: workload_reads(seconds, 4, count)))
     if "threads8" in only:
         rows.append(ratio_row("threads8", repeat, lambda: workload_threads(seconds, 8)))
+    if "aio100" in only:
+        rows.append(ratio_row("aio100", repeat, lambda: workload_aio(seconds, 100, 16)))
     extra: dict[str, Any] = {}
     if "groups" in only:
         extra["groups"] = []
