@@ -114,6 +114,11 @@ class ReplayHost(Protocol):
         gate audit records) together with ordinary ones, all or nothing."""
         ...
 
+    def stream_entries(self, after: int, limit: int, region: Region) -> tuple[list[tuple[Event, int, bool]], int]:
+        """The next page in stream order as (event, stream position, last at that
+        position) entries, and the last position looked at."""
+        ...
+
     def stream_page(self, after: int, limit: int, *, entity: str | None = None, scope: str | None = None,
                     kind: Kind | None = None) -> tuple[list[Event], int]:
         """The next page in stream order (a fenced event counts where its commit stands)

@@ -29,7 +29,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
 import posix_ipc
 
@@ -56,6 +56,8 @@ from ._query import Region
 from ._read.reader import Reader, View
 from ._read.receipts import receipt_matches
 from ._read.redaction import current_retention, redaction_item, retention_item
+from ._groups import DEFAULT_ACK_EVERY as DEFAULT_GROUP_ACK_EVERY
+from ._groups import DEFAULT_CHUNK, GroupCursor
 from ._replay import Cursor, EventFilter, Handler, Projection, Reactor
 from ._replay import caused_by as _caused_by
 from ._replay import project as _project
@@ -628,7 +630,59 @@ class _Erasure:
         return self.append_store_kinds([item])[0]
 
 
-class Store(_Erasure):
+class _Queries:
+    """Store's query calls (issues 14 #3, 15 #2: ``_read/queries``), mixed in: no round
+    trip, each under the store's lock, on its reader."""
+
+    if TYPE_CHECKING:
+        _lock: threading.RLock
+        _reader: Reader
+
+        def _ensure_open(self) -> None: ...
+
+    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None,
+                before_clock: int | None = None, newest_first: bool = False) -> list[Event]:
+        with self._lock:
+            self._ensure_open()
+            return self._reader.history(entity, after_clock, limit, before_clock=before_clock,
+                                        newest_first=newest_first)
+
+    def query_after(self, after: int = 0, *, limit: int = 1000, entity: str | None = None,
+                    scope: str | None = None, kind: Kind | None = None, kinds: Iterable[Kind] | None = None,
+                    upto: int | None = None, region: Region | None = None) -> Page:
+        with self._lock:
+            self._ensure_open()
+            return self._reader.query_after(after, limit, entity, scope, kind, kinds=kinds, upto=upto, region=region)
+
+    def latest(self, entity: str) -> Event | None:
+        """The newest visible event of ``entity``, or None (one table lookup)."""
+        with self._lock:
+            self._ensure_open()
+            return self._reader.latest(entity)
+
+    def latest_in_scope(self, scope: str) -> Event | None:
+        """The newest event of ``scope`` (its highest ``scope_position``), or None."""
+        with self._lock:
+            self._ensure_open()
+            return self._reader.latest_in_scope(scope)
+
+    def query_scope(self, scope: str, after_position: int = 0, *, limit: int = 1000,
+                    upto_position: int | None = None, region: Region | None = None) -> Page:
+        """The events of ``scope`` by their gap-free ``scope_position`` (after
+        ``after_position``, at most ``upto_position``); ``page.next_after`` is a position."""
+        with self._lock:
+            self._ensure_open()
+            return self._reader.query_scope(scope, after_position, limit, upto_position, region)
+
+    def stream_entries(self, after: int, limit: int, region: Region) -> tuple[list[tuple[Event, int, bool]], int]:
+        """``stream_page`` with each event's stream position and whether it is the last
+        one at that position (what cursors acknowledge): (entries, last position looked at)."""
+        with self._lock:
+            self._ensure_open()
+            return self._reader.stream_page(after, limit, region)
+
+
+class Store(_Erasure, _Queries):
     """A connection to a served data directory. Thread-safe; fork-safe."""
 
     def __init__(self, data_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
@@ -810,40 +864,6 @@ class Store(_Erasure):
                 raise StoreClosed()
             return self._reader.get(event_id)
 
-    def history(self, entity: str, *, after_clock: int | None = None, limit: int | None = None,
-                before_clock: int | None = None, newest_first: bool = False) -> list[Event]:
-        with self._lock:
-            self._ensure_open()
-            return self._reader.history(entity, after_clock, limit, before_clock=before_clock,
-                                        newest_first=newest_first)
-
-    def query_after(self, after: int = 0, *, limit: int = 1000, entity: str | None = None,
-                    scope: str | None = None, kind: Kind | None = None, kinds: Iterable[Kind] | None = None,
-                    upto: int | None = None, region: Region | None = None) -> Page:
-        with self._lock:
-            self._ensure_open()
-            return self._reader.query_after(after, limit, entity, scope, kind, kinds=kinds, upto=upto, region=region)
-
-    def latest(self, entity: str) -> Event | None:
-        """The newest visible event of ``entity``, or None (one table lookup)."""
-        with self._lock:
-            self._ensure_open()
-            return self._reader.latest(entity)
-
-    def latest_in_scope(self, scope: str) -> Event | None:
-        """The newest event of ``scope`` (its highest ``scope_position``), or None."""
-        with self._lock:
-            self._ensure_open()
-            return self._reader.latest_in_scope(scope)
-
-    def query_scope(self, scope: str, after_position: int = 0, *, limit: int = 1000,
-                    upto_position: int | None = None, region: Region | None = None) -> Page:
-        """The events of ``scope`` by their gap-free ``scope_position`` (after
-        ``after_position``, at most ``upto_position``); ``page.next_after`` is a position."""
-        with self._lock:
-            self._ensure_open()
-            return self._reader.query_scope(scope, after_position, limit, upto_position, region)
-
     def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[Event]:
         with self._lock:
             self._ensure_open()
@@ -891,13 +911,6 @@ class Store(_Erasure):
                     seq = reader._retrying(functools.partial(reader.prev_in_entity, seq))
             return None
 
-    def stream_entries(self, after: int, limit: int, region: Region) -> tuple[list[tuple[Event, int, bool]], int]:
-        """``stream_page`` with each event's stream position and whether it is the last
-        one at that position (what cursors acknowledge): (entries, last position looked at)."""
-        with self._lock:
-            self._ensure_open()
-            return self._reader.stream_page(after, limit, region)
-
     def stream_page(self, after: int, limit: int, *, entity: str | None = None, scope: str | None = None,
                     kind: Kind | None = None) -> tuple[list[Event], int]:
         """The next page of the log after ``after`` in stream order (see ``_stream_page``)
@@ -908,18 +921,39 @@ class Store(_Erasure):
             return _stream_page(self._reader, after, limit, entity, scope, kind)
 
     # -- replay: cursors, reactors, causal links, projections (see _replay) -----------------
+    @overload
     def cursor(self, name: str, *, entity: str | None = None, scope: str | None = None, kind: Kind | None = None,
                include_system: bool = False, start_after: int | None = 0, timeout: float | None = None,
-               reset: bool = False) -> Cursor:
+               reset: bool = False, group: Literal[False] = False) -> Cursor: ...
+
+    @overload
+    def cursor(self, name: str, *, entity: str | None = None, scope: str | None = None, kind: Kind | None = None,
+               include_system: bool = False, start_after: int | None = 0, timeout: float | None = None,
+               reset: bool = False, group: Literal[True], chunk: int = DEFAULT_CHUNK,
+               ack_every: int = DEFAULT_GROUP_ACK_EVERY) -> GroupCursor: ...
+
+    def cursor(self, name: str, *, entity: str | None = None, scope: str | None = None, kind: Kind | None = None,
+               include_system: bool = False, start_after: int | None = 0, timeout: float | None = None,
+               reset: bool = False, group: bool = False, chunk: int = DEFAULT_CHUNK,
+               ack_every: int = DEFAULT_GROUP_ACK_EVERY) -> Cursor | GroupCursor:
         """A durable named consumer of the matching events: resumes after its last
         ``ack`` (kept in the journal), at-least-once. ``start_after`` (a sequence, or None
         for the current frontier) applies only to a cursor that has never acknowledged.
         ``timeout``: iteration ends after that many idle seconds. A cursor remembers its
         filter: opening it under another is ``CursorFilterChanged``, unless ``reset``
-        (it then starts over at ``start_after`` under the new filter)."""
+        (it then starts over at ``start_after`` under the new filter). With ``group=True``
+        the processes that open the same name share its work: a ``GroupCursor`` (claims of
+        ``chunk`` positions, progress written every ``ack_every`` acks)."""
         self._ensure_open()
-        return Cursor(self, name, EventFilter(entity, scope, kind, include_system), start_after=start_after,
-                      timeout=timeout, reset=reset)
+        flt = EventFilter(entity, scope, kind, include_system)
+        if group:
+            # a consumer group (``_groups``): every member process opens the same name with
+            # group=True; each event goes to one live member; a dead member's claim moves on
+            if reset:
+                raise InvalidArgument("reset", reset, "a consumer group cannot be reset (use another name)")
+            return GroupCursor(self, name, flt, start_after=start_after or 0, chunk=chunk, ack_every=ack_every,
+                               timeout=timeout)
+        return Cursor(self, name, flt, start_after=start_after, timeout=timeout, reset=reset)
 
     def react(self, name: str, handler: Handler, *, entity: str | None = None, scope: str | None = None,
               kind: Kind | None = None, include_system: bool = False, start_after: int | None = 0,

@@ -97,7 +97,7 @@ CACHE_MAX = 256  # cached projection states per store; the oldest is dropped bey
 _KEY_PERSON = b"batpak-mp/rx1"  # blake2b personalisation of derived idempotency keys
 
 
-def _derived_key(*parts: Any) -> bytes:
+def derived_key(*parts: Any) -> bytes:
     """A 16-byte idempotency key derived from ``parts`` (stable across processes)."""
     return hashlib.blake2b(msgpack.packb(list(parts), use_bin_type=True), digest_size=16,
                            person=_KEY_PERSON).digest()
@@ -206,7 +206,7 @@ class Cursor:
             if begin > visible:
                 raise InvalidArgument("start_after", start_after, f"is beyond the visible frontier {visible}")
             if begin or reset:  # a restart starts there too; a reset records the new filter at once
-                self._commit([], begin, _derived_key("cursor-start", name, begin, self.identity, self._clock))
+                self._commit([], begin, derived_key("cursor-start", name, begin, self.identity, self._clock))
         self.delivered = self.acked
         self._sub: EventFeed = store.subscribe(self.acked, entity=flt.entity, scope=flt.scope, kind=flt.kind)
 
@@ -331,7 +331,7 @@ class Cursor:
         visible = self._store.frontier().visible
         if sequence > visible:
             raise InvalidArgument("sequence", sequence, f"is beyond the visible frontier {visible}")
-        self._commit([], sequence, _derived_key("cursor-ack", self.name, sequence))
+        self._commit([], sequence, derived_key("cursor-ack", self.name, sequence))
 
     def rewind(self) -> None:
         """Hand out again the events after the acknowledged position."""
@@ -529,7 +529,7 @@ class Reactor:
                 # the reactions and the ack of their source, together; the ack covers every
                 # event handled before it too
                 self.cursor._commit(items, self.cursor.ack_position(ev),
-                                    _derived_key("reactor-ack", self.name, ev.event_id))
+                                    derived_key("reactor-ack", self.name, ev.event_id))
                 self._unacked = self._unacked_count = 0
             else:
                 self._unacked = max(self._unacked, self.cursor.ack_position(ev))
@@ -561,7 +561,7 @@ class Reactor:
                 raise InvalidArgument(f"reaction[{i}]", r, "must be a bp.BatchItem or a (coord, kind, payload) tuple")
             check_kind(item.kind)  # reserved kinds are the store's own
             items.append(dataclasses.replace(
-                item, idempotency_key=_derived_key("reaction", self.name, ev.event_id, i),
+                item, idempotency_key=derived_key("reaction", self.name, ev.event_id, i),
                 causation_id=ev.event_id,
                 correlation_id=item.correlation_id or ev.correlation_id or ev.event_id))
             if len(items) > MAX_REACTIONS:
@@ -596,7 +596,7 @@ class Reactor:
     def _flush(self) -> None:
         """Acknowledge the handled events whose ack was deferred."""
         if self._unacked > self.cursor.acked:
-            self.cursor._commit([], self._unacked, _derived_key("cursor-ack", self.cursor.name, self._unacked))
+            self.cursor._commit([], self._unacked, derived_key("cursor-ack", self.cursor.name, self._unacked))
         self._unacked = self._unacked_count = 0
 
     def __repr__(self) -> str:

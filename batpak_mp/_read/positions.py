@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable
 
 from .._format.tables import (
     DELTA_SLOT_SIZE,
@@ -37,15 +38,11 @@ _u64 = struct.Struct("<Q")
 NO_ENTRY = (0, 0, 0)
 
 
-def _map(path: str) -> mmap.mmap | None:
-    from .reader import map_readonly  # the reader imports this module: one mapping helper, named at use
-    return map_readonly(path)
-
-
 class ScopeMaps:
     """positions.idx and scopeheads.idx of one directory, mapped read-only."""
 
-    def __init__(self, idx_dir: str) -> None:
+    def __init__(self, idx_dir: str, map_readonly: Callable[[str], mmap.mmap | None]) -> None:
+        self._map = map_readonly  # the reader's (it imports this module, so it hands it in)
         self._positions_path = os.path.join(idx_dir, POSITIONS_FILE)
         self._heads_path = os.path.join(idx_dir, SCOPE_HEADS_FILE)
         self.positions: mmap.mmap | None = None
@@ -65,7 +62,7 @@ class ScopeMaps:
             return True
         if m is not None:
             m.close()
-        self.positions = m = _map(self._positions_path)
+        self.positions = m = self._map(self._positions_path)
         return m is not None and len(m) >= POSITIONS_HEADER_SIZE + seq * POSITION_SIZE
 
     def entry(self, seq: int) -> tuple[int, int, int]:
@@ -92,7 +89,7 @@ class ScopeMaps:
         if m is None or _u64.unpack_from(m, SCOPE_HEADS_MOVED_AT)[0]:
             if m is not None:
                 m.close()
-            self._heads = m = _map(self._heads_path)
+            self._heads = m = self._map(self._heads_path)
             if m is None:
                 return []
             self._heads_cap = check_header(m, SCOPE_HEADS_MAGIC, SCOPE_HEADS_FILE)[0]

@@ -13,7 +13,8 @@ Must not import the engine, writer or client.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .._errors import InvalidArgument
 from .._format.directory import name_hash
@@ -30,13 +31,38 @@ from .._format.record import (
     RECORDS_HEADER_SIZE,
 )
 from .._format.tables import walk_to_position
-from .._query import Region, region_of
+from .._query import Region, entity_in_prefix, region_of
 from .._values import CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT, Event, Kind, Page, check_name
+from .positions import ScopeMaps
 
-if TYPE_CHECKING:
-    from .reader import Reader
+
+class StaleView(Exception):
+    """A record or slot did not match its frame: the index moved under us; refresh.
+    (Defined here, where the query walks raise it; the reader re-exports it.)"""
+
+
+class Reader(Protocol):
+    """What the query walks use of ``reader.Reader`` (which imports this module)."""
+
+    view: Any  # reader.View: .visible
+    scopes: ScopeMaps
+
+    def refresh(self) -> Any: ...
+
+    def record(self, seq: int) -> tuple[Any, ...]: ...
+
+    def event(self, seq: int, *, include_hidden: bool = False) -> Event: ...
+
+    def hidden(self, seq: int, flags: int) -> bool: ...
+
+    def head_of(self, entity_raw: bytes) -> int: ...
+
+    def _records_map(self, seq: int) -> Any: ...
+
+    def _retrying(self, fn: Callable[[], Any]) -> Any: ...
 
 _rec_unpack = RECORD.unpack_from
+PREFIX_VERDICTS_MAX = 1_000_000  # entities a prefix query remembers the verdict of (then starts over)
 
 
 
@@ -138,6 +164,10 @@ def select(reader: Reader, after: int, limit: int, reg: Region, *, skip_fenced: 
     packed = reg.packed_kinds()
     passes = reg.passes_record
     exact = reg.entity is not None or reg.scope is not None or reg.entity_prefix is not None
+    prefix = reg.entity_prefix
+    # entity hash -> whether that entity is under the prefix: each entity's frame is read
+    # once per call (a hash shared by two entities, 2**-64 a pair, could hide the second)
+    prefix_of: dict[int, bool] = {}
 
     def run() -> Page:
         events: list[Event] = []
@@ -155,7 +185,13 @@ def select(reader: Reader, after: int, limit: int, reg: Region, *, skip_fenced: 
                 continue
             if rec[R_FLAGS] & FLAG_FENCED and (skip_fenced or reader.hidden(seq, rec[R_FLAGS])):
                 continue
+            if prefix is not None and prefix_of.get(rec[R_ENTITY_HASH]) is False:
+                continue  # an entity already read and found outside the prefix
             ev = reader.event(seq)
+            if prefix is not None and rec[R_ENTITY_HASH] not in prefix_of:
+                if len(prefix_of) >= PREFIX_VERDICTS_MAX:
+                    prefix_of.clear()
+                prefix_of[rec[R_ENTITY_HASH]] = entity_in_prefix(ev.coordinate.entity, prefix)
             if exact and not reg.matches(ev):
                 continue
             events.append(ev)
@@ -184,7 +220,6 @@ def entity_seqs_after(reader: Reader, raw: bytes, after: int, visible: int) -> l
 
 
 def _stale(what: str) -> Exception:
-    from .reader import StaleView  # the reader imports this module: its exception is named at use
     return StaleView(what)
 
 

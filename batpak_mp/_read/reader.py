@@ -65,6 +65,7 @@ from .._query import Region
 from .._values import Coordinate, Event, Page
 from . import queries
 from .positions import ScopeMaps
+from .queries import StaleView
 
 __all__ = ["Hidden", "Reader", "StaleView", "View", "frame_to_event", "map_readonly"]
 
@@ -85,10 +86,6 @@ class View(NamedTuple):
 
 class Hidden(Exception):
     """The event was written inside a visibility fence that has not been committed."""
-
-
-class StaleView(Exception):
-    """A record or slot did not match its frame: the index moved under us; refresh."""
 
 
 def map_readonly(path: str) -> mmap.mmap | None:
@@ -145,7 +142,7 @@ class Reader:
         self._delta_gen = -1
         self.view = View(0, 0, 0)
         self._coords: dict[bytes, tuple[int, Coordinate]] = {}  # decoded names, reused across events
-        self.scopes = ScopeMaps(self._idx_dir)  # per-scope positions (positions.idx, scopeheads.idx)
+        self.scopes = ScopeMaps(self._idx_dir, map_readonly)  # per-scope positions (positions.idx, scopeheads.idx)
         self._revealed_first: list[int] = []  # committed fences' ranges, sorted by first sequence
         self._revealed_last: list[int] = []
 
