@@ -90,7 +90,7 @@ AREA_MIN = 64 * 1024  # a client's area: 64 KiB (200 clients fit Docker's 64 MiB
 AREA_MAX = 1 << 30
 AREA_SHRINK_ABOVE = 1 << 20  # an area grown past 1 MiB for a large payload is given back afterwards
 POLL_S = 0.05  # while waiting for a reply, the control block is checked this often
-MAX_PAYLOAD = 16 * 1024 * 1024
+MAX_PAYLOAD = 16 * 1024 * 1024  # the limit a client assumes while the service has not said its own (control block)
 _PER_ITEM_OVERHEAD = 64  # msgpack framing of one item beyond its variable fields
 _MASK128 = (1 << 128) - 1
 
@@ -186,10 +186,11 @@ def _shm_hint(size: int, exc: BaseException) -> str:
             "Enlarge it (docker run --shm-size=256m) or use smaller batches/payloads.")
 
 
-def _prepare_items(items: Sequence[BatchItem], *, store_kinds: bool = False) -> list[Prepared]:
+def _prepare_items(items: Sequence[BatchItem], *, store_kinds: bool = False,
+                   max_payload: int = MAX_PAYLOAD) -> list[Prepared]:
     """``_prepare.prepare_items``, then keys for items without one (base + index), so the
     request can be re-sent and is applied at most once."""
-    prepared = prepare_items(items, max_payload=MAX_PAYLOAD, store_kinds=store_kinds)
+    prepared = prepare_items(items, max_payload=max_payload, store_kinds=store_kinds)
     base = int.from_bytes(secrets.token_bytes(16), "little")
     for i, it in enumerate(items):
         if it.idempotency_key is None:
@@ -698,6 +699,7 @@ class Store(_Erasure, _Queries):
         self._pin_lock = threading.Lock()
         self._pins = 0
         self._control_closed = False
+        self._payload_limit = 0  # the service's max_payload_bytes, once read (payload_limit)
         # requests in flight (any number of threads at once): ``close`` lets them finish
         self._calls = 0
         self._calls_done = threading.Condition(threading.Lock())
@@ -792,6 +794,19 @@ class Store(_Erasure, _Queries):
                 self._calls_done.notify_all()
 
     # -- writes ----------------------------------------------------------------------------
+    @property
+    def payload_limit(self) -> int:
+        """The largest payload the service takes (its ``max_payload_bytes``, which its
+        writer publishes in the control block): larger ones are refused here, before a
+        round trip, with the service's own limit in the ``PayloadTooLarge``."""
+        limit = self._payload_limit
+        if not limit:
+            with self._pinned() as control:
+                limit = control.read().max_payload
+            if limit:
+                self._payload_limit = limit
+        return limit or MAX_PAYLOAD
+
     # Each write is an *op*: a generator that yields the ``Call``s it needs and returns its
     # result. ``_drive`` runs one in this thread; ``aio.AsyncStore`` runs the same op on an
     # event loop, so both faces share every rule of a write.
@@ -817,7 +832,7 @@ class Store(_Erasure, _Queries):
                    expected_clock: int | None = None, causation_id: bytes | None = None,
                    correlation_id: bytes | None = None, payload_version: int | None = None) -> Op[Receipt]:
         p = prepare(coord, kind, payload, idempotency_key=idempotency_key, expected_clock=expected_clock,
-                    causation_id=causation_id, correlation_id=correlation_id, max_payload=MAX_PAYLOAD,
+                    causation_id=causation_id, correlation_id=correlation_id, max_payload=self.payload_limit,
                     payload_version=payload_version_for(kind) if payload_version is None else payload_version)
         if idempotency_key is None:
             p = p._replace(idem=secrets.token_bytes(16))  # every request is re-sendable
@@ -825,14 +840,14 @@ class Store(_Erasure, _Queries):
 
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events all-or-nothing (across entities)."""
-        return self._drive(_op_prepared(_prepare_items(items)))
+        return self._drive(_op_prepared(_prepare_items(items, max_payload=self.payload_limit)))
 
     def append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events of the store's own allowlisted reserved kinds (cursor positions,
         gate audit records) together with ordinary ones, all or nothing. For the store's
         own layers (cursors, reactors, gates: ``_api.ReplayHost``); a reserved kind off
         the allowlist is ``ReservedKind`` here, and the writer checks the allowlist again."""
-        return self._drive(_op_prepared(_prepare_items(items, store_kinds=True)))
+        return self._drive(_op_prepared(_prepare_items(items, store_kinds=True, max_payload=self.payload_limit)))
 
     def append_effect(self, coord: Coordinate, type_id: int, payload: Any, *, causation_id: bytes | None = None,
                       idempotency_key: str | bytes | None = None) -> Receipt:
@@ -1083,7 +1098,7 @@ class Fence:
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         if self.done:
             raise FenceLost(self.token, "the fence was already committed or cancelled")
-        return self._store._append(_prepare_items(items), fence=self.token)
+        return self._store._append(_prepare_items(items, max_payload=self._store.payload_limit), fence=self.token)
 
     def _finish(self, op: int) -> None:
         if self.done:

@@ -261,10 +261,11 @@ class AsyncStore:
             causation_id=causation_id, correlation_id=correlation_id, payload_version=payload_version))
 
     async def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
-        return await self._drive(_op_prepared(_prepare_items(items)))
+        return await self._drive(_op_prepared(_prepare_items(items, max_payload=self._store.payload_limit)))
 
     async def append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
-        return await self._drive(_op_prepared(_prepare_items(items, store_kinds=True)))
+        return await self._drive(_op_prepared(_prepare_items(items, store_kinds=True,
+                                                             max_payload=self._store.payload_limit)))
 
     async def append_effect(self, coord: Coordinate, type_id: int, payload: Any, *,
                             causation_id: bytes | None = None, idempotency_key: str | bytes | None = None) -> Receipt:
@@ -383,7 +384,8 @@ class AsyncFence:
     async def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         if self.done:
             raise FenceLost(self.token, "the fence was already committed or cancelled")
-        return await self._store._drive(_op_prepared(_prepare_items(items), self.token))
+        limit = self._store._store.payload_limit
+        return await self._store._drive(_op_prepared(_prepare_items(items, max_payload=limit), self.token))
 
     async def _finish(self, op: int) -> None:
         if not self.done:

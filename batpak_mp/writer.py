@@ -493,6 +493,7 @@ class Writer:
         self.fences: Fences = Fences(self.engine)
         self.epoch = self.control.read().writer_epoch + 1
         self.control.update(writer_epoch=self.epoch, writer_pid=os.getpid(), state=WriterState.STARTING,
+                            max_payload=config.max_payload_bytes,
                             heartbeat_ns=time.monotonic_ns(), started_ns=time.monotonic_ns(), reason="")
         self.queue = objects.create_request_queue(request_queue_name(self.data_dir), QUEUE_DEPTH, W.MAX_MESSAGE, _log)
         if self.engine.signer is not None:

@@ -29,7 +29,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 NOBODY = 65534  # the unprivileged user of every Linux distribution
 KIND = 1 << 12 | 1  # bp.Kind(1, 1) packed
 Q_DEPTH = 10
-Q_MSG = 8192
+Q_MSG = W.MAX_MESSAGE
 
 
 def shm_path(name: str) -> str:

@@ -32,7 +32,7 @@ from .names import control_name, doorbell_slot
 from .stats import STATS, Stats, decode
 
 CONTROL_MAGIC = 0x4C54435F504D5042  # "BPMP_CTL" little-endian
-CONTROL_VERSION = 3  # 3: the stats region (§4.4); 2: doorbells after the first page (1 was one page)
+CONTROL_VERSION = 4  # 4: max_payload; 3: the stats region (§4.4); 2: doorbells after the first page (1 was one page)
 FIELDS_PAGE = 4096  # the fields, the reason and the notify word
 DOORBELLS_AT = FIELDS_PAGE
 DOORBELLS = 4096  # u32 futex words: a client waits on word doorbell_slot(area) % DOORBELLS
@@ -43,7 +43,7 @@ REASON_MAX = 512  # bytes of the failure reason text
 _FIELDS = (
     "seq", "writer_epoch", "writer_pid", "state", "heartbeat_ns", "visible", "durable",
     "base_segment", "delta_gen", "supervisor_pid", "restarts", "store_key", "clients",
-    "dropped_messages", "started_ns", "revealed", "groups", "requests",
+    "dropped_messages", "started_ns", "revealed", "groups", "requests", "max_payload",
 )
 _FIELD_FMT = struct.Struct("<" + "Q" * len(_FIELDS))
 _HEAD = struct.Struct("<QII")
@@ -77,6 +77,7 @@ class ControlSnapshot(NamedTuple):
     revealed: int  # ranges in fences.tbl (committed visibility fences)
     groups: int  # commit groups (one write + one fsync each) since this writer started
     requests: int  # append requests served by those groups: requests/groups = group commit at work
+    max_payload: int  # the writer's max_payload_bytes (clients refuse larger payloads before sending); 0: unknown
     reason: str
 
 
@@ -112,6 +113,8 @@ class ControlBlock:
             raise FutureFormat(name, version, CONTROL_VERSION)
         elif version < CONTROL_VERSION:  # left by an older service: doorbells and stats are new (zero)
             _HEAD.pack_into(mm, 0, CONTROL_MAGIC, CONTROL_VERSION, 0)
+            old_fields_end = _FIELDS_AT + 8 * _FIELDS.index("max_payload")  # where older versions put the reason
+            mm[old_fields_end:NOTIFY_AT] = bytes(NOTIFY_AT - old_fields_end)  # max_payload 0, no reason
         return cls(name, mm, True, word_in_writable(mm, NOTIFY_AT), WordTable(mm, DOORBELLS_AT, DOORBELLS))
 
     @classmethod

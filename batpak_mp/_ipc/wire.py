@@ -27,7 +27,8 @@ from .._values import MAX_NAME_BYTES
 # words of the control block, not semaphores (§4.3, §6). 2: a receipt names its entity
 # and scope when they are not the request's (§8.1)
 WIRE_VERSION = 4
-MAX_MESSAGE = 8192  # the kernel's default msgsize_max: a queue message never exceeds it
+MAX_MESSAGE = 256  # bytes: a queue message is a reference of at most 81; a 10 x 256 queue is charged ~3.6 KiB of
+# the user's RLIMIT_MSGQUEUE (819,200 by default), so one user can serve ~200 stores (10 x 8192 allowed 9)
 
 OP_APPEND = 1  # body: [item, ...]; all-or-nothing
 OP_SYNC = 2  # body: None; fsync now, reply the durable frontier

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import batpak_mp as bp
 
-from ._contract import DEFAULT_CONFIG, KIND, Impl, check_error, differs, receipt_at
+from ._contract import DEFAULT_CONFIG, KIND, Impl, check_error, receipt_at
 
 SIGNING_KEY = bytes(range(32))  # a fixed test key: raw Ed25519 private key bytes
 PUBLIC_KEY = Ed25519PrivateKey.from_private_bytes(SIGNING_KEY).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -64,8 +64,6 @@ def test_a_stripped_signature_fails(impl: Impl) -> None:
     assert impl.api.verify_receipt(r._replace(signature=None)) is False
 
 
-@differs("store", "the client refuses payloads over its fixed 16 MiB (client MAX_PAYLOAD) before the writer sees "
-                  "them, whatever max_payload_bytes the service was started with")
 def test_payload_up_to_the_configured_limit(impl: Impl) -> None:
     shapes = impl.shapes()
     c = impl.coord()
@@ -75,8 +73,6 @@ def test_payload_up_to_the_configured_limit(impl: Impl) -> None:
     assert impl.api.get(r.event_id).payload == payload
 
 
-@differs("store", "the client refuses payloads over its fixed 16 MiB (client MAX_PAYLOAD) and reports that as the "
-                  "limit, not the max_payload_bytes the service was started with")
 def test_payload_over_the_configured_limit(impl: Impl) -> None:
     start = impl.visible()
     payload = b"x" * LARGE_LIMIT

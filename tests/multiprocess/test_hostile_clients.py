@@ -99,7 +99,7 @@ class Hostile:
 
     # each action: one hostile thing; returns its name
     def junk_message(self) -> str:
-        self.send(secrets.token_bytes(self.rng.choice([0, 1, 4, 45, 200, 8192])))
+        self.send(secrets.token_bytes(self.rng.choice([0, 1, 4, 45, 200, 256])))
         return "junk message"
 
     def malformed_message(self) -> str:

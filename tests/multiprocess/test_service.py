@@ -12,6 +12,7 @@ import posix_ipc
 import pytest
 
 import batpak_mp as bp
+from batpak_mp._ipc import wire as W
 from batpak_mp._ipc.names import request_queue_name
 
 K = bp.Kind(1, 1)
@@ -101,7 +102,7 @@ def test_hostile_messages_are_dropped_and_counted(service: tuple[bp.Service, str
     junk = [
         os.urandom(100), b"", b"\x93\x01\x02", msgpack.packb([99, os.getpid(), "/x", 1]),
         msgpack.packb([1, os.getpid(), "/etc/passwd", 1]), msgpack.packb([1, -5, "/bpmp-", 1]),
-        msgpack.packb([1, os.getpid(), q.name + "-c1-nonexistent", 1]), b"\xff" * 8192,
+        msgpack.packb([1, os.getpid(), q.name + "-c1-nonexistent", 1]), b"\xff" * W.MAX_MESSAGE,
     ]
     with bp.connect(data_dir) as s:
         before = s._control.read().dropped_messages
@@ -113,12 +114,14 @@ def test_hostile_messages_are_dropped_and_counted(service: tuple[bp.Service, str
         while s._control.read().dropped_messages < before + len(junk) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert s._control.read().dropped_messages >= before + len(junk)
+        with pytest.raises(ValueError):  # longer than the queue's message size: the kernel refuses it at send
+            q.send(b"\xff" * (W.MAX_MESSAGE + 1), 2)
+        assert s.append(bp.Coordinate("after", "junk"), K, 2).entity_clock == 2
     q.close()
 
 
 def test_garbage_request_in_area_gets_protocol_error(service: tuple[bp.Service, str]) -> None:
     _, data_dir = service
-    from batpak_mp._ipc import wire as W
 
     with bp.connect(data_dir) as s:
         s.append(bp.Coordinate("x", "y"), K, 1)  # creates the area

@@ -87,7 +87,7 @@ def _figures(**cursors: int) -> Figures:
     w.group([[(b"", b"", 0, b"xy", 0, b"", None, b"", b"")]] * 2, [[], []], written=1, start_ns=0)
     w.published(1, 2_000_000)
     w.fsync(1_500_000)
-    snap = ControlSnapshot(2, 3, 4242, 2, 1, 100, 99, 0, 0, 1, 2, 7, 3, 5, 1, 0, 1, 2, "")
+    snap = ControlSnapshot(2, 3, 4242, 2, 1, 100, 99, 0, 0, 1, 2, 7, 3, 5, 1, 0, 1, 2, 16 << 20, "")
     return Figures("/data", snap, S.decode(w.values()), 2, True, 0.01, 1, 10, dict(cursors), 0, 10**9)
 
 
