@@ -52,7 +52,7 @@ from ._ipc.control import DOORBELLS, ControlBlock, ControlSnapshot, state_name
 from ._ipc.futex import Word
 from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, area_token, ipc_prefix, request_queue_name
 from ._prepare import Prepared, prepare, prepare_items
-from ._query import Region
+from ._query import Region, region_of
 from ._read.reader import Reader, View
 from ._read.receipts import receipt_matches
 from ._read.redaction import current_retention, redaction_item, retention_item
@@ -896,18 +896,18 @@ class Store(_Erasure, _Queries):
         return Fence(self)
 
     def subscribe(self, after: int | None = None, *, entity: str | None = None, scope: str | None = None,
-                  kind: Kind | None = None, timeout: float | None = None) -> Subscription:
-        """New events matching the filters, as they become visible (``after``: a
-        sequence to start after; default: the current frontier, i.e. only new events).
-        Iterating blocks in the kernel until the writer publishes (no polling); with
-        ``timeout`` the iteration ends after that many idle seconds."""
+                  kind: Kind | None = None, timeout: float | None = None, region: Region | None = None) -> Subscription:
+        """New events matching the filters (or a whole ``region``), as they become
+        visible (``after``: a sequence to start after; default: the current frontier, i.e.
+        only new events). Iterating blocks in the kernel until the writer publishes (no
+        polling); with ``timeout`` the iteration ends after that many idle seconds."""
         self._ensure_open()
         if after is None:
             with self._pinned() as control:
                 after = control.frontier()[0]
         elif type(after) is not int or after < 0:
             raise InvalidArgument("after", after, "must be an int >= 0")
-        return Subscription(self, after, entity, scope, kind, timeout)
+        return Subscription(self, after, entity, scope, kind, timeout, region)
 
     def entity_head(self, entity: str) -> Event | None:
         """The newest visible event of ``entity``, or None: one table lookup (a cursor
@@ -939,18 +939,18 @@ class Store(_Erasure, _Queries):
     @overload
     def cursor(self, name: str, *, entity: str | None = None, scope: str | None = None, kind: Kind | None = None,
                include_system: bool = False, start_after: int | None = 0, timeout: float | None = None,
-               reset: bool = False, group: Literal[False] = False) -> Cursor: ...
+               reset: bool = False, group: Literal[False] = False, region: Region | None = None) -> Cursor: ...
 
     @overload
     def cursor(self, name: str, *, entity: str | None = None, scope: str | None = None, kind: Kind | None = None,
                include_system: bool = False, start_after: int | None = 0, timeout: float | None = None,
                reset: bool = False, group: Literal[True], chunk: int = DEFAULT_CHUNK,
-               ack_every: int = DEFAULT_GROUP_ACK_EVERY) -> GroupCursor: ...
+               ack_every: int = DEFAULT_GROUP_ACK_EVERY, region: Region | None = None) -> GroupCursor: ...
 
     def cursor(self, name: str, *, entity: str | None = None, scope: str | None = None, kind: Kind | None = None,
                include_system: bool = False, start_after: int | None = 0, timeout: float | None = None,
                reset: bool = False, group: bool = False, chunk: int = DEFAULT_CHUNK,
-               ack_every: int = DEFAULT_GROUP_ACK_EVERY) -> Cursor | GroupCursor:
+               ack_every: int = DEFAULT_GROUP_ACK_EVERY, region: Region | None = None) -> Cursor | GroupCursor:
         """A durable named consumer of the matching events: resumes after its last
         ``ack`` (kept in the journal), at-least-once. ``start_after`` (a sequence, or None
         for the current frontier) applies only to a cursor that has never acknowledged.
@@ -960,7 +960,7 @@ class Store(_Erasure, _Queries):
         the processes that open the same name share its work: a ``GroupCursor`` (claims of
         ``chunk`` positions, progress written every ``ack_every`` acks)."""
         self._ensure_open()
-        flt = EventFilter(entity, scope, kind, include_system)
+        flt = EventFilter(entity, scope, kind, include_system, region)
         if group:
             # a consumer group (``_groups``): every member process opens the same name with
             # group=True; each event goes to one live member; a dead member's claim moves on
@@ -1144,11 +1144,13 @@ class Subscription:
     STATE_CHECK_S = 1.0  # while idle, the writer's state is looked at this often
 
     def __init__(self, store: Store, after: int, entity: str | None, scope: str | None, kind: Kind | None,
-                 timeout: float | None) -> None:
+                 timeout: float | None, region: Region | None = None) -> None:
+        # validate the filters first (query_after raises typed errors for bad ones)
+        store.query_after(after, limit=1, entity=entity, scope=scope, kind=kind, region=region)
         self._store = store
         self.position = after  # the last sequence looked at (events delivered or filtered out)
         self._entity, self._scope, self._kind = entity, scope, kind
-        self._region = Region(entity=entity, scope=scope, kind=kind)
+        self._region = region_of(region, entity=entity, scope=scope, kind=kind)
         self._timeout = timeout
         self._buffer: deque[tuple[Event, int, bool]] = deque()
         # the stream position of the last event handed out (a fenced event's is its
@@ -1156,8 +1158,6 @@ class Subscription:
         self.stream_position = after
         self.stream_last = True
         self._closed = False
-        # validate the filters now (query_after raises typed errors for bad ones)
-        store.query_after(after, limit=1, entity=entity, scope=scope, kind=kind)
 
     def __iter__(self) -> Subscription:
         return self

@@ -33,7 +33,6 @@ from typing import Any
 
 from ._api import ReplayHost
 from ._errors import ConcurrencyConflict, CursorFilterChanged, InvalidArgument, ProtocolError
-from ._query import Region
 from ._replay import CURSOR_ACK, CURSOR_SCOPE, EventFilter, derived_key
 from ._values import BatchItem, Coordinate, Event
 
@@ -85,7 +84,7 @@ class GroupCursor:
         self._timeout = timeout
         self._store = store
         self._coord = Coordinate(f"group:{name}", CURSOR_SCOPE)
-        self._region = Region(entity=flt.entity, scope=flt.scope, kind=flt.kind)
+        self._region = flt.as_region()
         self.pid = os.getpid()
         start = _start_ticks(self.pid)
         self._start = start if start is not None else 0

@@ -64,7 +64,7 @@ from ._errors import (
     StorageError,
 )
 from ._ipc.names import PID_MAX
-from ._query import Region
+from ._query import Region, region_of
 from ._values import (
     CATEGORY_SYSTEM,
     SYSTEM_CURSOR_ACK,
@@ -116,6 +116,7 @@ class EventFilter:
     scope: str | None = None
     kind: Kind | None = None
     include_system: bool = False
+    region: Region | None = None  # a whole bp.Region (entity prefix, kinds, ...), merged with the fields above
 
     def __post_init__(self) -> None:
         if self.entity is not None:
@@ -127,12 +128,20 @@ class EventFilter:
             object.__setattr__(self, "kind", Kind.unpack(packed))
         if type(self.include_system) is not bool:
             raise InvalidArgument("include_system", self.include_system, "must be a bool")
+        if self.region is not None:
+            object.__setattr__(self, "region", region_of(self.region, entity=self.entity, scope=self.scope,
+                                                         kind=self.kind))
+
+    def as_region(self) -> Region:
+        """The store-side filter, as the one filter object of every read."""
+        return self.region if self.region is not None else Region(entity=self.entity, scope=self.scope, kind=self.kind)
 
     @property
     def system(self) -> bool:
         """Whether system events pass."""
         return self.include_system or self.entity is not None or (
-            self.kind is not None and self.kind.category == CATEGORY_SYSTEM)
+            self.kind is not None and self.kind.category == CATEGORY_SYSTEM) or (
+            self.region is not None and self.region.names_system())
 
     def admits(self, ev: Event) -> bool:
         """The part of the filter the store does not apply: skipping system events."""
@@ -140,18 +149,21 @@ class EventFilter:
 
     def matches(self, ev: Event) -> bool:
         """The whole filter, for events read another way (an entity's history)."""
+        if self.region is not None:
+            return self.region.matches(ev) and self.admits(ev)
         return ((self.entity is None or ev.coordinate.entity == self.entity)
                 and (self.scope is None or ev.coordinate.scope == self.scope)
                 and (self.kind is None or ev.kind == self.kind)
                 and self.admits(ev))
 
-    def key(self) -> tuple[str | None, str | None, int | None, bool]:
-        return (self.entity, self.scope, None if self.kind is None else self.kind.packed(), self.system)
+    def key(self) -> tuple[Any, ...]:
+        base = (self.entity, self.scope, None if self.kind is None else self.kind.packed(), self.system)
+        return base if self.region is None else (*base, self.region.identity())
 
     def identity(self) -> str:
         """The stable text a durable cursor records with its acks (``Region.identity``, and
         ``+system`` when system events pass without being named)."""
-        text = Region(entity=self.entity, scope=self.scope, kind=self.kind).identity()
+        text = self.as_region().identity()
         return text + ";+system" if self.include_system and self.entity is None else text
 
 
@@ -208,7 +220,7 @@ class Cursor:
             if begin or reset:  # a restart starts there too; a reset records the new filter at once
                 self._commit([], begin, derived_key("cursor-start", name, begin, self.identity, self._clock))
         self.delivered = self.acked
-        self._sub: EventFeed = store.subscribe(self.acked, entity=flt.entity, scope=flt.scope, kind=flt.kind)
+        self._sub: EventFeed = store.subscribe(self.acked, region=flt.as_region())
 
     @property
     def position(self) -> int:
@@ -274,7 +286,7 @@ class Cursor:
         if old is not None:
             old.close()
             flt = self.filter
-            self._sub = self._store.subscribe(after, entity=flt.entity, scope=flt.scope, kind=flt.kind)
+            self._sub = self._store.subscribe(after, region=flt.as_region())
         self.delivered = after
 
     # -- delivery --------------------------------------------------------------------------

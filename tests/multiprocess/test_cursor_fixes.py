@@ -5,6 +5,8 @@ existing cursor name is a typed error, or a documented reset."""
 
 from __future__ import annotations
 
+import pytest
+
 import batpak_mp as bp
 
 K = bp.Kind(1, 1)
@@ -86,3 +88,25 @@ def test_a_changed_filter_is_a_typed_error_or_a_reset(service: tuple[bp.Service,
         with s.cursor("c", scope="other") as cur:  # the new filter is the cursor's now, with its position
             assert cur.position == got[-1].global_sequence > r.global_sequence
             assert _drain(cur) == []
+
+
+def test_subscribe_and_cursors_take_a_region(service: tuple[bp.Service, str]) -> None:
+    """The one filter object of every read: an entity prefix and a set of kinds here."""
+    _, data_dir = service
+    other = bp.Kind(2, 2)
+    region = bp.Region(entity_prefix="order:1", kinds=frozenset({K, other}))
+    with bp.connect(data_dir) as s:
+        sub = s.subscribe(0, region=region, timeout=0.3)
+        for entity, kind, payload in (("order:1", K, "a"), ("order:12", K, "no: not under order:1"),
+                                      ("order:1:line", other, "b"), ("order:1", bp.Kind(3, 3), "no: kind"),
+                                      ("order:1:line:x", K, "c")):
+            s.append(bp.Coordinate(entity, S), kind, payload)
+        assert [e.payload for e in sub] == ["a", "b", "c"]
+        with s.cursor("by-region", region=region) as cur:
+            got = _drain(cur)
+            assert [e.payload for e in got] == ["a", "b", "c"]
+            cur.ack(got[-1])
+        with pytest.raises(bp.CursorFilterChanged):
+            s.cursor("by-region", region=bp.Region(entity_prefix="order:1"))
+        with pytest.raises(bp.InvalidKind):
+            s.subscribe(0, region=bp.Region(kinds=[(1, None)]))  # type: ignore[list-item]
