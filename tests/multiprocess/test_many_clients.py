@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import multiprocess as mp
 import pytest
+from conftest import assert_verified
 
 import batpak_mp as bp
 from batpak_mp._ipc.names import control_name, ipc_prefix
@@ -97,3 +99,27 @@ def test_too_small_dev_shm_gives_a_clear_error(service: tuple[bp.Service, str], 
         pytest.skip("cannot mount a tmpfs here: " + r.stderr[-200:])
     assert "ERR" in r.stdout, r.stdout + r.stderr
     assert "/dev/shm" in r.stdout and "shm-size" in r.stdout, r.stdout
+
+
+def test_one_user_serves_more_stores_than_81_kib_queues_allowed(tmp_path: Any) -> None:
+    # a request queue of 10 x 8192 bytes was charged ~81 KiB of the user's RLIMIT_MSGQUEUE
+    # (819,200 bytes by default): a tenth store failed to start. 10 x 256 costs ~3.6 KiB.
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MSGQUEUE)
+    stores = 14
+    if soft != resource.RLIM_INFINITY:
+        assert stores > soft // 81_920  # more than the old queues let one user serve
+    dirs = [os.path.join(str(tmp_path), f"s{i}") for i in range(stores)]
+    services: list[bp.Service] = []
+    try:
+        for d in dirs:
+            services.append(bp.serve(d))
+        for i, d in enumerate(dirs):
+            with bp.connect(d) as s:
+                assert s.append(bp.Coordinate("e", "many"), bp.Kind(1, 1), i).global_sequence >= 1
+    finally:
+        for svc in services:
+            svc.stop()
+    for d in dirs:
+        assert_verified(d)
