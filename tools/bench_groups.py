@@ -67,7 +67,7 @@ def run(data_dir: str, members: int, events: int, work_s: float, chunk: int, ack
     for p in procs:
         p.join(30)
     assert sum(counts) >= events, counts
-    return events / (max(ends) - started)
+    return float(events / (max(ends) - started))
 
 
 def main() -> None:

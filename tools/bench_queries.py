@@ -48,7 +48,7 @@ def build(path: str, events: int) -> float:
     """A store of ``events`` events (seconds taken). The rare prefix is in the last 1%."""
     shutil.rmtree(path, ignore_errors=True)
     started = time.perf_counter()
-    with bp.Engine.open(path, bp.EngineConfig(segment_max_bytes=256 << 20, sync="none")) as e:
+    with bp.Engine.open(path, bp.EngineConfig(segment_max_bytes=256 << 20, sync=bp.SyncMode.NONE)) as e:
         n = 0
         while n < events:
             items = []
@@ -81,7 +81,7 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
 def queries(e: bp.Engine) -> dict[str, Callable[[], Any]]:
     top = e.latest_in_scope("tenant:7")
     middle = (top.scope_position or 2) // 2 if top is not None else 0
-    checks = {
+    checks: dict[str, Callable[[], Any]] = {
         "history(newest_first, limit=10)": lambda: e.history("acct:hot", newest_first=True, limit=10),
         "latest(entity)": lambda: e.latest("acct:42"),
         "latest_in_scope(scope)": lambda: e.latest_in_scope("tenant:7"),
@@ -92,7 +92,8 @@ def queries(e: bp.Engine) -> dict[str, Callable[[], Any]]:
     # each answers something: a bench of empty answers would prove nothing
     for name, fn in checks.items():
         got = fn()
-        count = len(got) if isinstance(got, list) else len(got.events) if hasattr(got, "events") else int(got is not None)
+        count = (len(got) if isinstance(got, list) else len(got.events) if isinstance(got, bp.Page)
+                 else int(got is not None))
         assert count, f"{name} found nothing"
     return checks
 

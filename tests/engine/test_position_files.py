@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 
+from conftest import SMALL, assert_verified
+
 import batpak_mp as bp
 from batpak_mp._format.tables import POSITIONS_FILE, SCOPE_HEADS_FILE, skip_position, walk_to_position
-from conftest import SMALL, assert_verified
 
 K = bp.Kind(1, 1)
 

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
+from conftest import SMALL, assert_verified
 
 import batpak_mp as bp
 from batpak_mp._format.tables import POSITIONS_FILE, SCOPE_HEADS_FILE
 from batpak_mp._storage.osio import Disk
-from conftest import SMALL, assert_verified
 
 T = TypeVar("T")
 K = bp.Kind(1, 1)
