@@ -2,10 +2,11 @@
 
 Owns: the figures of one store read in one go (``Source.read`` -> ``Figures``): the
 control block's fields and stats region (docs/PROTOCOL.md §4, §4.4), the depth of the
-kernel request queue, and the position of every durable cursor, found in the journal
-(the acks ``_replay`` appends: kind 0x0:0x010 on ``cursor:<name>`` in scope ``system``,
-payload ``{"cursor": name, "through": seq}``), read with the reader and scanned
-incrementally (each read scans only the records added since the last one); the metric
+kernel request queue, and the position of every durable cursor and consumer group, found
+in the journal (FORMAT.md §3.7: kind 0x0:0x010 on ``cursor:<name>`` or ``group:<name>`` in
+scope ``system``, payload ``{"cursor": name, "through": seq, ...}``), read with the reader
+and scanned incrementally (each read scans only the records added since the last one);
+the metric
 families made from them (``Collector``, a ``prometheus_client`` custom collector: the
 library writes the exposition format); the endpoint's address (``parse_address``,
 ``listen``: bound by the process that asks for it, so a bad or busy address is the
@@ -50,6 +51,7 @@ from ._values import CATEGORY_SYSTEM, SYSTEM_CURSOR_ACK, Kind, WriterState
 PREFIX = "batpak"  # every metric's name starts with it
 CURSOR_ACK = Kind(CATEGORY_SYSTEM, SYSTEM_CURSOR_ACK)  # _replay's position records (the same kind)
 CURSOR_ENTITY = "cursor:"  # a cursor's records live on entity "cursor:<name>" ...
+GROUP_ENTITY = "group:"  # ... a consumer group's on "group:<name>" (shown as that, beside the cursors) ...
 CURSOR_SCOPE = "system"  # ... in this scope
 CURSOR_PAGE = 4096  # acks per query_after call of the incremental scan
 HANDLER_TIMEOUT_S = 5.0  # a scraper that stalls mid-request is dropped after this (one thread serves all)
@@ -121,7 +123,7 @@ class Figures(NamedTuple):
     heartbeat_age_s: float | None
     queue_depth: int | None  # messages in the kernel request queue (None: no queue now)
     queue_capacity: int | None
-    cursors: dict[str, int]  # durable cursor name -> acknowledged position
+    cursors: dict[str, int]  # durable cursor name (a consumer group: "group:<name>") -> acknowledged position
     errors: int  # parts that could not be read, since the source was made
     read_ns: int
 
@@ -132,7 +134,8 @@ class Figures(NamedTuple):
 
 
 class CursorPositions:
-    """Each durable cursor's position, from its acks in the journal. The scan resumes
+    """Each durable cursor's position (and each consumer group's: all its members have
+    finished everything up to it), from the records in the journal. The scan resumes
     where the last one stopped, so a read costs the records appended meanwhile."""
 
     def __init__(self, data_dir: str, control: ControlBlock) -> None:
@@ -150,13 +153,19 @@ class CursorPositions:
             page = self._reader.query_after(self._after, CURSOR_PAGE, kind=CURSOR_ACK)
             for ev in page.events:
                 coord = ev.coordinate
-                if coord.scope != CURSOR_SCOPE or not coord.entity.startswith(CURSOR_ENTITY):
+                entity = coord.entity
+                if coord.scope != CURSOR_SCOPE:
+                    continue
+                if entity.startswith(CURSOR_ENTITY):
+                    name = label = entity[len(CURSOR_ENTITY):]
+                elif entity.startswith(GROUP_ENTITY):
+                    name, label = entity[len(GROUP_ENTITY):], entity
+                else:
                     continue
                 doc = ev.payload
-                name = coord.entity[len(CURSOR_ENTITY):]
                 through = doc.get("through") if isinstance(doc, dict) else None
                 if type(through) is int and through >= 0 and doc.get("cursor") == name:
-                    self.positions[name] = through  # the newest ack is the position
+                    self.positions[label] = through  # the newest record is the position
             self._after = max(self._after, page.next_after)
             if len(page.events) < CURSOR_PAGE:
                 return self.positions

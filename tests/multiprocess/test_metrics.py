@@ -283,3 +283,28 @@ def test_top_refreshes_in_a_terminal_and_q_quits(data_dir: str) -> None:
     finally:
         assert svc.stop() == 0
     assert_verified(data_dir)
+
+
+def test_a_consumer_groups_position_and_lag(data_dir: str) -> None:
+    svc = bp.serve(data_dir, metrics="127.0.0.1:0", segment_max_bytes=1 << 20)
+    try:
+        assert svc.metrics_url is not None
+        store = bp.connect(data_dir)
+        for i in range(20):
+            store.append(bp.Coordinate(f"job-{i}", "jobs"), bp.Kind(1, 2), {"i": i})
+        group = store.cursor("workers", scope="jobs", group=True, chunk=4, ack_every=1)
+        for _ in range(8):
+            ev = group.next(5)
+            assert ev is not None
+            group.ack(ev)
+        position = group.position
+        group.close()
+        visible = store.frontier().visible
+        store.close()
+        m = scrape(svc.metrics_url)
+        assert 0 < m['batpak_cursor_position{cursor="group:workers"}'] == position
+        assert m['batpak_cursor_lag_events{cursor="group:workers"}'] == m["batpak_visible_sequence"] - position
+        assert m["batpak_visible_sequence"] >= visible
+    finally:
+        assert svc.stop() == 0
+    assert_verified(data_dir)
