@@ -39,7 +39,6 @@ socket from one thread for its whole life, restarts from its own count.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import select
@@ -65,9 +64,6 @@ STOPPING_LOCK_GRACE_MS = 2_000  # beyond the holder's stop timeout: its last log
 STOPPING_MARK = "stopping"  # second word of the lock file's line while its supervisor stops
 POLL_MS = 100  # how often the heartbeat is checked; exits and signals wake the loop at once
 READY_LINE_MAX = 256  # bytes of readiness chatter accepted before the writer is judged broken
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -101,17 +97,6 @@ def _signal_name(num: int) -> str:
 
 def _now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
-
-
-def _set_pdeathsig() -> None:
-    """In the forked child, before exec: SIGTERM when the supervisor dies (Linux)."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        return
 
 
 class _Writer:
@@ -192,7 +177,8 @@ class _Bridge:
         elif self.state.outcome is not None:
             return
         argv = C.bridge_argv(self.data_dir, self.url, self.stream, supervisor_pid=os.getpid())
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_set_pdeathsig, process_group=0)
+        # no preexec_fn (unsafe beside the metrics thread): the bridge watches its parent pid itself
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, process_group=0)
         _log(f"started bridge pid {self.proc.pid} to {self.url} stream {self.stream}")
 
     def stop(self, timeout_ms: int) -> None:
@@ -376,8 +362,10 @@ class Supervisor:
         os.set_blocking(r, False)
         argv = C.writer_argv(cfg.data_dir, cfg.writer_args, ready_fd=w, supervisor_pid=os.getpid())
         try:
+            # no preexec_fn (unsafe once the metrics thread runs): the writer, told our pid
+            # (--supervisor-pid), asks the kernel itself for SIGTERM when we die, then checks we
+            # are still its parent (closing the race with our death before that)
             proc = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                    preexec_fn=_set_pdeathsig,  # safe: the supervisor has one thread
                                     process_group=0)  # a terminal's Ctrl-C reaches only us; we drain it
         except BaseException:
             os.close(r)
