@@ -172,8 +172,8 @@ class Engine(EngineErasure):
         self._journal.cipher = self._encryption.apply if self._encryption.ring is not None else None
         done = Recovery(segments, self._index, stamps, self.config.segment_max_bytes, self._journal.seal).run(
             ckpt, floor, full=self._compactor.interrupted())  # a swap cut short: every footer into records.idx
+        self._journal.start(done)  # owns the active segment from here (a failure below closes it)
         self._compactor.recover()
-        self._journal.start(done)
         self.recovery_report = {**done.report, "elapsed_ms": round((time.perf_counter() - started) * 1000, 2)}
 
     def close(self) -> None:
