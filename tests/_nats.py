@@ -190,7 +190,7 @@ def wait_stream(url: str, stream: str, through: int, timeout: float = 30.0) -> N
     raise AssertionError(f"stream {stream} reached {last}, not {through}, within {timeout} s")
 
 
-def assert_stream_is_journal(url: str, stream: str, data_dir: str) -> int:
+def assert_stream_is_journal(url: str, stream: str, data_dir: str, *, timeout: float = 10.0) -> int:
     """Each event of the served journal exactly once in the stream, in commit order, and
     the remote reader's verification clean (it checks every message as it arrives).
     Returns the number of events."""
@@ -206,7 +206,7 @@ def assert_stream_is_journal(url: str, stream: str, data_dir: str) -> int:
             if not page.events:
                 break
             after = page.next_after
-    with jetstream.connect(url, stream) as remote:
+    with jetstream.connect(url, stream, timeout=timeout) as remote:
         last = remote.frontier_sequence()
         assert last == len(local), f"stream holds {last} events, the journal {len(local)}"
         page = remote.query_after(0, limit=len(local) + 10)

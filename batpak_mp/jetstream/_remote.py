@@ -19,6 +19,7 @@ Must not import the writer, the client (``Store``), the service or the superviso
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import threading
 import time
@@ -28,6 +29,7 @@ from typing import Any, cast
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from .._errors import InvalidArgument, NotFound, StoreClosed, StreamMismatch, StreamTampered, StreamUnavailable
 from .._format.frame import FLAG_FENCED, frame_to_event
@@ -49,6 +51,7 @@ from .._values import (
 from ._mapping import ChainCheck
 from ._nats import API_TIMEOUT_S, NATS_ERRORS, LoopThread, check_store, follow, open_nats, stream_info
 
+RETRY_S = 0.25  # between attempts to set up the consumer while the stream does not answer
 DEFAULT_TIMEOUT_S = 10.0  # a read waits this long for the stream's info, or for the next message while it catches up
 _FENCE_COMMIT = Kind(CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT)
 
@@ -74,6 +77,9 @@ class RemoteStore:
         self._check = ChainCheck(stream)
         try:
             self.store_id, self._check = self._loop.run(self._start(), self.timeout + 1)
+        except NATS_ERRORS as exc:  # TimeoutError included: the server did not answer in time
+            self.close()
+            raise StreamUnavailable(url, stream, f"cannot follow the stream: {type(exc).__name__}: {exc}") from None
         except BaseException:
             self.close()
             raise
@@ -82,6 +88,16 @@ class RemoteStore:
     async def _start(self) -> tuple[str, ChainCheck]:
         self._nc = await open_nats(self.url)
         js = self._nc.jetstream()
+        deadline = time.monotonic() + self.timeout
+        while True:  # a cluster electing a leader (a node just lost) answers late or not at all for a moment
+            try:
+                return await self._follow(js)
+            except NATS_ERRORS:
+                if time.monotonic() + RETRY_S >= deadline:
+                    raise
+                await asyncio.sleep(RETRY_S)
+
+    async def _follow(self, js: JetStreamContext) -> tuple[str, ChainCheck]:
         info = await stream_info(js, self.stream)
         if info is None:
             raise StreamMismatch(self.stream, "no such stream")

@@ -103,7 +103,10 @@ def restore_from_stream(url: str, stream: str, data_dir: str | os.PathLike[str],
     config = EngineConfig() if segment_max_bytes is None else EngineConfig(segment_max_bytes=segment_max_bytes)
     loop = LoopThread(f"batpak-restore-{stream}")
     try:
-        store_hex, last, check = loop.run(_open(url, stream), STALL_TIMEOUT_S)
+        try:
+            store_hex, last, check = loop.run(_open(url, stream), STALL_TIMEOUT_S)
+        except NATS_ERRORS as exc:  # TimeoutError included
+            raise StreamUnavailable(url, stream, f"stream info: {type(exc).__name__}: {exc}") from None
         _empty_target(disk, path)
         store_id = bytes.fromhex(store_hex)
         disk.write_file_atomic(os.path.join(path, META_FILE), encode_meta(store_id, time.time_ns() // 1_000_000))

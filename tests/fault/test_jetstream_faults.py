@@ -179,7 +179,7 @@ def test_r3_stream_rides_through_a_node_sigkill(tmp_path: os.PathLike[str], data
         rest = cluster_url(nodes[1:])
         try:
             wait_stream(rest, "F4", _visible(data_dir), timeout=60)
-            assert_stream_is_journal(rest, "F4", data_dir)
+            assert_stream_is_journal(rest, "F4", data_dir, timeout=30)  # the cluster may still be electing
         finally:
             assert stop_bridge(bridge) == 0
     assert_verified(data_dir)
@@ -261,3 +261,13 @@ def test_a_damaged_journal_frame_is_never_published(tmp_path: os.PathLike[str], 
             assert remote.query_after(0, limit=1000).events[-1].global_sequence == bad.global_sequence - 1
     report = bp.verify(data_dir)  # and the local check finds the same damage
     assert not report.ok
+
+
+def test_no_server_is_a_typed_error(tmp_path: os.PathLike[str]) -> None:
+    with nats_server(os.fspath(tmp_path)) as ns:
+        url = ns.url
+    with pytest.raises(bp.StreamUnavailable):  # the server is gone: ConnectionError-derived, typed
+        jetstream.connect(url, "NONE", timeout=1)
+    with pytest.raises(bp.StreamUnavailable):
+        jetstream.restore_from_stream(url, "NONE", os.path.join(os.fspath(tmp_path), "restored"))
+    assert not os.path.exists(os.path.join(os.fspath(tmp_path), "restored"))  # nothing made before the stream answered
