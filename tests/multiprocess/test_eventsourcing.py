@@ -29,6 +29,7 @@ from eventsourcing.persistence import (
     OperationalError,
     ProcessRecorder,
     StoredEvent,
+    Tracking,
     TrackingRecorder,
 )
 from eventsourcing.tests import application as suite_app
@@ -281,16 +282,16 @@ def test_a_stopped_service_is_an_operational_error_and_nothing_half_written(tmp_
     try:
         rec = BatpakProcessRecorder(Datastore(data, timeout=5), "solo/app")
         oid = uuid.uuid4()
-        assert rec.insert_events([StoredEvent(oid, 1, "t", b"1")], tracking=suite.Tracking("up", 1)) == [1]
+        assert rec.insert_events([StoredEvent(oid, 1, "t", b"1")], tracking=Tracking("up", 1)) == [1]
     finally:
         assert svc.stop() == 0
     with pytest.raises(OperationalError):  # eventsourcing's type, the store's error chained
-        rec.insert_events([StoredEvent(oid, 2, "t", b"2")], tracking=suite.Tracking("up", 2))
+        rec.insert_events([StoredEvent(oid, 2, "t", b"2")], tracking=Tracking("up", 2))
     with bp.serve(data, segment_max_bytes=1 << 20):
         again = BatpakProcessRecorder(Datastore(data), "solo/app")
         assert [s.originator_version for s in again.select_events(oid)] == [1]
         assert again.max_tracking_id("up") == 1 and again.max_notification_id() == 1
-        assert again.insert_events([StoredEvent(oid, 2, "t", b"2")], tracking=suite.Tracking("up", 2)) == [2]
+        assert again.insert_events([StoredEvent(oid, 2, "t", b"2")], tracking=Tracking("up", 2)) == [2]
     assert_verified(data)
 
 
@@ -302,7 +303,7 @@ def test_wait_wakes_when_the_tracking_record_commits() -> None:
     import time
 
     rec = BatpakTrackingRecorder(_datastore(), _scope())
-    timer = threading.Timer(0.3, rec.insert_tracking, args=(suite.Tracking("up", 5),))
+    timer = threading.Timer(0.3, rec.insert_tracking, args=(Tracking("up", 5),))
     started = time.monotonic()
     timer.start()
     rec.wait("up", 5, timeout=10)
