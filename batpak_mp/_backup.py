@@ -402,11 +402,13 @@ class _Copier:
     segment by rename meanwhile (FORMAT.md §3.9) gives one whole file or the other,
     never a mix."""
 
-    def __init__(self, progress: Progress | None, total: int) -> None:
+    def __init__(self, progress: Progress | None, total: int, max_rate: float | None = None) -> None:
         self.progress = progress
         self.total = total
         self.done = 0
         self.files = 0
+        self.max_rate = max_rate  # bytes per second at most (None: as fast as the disks go)
+        self.started = time.monotonic()
 
     def step(self) -> None:
         if self.progress is not None:
@@ -435,6 +437,10 @@ class _Copier:
                 off += n
                 self.done += n
                 self.step()
+                if self.max_rate is not None:
+                    ahead = self.done / self.max_rate - (time.monotonic() - self.started)
+                    if ahead > 0:
+                        time.sleep(ahead)
             if size > length:
                 DISK.allocate(dfd, size, dst)  # the rest, as the writer preallocates (holes only: cheap)
             DISK.fsync(dfd, dst)
@@ -582,18 +588,23 @@ def _previous_backup(dest: str, store_id: bytes) -> Manifest | None:
 
 # -- bp.backup ----------------------------------------------------------------------------------
 def backup(data_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *,
-           progress: Progress | None = None) -> BackupReport:
+           progress: Progress | None = None, max_rate: float | None = None) -> BackupReport:
     """Copy the store in ``data_dir`` into ``dest`` consistently, while its service runs
     or not: every event durable when the backup started, whole commits only, checked as
     copied. ``dest`` is missing, empty, or a previous backup of the same store (then only
     what is new is copied). ``dest`` is replaced atomically: interrupted at any point, it
     is the previous backup or the new one. A backup is a store directory: ``bp.serve``
     serves it, ``bp.restore`` puts it in place. ``progress(done, total)``: bytes.
+    ``max_rate``: bytes per second to copy at most, to leave the disk to the service
+    (``tools/bench_backup.py`` measures what a backup costs appending clients).
 
     Typed errors: ``BackupRefused`` (``dest`` inside the store, or holding something
     else), ``InvalidArgument`` (not a store), ``CorruptSegment`` (the source fails its
     checksums), ``DiskFull``/``StorageError``; the source is never changed."""
     started = time.perf_counter()
+    if max_rate is not None and (isinstance(max_rate, bool) or not isinstance(max_rate, (int, float))
+                                 or not max_rate > 0):
+        raise InvalidArgument("max_rate", max_rate, "must be a number of bytes per second > 0, or None")
     src = _Source(os.path.abspath(os.fspath(data_dir)))
     target = _Target(os.path.abspath(os.fspath(dest)))
     _check_apart(src.root, target.path)
@@ -606,7 +617,7 @@ def backup(data_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *,
         steps = plan_segments(segments, frontier, previous=prev_files, names=names, fork=False)
         if frontier and (not steps or steps[-1].through < frontier):
             raise CorruptSegment(src.seg_dir, 0, f"sequence {frontier} was durable but no segment holds it")
-        copier = _Copier(progress, sum(s.segment.size for s in steps if s.action != "reuse"))
+        copier = _Copier(progress, sum(s.segment.size for s in steps if s.action != "reuse"), max_rate)
         staging = target.start()
         files: list[ManifestFile] = []
         reused = 0

@@ -561,8 +561,10 @@ def compact(data_dir: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("data_dir", type=DATA_DIR)
 @click.argument("dest", type=DATA_DIR)
+@click.option("--max-rate", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MIB_S",
+              help="Copy at most this many MiB per second (leave the disk to the service).")
 @json_option
-def backup(data_dir: str, dest: str, as_json: bool) -> None:
+def backup(data_dir: str, dest: str, max_rate: float | None, as_json: bool) -> None:
     """Copy DATA_DIR into DEST consistently, while its service runs or not: every event
     durable when the backup starts, whole commits only, each segment checked as copied.
     DEST is missing, empty or a previous backup of the same store (then only new
@@ -571,7 +573,8 @@ def backup(data_dir: str, dest: str, as_json: bool) -> None:
     the disk is full."""
     from ._backup import backup as run_backup
 
-    r = _copy_with_progress("backup", lambda progress: run_backup(data_dir, dest, progress=progress))
+    rate = max_rate * 2**20 if max_rate is not None else None
+    r = _copy_with_progress("backup", lambda progress: run_backup(data_dir, dest, progress=progress, max_rate=rate))
     doc = r._asdict()
     _emit(as_json, doc, f"backed up {r.store_id} through sequence {r.last_sequence} into {r.dest}: "
                         f"{r.files_copied} file(s) copied ({r.bytes_copied / 2**20:,.1f} MiB), {r.files_reused} "

@@ -12,9 +12,10 @@ then R rounds (default 3) of
 and, after the rounds, K times (default 3): 10,000 more events (batches of 1000), then an
 incremental ``bp.backup`` into the last destination (seconds, bytes copied).
 Each backup is checked (``bp.verify``) after its round, outside the timed windows.
-With ``--nice N`` every round also makes a second full backup from a forked child at CPU
-niceness N (what the recipes of OPERATIONS.md §4.2 do), after a baseline window of its own,
-so the two costs to the clients are measured side by side.
+With ``--nice N`` and/or ``--max-rate MIB_S`` every round also makes a second full backup
+from a forked child at CPU niceness N (what the recipes of OPERATIONS.md §4.2 do) and/or
+paced to that many MiB/s (``bp.backup(max_rate=)``), after a baseline window of its own, so
+the two costs to the clients are measured side by side.
 
 The machine is shared and noisy: every figure is the median of the rounds, and the
 clients' cost is the ratio of their rate during a backup to their rate in the baseline
@@ -76,9 +77,9 @@ def _timed_backup(store: bp.Store, src: str, dest: str) -> tuple[bp.BackupReport
     return report, rate, time.process_time() - cpu0
 
 
-def _niced_backup(store: bp.Store, src: str, dest: str, nice: int) -> tuple[float, float, int]:
-    """A full backup from a forked child at niceness ``nice``: (seconds, clients'
-    events/s meanwhile, bytes copied)."""
+def _second_backup(store: bp.Store, src: str, dest: str, nice: int, max_rate: float | None) -> tuple[float, float, int]:
+    """A full backup from a forked child at niceness ``nice``, paced to ``max_rate``
+    bytes/s: (seconds, clients' events/s meanwhile, bytes copied)."""
     r, w = os.pipe()
     v0, t0 = store.frontier().visible, time.perf_counter()
     pid = os.fork()
@@ -86,7 +87,7 @@ def _niced_backup(store: bp.Store, src: str, dest: str, nice: int) -> tuple[floa
         try:
             os.close(r)
             os.nice(nice)
-            report = bp.backup(src, dest)
+            report = bp.backup(src, dest, max_rate=max_rate)
             os.write(w, f"{report.seconds} {report.bytes_copied}".encode())
         finally:
             os._exit(0)
@@ -116,6 +117,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the store (and reuse it next time)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--nice", type=int, default=0, help="also a backup at this CPU niceness each round (0: none)")
+    ap.add_argument("--max-rate", type=float, default=None, metavar="MIB_S",
+                    help="also a backup paced to this many MiB/s each round")
     ap.add_argument("--quick", action="store_true", help="100,000 events, 2 rounds: a smoke run")
     args = ap.parse_args()
     if args.quick:
@@ -152,13 +155,15 @@ def main() -> None:
                 print(f"round {r}: {mb:,.0f} MB in {report.seconds:.2f} s = {mb / report.seconds:,.0f} MB/s; "
                       f"clients {base:,.0f} -> {during:,.0f} events/s ({during / base:.2f}x)", flush=True)
                 assert bp.verify(dest).ok
-                if args.nice:
+                if args.nice or args.max_rate:
                     base = _rate(store, BASELINE_S)
                     shutil.rmtree(dest)
-                    seconds, during, copied = _niced_backup(store, src, dest, args.nice)
+                    rate = args.max_rate * 2**20 if args.max_rate else None
+                    seconds, during, copied = _second_backup(store, src, dest, args.nice, rate)
+                    variant = f"nice {args.nice}, max rate {args.max_rate} MiB/s"
                     rounds[-1].update(nice_baseline_eps=base, nice_during_eps=during, nice_ratio=during / base,
                                       nice_mb_s=copied / 1e6 / seconds)
-                    print(f"  at nice {args.nice}: {copied / 1e6 / seconds:,.0f} MB/s; clients {base:,.0f} -> "
+                    print(f"  at {variant}: {copied / 1e6 / seconds:,.0f} MB/s; clients {base:,.0f} -> "
                           f"{during:,.0f} events/s ({during / base:.2f}x)", flush=True)
                     assert bp.verify(dest).ok
             for k in range(args.incrementals):
@@ -189,8 +194,8 @@ def main() -> None:
         "incremental_mb_median": med(incrementals, "mb") if incrementals else None,
         "rounds_detail": rounds, "incrementals_detail": incrementals,
     }
-    if args.nice:
-        summary.update(nice=args.nice, nice_mb_s_median=med(rounds, "nice_mb_s"),
+    if args.nice or args.max_rate:
+        summary.update(nice=args.nice, max_rate_mib_s=args.max_rate, nice_mb_s_median=med(rounds, "nice_mb_s"),
                        nice_ratio_median=med(rounds, "nice_ratio"))
     print(f"\nmedians over {len(rounds)} rounds ({args.events:,} events, {args.clients} appending clients, "
           f"codec {summary['codec']}):")
@@ -198,8 +203,8 @@ def main() -> None:
           f"{summary['backup_seconds_median']:.2f} s; {summary['cpu_s_per_mb_median'] * 1e3:.2f} ms CPU per MB)")
     print(f"  clients' appends during a backup: {summary['clients_ratio_median']:.2f}x their rate without "
           f"({summary['clients_during_eps_median']:,.0f} vs {summary['clients_baseline_eps_median']:,.0f} events/s)")
-    if args.nice:
-        print(f"  at nice {args.nice}: {summary['nice_mb_s_median']:,.0f} MB/s, clients "
+    if args.nice or args.max_rate:
+        print(f"  at nice {args.nice}, max rate {args.max_rate} MiB/s: {summary['nice_mb_s_median']:,.0f} MB/s, clients "
               f"{summary['nice_ratio_median']:.2f}x their rate without")
     if incrementals:
         print(f"  incremental backup after {args.more:,} more events: {summary['incremental_seconds_median'] * 1000:.0f} ms "

@@ -262,3 +262,15 @@ def test_compaction_in_the_source_reaches_the_next_backup_and_never_a_fork(tmp_p
     assert_verified(dest)
     assert_verified(fork_dir)
     assert_verified(src)
+
+
+def test_max_rate_paces_the_copy(tmp_path: os.PathLike[str]) -> None:
+    src, dest = os.path.join(tmp_path, "data"), os.path.join(tmp_path, "backup")
+    fill(src, 3000)  # two segments, ~2 MiB to copy
+    for bad in (0, -1.0, "fast", True):
+        with pytest.raises(bp.InvalidArgument, match="max_rate"):
+            bp.backup(src, dest, max_rate=bad)  # type: ignore[arg-type]
+    assert not os.path.exists(dest)
+    report = bp.backup(src, dest, max_rate=4 * 2**20)
+    assert report.seconds >= report.bytes_copied / (4 * 2**20) * 0.9  # no faster than asked
+    assert_verified(dest)
