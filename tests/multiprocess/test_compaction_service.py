@@ -1,8 +1,9 @@
 """Redaction and compaction through a served store (issue 13 #1, #3 and the races of
 "Bad input and faults"): ``Store.redact`` and ``Store.compact`` over the wire while
-another process appends, a subscription reads, and a backup copies the segments being
-swapped: the appends all land, the subscriber sees every event once (the redacted ones
-flagged), the backup holds each segment old or new, never a mix, and verifies; the CLI's
+another process appends, a subscription and a durable cursor read, and a backup and a
+fork copy the segments being swapped: the appends all land, the subscriber and the
+cursor see every event once (the redacted ones flagged), the backup and the fork hold
+each segment old or new, never a mix, and verify; the CLI's
 ``compact`` works with and without a service. Every test ends with ``bp.verify`` clean."""
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def test_compaction_while_a_process_appends_a_subscriber_reads_and_a_backup_copi
         with pytest.raises(bp.RedactionRefused):
             store.redact(store.history("redactions")[0].event_id, reason="requests stay")
         sub = store.subscribe(0, entity="p-2", timeout=5.0)
+        cursor = store.cursor("reader", entity="p-0")  # a durable cursor reading across the swaps
+        read: list[bp.Event] = []
+        for _ in range(30):
+            ev = cursor.next(timeout=5.0)
+            assert ev is not None
+            cursor.ack(ev)
+            read.append(ev)
         appender = subprocess.Popen([sys.executable, "-c", APPENDER, d, "300"], stdout=subprocess.PIPE, text=True)
         backups: list[bp.BackupReport] = []
         failures: list[BaseException] = []
@@ -58,10 +66,18 @@ def test_compaction_while_a_process_appends_a_subscriber_reads_and_a_backup_copi
             except BaseException as exc:  # reported below
                 failures.append(exc)
 
-        copier = threading.Thread(target=take_backup)
-        copier.start()
+        def take_fork() -> None:
+            try:
+                bp.fork(d, str(tmp_path / "fork"))
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+
+        copiers = [threading.Thread(target=take_backup), threading.Thread(target=take_fork)]
+        for t in copiers:
+            t.start()
         report = store.compact()
-        copier.join(60)
+        for t in copiers:
+            t.join(60)
         out, _ = appender.communicate(timeout=60)
         assert appender.returncode == 0 and out.strip() == "300"
         assert not failures, failures
@@ -74,14 +90,22 @@ def test_compaction_while_a_process_appends_a_subscriber_reads_and_a_backup_copi
         assert [e.global_sequence for e in seen] == [r.global_sequence for r in rs if r.entity == "p-2"]
         assert [e.redacted for e in seen].count(True) == 1  # sequence 11 (i=10) is p-2's
         sub.close()
+        while (ev := cursor.next(timeout=0.5)) is not None:
+            cursor.ack(ev)
+            read.append(ev)
+        cursor.close()
+        assert [e.global_sequence for e in read] == [r.global_sequence for r in rs if r.entity == "p-0"]
+        for i, e in zip(range(0, 700, 4), read, strict=True):  # it read a page ahead: each old or new, whole
+            assert (e.redacted and i in (200, 400)) or e.payload["i"] == i
     finally:
         store.close()
-    backup_dir = str(tmp_path / "backup")
-    assert_verified(backup_dir)  # old or new segments, each whole: the backup verifies
-    with bp.Engine.open(backup_dir) as eng:
-        for i, r in enumerate(rs[:700]):
-            ev = eng.get(r.event_id)
-            assert ev.event_hash == r.event_hash and ((ev.redacted and i in victims) or ev.payload["i"] == i)
+    for copy in ("backup", "fork"):  # old or new segments, each whole: the copies verify
+        copy_dir = str(tmp_path / copy)
+        assert_verified(copy_dir)
+        with bp.Engine.open(copy_dir) as eng:
+            for i, r in enumerate(rs[:700]):
+                ev = eng.get(r.event_id)
+                assert ev.event_hash == r.event_hash and ((ev.redacted and i in victims) or ev.payload["i"] == i)
 
 
 def test_the_cli_compacts_with_and_without_a_service(data_dir: str) -> None:
