@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ._errors import MasterKeyError
 from ._format.directory import META_FILE
 from ._format.ids import store_tag_of
-from ._format.meta import decode_meta
+from ._format.meta import decode_meta, inherited_of
 from ._values import register_cipher
 
 KEYS_FILE = "keys.tbl"  # in the data directory: wrapped data keys (useless without the master key)
@@ -219,11 +219,13 @@ def open_for_reading(data_dir: str, store_tag: int | None = None) -> None:
         return
     keys = ReadKeys(data_dir, load_master_key(data_dir))
     keys.current()  # proves the master key now
-    if store_tag is None:
-        with open(os.path.join(data_dir, META_FILE), "rb") as f:
-            store_tag = store_tag_of(decode_meta(f.read(), META_FILE))
+    with open(os.path.join(data_dir, META_FILE), "rb") as f:
+        meta = f.read()
+    tags = [store_tag if store_tag is not None else store_tag_of(decode_meta(meta, META_FILE))]
+    tags += [store_tag_of(sid) for sid, _ in inherited_of(meta, META_FILE)]  # a fork's inherited events
     decrypt: Callable[[bytes, bytes], bytes | None] = keys.decrypt
-    register_cipher(store_tag, decrypt)
+    for tag in tags:
+        register_cipher(tag, decrypt)
 
 
 def shred_payload(entity: str) -> dict[str, bytes]:

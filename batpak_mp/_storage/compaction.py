@@ -225,6 +225,7 @@ class EngineErasure:
         _clock_ms: Callable[[], int]
         _encryption: Encryption
         store_tag: int
+        inherited: tuple[tuple[bytes, int], ...]
 
         def _check_open(self) -> None: ...
         def _commit_one(self, prepared: list[Prepared]) -> list[Receipt]: ...
@@ -300,7 +301,7 @@ class EngineErasure:
         (``BATPAK_MP_MASTER_KEY_FILE``); ``MasterKeyError`` without one."""
         self._check_open()
         self._encryption.enable(entity_prefixes)
-        self._encryption.register(self.store_tag)
+        self._encryption.register(self.store_tag, self.inherited)
         self._journal.cipher = self._encryption.apply
 
     def shred(self, entity: str) -> Receipt:

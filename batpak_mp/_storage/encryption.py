@@ -21,6 +21,7 @@ import msgpack
 
 from .._crypto import KEYS_FILE, Keyring, load_master_key
 from .._errors import InvalidArgument
+from .._format.ids import store_tag_of
 from .._prepare import Prepared
 from .._values import CATEGORY_SYSTEM, SYSTEM_SHRED, register_cipher
 from .osio import Disk
@@ -45,11 +46,13 @@ class Encryption:
         ring = Keyring.decode(data_dir, load_master_key(data_dir), raw) if raw is not None else None
         return cls(disk, data_dir, ring)
 
-    def register(self, store_tag: int) -> None:
-        """This process's readers decrypt through this table (shreds are seen at once)."""
+    def register(self, store_tag: int, inherited: Sequence[tuple[bytes, int]] = ()) -> None:
+        """This process's readers decrypt through this table (shreds are seen at once),
+        also the events a fork inherited (their ids carry the parent's store tag)."""
         if self.ring is not None:
             ring = self.ring
-            register_cipher(store_tag, lambda entity, data: ring.decrypt(entity, data))
+            for tag in (store_tag, *(store_tag_of(sid) for sid, _ in inherited)):
+                register_cipher(tag, lambda entity, data: ring.decrypt(entity, data))
 
     def enable(self, prefixes: Sequence[str]) -> None:
         """Encrypt the payloads of entities starting with any of ``prefixes`` from now on

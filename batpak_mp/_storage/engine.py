@@ -168,7 +168,7 @@ class Engine(EngineErasure):
         self._compactor = Compactor(d, segments, self._index, self._idx_dir, on_swap=self._segment_swapped)
         self._retention_cache: dict[str, Any] = {}
         self._journal.idem_window = lambda: self.retention().idempotency_window_ms
-        self._encryption.register(self.store_tag)
+        self._encryption.register(self.store_tag, self.inherited)
         self._journal.cipher = self._encryption.apply if self._encryption.ring is not None else None
         done = Recovery(segments, self._index, stamps, self.config.segment_max_bytes, self._journal.seal).run(
             ckpt, floor, full=self._compactor.interrupted())  # a swap cut short: every footer into records.idx

@@ -72,6 +72,12 @@ def test_payloads_are_encrypted_and_a_shred_makes_them_unreadable_everywhere(mas
             eng.shred("")
     copy = str(tmp_path / "copy")
     shutil.copytree(d, copy)  # a copy taken after the shred holds no key for user-1
+    bp.backup(d, str(tmp_path / "backup"))
+    bp.fork(d, str(tmp_path / "fork"))  # a new store id: its inherited events keep the parent's tag
+    for other in ("backup", "fork"):
+        assert_verified(str(tmp_path / other))
+        with bp.Engine.open(str(tmp_path / other), SMALL) as eng:
+            assert eng.get(a.event_id).shredded and eng.get(b.event_id).payload == {"email": "bob@example.org"}
     assert_verified(d)
     assert_verified(copy)
     with bp.Engine.open(copy, SMALL) as eng:
