@@ -6,7 +6,7 @@ The public face: everything a caller needs is importable from here (see ``__all_
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import typing as _typing
 
 from ._backup import BackupReport, ForkReport, RestoreReport, backup, fork, restore
 from ._client import Fence, Store, Subscription, connect
@@ -165,7 +165,7 @@ __all__ = [
 ]
 
 
-if TYPE_CHECKING:  # type checkers see the module; at run time it is imported on first use
+if _typing.TYPE_CHECKING:  # type checkers see the module; at run time it is imported on first use
     from . import aio as aio
 
 

@@ -46,6 +46,8 @@ from ._errors import (
     WriterUnavailable,
 )
 from ._gates import Denial, bypass_audit_item, denial_payload, effect_item
+from ._groups import DEFAULT_ACK_EVERY as DEFAULT_GROUP_ACK_EVERY
+from ._groups import DEFAULT_CHUNK, GroupCursor
 from ._ipc import objects
 from ._ipc import wire as W
 from ._ipc.control import DOORBELLS, ControlBlock, ControlSnapshot, state_name
@@ -56,8 +58,6 @@ from ._query import Region, region_of
 from ._read.reader import Reader, View
 from ._read.receipts import receipt_matches
 from ._read.redaction import current_retention, redaction_item, retention_item
-from ._groups import DEFAULT_ACK_EVERY as DEFAULT_GROUP_ACK_EVERY
-from ._groups import DEFAULT_CHUNK, GroupCursor
 from ._replay import Cursor, EventFilter, Handler, Projection, Reactor
 from ._replay import caused_by as _caused_by
 from ._replay import project as _project
@@ -66,6 +66,8 @@ from ._retention import Retention, RetentionRule
 from ._signing import verify_receipt_signature
 from ._values import (
     EFFECT_DENIAL,
+    SHRED_ENTITY,
+    SYSTEM_SHRED,
     BatchItem,
     CompactReport,
     Coordinate,
@@ -75,8 +77,6 @@ from ._values import (
     Page,
     Receipt,
     WriterState,
-    SHRED_ENTITY,
-    SYSTEM_SHRED,
     check_name,
     payload_version_for,
 )
@@ -118,7 +118,7 @@ class _Area:
     rings after writing a reply into it (the word named by the area's token:
     ``names.doorbell_slot``; shared with other areas on the same word, so a wake-up is
     only a hint: the area's ``REPLY_TO`` says whose reply). An area carries one request
-    at a time; a ``_Channel`` lends its areas out, so a process has as many requests in
+    at a time; a ``Channel`` lends its areas out, so a process has as many requests in
     flight as it has areas lent."""
 
     def __init__(self, prefix: str, size: int, control: ControlBlock, bell: int | None = None) -> None:
@@ -186,7 +186,7 @@ def _shm_hint(size: int, exc: BaseException) -> str:
             "Enlarge it (docker run --shm-size=256m) or use smaller batches/payloads.")
 
 
-def _prepare_items(items: Sequence[BatchItem], *, store_kinds: bool = False,
+def prepare_batch(items: Sequence[BatchItem], *, store_kinds: bool = False,
                    max_payload: int = MAX_PAYLOAD) -> list[Prepared]:
     """``_prepare.prepare_items``, then keys for items without one (base + index), so the
     request can be re-sent and is applied at most once."""
@@ -345,7 +345,7 @@ def _is_bytes(value: Any, size: int) -> bool:
 
 
 class Wait(NamedTuple):
-    """What a request in flight (``_Channel.exchange``) needs before it can go on: either
+    """What a request in flight (``Channel.exchange``) needs before it can go on: either
     its reply — ``area`` holds it once its ``REPLY_TO`` is ``request_id``; wake when the
     area's doorbell word no longer holds ``seen``, or after ``timeout`` seconds — or,
     when ``message`` is set, room in the full request queue for it (send it, blocking at
@@ -361,7 +361,7 @@ class Wait(NamedTuple):
 Exchange = Generator[Wait, bool, W.Reply]
 
 
-class _Channel:
+class Channel:
     """This process's line to the writer: the store's request queue, a pool of
     shared-memory areas (made on demand, one per request in flight, lent out and given
     back; one grown for a large request is not kept; an area a writer may still answer
@@ -551,7 +551,7 @@ T = TypeVar("T")
 Op = Generator[Call, Any, T]  # a write: yields its requests, returns its result
 
 
-def _op_prepared(prepared: list[Prepared], fence: bytes | None = None) -> Op[list[Receipt]]:
+def op_prepared(prepared: list[Prepared], fence: bytes | None = None) -> Op[list[Receipt]]:
     """Append prepared events (all or nothing), through ``fence`` when given."""
     items = [[p.entity, p.scope, p.kind, p.payload, p.payload_version, p.idem, p.expected_clock,
               p.causation if any(p.causation) else None, p.correlation if any(p.correlation) else None]
@@ -565,25 +565,25 @@ def _op_prepared(prepared: list[Prepared], fence: bytes | None = None) -> Op[lis
     return receipts_from_reply(prepared, data)
 
 
-def _op_effect(coord: Coordinate, type_id: int, payload: Any, *, causation_id: bytes | None,
+def op_effect(coord: Coordinate, type_id: int, payload: Any, *, causation_id: bytes | None,
                idempotency_key: str | bytes | None) -> Op[Receipt]:
     item = effect_item(coord, type_id, payload, causation_id=causation_id, idempotency_key=idempotency_key)
-    return (yield from _op_prepared(_prepare_items([item], store_kinds=True)))[0]
+    return (yield from op_prepared(prepare_batch([item], store_kinds=True)))[0]
 
 
-def _op_fence_begin() -> Op[bytes]:
+def op_fence_begin() -> Op[bytes]:
     return bytes((yield Call(W.OP_FENCE_BEGIN, None))[0])
 
 
-def _op_fence_finish(token: bytes, op: int) -> Op[None]:
+def op_fence_finish(token: bytes, op: int) -> Op[None]:
     yield Call(op, token)
 
 
-def _op_sync(timeout: float | None) -> Op[int]:
+def op_sync(timeout: float | None) -> Op[int]:
     return int((yield Call(W.OP_SYNC, None, 0, timeout))[1])
 
 
-def _op_compact(timeout: float | None) -> Op[CompactReport]:
+def op_compact(timeout: float | None) -> Op[CompactReport]:
     data = yield Call(W.OP_COMPACT, None, 0, timeout)
     if len(data) != 4 or not all(type(v) in (int, float) and v >= 0 for v in data):
         raise ProtocolError(f"malformed reply to compact: {data!r:.200}")
@@ -607,7 +607,7 @@ class _Erasure:
         with self._lock:
             self._ensure_open()
             item = redaction_item(self._reader, event_id, reason)
-        return self._drive(_op_prepared(_prepare_items([item], store_kinds=True)))[0]
+        return self._drive(op_prepared(prepare_batch([item], store_kinds=True)))[0]
 
     def set_retention(self, rules: Sequence[RetentionRule], *, idempotency_window_ms: int | None = None) -> Receipt:
         """Put retention ``rules`` in force for every process (OPERATIONS.md §11.3)."""
@@ -620,7 +620,7 @@ class _Erasure:
 
     def compact(self, timeout: float | None = COMPACT_TIMEOUT_S) -> CompactReport:
         """Have the writer compact now, appends going on (OPERATIONS.md §11.2)."""
-        return self._drive(_op_compact(timeout))
+        return self._drive(op_compact(timeout))
 
     def shred(self, entity: str) -> Receipt:
         """Destroy ``entity``'s data key (OPERATIONS.md §11.4): its payloads read as shredded."""
@@ -703,12 +703,12 @@ class Store(_Erasure, _Queries):
         # requests in flight (any number of threads at once): ``close`` lets them finish
         self._calls = 0
         self._calls_done = threading.Condition(threading.Lock())
-        with _ipc_errors(f"cannot reach the service of {self.data_dir!r}"):
+        with ipc_errors(f"cannot reach the service of {self.data_dir!r}"):
             self._control = ControlBlock.attach(self.data_dir)
         try:
-            with _ipc_errors(f"cannot reach the service of {self.data_dir!r}"):
+            with ipc_errors(f"cannot reach the service of {self.data_dir!r}"):
                 _check_state(self._control.read())
-                self._channel = _Channel(self.data_dir, self._control)
+                self._channel = Channel(self.data_dir, self._control)
         except BaseException:
             self._control.close()
             raise
@@ -772,7 +772,7 @@ class Store(_Erasure, _Queries):
         commits), and reads never wait behind them."""
         self._begin_call()
         try:
-            with _ipc_errors("the request channel to the writer failed"):
+            with ipc_errors("the request channel to the writer failed"):
                 reply = self._channel.call(op, body, reply_room, self.timeout if timeout is None else timeout)
         finally:
             self._end_call()
@@ -836,24 +836,24 @@ class Store(_Erasure, _Queries):
                     payload_version=payload_version_for(kind) if payload_version is None else payload_version)
         if idempotency_key is None:
             p = p._replace(idem=secrets.token_bytes(16))  # every request is re-sendable
-        return (yield from _op_prepared([p]))[0]
+        return (yield from op_prepared([p]))[0]
 
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events all-or-nothing (across entities)."""
-        return self._drive(_op_prepared(_prepare_items(items, max_payload=self.payload_limit)))
+        return self._drive(op_prepared(prepare_batch(items, max_payload=self.payload_limit)))
 
     def append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
         """Append events of the store's own allowlisted reserved kinds (cursor positions,
         gate audit records) together with ordinary ones, all or nothing. For the store's
         own layers (cursors, reactors, gates: ``_api.ReplayHost``); a reserved kind off
         the allowlist is ``ReservedKind`` here, and the writer checks the allowlist again."""
-        return self._drive(_op_prepared(_prepare_items(items, store_kinds=True, max_payload=self.payload_limit)))
+        return self._drive(op_prepared(prepare_batch(items, store_kinds=True, max_payload=self.payload_limit)))
 
     def append_effect(self, coord: Coordinate, type_id: int, payload: Any, *, causation_id: bytes | None = None,
                       idempotency_key: str | bytes | None = None) -> Receipt:
         """Append a store-recorded effect (reserved category 0xD): only an allowlisted
         type id with a payload of its shape (the writer checks both again)."""
-        return self._drive(_op_effect(coord, type_id, payload, causation_id=causation_id,
+        return self._drive(op_effect(coord, type_id, payload, causation_id=causation_id,
                                       idempotency_key=idempotency_key))
 
     def append_denial(self, coord: Coordinate, denial: Denial, *, proposal_kind: Kind | None = None,
@@ -868,7 +868,7 @@ class Store(_Erasure, _Queries):
         return event, audit
 
     def _append(self, prepared: list[Prepared], fence: bytes | None = None) -> list[Receipt]:
-        return self._drive(_op_prepared(prepared, fence))
+        return self._drive(op_prepared(prepared, fence))
 
     # -- reads (no round trip) -------------------------------------------------------------
     def get(self, event_id: bytes) -> Event:
@@ -1017,7 +1017,7 @@ class Store(_Erasure, _Queries):
 
     def sync(self, timeout: float | None = None) -> int:
         """Ask the writer to fsync now; returns the durable frontier."""
-        return self._drive(_op_sync(timeout))
+        return self._drive(op_sync(timeout))
 
     def wait_for_durable(self, sequence: int, timeout: float) -> None:
         """Return once ``sequence`` is on disk; ``WriterTimeout`` otherwise."""
@@ -1086,7 +1086,7 @@ class Fence:
 
     def __init__(self, store: Store, token: bytes | None = None) -> None:
         self._store = store
-        self.token: bytes = store._drive(_op_fence_begin()) if token is None else token
+        self.token: bytes = store._drive(op_fence_begin()) if token is None else token
         self.done = False
 
     def append(self, coord: Coordinate, kind: Kind, payload: Any, *, idempotency_key: str | bytes | None = None,
@@ -1098,13 +1098,13 @@ class Fence:
     def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
         if self.done:
             raise FenceLost(self.token, "the fence was already committed or cancelled")
-        return self._store._append(_prepare_items(items, max_payload=self._store.payload_limit), fence=self.token)
+        return self._store._append(prepare_batch(items, max_payload=self._store.payload_limit), fence=self.token)
 
     def _finish(self, op: int) -> None:
         if self.done:
             return
         self.done = True
-        self._store._drive(_op_fence_finish(self.token, op))
+        self._store._drive(op_fence_finish(self.token, op))
 
     def commit(self) -> None:
         """Reveal every event written through this fence, at once."""
@@ -1220,7 +1220,7 @@ class Subscription:
 
 
 @contextlib.contextmanager
-def _ipc_errors(what: str) -> Iterator[None]:
+def ipc_errors(what: str) -> Iterator[None]:
     """``posix_ipc`` errors (not OSErrors) as ``WriterUnavailable``: none escapes the API."""
     try:
         yield

@@ -1,7 +1,7 @@
 """The asyncio face of the client: ``store = await bp.aio.connect(data_dir)`` -> ``AsyncStore``.
 
 Owns: running the client's writes on an event loop — the very ops the sync ``Store``
-drives (``_client.Call`` generators), over the same request life (``_Channel.exchange``),
+drives (``_client.Call`` generators), over the same request life (``Channel.exchange``),
 so both faces share every rule — with any number of requests in flight from one loop,
 sharing the writer's group commits; and waking coroutines without a thread per call and
 without polling: every area of an ``AsyncStore`` rings one doorbell word of the control
@@ -35,17 +35,17 @@ from typing import Any, TypeVar
 
 from ._client import (
     DEFAULT_TIMEOUT_S,
+    Channel,
     Op,
     Store,
     Subscription,
-    _Channel,
-    _ipc_errors,
-    _op_effect,
-    _op_fence_begin,
-    _op_fence_finish,
-    _op_prepared,
-    _op_sync,
-    _prepare_items,
+    ipc_errors,
+    op_effect,
+    op_fence_begin,
+    op_fence_finish,
+    op_prepared,
+    op_sync,
+    prepare_batch,
     reply_data,
 )
 from ._errors import FenceLost, InvalidArgument, StoreClosed, WriterTimeout
@@ -166,8 +166,8 @@ class AsyncStore:
         self._idle = asyncio.Event()
         self._idle.set()
         bell = secrets.randbelow(DOORBELLS)
-        with _ipc_errors(f"cannot reach the service of {store.data_dir!r}"):
-            self._channel = _Channel(store.data_dir, store._control, bell=bell)
+        with ipc_errors(f"cannot reach the service of {store.data_dir!r}"):
+            self._channel = Channel(store.data_dir, store._control, bell=bell)
         try:
             self._replies = _Waiter(store, loop, lambda: store._control.doorbell_word(bell), "replies", _replied)
         except BaseException:
@@ -198,7 +198,7 @@ class AsyncStore:
         self._calls += 1
         self._idle.clear()
         try:
-            with _ipc_errors("the request channel to the writer failed"):
+            with ipc_errors("the request channel to the writer failed"):
                 wait = next(run)
                 while True:
                     if wait.message is not None:  # the queue is full: wait for room in the executor
@@ -261,15 +261,15 @@ class AsyncStore:
             causation_id=causation_id, correlation_id=correlation_id, payload_version=payload_version))
 
     async def append_batch(self, items: Sequence[BatchItem]) -> list[Receipt]:
-        return await self._drive(_op_prepared(_prepare_items(items, max_payload=self._store.payload_limit)))
+        return await self._drive(op_prepared(prepare_batch(items, max_payload=self._store.payload_limit)))
 
     async def append_store_kinds(self, items: Sequence[BatchItem]) -> list[Receipt]:
-        return await self._drive(_op_prepared(_prepare_items(items, store_kinds=True,
+        return await self._drive(op_prepared(prepare_batch(items, store_kinds=True,
                                                              max_payload=self._store.payload_limit)))
 
     async def append_effect(self, coord: Coordinate, type_id: int, payload: Any, *,
                             causation_id: bytes | None = None, idempotency_key: str | bytes | None = None) -> Receipt:
-        return await self._drive(_op_effect(coord, type_id, payload, causation_id=causation_id,
+        return await self._drive(op_effect(coord, type_id, payload, causation_id=causation_id,
                                             idempotency_key=idempotency_key))
 
     async def append_denial(self, coord: Coordinate, denial: Denial, *, proposal_kind: Kind | None = None,
@@ -282,7 +282,7 @@ class AsyncStore:
         return event, audit
 
     async def sync(self, timeout: float | None = None) -> int:
-        return await self._drive(_op_sync(timeout))
+        return await self._drive(op_sync(timeout))
 
     async def wait_for_durable(self, sequence: int, timeout: float) -> None:
         """``Store.wait_for_durable`` without blocking the loop."""
@@ -307,7 +307,7 @@ class AsyncStore:
 
     async def fence(self) -> AsyncFence:
         """Open a visibility fence: ``async with await store.fence() as f: await f.append(...)``."""
-        return AsyncFence(self, await self._drive(_op_fence_begin()))
+        return AsyncFence(self, await self._drive(op_fence_begin()))
 
     # -- reads and feeds ---------------------------------------------------------------------------
     def subscribe(self, after: int | None = None, *, entity: str | None = None, scope: str | None = None,
@@ -385,12 +385,12 @@ class AsyncFence:
         if self.done:
             raise FenceLost(self.token, "the fence was already committed or cancelled")
         limit = self._store._store.payload_limit
-        return await self._store._drive(_op_prepared(_prepare_items(items, max_payload=limit), self.token))
+        return await self._store._drive(op_prepared(prepare_batch(items, max_payload=limit), self.token))
 
     async def _finish(self, op: int) -> None:
         if not self.done:
             self.done = True
-            await self._store._drive(_op_fence_finish(self.token, op))
+            await self._store._drive(op_fence_finish(self.token, op))
 
     async def commit(self) -> None:
         await self._finish(W.OP_FENCE_COMMIT)
