@@ -43,6 +43,7 @@ from ._errors import (
     InvalidCoordinate,
     InvalidKind,
     InvalidPayload,
+    MasterKeyError,
     PayloadTooLarge,
     ProtocolError,
     ReservedKind,
@@ -916,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
             writer_ref[0].stopping = True
 
     writer_ref: list[Writer] = []
-    sys.setswitchinterval(0.0005)  # hand the GIL to the receiver thread quickly
+    sys.setswitchinterval(0.0005)  # hand the GIL to the syncer thread quickly once its fsync returns
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     fail: Callable[[str], None] = lambda reason: _mark_failed(args.data_dir, reason)  # noqa: E731
@@ -933,8 +934,8 @@ def main(argv: list[str] | None = None) -> int:
         _log(str(exc))
         fail(str(exc))
         return WriterExit.POISONED
-    except UnsafeIpcObject as exc:  # another user's object it cannot remove: restarting cannot help
-        _log(f"refused: {exc}")
+    except (UnsafeIpcObject, MasterKeyError) as exc:  # another user's object it cannot remove, or a wrong
+        _log(f"refused: {exc}")                       # or missing master key: restarting cannot help
         fail(str(exc))
         return WriterExit.USAGE
     writer_ref.append(writer)

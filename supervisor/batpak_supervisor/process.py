@@ -558,9 +558,13 @@ class Supervisor:
             _log(f"failed: {action.reason}")
             self._announce(C.failed_line(action.reason))
             return C.SupervisorExit.IN_USE
-        self._mark(state=int(WriterState.FAILED), writer_pid=0, reason=action.reason)
-        _log(f"failed: {action.reason}")
-        self._announce(C.failed_line(action.reason))
+        reason = action.reason
+        said = self.block.read() if self.block is not None else None
+        if said is not None and said.state == int(WriterState.FAILED) and said.reason:
+            reason = f"{reason}: {said.reason}"  # the writer's own words (a wrong master key, a corrupt segment)
+        self._mark(state=int(WriterState.FAILED), writer_pid=0, reason=reason)
+        _log(f"failed: {reason}")
+        self._announce(C.failed_line(reason))
         return C.SupervisorExit.FAILED
 
 

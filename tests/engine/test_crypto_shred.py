@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,4 +155,21 @@ def test_a_process_without_the_master_key_gets_a_typed_error_not_garbage(master:
         finally:
             _values._CIPHERS.update(saved)
         assert eng.get(a.event_id).payload == {"email": "ann@example.org"}
+    assert_verified(d)
+
+
+def test_a_service_with_a_wrong_master_key_fails_at_once_naming_it(master: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    d = str(tmp_path / "s")
+    encrypted_store(d)
+    before = snapshot(d)
+    monkeypatch.setenv("BATPAK_MP_MASTER_KEY", "22" * 32)  # not the key the data keys were wrapped with
+    monkeypatch.delenv("BATPAK_MP_MASTER_KEY_FILE")
+    t0 = time.monotonic()
+    with pytest.raises(bp.WriterUnavailable, match="master key"):
+        bp.serve(d, restart=bp.RestartPolicy.bounded(5, 60_000))
+    assert time.monotonic() - t0 < 20  # refused at once (exit 2: restarting cannot help), not after 5 restarts
+    after = snapshot(d)
+    after.pop("supervisor.lock", None)  # the service's own lock file, not the store's
+    assert after == before  # nothing written
     assert_verified(d)
