@@ -9,6 +9,7 @@ store directories by the fault tests.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -148,9 +149,23 @@ def cluster_url(servers: list[NatsServer]) -> str:
 
 
 # -- the bridge and the stream, as the tests drive and check them ------------------------------
+_BRIDGES: list[subprocess.Popen[bytes]] = []  # every bridge a test started: none outlives the test run
+
+
 def start_bridge(data_dir: str, url: str, stream: str, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "batpak_mp.jetstream", data_dir, "--nats", url, "--stream", stream,
+    proc = subprocess.Popen([sys.executable, "-m", "batpak_mp.jetstream", data_dir, "--nats", url, "--stream", stream,
                              *extra], stdin=subprocess.DEVNULL)
+    _BRIDGES.append(proc)
+    return proc
+
+
+@atexit.register
+def _kill_left_bridges() -> None:
+    """A test that failed before it stopped its bridge leaves a process waiting for a
+    service that will not come back: end it with the run."""
+    for proc in _BRIDGES:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def stop_bridge(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
