@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import SMALL, assert_verified
 
 import batpak_mp as bp
@@ -54,8 +55,9 @@ def test_same_boot_and_cold_recovery_agree(data_dir: str, tmp_path: os.PathLike[
         assert report["active_frames_scanned"] > 0  # the tail after the last checkpoint
         last = e.visible
         # a re-sent key after the crash returns its original receipt
-        again = e.append(bp.Coordinate("e0", "s"), K, {"again": 1}, idempotency_key="k299-0")
-        assert again.global_sequence < last
+        with pytest.raises(bp.IdempotencyConflict) as dup:  # the key is known: another request is refused
+            e.append(bp.Coordinate("e0", "s"), K, {"again": 1}, idempotency_key="k299-0")
+        assert dup.value.sequence < last
     with bp.Engine.open(cold_copy, SMALL, disk=OTHER_BOOT) as e:
         assert "same_boot" not in e.recovery_report
         assert e.visible == last

@@ -87,8 +87,9 @@ def test_an_engine_on_a_full_disk_refuses_appends_typed_and_goes_on(tmp_path: st
                 e.checkpoint()
             os.unlink(ballast)
             acked.append(e.append(COORD, K, {"i": len(acked), "pad": PAD}, idempotency_key=f"k{len(acked)}"))
-            again = e.append(COORD, K, {"i": 0}, idempotency_key="k0")  # the keys survived
-            assert again.event_id == acked[0].event_id
+            with pytest.raises(bp.IdempotencyConflict) as dup:  # the keys survived (another request: refused)
+                e.append(COORD, K, {"i": 0}, idempotency_key="k0")
+            assert dup.value.sequence == acked[0].global_sequence
             assert_reads(e, acked)
             e.checkpoint()
         assert len(os.listdir(os.path.join(data_dir, SEGMENT_DIR))) >= 2
@@ -115,7 +116,9 @@ def test_a_served_store_survives_a_full_disk(tmp_path: str) -> None:
             os.kill(pid, 0)
             os.unlink(ballast)
             acked.append(store.append(COORD, K, {"i": len(acked), "pad": PAD}, idempotency_key=f"k{len(acked)}"))
-            assert store.append(COORD, K, {"i": 0}, idempotency_key="k0").event_id == acked[0].event_id
+            with pytest.raises(bp.IdempotencyConflict) as dup:  # the key survived (another request: refused)
+                store.append(COORD, K, {"i": 0}, idempotency_key="k0")
+            assert dup.value.sequence == acked[0].global_sequence
             assert_reads(store, acked)
             assert svc.writer_pid == pid
             code = svc.stop()

@@ -155,7 +155,7 @@ def test_torn_tail_at_every_offset(built: Built, fresh: str) -> None:
             # the store goes on: a key of a cut commit is new again, a kept one is a duplicate
             again = e.append(coord("e0"), K, "a", idempotency_key="k0")
             if built.k0 in kept:
-                assert again == built.k0 and e.visible == expected
+                assert again._replace(deduplicated=False) == built.k0 and e.visible == expected
             else:
                 assert again.global_sequence == expected + 1
             e1_head = [r for r in kept if r.entity == "e1"][-1]
@@ -567,7 +567,7 @@ def test_unicode_idempotency_keys(data_dir: str) -> None:
     UnicodeEncodeError), and deduplicates."""
     with bp.Engine.open(data_dir, SMALL) as e:
         r = e.append(coord("e0"), K, 1, idempotency_key="\ud800")
-        assert e.append(coord("e0"), K, 1, idempotency_key="\ud800") == r
+        assert e.append(coord("e0"), K, 1, idempotency_key="\ud800")._replace(deduplicated=False) == r
         assert e.append(coord("e0"), K, 1, idempotency_key="\udfff").global_sequence == 2
         assert e.visible == 2
     assert_verified(data_dir)
