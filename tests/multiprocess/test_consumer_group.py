@@ -95,9 +95,11 @@ def test_a_killed_members_unacknowledged_events_go_to_another(service: tuple[bp.
         assert held is not None
         os.kill(doomed.pid, signal.SIGKILL)
         doomed.join(10)
-        survivor = CTX.Process(target=_member, args=(data_dir, "crashy", q, 0.0, None))
+        # a queue of its own: the killed process may have died holding the first queue's write lock
+        q2 = CTX.Queue()
+        survivor = CTX.Process(target=_member, args=(data_dir, "crashy", q2, 0.0, None))
         survivor.start()
-        msgs = early + _collect(q, [survivor], time.monotonic() + 60)
+        msgs = early + _collect(q2, [survivor], time.monotonic() + 60)
         survivor.join(10)
         done = [m for m in msgs if m[0] == "done"]
         by_doomed = [m[2] for m in done if m[1] == doomed.pid]
