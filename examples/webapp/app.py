@@ -199,13 +199,11 @@ class BankApp:
         store = self.store()
         entity = f"account:{account}"
         payload = {"amount": amount}
-        receipt = store.append(bp.Coordinate(entity, SCOPE), DEPOSITED, payload,
-                               idempotency_key=None if key is None else KEY_PREFIX + key)
-        if key is not None:
-            # a repeated key returns the original receipt: it must be for the same request
-            original = store.get(receipt.event_id)
-            if original.coordinate.entity != entity or original.payload != payload:
-                raise HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, "this Idempotency-Key was used for another deposit")
+        try:  # a repeated key returns the original receipt (deduplicated); for another request it is refused
+            receipt = store.append(bp.Coordinate(entity, SCOPE), DEPOSITED, payload,
+                                   idempotency_key=None if key is None else KEY_PREFIX + key)
+        except bp.IdempotencyConflict:
+            raise HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, "this Idempotency-Key was used for another deposit") from None
         return HTTPStatus.CREATED, {
             "account": account,
             "amount": amount,
