@@ -32,8 +32,10 @@ def test_nul_in_area_name_does_not_kill_the_writer(service: tuple[bp.Service, st
     pid_before = svc.writer_pid
     q = posix_ipc.MessageQueue(request_queue_name(data_dir))
     prefix = ipc_prefix(data_dir)
-    for name in (prefix + "-c1-ab\x00cd", prefix + "-c1-../../x", prefix + "-c1-" + "a" * 300):
+    for name in (prefix + "-c1-ab\x00cd", prefix + "-c1-../../x", prefix + "-c1-" + "a" * 220):
         q.send(msgpack.packb([W.WIRE_VERSION, os.getpid(), name, 1]), 2)
+    with pytest.raises(ValueError):  # a name past NAME_MAX does not fit a message (MAX_MESSAGE): the kernel refuses
+        q.send(msgpack.packb([W.WIRE_VERSION, os.getpid(), prefix + "-c1-" + "a" * 300, 1]), 2)
     q.close()
     with bp.connect(data_dir) as s:
         assert s.append(bp.Coordinate("after", "nul"), K, 1).global_sequence > 0
