@@ -49,6 +49,7 @@ from typing import NamedTuple, TypeVar
 import posix_ipc
 
 from ._client import process_started_ns, service_gone
+from ._crypto import KEYS_FILE
 from ._errors import (
     AlreadyServed,
     BackupRefused,
@@ -107,7 +108,7 @@ FILE_MODE = 0o600
 # copied with a backup, after the segments: the signing key's public half and the key itself; the
 # wrapped data keys of encrypted entities (_crypto.KEYS_FILE: a key is on disk before any frame
 # encrypted under it, so a table read after the segments has every key they need)
-SIDE_FILES = ("receipt.pub", "receipt.key", "keys.tbl")
+SIDE_FILES = ("receipt.pub", "receipt.key", KEYS_FILE)
 _RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h): swap two paths atomically
 _AT_FDCWD = -100
 _FULL = (errno.ENOSPC, errno.EDQUOT)
