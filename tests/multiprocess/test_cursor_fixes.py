@@ -109,4 +109,4 @@ def test_subscribe_and_cursors_take_a_region(service: tuple[bp.Service, str]) ->
         with pytest.raises(bp.CursorFilterChanged):
             s.cursor("by-region", region=bp.Region(entity_prefix="order:1"))
         with pytest.raises(bp.InvalidKind):
-            s.subscribe(0, region=bp.Region(kinds=[(1, None)]))  # type: ignore[list-item]
+            s.subscribe(0, region=bp.Region(kinds=[(1, None)]))  # type: ignore[arg-type]
