@@ -31,6 +31,8 @@ case "$cmd" in
     # on 2 cores; side by side ~10). Each has its own temporary root; the logs follow.
     runs=$(mktemp -d)
     echo "== pytest, compiled codec and pure-Python codec (BATPAK_MP_PURE=1), side by side" >&2
+    set -m  # job control: a background job of a script otherwise starts with SIGINT ignored, which the
+            # tests that interrupt a child (Ctrl-C) would inherit
     BATPAK_MP_REQUIRE_NATIVE=1 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=10 \
       --basetemp="$runs/native" > "$runs/native.log" 2>&1 &
     native=$!
@@ -40,6 +42,7 @@ case "$cmd" in
     failed=0
     wait "$native" || failed=1
     wait "$pure" || failed=1
+    set +m
     echo "== pytest, compiled codec" >&2
     cat "$runs/native.log"
     echo "== pytest, pure-Python codec (BATPAK_MP_PURE=1)" >&2
