@@ -27,7 +27,6 @@ import secrets
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
@@ -53,6 +52,7 @@ from ._ipc import wire as W
 from ._ipc.control import DOORBELLS, ControlBlock, ControlSnapshot, state_name
 from ._ipc.futex import Word
 from ._ipc.names import AREA_TOKEN_BYTES, SHM_DIR, area_name, area_token, ipc_prefix, request_queue_name
+from ._iterate import PagedFeed, idle_wait
 from ._prepare import Prepared, prepare, prepare_items
 from ._query import Region, region_of
 from ._read.reader import Reader, View
@@ -1135,38 +1135,26 @@ def _stream_page(reader: Reader, after: int, limit: int, entity: str | None, sco
     return [e for e, _, _ in entries], end
 
 
-class Subscription:
+class Subscription(PagedFeed[tuple[Event, int, bool]]):
     """An iterator of events from a ``Store``, woken by the writer through a futex on the
     control block. Holds no state in the writer: a subscriber that dies leaves nothing
     behind, and a slow one never slows the writer (it reads the files itself)."""
 
-    PAGE = 1000
     STATE_CHECK_S = 1.0  # while idle, the writer's state is looked at this often
 
     def __init__(self, store: Store, after: int, entity: str | None, scope: str | None, kind: Kind | None,
                  timeout: float | None, region: Region | None = None) -> None:
         # validate the filters first (query_after raises typed errors for bad ones)
         store.query_after(after, limit=1, entity=entity, scope=scope, kind=kind, region=region)
+        super().__init__(timeout)  # buffers (event, stream position, last at it) a page at a time
         self._store = store
         self.position = after  # the last sequence looked at (events delivered or filtered out)
         self._entity, self._scope, self._kind = entity, scope, kind
         self._region = region_of(region, entity=entity, scope=scope, kind=kind)
-        self._timeout = timeout
-        self._buffer: deque[tuple[Event, int, bool]] = deque()
         # the stream position of the last event handed out (a fenced event's is its
         # FENCE_COMMIT's sequence) and whether it was the last one at that position
         self.stream_position = after
         self.stream_last = True
-        self._closed = False
-
-    def __iter__(self) -> Subscription:
-        return self
-
-    def __next__(self) -> Event:
-        ev = self.next(self._timeout)
-        if ev is None:
-            raise StopIteration
-        return ev
 
     def next(self, timeout: float | None = None) -> Event | None:
         """The next matching event; None after ``timeout`` idle seconds or when closed."""
@@ -1200,23 +1188,11 @@ class Subscription:
                 if control.frontier()[0] > self.position:
                     continue  # more to look at (a page of non-matching events)
                 _check_state(control.read())
-                wait = self.STATE_CHECK_S
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        return None
+                wait = idle_wait(self.STATE_CHECK_S, deadline, time.monotonic)
+                if wait is None:
+                    return None
                 yield bell, seen, wait  # pinned while it sleeps: the word stays mapped
         return None
-
-    def close(self) -> None:
-        self._closed = True
-        self._buffer.clear()
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @contextlib.contextmanager

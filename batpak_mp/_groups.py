@@ -33,6 +33,7 @@ from typing import Any
 
 from ._api import ReplayHost
 from ._errors import ConcurrencyConflict, CursorFilterChanged, InvalidArgument, ProtocolError
+from ._iterate import Feed, idle_wait
 from ._replay import CURSOR_ACK, CURSOR_SCOPE, EventFilter, derived_key
 from ._values import BatchItem, Coordinate, Event
 
@@ -60,7 +61,7 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
-class GroupCursor:
+class GroupCursor(Feed):
     """One member of a consumer group. Iterate it (or call ``next``) and ``ack`` each
     event once handled; every matching event goes to exactly one live member, and the
     unacknowledged events of a member that dies go to another. Positions are stream
@@ -266,20 +267,12 @@ class GroupCursor:
             if self._acquire():
                 pause = IDLE_SLEEP_S[0]
                 continue
-            if deadline is not None and time.monotonic() >= deadline:
+            wait = idle_wait(pause, deadline, time.monotonic)
+            if wait is None:
                 return None
-            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+            time.sleep(wait)
             pause = min(pause * 2, IDLE_SLEEP_S[1])
         return None
-
-    def __iter__(self) -> GroupCursor:
-        return self
-
-    def __next__(self) -> Event:
-        ev = self.next(self._timeout)
-        if ev is None:
-            raise StopIteration
-        return ev
 
     def ack(self, event: Event) -> None:
         """Acknowledge ``event`` and the events handed out before it. Written to the
@@ -312,12 +305,6 @@ class GroupCursor:
         self._closed = True
         if self._claim is not None:
             self._write_progress(release=True)
-
-    def __enter__(self) -> GroupCursor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"GroupCursor({self.name!r}, pid={self.pid}, claim={self._claim})"

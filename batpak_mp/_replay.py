@@ -64,6 +64,7 @@ from ._errors import (
     StorageError,
 )
 from ._ipc.names import PID_MAX
+from ._iterate import Feed
 from ._query import Region, region_of
 from ._values import (
     CATEGORY_SYSTEM,
@@ -170,7 +171,7 @@ class EventFilter:
 # -- cursors ---------------------------------------------------------------------------------
 
 
-class Cursor:
+class Cursor(Feed):
     """A named, durable consumer: iterating yields the matching events after its
     acknowledged position, blocking until new ones are visible (``timeout``: end after
     that many idle seconds). Delivery is at least once: events handed out but not
@@ -312,15 +313,6 @@ class Cursor:
                     self._ack_at[ev.global_sequence] = at
                 return ev
 
-    def __iter__(self) -> Cursor:
-        return self
-
-    def __next__(self) -> Event:
-        ev = self.next(self._timeout)
-        if ev is None:
-            raise StopIteration
-        return ev
-
     def ack_position(self, event: Event) -> int:
         """The stream position an ack of ``event`` records: its sequence, or for an event
         revealed by a fence, its FENCE_COMMIT's (the one before, while more of that
@@ -351,12 +343,6 @@ class Cursor:
 
     def close(self) -> None:
         self._sub.close()
-
-    def __enter__(self) -> Cursor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Cursor({self.name!r}, acked={self.acked}, delivered={self.delivered})"

@@ -30,7 +30,7 @@ import itertools
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ._client import (
@@ -53,6 +53,7 @@ from ._gates import Denial, bypass_audit_item, denial_payload
 from ._ipc import wire as W
 from ._ipc.control import DOORBELLS
 from ._ipc.futex import Word
+from ._iterate import AsyncFeed, idle_wait
 from ._replay import Cursor
 from ._values import EFFECT_DENIAL, BatchItem, Coordinate, Event, Kind, Receipt
 
@@ -409,22 +410,17 @@ class AsyncFence:
                 await self.cancel()  # the original exception matters more; the fence stays hidden anyway
 
 
-class AsyncSubscription:
+class AsyncSubscription(AsyncFeed[Subscription]):
     """``Store.subscribe`` on a loop: ``async for ev in sub`` (ends after ``timeout`` idle
     seconds when given), or ``await sub.next(timeout)``."""
 
     def __init__(self, store: AsyncStore, sub: Subscription, timeout: float | None) -> None:
+        super().__init__(sub, timeout)
         self._store = store
-        self._sub = sub
-        self._timeout = timeout
-
-    @property
-    def position(self) -> int:
-        return self._sub.position
 
     async def next(self, timeout: float | None = None) -> Event | None:
         """The next matching event; None after ``timeout`` idle seconds or when closed."""
-        steps = self._sub.steps(timeout)
+        steps = self._feed.steps(timeout)
         try:
             _, seen, wait = next(steps)
             while True:
@@ -435,79 +431,36 @@ class AsyncSubscription:
         finally:
             steps.close()
 
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self
 
-    async def __anext__(self) -> Event:
-        ev = await self.next(self._timeout)
-        if ev is None:
-            raise StopAsyncIteration
-        return ev
-
-    def close(self) -> None:
-        self._sub.close()
-
-    async def __aenter__(self) -> AsyncSubscription:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncCursor:
+class AsyncCursor(AsyncFeed[Cursor]):
     """``Store.cursor`` on a loop: ``async for ev in cur`` and ``await cur.ack(ev)``.
     Acknowledging is a write of the cursor's position; it runs in the loop's executor."""
 
     def __init__(self, store: AsyncStore, cursor: Cursor, timeout: float | None) -> None:
+        super().__init__(cursor, timeout)
         self._store = store
-        self._cursor = cursor
-        self._timeout = timeout
 
     @property
     def cursor(self) -> Cursor:
-        return self._cursor
-
-    @property
-    def position(self) -> int:
-        return self._cursor.position
+        return self._feed
 
     async def next(self, timeout: float | None = None) -> Event | None:
         deadline = None if timeout is None else self._store._loop.time() + timeout
         while True:
             seen = _notify_word(self._store._store).value  # read before looking
-            ev = self._cursor.next(0)
+            ev = self._feed.next(0)
             if ev is not None:
                 return ev
-            wait = Subscription.STATE_CHECK_S
-            if deadline is not None:
-                wait = min(wait, deadline - self._store._loop.time())
-                if wait <= 0:
-                    return None
+            wait = idle_wait(Subscription.STATE_CHECK_S, deadline, self._store._loop.time)
+            if wait is None:
+                return None
             await self._store._notified(seen, wait)
 
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self
-
-    async def __anext__(self) -> Event:
-        ev = await self.next(self._timeout)
-        if ev is None:
-            raise StopAsyncIteration
-        return ev
-
     async def ack(self, event: Event) -> None:
-        await self._store._loop.run_in_executor(None, self._cursor.ack, event)
+        await self._store._loop.run_in_executor(None, self._feed.ack, event)
 
     async def ack_through(self, sequence: int) -> None:
-        await self._store._loop.run_in_executor(None, self._cursor.ack_through, sequence)
-
-    def close(self) -> None:
-        self._cursor.close()
-
-    async def __aenter__(self) -> AsyncCursor:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        await self._store._loop.run_in_executor(None, self._feed.ack_through, sequence)
 
 
 async def connect(data_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> AsyncStore:

@@ -23,7 +23,6 @@ import asyncio
 import bisect
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -34,6 +33,7 @@ from nats.js import JetStreamContext
 from .._errors import InvalidArgument, NotFound, StoreClosed, StreamMismatch, StreamTampered, StreamUnavailable
 from .._format.frame import FLAG_FENCED, frame_to_event
 from .._format.ids import event_id_sequence
+from .._iterate import PagedFeed, idle_wait
 from .._read.reader import Reader
 from .._read.receipts import receipt_matches
 from .._signing import verify_receipt_signature
@@ -328,28 +328,17 @@ def _matches(ev: Event, entity: str | None, scope: str | None, kind: Kind | None
             and (kind is None or ev.kind == kind))
 
 
-class RemoteSubscription:
+class RemoteSubscription(PagedFeed[Event]):
     """An iterator of a stream's events as they arrive (verified), like ``Subscription``."""
 
-    PAGE = 1000
+    IDLE_S = 0.5  # while idle, it looks again (a broken stream, a closed store) at least this often
 
     def __init__(self, store: RemoteStore, after: int, entity: str | None, scope: str | None, kind: Kind | None,
                  timeout: float | None) -> None:
+        super().__init__(timeout)
         self._store = store
         self.position = after
         self._filters = (entity, scope, kind)
-        self._timeout = timeout
-        self._buffer: deque[Event] = deque()
-        self._closed = False
-
-    def __iter__(self) -> RemoteSubscription:
-        return self
-
-    def __next__(self) -> Event:
-        ev = self.next(self._timeout)
-        if ev is None:
-            raise StopIteration
-        return ev
 
     def next(self, timeout: float | None = None) -> Event | None:
         """The next matching event; None after ``timeout`` idle seconds or when closed."""
@@ -364,23 +353,11 @@ class RemoteSubscription:
             if events:
                 self._buffer.extend(events)
                 continue
-            wait = 0.5
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    return None
+            wait = idle_wait(self.IDLE_S, deadline, time.monotonic)
+            if wait is None:
+                return None
             store._wait_new(self.position, wait)
         return None
-
-    def close(self) -> None:
-        self._closed = True
-        self._buffer.clear()
-
-    def __enter__(self) -> RemoteSubscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def connect(url: str, stream: str, *, timeout: float = DEFAULT_TIMEOUT_S, public_key: bytes | None = None) -> RemoteStore:
