@@ -654,6 +654,7 @@ class Writer:
             self._last_ckpt = now
             self._ckpt_seq = self.engine.visible
             self._checkpoint()
+            self.engine.index_tags()  # the tail below a chunk, at most once a second (a failure waits there)
         if now - self._last_sweep >= SWEEP_EVERY_NS:
             self._last_sweep = now
             try:

@@ -4,6 +4,8 @@ directory is intact at the end (every integration test ends with ``bp.verify``).
 from __future__ import annotations
 
 import os
+import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -37,6 +39,19 @@ def service(data_dir: str) -> Iterator[tuple[bp.Service, str]]:
         code = svc.stop()
     assert code == 0
     assert_verified(data_dir)
+
+
+def kill_writer_and_wait(svc: bp.Service, store: bp.Store, timeout_s: float = 30) -> int:
+    """SIGKILL the service's writer and wait until its successor serves ``store``; the
+    successor's pid."""
+    old = svc.writer_pid
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while (svc.writer_pid in (0, old) or store.frontier().writer_state != bp.WriterState.READY) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert svc.writer_pid not in (0, old), "no new writer"
+    return svc.writer_pid
 
 
 KINDS = ("unit", "engine", "conformance", "multiprocess", "crash", "fault", "rules")

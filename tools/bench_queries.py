@@ -11,8 +11,11 @@ and the median latency of each query on both, with the ratio large / small:
   latest(entity)                    one table look-up
   latest_in_scope(scope)            one table look-up
   query_scope(after_position, 10)   O(log n) seek along the scope's skip links
-  prefix query, limit 10            query_after(region=Region(entity_prefix=...)) over the
-                                    whole log: a scan of the records (expected to grow)
+  prefix query, limit 10            query_after(region=Region(entity_prefix="order")) from
+                                    the start: the tag index's postings of the prefix
+  kind query, limit 10              query_after(kind=...) of a rare kind: the kind's postings
+  category query, limit 10          Region(category=2): the category's postings
+  scope query, limit 10             query_after(scope=...) from the middle of the log
   entity query, limit 10            query_after(entity=...): the entity's chain, not the log
 
 A ratio near 1 means the call does not grow with the log. Every figure is the median of
@@ -87,6 +90,9 @@ def queries(e: bp.Engine) -> dict[str, Callable[[], Any]]:
         "latest_in_scope(scope)": lambda: e.latest_in_scope("tenant:7"),
         "query_scope(mid, limit=10)": lambda: e.query_scope("tenant:7", middle, limit=10),
         "prefix query, limit 10": lambda: e.query_after(0, limit=10, region=bp.Region(entity_prefix="order")),
+        "kind query, limit 10": lambda: e.query_after(0, limit=10, kind=ORDER),
+        "category query, limit 10": lambda: e.query_after(0, limit=10, region=bp.Region(category=ORDER.category)),
+        "scope query, limit 10": lambda: e.query_after(e.visible // 2, limit=10, scope="tenant:7"),
         "entity query, limit 10": lambda: e.query_after(e.visible - 2000, limit=10, entity="acct:hot"),
     }
     # each answers something: a bench of empty answers would prove nothing

@@ -306,6 +306,7 @@ class _OfflineReader(Reader):
 
     def __init__(self, data_dir: str, frontier: Frontier) -> None:
         super().__init__(data_dir, self._fixed_view)
+        self.tags = None  # runs a writer built are trusted only by a writer's own recovery: scan
         self._frontier = frontier
         self._records = frontier.records
         self._ranges: list[tuple[int, int]] = []

@@ -3,8 +3,9 @@
 ``select`` (commit order, filtered by a ``Region``) and the per-scope positions reads.
 
 Owns: the walk each call takes through the index — an entity's chain from its head for
-anything about one entity, the scope chain for positions, the records in order for the
-rest — so that a call's cost grows with the events it returns (and, for an entity or a
+anything about one entity, the scope chain for positions, the tag index's postings for an
+entity prefix, a scope, kinds or a category (then the few records above it), the records in
+order for the rest — so that a call's cost grows with the events it returns (and, for an entity or a
 scope, the events between the head and them), not with the log.
 Invariants: as the reader's (nothing beyond the visible frontier; every record checked
 against its frame; a stale view is retried once through ``Reader._retrying``).
@@ -13,7 +14,7 @@ Must not import the engine, writer or client.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from .._errors import InvalidArgument
@@ -34,6 +35,7 @@ from .._format.tables import walk_to_position
 from .._query import Region, entity_in_prefix, region_of
 from .._values import CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT, Event, Kind, Page, check_name
 from .positions import ScopeMaps
+from .tags import TagMaps
 
 
 class StaleView(Exception):
@@ -46,6 +48,7 @@ class Reader(Protocol):
 
     view: Any  # reader.View: .visible
     scopes: ScopeMaps
+    tags: TagMaps | None
 
     def refresh(self) -> Any: ...
 
@@ -63,6 +66,7 @@ class Reader(Protocol):
 
 _rec_unpack = RECORD.unpack_from
 PREFIX_VERDICTS_MAX = 1_000_000  # entities a prefix query remembers the verdict of (then starts over)
+SCAN_SPAN_MAX = 256  # records a query walks itself before asking the tag index (a follower's short step)
 
 
 
@@ -144,7 +148,8 @@ def query_after(
     keyword filters, or given whole) selects. ``upto``: look no further than that
     sequence. ``skip_fenced``: leave out every event written in a fence, revealed or
     not (subscriptions deliver those at their FENCE_COMMIT instead). With an exact
-    entity the entity's chain is walked instead of the log."""
+    entity the entity's chain is walked instead of the log; with an entity prefix, a scope,
+    kinds or a category, the tag index's postings (and the few records above it)."""
     if type(after) is not int or after < 0:
         raise InvalidArgument("after", after, "must be an int >= 0")
     if type(limit) is not int or limit < 1:
@@ -173,9 +178,11 @@ def select(reader: Reader, after: int, limit: int, reg: Region, *, skip_fenced: 
         events: list[Event] = []
         if visible <= after:
             return Page(events, after)
-        seqs: list[int] | range = range(after + 1, visible + 1)
+        seqs: Iterable[int] = range(after + 1, visible + 1)
         if reg.entity is not None:
             seqs = entity_seqs_after(reader, reg.entity.encode(), after, visible)
+        elif visible - after > SCAN_SPAN_MAX and reader.tags is not None:
+            seqs = reader.tags.candidates(reg, after, visible) or seqs
         m = reader._records_map(visible)
         seq = after
         for seq in seqs:

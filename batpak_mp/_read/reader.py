@@ -66,6 +66,7 @@ from .._values import Coordinate, Event, Page
 from . import queries
 from .positions import ScopeMaps
 from .queries import StaleView
+from .tags import TagMaps
 
 __all__ = ["Hidden", "Reader", "StaleView", "View", "frame_to_event", "map_readonly"]
 
@@ -143,6 +144,7 @@ class Reader:
         self.view = View(0, 0, 0)
         self._coords: dict[bytes, tuple[int, Coordinate]] = {}  # decoded names, reused across events
         self.scopes = ScopeMaps(self._idx_dir, map_readonly)  # per-scope positions (positions.idx, scopeheads.idx)
+        self.tags: TagMaps | None = TagMaps(self._idx_dir, map_readonly)  # postings by prefix, scope, kind, category
         self._revealed_first: list[int] = []  # committed fences' ranges, sorted by first sequence
         self._revealed_last: list[int] = []
 
@@ -246,6 +248,8 @@ class Reader:
 
     def close(self) -> None:
         self.scopes.close()
+        if self.tags is not None:
+            self.tags.close()
         self._map_base(0)
         self._map_delta(0)
         for m in self._segments.values():

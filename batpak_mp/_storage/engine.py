@@ -35,7 +35,7 @@ from .._format.meta import decode_meta, encode_meta, inherited_of, upgraded_meta
 from .._gates import Denial, bypass_audit_item, denial_payload, effect_item
 from .._prepare import Prepared, prepare, prepare_items
 from .._query import Region
-from .._read.reader import Reader, View
+from .._read.reader import Reader, StaleView, View
 from .._read.receipts import receipt_matches
 from .._signing import Signer
 from .._values import (
@@ -119,10 +119,25 @@ class Engine(EngineErasure):
             self._fences.rebuild(fence_chain)
             self._index.open_positions(self.visible, [(ev.global_sequence, ev.payload["ranges"]) for ev in fence_chain
                                                       if ev.kind == (CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT)])
+            self._index.open_tags(self.visible, trusted=bool(self.recovery_report.get("same_boot")),
+                                  entity_of=self._entity_of)
             self.reader.view = self.view()
         except BaseException:
             self._release()
             raise
+
+    def _entity_of(self, seq: int) -> bytes:
+        """The entity name of a published event (the tag index files events by prefix)."""
+        try:
+            return self.reader.frame(seq).entity
+        except StaleView as exc:  # records.idx disagrees with the log: the index build gives up, typed
+            raise CorruptSegment(self._seg_dir, 0, f"no readable frame for sequence {seq}") from exc
+
+    def index_tags(self) -> None:
+        """File every published event in the tag index now (the writer calls it about once
+        a second; commits file them a chunk at a time)."""
+        self._check_open()
+        self._index.build_tags(self.visible)
 
     def _lock(self) -> None:
         d = self.disk
@@ -182,6 +197,7 @@ class Engine(EngineErasure):
         try:
             if self.poisoned is None and self._seg is not None:
                 self.sync()
+                self._index.build_tags(self.visible)  # a reopen finds every event filed
                 try:
                     self._journal.write_checkpoint()
                 except DiskFull:

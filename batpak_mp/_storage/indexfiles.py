@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._errors import BatpakError, CorruptSegment
@@ -75,6 +75,7 @@ from .._native import index_group, name_hash, scan_frame, unpack_record  # the a
 from .osio import Disk
 from .planning import M_IDEM, M_SEQ, EventMeta
 from .positions import ScopePositions
+from .tagindex import TagIndex
 
 RECORDS_GROWTH = 1 << 16  # records.idx grows by this many records (4 MiB) at a time
 _u64 = struct.Struct("<Q")
@@ -105,9 +106,11 @@ class IndexFiles:
         self.idem_base: BaseTable | None = None
         self._base_maps: list[Any] = []
         self.positions = ScopePositions(disk, idx_dir, store_key)  # per-scope positions (opened after recovery)
+        self.tags = TagIndex(disk, idx_dir, store_key)  # postings by prefix, scope, kind, category (opened after recovery)
 
     def close(self) -> None:
         self.positions.close()
+        self.tags.close()
         self.close_bases()
         for m in (self.records_map, self.delta_map):
             if m is not None:
@@ -172,11 +175,21 @@ class IndexFiles:
         self.ensure_records(metas[-1][M_SEQ])
         index_group(self.records_map, metas, segment_id, offset, self.delta_map, self.delta_slots, self._upsert)
         self.positions.index(metas)  # before the frontier moves, as the records
+        self.tags.note(metas, self.records_map, metas[-1][M_SEQ])
 
     def open_positions(self, visible: int, commits: Sequence[tuple[int, Sequence[Sequence[int]]]]) -> None:
         """Open (or rebuild) the per-scope positions through ``visible`` once recovery is
         done; ``commits``: every FENCE_COMMIT's sequence and ranges, in order."""
         self.positions.open(self.records_map, visible, commits, trusted_records=self.records_trusted)
+
+    def open_tags(self, visible: int, *, trusted: bool, entity_of: Callable[[int], bytes]) -> None:
+        """Open the tag index (keeping runs only when ``trusted``: a same-boot recovery)
+        and file the events through ``visible`` it does not hold yet."""
+        self.tags.open(self.records_map, visible, trusted=trusted and self.records_trusted, entity_of=entity_of)
+
+    def build_tags(self, last_seq: int) -> None:
+        """File every event through ``last_seq`` in the tag index now (idle, close)."""
+        self.tags.build(self.records_map, last_seq)
 
     def reveal_positions(self, ranges: Sequence[Sequence[int]], last_seq: int) -> None:
         """Positions for the events a committed fence reveals (before fences.tbl names them)."""

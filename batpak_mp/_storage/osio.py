@@ -224,6 +224,22 @@ class Disk:
         self._do("write", path, run)
         self.fsync_dir(os.path.dirname(path) or ".")
 
+    def write_file(self, path: str, data: bytes) -> None:
+        """Write a whole file that nothing reads until a later step names it (derived
+        data, rebuilt after a reboot): no temp file, rename or fsync. Every byte is
+        written or it fails typed, and the partial file is then removed."""
+        def run() -> None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    _write_all(fd, data)
+                finally:
+                    os.close(fd)
+            except BaseException:
+                _unlink_quietly(path)
+                raise
+        self._do("write", path, run)
+
     def read_file(self, path: str) -> bytes | None:
         """The whole file, or None when it does not exist."""
         def run() -> bytes | None:

@@ -10,6 +10,7 @@ import time
 
 import multiprocess as mp
 import pytest
+from conftest import kill_writer_and_wait
 
 import batpak_mp as bp
 from batpak_mp._values import FENCE_ENTITY, SYSTEM_FENCE_CANCEL, SYSTEM_FENCE_COMMIT
@@ -116,12 +117,7 @@ def test_writer_restart_loses_open_fences_but_keeps_committed_ones(service: tupl
             committed = done.append(bp.Coordinate("r", "s"), K, {"committed": True})
         f = s.fence()
         lost = f.append(bp.Coordinate("r", "s"), K, {"lost": True})
-        old_pid = svc.writer_pid
-        os.kill(old_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while (svc.writer_pid in (0, old_pid) or s.frontier().writer_state != bp.WriterState.READY) \
-                and time.monotonic() < deadline:
-            time.sleep(0.05)
+        kill_writer_and_wait(svc, s)
         with pytest.raises(bp.FenceLost):
             f.append(bp.Coordinate("r", "s"), K, {"after": True})
         with pytest.raises(bp.FenceLost):

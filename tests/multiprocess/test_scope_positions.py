@@ -8,9 +8,7 @@ same positions (they are derived from the log and the fence chain)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import time
+from conftest import kill_writer_and_wait
 
 import batpak_mp as bp
 
@@ -20,16 +18,6 @@ S = "app-1"
 
 def _scope(store: bp.Store, after: int = 0) -> list[tuple[int | None, object]]:
     return [(e.scope_position, e.payload) for e in store.query_scope(S, after).events]
-
-
-def _restart_writer(svc: bp.Service, store: bp.Store) -> None:
-    old = svc.writer_pid
-    os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while (svc.writer_pid in (0, old) or store.frontier().writer_state != bp.WriterState.READY) \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert svc.writer_pid not in (0, old)
 
 
 def test_fenced_events_take_positions_when_revealed(service: tuple[bp.Service, str]) -> None:
@@ -60,7 +48,7 @@ def test_fenced_events_take_positions_when_revealed(service: tuple[bp.Service, s
         # a fence left open by a writer crash takes none either; a new writer rebuilds the same positions
         h = s.fence()
         h.append(c, K, "lost")
-        _restart_writer(svc, s)
+        kill_writer_and_wait(svc, s)
         s.append(c, K, "e4")
         assert _scope(follower) == [*before, (6, "e4")]
         newest = follower.latest_in_scope(S)
@@ -80,7 +68,7 @@ def test_positions_survive_a_rebuild_and_many_scopes(service: tuple[bp.Service, 
         assert newest is not None and newest.scope_position == 3 and newest.payload == 5007
         before = {t: [(e.scope_position, e.payload) for e in reader.query_scope(f"t{t}").events] for t in (0, 7, 2499)}
         assert before[0] == [(1, 0), (2, 2500), (3, 5000)]
-        _restart_writer(svc, s)
+        kill_writer_and_wait(svc, s)
         s.append(bp.Coordinate("late", "t7"), K, "late")
         after = {t: [(e.scope_position, e.payload) for e in reader.query_scope(f"t{t}").events] for t in (0, 7, 2499)}
         assert after[0] == before[0] and after[2499] == before[2499]

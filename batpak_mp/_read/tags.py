@@ -1,0 +1,181 @@
+"""The read side of the tag index: ``index/tags.man`` and the run files it names, mapped
+read-only (docs/FORMAT.md §6.4; the writer's side is ``_storage/tagindex``).
+
+Owns: noticing a new manifest generation (a word of the mapped manifest, no system call),
+mapping the runs it names
+(again when a merge replaced some), and the candidate sequences of a region in ascending
+order: the postings of the cheapest of the region's tag options in ``(after, upto]``,
+run after run, then every sequence above the runs (the unindexed tail).
+Invariants: nothing here is trusted beyond "a superset of the events the region selects":
+``_read/queries`` checks every candidate against its record, the fences and its frame. A
+missing or unreadable manifest or run reads as "no index" (the caller scans). Maps are never
+closed while a query may iterate them (they go when the last reference does).
+Must not import the engine, writer or client.
+"""
+
+from __future__ import annotations
+
+import heapq
+import mmap
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
+from typing import Any
+
+from .._errors import BatpakError
+from .._format.tags import (
+    MANIFEST_HEADER_SIZE,
+    MANIFEST_MAX_RUNS,
+    MANIFEST_SIZE,
+    RUN_HEADER_SIZE,
+    TAGS_MANIFEST,
+    decode_manifest,
+    decode_run_header,
+    manifest_generation,
+    region_tag_options,
+    run_name,
+    seq_span,
+    tag_span,
+)
+
+__all__ = ["TagMaps"]
+
+NATIVE_ORDER = sys.byteorder == "little"  # the columns are read as native u64 (a big-endian host scans)
+
+
+class _Run:
+    __slots__ = ("hi", "lo", "map", "seqs", "tags")
+
+    def __init__(self, lo: int, hi: int, m: mmap.mmap, postings: int) -> None:
+        self.lo, self.hi, self.map = lo, hi, m
+        col = memoryview(m)[RUN_HEADER_SIZE:RUN_HEADER_SIZE + 16 * postings].cast("Q")
+        self.tags = col[:postings]
+        self.seqs = col[postings:]
+
+
+class TagMaps:
+    """tags.man and its runs, mapped read-only."""
+
+    def __init__(self, idx_dir: str, map_readonly: Callable[[str], mmap.mmap | None]) -> None:
+        self._map = map_readonly  # the reader's (it imports this module, so it hands it in)
+        self._dir = idx_dir
+        self._path = os.path.join(idx_dir, TAGS_MANIFEST)
+        self._manifest: mmap.mmap | None = None
+        self._generation = -1  # of the runs held (-1: none read yet)
+        self.runs: list[_Run] = []
+
+    def close(self) -> None:
+        self.runs = []  # the maps close with their last reference (a query may still iterate one)
+        self._manifest = None
+        self._generation = -1
+
+    @property
+    def through(self) -> int:
+        return self.runs[-1].hi if self.runs else 0
+
+    def current(self) -> list[_Run]:
+        """The runs of the manifest's newest complete generation; while the writer is
+        between two, the runs read before (their files stay whole); none when there is no
+        manifest or it cannot be read."""
+        m = self._manifest
+        if m is None or len(m) != MANIFEST_SIZE:
+            self._manifest = m = self._map_manifest()
+            if m is None:
+                self.runs = []
+                return self.runs
+        generation = manifest_generation(m)
+        if generation != self._generation and not generation & 1:
+            runs = self._load(m, generation)
+            if runs is not None:
+                self.runs, self._generation = runs, generation
+            elif generation & 1 == 0:
+                self._manifest = None  # torn or replaced: map it again next time
+        return self.runs
+
+    def _map_manifest(self) -> mmap.mmap | None:
+        if not NATIVE_ORDER:
+            return None
+        try:
+            m = self._map(self._path)
+        except OSError:
+            return None
+        return m if m is not None and len(m) == MANIFEST_SIZE else None
+
+    def _load(self, m: mmap.mmap, generation: int) -> list[_Run] | None:
+        """The runs of generation ``generation`` (None: it changed while read, or is bad)."""
+        count = min(int.from_bytes(m[32:40], "little"), MANIFEST_MAX_RUNS)
+        copy = m[:MANIFEST_HEADER_SIZE + 16 * count]
+        if manifest_generation(m) != generation:
+            return None
+        try:
+            _, got, pairs = decode_manifest(copy, self._path)
+        except BatpakError:
+            return None
+        if got != generation:
+            return None
+        have = {(r.lo, r.hi): r for r in self.runs}
+        runs = []
+        for lo, hi in pairs:
+            run = have.get((lo, hi)) or self._map_run(lo, hi)
+            if run is None:  # merged away since (the manifest moved on): keep what we had
+                return None
+            runs.append(run)
+        return runs
+
+    def _map_run(self, lo: int, hi: int) -> _Run | None:
+        path = os.path.join(self._dir, run_name(lo, hi))
+        try:
+            m = self._map(path)
+        except OSError:
+            return None
+        if m is None:
+            return None
+        try:
+            _, got_lo, got_hi, postings = decode_run_header(m[:RUN_HEADER_SIZE], len(m), path)
+        except BatpakError:
+            return None
+        if (got_lo, got_hi) != (lo, hi):
+            return None
+        return _Run(lo, hi, m, postings)
+
+    def candidates(self, region: Any, after: int, upto: int) -> Iterator[int] | None:
+        """Every sequence in ``(after, upto]`` that may hold an event ``region`` selects,
+        ascending: the postings of its cheapest tag option in the runs, then the tail above
+        them. None: the region names nothing the index files (the caller scans)."""
+        options = region_tag_options(region)
+        if options is None:
+            return None
+        runs = [r for r in self.current() if r.hi > after and r.lo <= upto]
+        through = max((r.hi for r in runs), default=0)
+        if not runs:
+            return None
+        best: list[list[tuple[_Run, int, int]]] | None = None
+        best_count = -1
+        for tags in options:
+            spans: list[list[tuple[_Run, int, int]]] = []
+            count = 0
+            for run in runs:
+                per_run = []
+                for tag in tags:
+                    first, end = tag_span(run.tags, tag)
+                    i, j = seq_span(run.seqs, first, end, after, upto)
+                    if j > i:
+                        per_run.append((run, i, j))
+                        count += j - i
+                spans.append(per_run)
+            if best is None or count < best_count:
+                best, best_count = spans, count
+        assert best is not None
+        tail = range(max(after, through) + 1, upto + 1)
+        return chain(chain.from_iterable(_merged(per_run) for per_run in best), tail)
+
+
+def _merged(per_run: list[tuple[_Run, int, int]]) -> Iterable[int]:
+    """The postings of one run's spans in ascending order (several tags: merged)."""
+    if not per_run:
+        return ()
+    if len(per_run) == 1:
+        run, i, j = per_run[0]
+        return run.seqs[i:j]
+    return heapq.merge(*(run.seqs[i:j] for run, i, j in per_run))

@@ -1,0 +1,150 @@
+"""The tag index at engine level (docs/FORMAT.md §6.4): every indexed answer is the answer
+of a full scan; runs are kept by a same-boot open and rebuilt after another boot, damage,
+a foreign manifest or a log cut below them; a failed build never refuses a commit."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+from conftest import SMALL, assert_verified
+
+import batpak_mp as bp
+from batpak_mp._format.tags import TAGS_MANIFEST, run_name
+from batpak_mp._storage.osio import Disk, FaultPlan
+from batpak_mp._storage.tagindex import TAG_CHUNK
+
+KINDS = [bp.Kind(1, 1), bp.Kind(1, 2), bp.Kind(2, 5), bp.Kind(3, 7)]
+OTHER_BOOT = bytes.fromhex("cd" * 16)
+
+
+def _entity(rng: random.Random) -> str:
+    return rng.choice(["acct", "acct:hot", "order", "orderx", "a:b", "a:b:c", "a:bc"]) + (
+        f":{rng.randrange(40)}" if rng.random() < 0.7 else "")
+
+
+def _fill(e: bp.Engine, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    done = 0
+    while done < n:
+        size = rng.choice([1, 3, 50, 700])
+        e.append_batch([bp.BatchItem(bp.Coordinate(_entity(rng), f"t:{rng.randrange(5)}"), rng.choice(KINDS), done + i)
+                        for i in range(min(size, n - done))])
+        done += size
+
+
+REGIONS = [
+    bp.Region(entity_prefix="acct"), bp.Region(entity_prefix="acct:hot"), bp.Region(entity_prefix="a:b"),
+    bp.Region(entity_prefix="order"), bp.Region(entity_prefix="nothing"), bp.Region(scope="t:3"),
+    bp.Region(kind=bp.Kind(2, 5)), bp.Region(kinds=frozenset({bp.Kind(1, 2), bp.Kind(3, 7)})), bp.Region(category=1),
+    bp.Region(entity_prefix="a", kind=bp.Kind(1, 1), scope="t:1"), bp.Region(kind=bp.Kind(1, 1), kinds=frozenset({bp.Kind(2, 5)})),
+    bp.Region(entity_prefix="acct", upto=2500), bp.Region(category=3, clock=(2, 5)),
+]
+
+
+def _answers(e: bp.Engine, regions: list[bp.Region], afters: list[int]) -> list[tuple[list[int], int]]:
+    out = []
+    for reg in regions:
+        for after in afters:
+            for limit in (1, 7, 100_000):
+                page = e.query_after(after, limit=limit, region=reg)
+                out.append(([ev.global_sequence for ev in page.events], page.next_after))
+    return out
+
+
+def _scanned(e: bp.Engine, regions: list[bp.Region], afters: list[int]) -> list[tuple[list[int], int]]:
+    tags, e.reader.tags = e.reader.tags, None
+    try:
+        return _answers(e, regions, afters)
+    finally:
+        e.reader.tags = tags
+
+
+def test_indexed_answers_are_the_answers_of_a_scan(data_dir: str) -> None:
+    with bp.Engine.open(data_dir, SMALL) as e:
+        _fill(e, 6000, seed=1)
+        tags = e._index.tags
+        assert tags.failed is None and len(tags.runs) >= 2 and e.visible - tags.through < TAG_CHUNK
+        assert e.visible > tags.through  # a tail above the runs: scanned, and part of every answer
+        afters = [0, 1, 777, tags.runs[0][1], tags.through - 1, tags.through, e.visible - 3, e.visible]
+        assert _answers(e, REGIONS, afters) == _scanned(e, REGIONS, afters)
+        # and the index is what answered: a rare prefix looks at its postings, not the log
+        assert e.reader.tags is not None
+        rare = e.reader.tags.candidates(bp.Region(entity_prefix="a:b:c"), 0, e.visible)
+        assert rare is not None and len(list(rare)) < e.visible // 5
+    assert_verified(data_dir)
+
+
+def test_runs_kept_by_a_same_boot_open_rebuilt_otherwise(data_dir: str) -> None:
+    afters = [0, 1000, 4000]
+    with bp.Engine.open(data_dir, SMALL) as e:
+        _fill(e, 5000, seed=2)
+        want = _answers(e, REGIONS, afters)
+    idx = os.path.join(data_dir, "index")
+    with bp.Engine.open(data_dir, SMALL) as e:  # closed cleanly: every event filed, nothing to build
+        tags = e._index.tags
+        assert tags.rebuilt == 0 and tags.through == e.visible and _answers(e, REGIONS, afters) == want
+        runs = list(tags.runs)
+    with bp.Engine.open(data_dir, SMALL, disk=Disk(FaultPlan(boot_id=OTHER_BOOT))) as e:  # another boot
+        assert e._index.tags.rebuilt == e.visible and _answers(e, REGIONS, afters) == want
+        runs = list(e._index.tags.runs)
+    # a damaged run: it and every later one are rebuilt; a stray run file goes
+    lo, hi, _ = runs[-2] if len(runs) > 1 else runs[0]
+    with open(os.path.join(idx, run_name(lo, hi)), "r+b") as f:
+        f.truncate(100)
+    stray = os.path.join(idx, run_name(90_000, 90_001))
+    open(stray, "wb").close()
+    with bp.Engine.open(data_dir, SMALL) as e:
+        assert e._index.tags.rebuilt == e.visible - lo + 1 and _answers(e, REGIONS, afters) == want
+    assert not os.path.exists(stray)
+    # another store's manifest: everything rebuilt
+    other = data_dir + "-other"
+    with bp.Engine.open(other, SMALL) as o:
+        o.append(bp.Coordinate("x", "y"), KINDS[0], 1)
+    os.replace(os.path.join(other, "index", TAGS_MANIFEST), os.path.join(idx, TAGS_MANIFEST))
+    with bp.Engine.open(data_dir, SMALL) as e:
+        assert e._index.tags.rebuilt == e.visible and _answers(e, REGIONS, afters) == want
+    assert_verified(data_dir)
+
+
+def test_runs_past_the_recovered_log_are_dropped(data_dir: str) -> None:
+    """A run may file events a crash took back (built before their fsync): an open that
+    recovers fewer events drops it and every later run (the sequences will be reused)."""
+    with bp.Engine.open(data_dir, SMALL) as e:
+        _fill(e, 4000, seed=3)
+        tags = e._index.tags
+        assert len(tags.runs) >= 2
+        cut = tags.runs[-1][0] + 5  # inside the last run
+        kept_through = tags.runs[-2][1]
+        gone = run_name(*tags.runs[-1][:2])
+        tags.open(e._index.records_map, cut, trusted=True, entity_of=e._entity_of)  # as a recovery to ``cut`` would
+        assert tags.through == cut and tags.rebuilt == cut - kept_through
+        assert not os.path.exists(os.path.join(data_dir, "index", gone))
+        assert all(hi <= cut for _, hi, _ in tags.runs)
+        # the events above the cut are filed again by the next chunk, and answers match a scan
+        e.append_batch([bp.BatchItem(bp.Coordinate("late:1", "t:0"), KINDS[2], i) for i in range(TAG_CHUNK)])
+        assert tags.through == e.visible
+        assert _answers(e, REGIONS, [0, cut - 1]) == _scanned(e, REGIONS, [0, cut - 1])
+    assert_verified(data_dir)
+
+
+def test_a_failed_build_never_refuses_a_commit(data_dir: str) -> None:
+    with bp.Engine.open(data_dir, SMALL) as e:
+        _fill(e, 300, seed=4)
+    plan = FaultPlan()
+    with bp.Engine.open(data_dir, SMALL, disk=Disk(plan)) as e:
+        plan.fail["write"] = (0, errno.ENOSPC)  # the next whole-file write: the next run
+        tags = e._index.tags
+        before = tags.through
+        receipts = e.append_batch([bp.BatchItem(bp.Coordinate(f"acct:{i % 9}", "t:1"), KINDS[i % 4], i)
+                                   for i in range(TAG_CHUNK + 10)])
+        assert len(receipts) == TAG_CHUNK + 10 and receipts[-1].global_sequence == e.visible
+        assert tags.through == before and tags.failed is not None and "DiskFull" in tags.failed
+        assert not [n for n in os.listdir(os.path.join(data_dir, "index")) if n.endswith(".run") and "000000000301" in n]
+        assert _answers(e, REGIONS, [0, 250]) == _scanned(e, REGIONS, [0, 250])  # the tail is scanned
+        # tried again a chunk later, and then every event is filed
+        e.append_batch([bp.BatchItem(bp.Coordinate("order:1", "t:2"), KINDS[1], i) for i in range(TAG_CHUNK)])
+        assert tags.failed is None and tags.through == e.visible
+        assert _answers(e, REGIONS, [0, 250]) == _scanned(e, REGIONS, [0, 250])
+    assert_verified(data_dir)

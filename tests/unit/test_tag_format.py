@@ -1,0 +1,105 @@
+"""The tag index's pure codec (docs/FORMAT.md §6.4): which tags an entity and a region
+name, the run header, the manifest (seqlock generation, CRC, no gaps) and the searches."""
+
+from __future__ import annotations
+
+import array
+
+import pytest
+
+import batpak_mp as bp
+from batpak_mp._format.directory import name_hash
+from batpak_mp._format.tags import (
+    MANIFEST_GENERATION_AT,
+    MANIFEST_HEADER_SIZE,
+    MAX_PREFIX_DEPTH,
+    category_tag,
+    decode_manifest,
+    decode_run_header,
+    encode_run_header,
+    entity_prefixes,
+    kind_tag,
+    manifest_body,
+    manifest_header,
+    prefix_tag,
+    prefix_tags,
+    region_tag_options,
+    scope_tag,
+    seq_span,
+    tag_span,
+)
+
+
+def test_an_entity_is_filed_under_each_prefix_at_a_colon_boundary() -> None:
+    assert entity_prefixes(b"a:b:c") == [b"a", b"a:b", b"a:b:c"]
+    assert entity_prefixes(b"plain") == [b"plain"]
+    assert entity_prefixes(b"a::b") == [b"a", b"a:", b"a::b"]
+    assert prefix_tags(b"acct:7")[-1] == name_hash(b"acct:7")  # the whole name's tag is its entity hash
+    deep = ":".join(f"p{i}" for i in range(12)).encode()
+    assert len(entity_prefixes(deep)) == MAX_PREFIX_DEPTH
+    # a prefix deeper than the cap looks under its first MAX_PREFIX_DEPTH components (a superset)
+    assert prefix_tag(deep.decode()) == prefix_tags(deep)[-1]
+    assert prefix_tag("a:b") in prefix_tags(b"a:b:c") and prefix_tag("a:b") not in prefix_tags(b"a:bc")
+
+
+def test_tags_of_different_keys_live_apart() -> None:
+    h = name_hash(b"x")
+    assert len({prefix_tag("x"), scope_tag(h), kind_tag(0x1001), category_tag(1)}) == 4
+    assert scope_tag(h) != 0 and kind_tag(0) != 0 and category_tag(0) != 0
+
+
+def test_region_options() -> None:
+    assert region_tag_options(bp.Region()) is None
+    assert region_tag_options(bp.Region(entity="a")) is None  # an exact entity walks its chain
+    k1, k2 = bp.Kind(1, 1), bp.Kind(2, 5)
+    opts = region_tag_options(bp.Region(entity_prefix="acct", scope="t", kinds=frozenset({k1, k2}), category=2))
+    # the kinds option already leaves out kinds of another category
+    assert opts == [(prefix_tag("acct"),), (scope_tag(name_hash(b"t")),), (kind_tag(k2.packed()),), (category_tag(2),)]
+    both = region_tag_options(bp.Region(kinds=frozenset({k1, k2})))
+    assert both == [tuple(sorted((kind_tag(k1.packed()), kind_tag(k2.packed()))))]
+    # kind and kinds that do not meet: an option with no tag (nothing can match)
+    assert region_tag_options(bp.Region(kind=k1, kinds=frozenset({k2}))) == [()]
+
+
+def test_run_header_round_trip_and_refusals() -> None:
+    head = encode_run_header(7, 1, 10, 3)
+    assert decode_run_header(head, 64 + 48, "r") == (7, 1, 10, 3)
+    with pytest.raises(bp.CorruptSegment, match="does not match its size"):
+        decode_run_header(head, 64 + 47, "r")
+    with pytest.raises(bp.CorruptSegment, match="bad magic"):
+        decode_run_header(b"X" * 64, 64, "r")
+    with pytest.raises(bp.CorruptSegment, match="shorter"):
+        decode_run_header(head[:10], 10, "r")
+
+
+def _manifest(key: int, gen: int, runs: list[tuple[int, int]]) -> bytearray:
+    return bytearray(manifest_header(key, gen, runs) + manifest_body(runs))
+
+
+def test_manifest_round_trip_and_what_a_reader_refuses() -> None:
+    runs = [(1, 100), (101, 150), (151, 151)]
+    buf = _manifest(9, 4, runs)
+    assert decode_manifest(buf, "m") == (9, 4, runs)
+    odd = bytearray(buf)
+    odd[MANIFEST_GENERATION_AT] = 5  # an update under way
+    with pytest.raises(bp.CorruptSegment, match="being written or torn"):
+        decode_manifest(odd, "m")
+    torn = bytearray(buf)
+    torn[MANIFEST_HEADER_SIZE] ^= 1  # a run changed after the CRC: torn
+    with pytest.raises(bp.CorruptSegment, match="being written or torn"):
+        decode_manifest(torn, "m")
+    with pytest.raises(bp.CorruptSegment, match="gap or overlap at sequence 101"):
+        decode_manifest(_manifest(9, 2, [(1, 100), (102, 150)]), "m")
+    with pytest.raises(bp.CorruptSegment, match="gap or overlap at sequence 1"):
+        decode_manifest(_manifest(9, 2, [(2, 100)]), "m")
+    with pytest.raises(bp.CorruptSegment, match="shorter"):
+        decode_manifest(buf[:20], "m")
+
+
+def test_spans() -> None:
+    tags = array.array("Q", [1, 1, 1, 5, 5, 9])
+    seqs = array.array("Q", [3, 8, 20, 4, 7, 1])
+    assert tag_span(tags, 1) == (0, 3) and tag_span(tags, 5) == (3, 5) and tag_span(tags, 6) == (5, 5)
+    assert seq_span(seqs, 0, 3, 3, 19) == (1, 2)  # 3 < seq <= 19: only 8
+    assert seq_span(seqs, 0, 3, 0, 100) == (0, 3)
+    assert seq_span(seqs, 3, 5, 7, 100) == (5, 5)
