@@ -1,7 +1,8 @@
 """The tag index: sorted runs of (tag, sequence) postings (docs/FORMAT.md §6.4).
 
 Owns: what a *tag* is (a 64-bit key every event is filed under several times: each entity
-prefix at a ``:`` boundary, its scope, its kind and its kind's category), the tags of an
+prefix at a ``:`` boundary, its scope and its kind; a kind's category is the range of its
+kinds' tags), the tags of an
 entity name and of a ``Region``, the byte layout of a run file
 (``index/tags-<lo>-<hi>.run``: the postings of sequences ``lo..hi``, sorted by tag then
 sequence, as two u64 columns) and of the manifest ``index/tags.man`` (which runs are
@@ -28,7 +29,7 @@ __all__ = [
     "MAX_PREFIX_DEPTH",
     "RUN_HEADER_SIZE",
     "TAGS_MANIFEST",
-    "category_tag",
+    "category_range",
     "decode_manifest",
     "decode_run_header",
     "encode_run_header",
@@ -43,10 +44,11 @@ __all__ = [
     "run_name",
     "scope_tag",
     "seq_span",
-    "tag_span",
+    "tag_spans",
 ]
 
-TAGS_LAYOUT = 1  # of run files and the manifest (a reader refuses a newer one, a writer rebuilds an older one)
+TAGS_LAYOUT = 2  # of run files and the manifest (a reader refuses a newer one, a writer rebuilds an older one)
+# 2: no category tags (a category is a range of kind tags)
 TAGS_MANIFEST = "tags.man"
 RUN_MAGIC = b"BPMPTAGR"
 MANIFEST_MAGIC = b"BPMPTAGM"
@@ -56,12 +58,12 @@ _PAIR = struct.Struct("<QQ")
 
 MAX_PREFIX_DEPTH = 8  # ``:``-components an entity is filed under (a deeper prefix narrows by its first 8)
 SEP = b":"
-# Scope, kind and category tags live in their own corners of the 64-bit space: a scope's tag
-# is its name hash mixed with a constant (so scope ``a`` and entity prefix ``a`` differ); a
-# kind's and a category's are a fixed high word plus the packed value.
+# Scope and kind tags live in their own corners of the 64-bit space: a scope's tag is its
+# name hash mixed with a constant (so scope ``a`` and entity prefix ``a`` differ); a kind's is
+# a fixed high word plus the packed kind, so the kinds of one category are one range of tags.
 SCOPE_SALT = 0x9E3779B97F4A7C15  # any odd constant; the golden-ratio one
-KIND_BASE = 0xB47C_0000_0000_0000  # | packed kind (16 bits)
-CATEGORY_BASE = 0xB47C_0001_0000_0000  # | category (4 bits)
+KIND_BASE = 0xB47C_0000_0000_0000  # | packed kind (16 bits: category << 12 | type id)
+TagRange = tuple[int, int]  # first and last tag, inclusive
 
 
 def run_name(lo: int, hi: int) -> str:
@@ -97,26 +99,42 @@ def kind_tag(packed_kind: int) -> int:
     return KIND_BASE | packed_kind
 
 
-def category_tag(category: int) -> int:
-    return CATEGORY_BASE | category
+def category_range(category: int) -> TagRange:
+    """The tags of every kind of ``category``: one range."""
+    return KIND_BASE | category << 12, KIND_BASE | category << 12 | 0xFFF
 
 
-def region_tag_options(region: Any) -> list[tuple[int, ...]] | None:
+def region_tag_options(region: Any) -> list[tuple[TagRange, ...]] | None:
     """The ways the tag index can narrow a ``Region`` (``_query.Region``): each option is a
-    set of tags whose postings together hold every event the region selects (the reader
-    takes the cheapest). None: the region names nothing the tag index files (every event
-    is a candidate). An option with no tags: the region selects nothing."""
-    options: list[tuple[int, ...]] = []
+    set of tag ranges whose postings together hold every event the region selects (the
+    reader takes the cheapest). None: the region names nothing the tag index files (every
+    event is a candidate). An option with no range: the region selects nothing."""
+    options: list[tuple[TagRange, ...]] = []
     if region.entity_prefix is not None:
-        options.append((prefix_tag(region.entity_prefix),))
+        t = prefix_tag(region.entity_prefix)
+        options.append(((t, t),))
     if region.scope is not None:
-        options.append((scope_tag(name_hash(region.scope.encode())),))
+        t = scope_tag(name_hash(region.scope.encode()))
+        options.append(((t, t),))
     packed = region.packed_kinds()
     if packed is not None:
-        options.append(tuple(sorted(kind_tag(k) for k in packed)))
-    if region.category is not None:
-        options.append((category_tag(region.category),))
+        options.append(tuple((kind_tag(k), kind_tag(k)) for k in sorted(packed)))
+    elif region.category is not None:
+        options.append((category_range(region.category),))
     return options or None
+
+
+def tag_spans(tags: Sequence[int], first_tag: int, last_tag: int) -> list[tuple[int, int]]:
+    """[first, end) of each tag's postings in ``first_tag..last_tag`` in a run's sorted
+    tag column (one binary search per tag found, and one more)."""
+    out = []
+    i = bisect.bisect_left(tags, first_tag)
+    end = bisect.bisect_right(tags, last_tag, i)
+    while i < end:
+        j = bisect.bisect_right(tags, tags[i], i, end)
+        out.append((i, j))
+        i = j
+    return out
 
 
 def _header(layout_struct: struct.Struct, buf: Any, magic: bytes, name: str, what: str) -> tuple[Any, ...]:
@@ -143,12 +161,6 @@ def decode_run_header(head: Any, size: int, name: str) -> tuple[int, int, int, i
     if layout != TAGS_LAYOUT or not 1 <= lo <= hi or size != RUN_HEADER_SIZE + 16 * postings:
         raise CorruptSegment(name, 0, "tag run header does not match its size")
     return key, lo, hi, postings
-
-
-def tag_span(tags: Sequence[int], tag: int) -> tuple[int, int]:
-    """[first, end) of ``tag``'s postings in a run's sorted tag column."""
-    first = bisect.bisect_left(tags, tag)
-    return first, bisect.bisect_right(tags, tag, first)
 
 
 def seq_span(seqs: Sequence[int], first: int, end: int, after: int, upto: int) -> tuple[int, int]:

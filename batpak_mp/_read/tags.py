@@ -4,7 +4,8 @@ read-only (docs/FORMAT.md §6.4; the writer's side is ``_storage/tagindex``).
 Owns: noticing a new manifest generation (a word of the mapped manifest, no system call),
 mapping the runs it names
 (again when a merge replaced some), and the candidate sequences of a region in ascending
-order: the postings of the cheapest of the region's tag options in ``(after, upto]``,
+order: the postings of the cheapest of the region's tag options (each a set of tag ranges)
+in ``(after, upto]``,
 run after run, then every sequence above the runs (the unindexed tail).
 Invariants: nothing here is trusted beyond "a superset of the events the region selects":
 ``_read/queries`` checks every candidate against its record, the fences and its frame. A
@@ -36,7 +37,7 @@ from .._format.tags import (
     region_tag_options,
     run_name,
     seq_span,
-    tag_span,
+    tag_spans,
 )
 
 __all__ = ["TagMaps"]
@@ -152,17 +153,17 @@ class TagMaps:
             return None
         best: list[list[tuple[_Run, int, int]]] | None = None
         best_count = -1
-        for tags in options:
+        for ranges in options:
             spans: list[list[tuple[_Run, int, int]]] = []
             count = 0
             for run in runs:
                 per_run = []
-                for tag in tags:
-                    first, end = tag_span(run.tags, tag)
-                    i, j = seq_span(run.seqs, first, end, after, upto)
-                    if j > i:
-                        per_run.append((run, i, j))
-                        count += j - i
+                for first_tag, last_tag in ranges:
+                    for first, end in tag_spans(run.tags, first_tag, last_tag):
+                        i, j = seq_span(run.seqs, first, end, after, upto)
+                        if j > i:
+                            per_run.append((run, i, j))
+                            count += j - i
                 spans.append(per_run)
             if best is None or count < best_count:
                 best, best_count = spans, count

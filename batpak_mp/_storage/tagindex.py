@@ -1,7 +1,7 @@
 """The tag index as the writer keeps it: sorted runs of (tag, sequence) postings.
 
 Owns: filing every published event under its tags (``_format/tags``: each entity prefix,
-its scope, its kind, its category) in run files of consecutive sequences, built in the
+its scope, its kind) in run files of consecutive sequences, built in the
 publish path once ``TAG_CHUNK`` events wait (numpy, one pass, no per-event Python beyond a
 dict look-up per *new* entity), merged two by two while the older is at most twice the
 newer (so a log of n events has O(log n) runs, none over ``MAX_RUN_POSTINGS``), and named
@@ -25,7 +25,6 @@ from typing import Any
 from .._errors import BatpakError, CorruptSegment
 from .._format.record import RECORD_SIZE, RECORDS_HEADER_SIZE, numpy_dtype
 from .._format.tags import (
-    CATEGORY_BASE,
     KIND_BASE,
     MANIFEST_GENERATION_AT,
     MANIFEST_HEADER_SIZE,
@@ -50,8 +49,9 @@ __all__ = ["TAG_CHUNK", "TagIndex"]
 
 TAG_CHUNK = 1024  # events per run built in the publish path: a query scans at most this many unindexed records
 MAX_RUN_POSTINGS = 1 << 21  # no merge past ~2M postings (32 MiB): bounds a merge's pause (~0.1 s) and memory
-MERGE_FANOUT = 4  # runs of one level merged into one: each posting is rewritten log4(n / chunk) times
-LEVEL_UNIT = 1 << 12  # postings of a level-0 run (about a chunk's); level k holds up to 4**(k+1) of them
+FANOUT_BITS = 3
+MERGE_FANOUT = 1 << FANOUT_BITS  # runs of one level merged into one: a posting is rewritten log8(n / chunk) times
+LEVEL_UNIT = 1 << 12  # postings of a level-0 run (about a chunk's); level k holds up to 8**(k+1) of them
 CATCHUP_EVENTS = 1 << 18  # events per run while catching up at open (~1M postings)
 NAMES_MAX = 1 << 20  # entity hash -> prefix tags remembered (then forgotten: rebuilt from hints or frames)
 
@@ -213,10 +213,10 @@ class TagIndex:
         kinds = recs["kind"].astype(np.uint64)
         scope = recs["scope_hash"] ^ np.uint64(SCOPE_SALT)
         scope[scope == 0] = 1
-        # one row per event (its prefixes, scope, kind, category): raveled, the postings are in
+        # one row per event (its prefixes, scope, kind): raveled, the postings are in
         # sequence order, so a stable sort by tag alone leaves each tag's sequences ascending
-        tags = np.concatenate([table[inverse.reshape(-1)], scope[:, None], (kinds | np.uint64(KIND_BASE))[:, None],
-                               ((kinds >> np.uint64(12)) | np.uint64(CATEGORY_BASE))[:, None]], axis=1)
+        tags = np.concatenate([table[inverse.reshape(-1)], scope[:, None], (kinds | np.uint64(KIND_BASE))[:, None]],
+                              axis=1)
         width = tags.shape[1]
         tags = tags.reshape(-1)
         postings = np.repeat(seqs, width)
@@ -347,5 +347,5 @@ def _why(exc: BaseException) -> str:
 
 
 def _level(postings: int) -> int:
-    """The merge tier of a run of ``postings``: 0 up to 4 units, then one more per factor 4."""
-    return (postings // LEVEL_UNIT).bit_length() // 2
+    """The merge tier of a run of ``postings``: 0 below 8 units, then one more per factor 8."""
+    return (postings // LEVEL_UNIT).bit_length() // FANOUT_BITS

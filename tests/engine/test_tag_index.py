@@ -65,7 +65,7 @@ def test_indexed_answers_are_the_answers_of_a_scan(data_dir: str) -> None:
     with bp.Engine.open(data_dir, SMALL) as e:
         _fill(e, 6000, seed=1)
         tags = e._index.tags
-        assert tags.failed is None and len(tags.runs) >= 2 and e.visible - tags.through < TAG_CHUNK
+        assert tags.failed is None and tags.runs and e.visible - tags.through < TAG_CHUNK
         assert e.visible > tags.through  # a tail above the runs: scanned, and part of every answer
         afters = [0, 1, 777, tags.runs[0][1], tags.through - 1, tags.through, e.visible - 3, e.visible]
         assert _answers(e, REGIONS, afters) == _scanned(e, REGIONS, afters)

@@ -13,7 +13,7 @@ from batpak_mp._format.tags import (
     MANIFEST_GENERATION_AT,
     MANIFEST_HEADER_SIZE,
     MAX_PREFIX_DEPTH,
-    category_tag,
+    category_range,
     decode_manifest,
     decode_run_header,
     encode_run_header,
@@ -26,7 +26,7 @@ from batpak_mp._format.tags import (
     region_tag_options,
     scope_tag,
     seq_span,
-    tag_span,
+    tag_spans,
 )
 
 
@@ -44,8 +44,13 @@ def test_an_entity_is_filed_under_each_prefix_at_a_colon_boundary() -> None:
 
 def test_tags_of_different_keys_live_apart() -> None:
     h = name_hash(b"x")
-    assert len({prefix_tag("x"), scope_tag(h), kind_tag(0x1001), category_tag(1)}) == 4
-    assert scope_tag(h) != 0 and kind_tag(0) != 0 and category_tag(0) != 0
+    assert len({prefix_tag("x"), scope_tag(h), kind_tag(0x1001)}) == 3
+    assert scope_tag(h) != 0 and kind_tag(0) != 0
+    # a category is the range of its kinds' tags, and holds no other category's kind
+    first, last = category_range(2)
+    assert first <= kind_tag(bp.Kind(2, 0).packed()) <= kind_tag(bp.Kind(2, 4095).packed()) <= last
+    assert not first <= kind_tag(bp.Kind(1, 4095).packed()) <= last
+    assert not first <= kind_tag(bp.Kind(3, 0).packed()) <= last
 
 
 def test_region_options() -> None:
@@ -53,11 +58,16 @@ def test_region_options() -> None:
     assert region_tag_options(bp.Region(entity="a")) is None  # an exact entity walks its chain
     k1, k2 = bp.Kind(1, 1), bp.Kind(2, 5)
     opts = region_tag_options(bp.Region(entity_prefix="acct", scope="t", kinds=frozenset({k1, k2}), category=2))
-    # the kinds option already leaves out kinds of another category
-    assert opts == [(prefix_tag("acct"),), (scope_tag(name_hash(b"t")),), (kind_tag(k2.packed()),), (category_tag(2),)]
+    # the kinds option already leaves out kinds of another category (and stands for the category)
+    one = (prefix_tag("acct"), prefix_tag("acct"))
+    scope = (scope_tag(name_hash(b"t")), scope_tag(name_hash(b"t")))
+    k2t = kind_tag(k2.packed())
+    assert opts == [(one,), (scope,), ((k2t, k2t),)]
     both = region_tag_options(bp.Region(kinds=frozenset({k1, k2})))
-    assert both == [tuple(sorted((kind_tag(k1.packed()), kind_tag(k2.packed()))))]
-    # kind and kinds that do not meet: an option with no tag (nothing can match)
+    k1t = kind_tag(k1.packed())
+    assert both == [((k1t, k1t), (k2t, k2t))]
+    assert region_tag_options(bp.Region(category=3)) == [(category_range(3),)]
+    # kind and kinds that do not meet: an option with no range (nothing can match)
     assert region_tag_options(bp.Region(kind=k1, kinds=frozenset({k2}))) == [()]
 
 
@@ -99,7 +109,8 @@ def test_manifest_round_trip_and_what_a_reader_refuses() -> None:
 def test_spans() -> None:
     tags = array.array("Q", [1, 1, 1, 5, 5, 9])
     seqs = array.array("Q", [3, 8, 20, 4, 7, 1])
-    assert tag_span(tags, 1) == (0, 3) and tag_span(tags, 5) == (3, 5) and tag_span(tags, 6) == (5, 5)
+    assert tag_spans(tags, 1, 1) == [(0, 3)] and tag_spans(tags, 5, 5) == [(3, 5)] and tag_spans(tags, 6, 6) == []
+    assert tag_spans(tags, 2, 9) == [(3, 5), (5, 6)] and tag_spans(tags, 0, 100) == [(0, 3), (3, 5), (5, 6)]
     assert seq_span(seqs, 0, 3, 3, 19) == (1, 2)  # 3 < seq <= 19: only 8
     assert seq_span(seqs, 0, 3, 0, 100) == (0, 3)
     assert seq_span(seqs, 3, 5, 7, 100) == (5, 5)
