@@ -46,6 +46,7 @@ PURE_GLOBS = (
     "batpak_mp/_api.py",
     "batpak_mp/_query.py",             # the Region filter of every read
     "batpak_mp/_retention.py",         # retention rules and what they remove (issue 13)
+    "batpak_mp/_iterate.py",           # the feed iterator bases (the caller passes the clock)
 )
 # Must exist: a rename or move must update this file rather than silently drop the check.
 REQUIRED = ("batpak_mp/_format/frame.py", "batpak_mp/_prepare.py", "batpak_mp/_values.py",
