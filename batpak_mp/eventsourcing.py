@@ -35,6 +35,7 @@ process that calls ``bp.connect``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -71,7 +72,7 @@ KIND_CATEGORY = 0xE  # eventsourcing's events and tracking records: one category
 TRACKING_TYPE = 0  # type id of a tracking record; topics hash onto 1..4095
 _TOPIC_TYPES = 4095
 MAX_ATTEMPTS = 100  # re-plans of one insert after the store saw a concurrent writer first (each one a new round)
-DEFAULT_POOL_SIZE = 8  # Stores per factory: threads of one process append in the same group commit
+DEFAULT_POOL_SIZE = 1  # Stores per factory, each shared by any number of threads (their appends share group commits)
 SUBSCRIPTION_POLL_S = 0.1  # a stopped subscription (or a set interrupt of a wait) is noticed within this long
 
 
@@ -99,15 +100,20 @@ def _translated() -> Iterator[None]:
 
 
 class Datastore:
-    """One served store as a factory's recorders use it: a small pool of ``Store``
-    connections (a ``Store`` serves one caller at a time, so threads of one process take
-    one each and their appends share a group commit)."""
+    """One served store as a factory's recorders use it: ``pool_size`` ``Store``
+    connections (connected on first need), each shared by any number of threads — a
+    ``Store`` lets several threads have requests in flight at once, so their appends share
+    a group commit. More than one only spreads the client-side work (each its own reader
+    and request areas); one is enough for most processes."""
 
     def __init__(self, data_dir: str, *, pool_size: int = DEFAULT_POOL_SIZE, timeout: float = 30.0) -> None:
+        if type(pool_size) is not int or pool_size < 1:
+            raise DataError(f"pool_size must be an int >= 1, not {pool_size!r}")
         self.data_dir = data_dir
         self.timeout = timeout
-        self._free: list[Store] = []
-        self._slots = threading.BoundedSemaphore(pool_size)
+        self._stores: list[Store | None] = [None] * pool_size
+        self._active = [0] * pool_size  # blocks using each Store now (a close waits for them)
+        self._turn = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
         with self.store():  # fail now, not at the first insert, when nothing serves data_dir
@@ -115,35 +121,33 @@ class Datastore:
 
     @contextlib.contextmanager
     def store(self) -> Iterator[Store]:
-        """A ``Store`` of the pool for the block (connected on first need)."""
-        if self._closed:
-            raise OperationalError(f"the datastore of {self.data_dir!r} is closed")
-        self._slots.acquire()
-        try:
-            with self._lock:
-                store = self._free.pop() if self._free else None
+        """A ``Store`` of the pool for the block (the pool's next, connected on first need)."""
+        i = next(self._turn) % len(self._stores)
+        with self._lock:
+            if self._closed:
+                raise OperationalError(f"the datastore of {self.data_dir!r} is closed")
+            store = self._stores[i]
             if store is None:
                 with _translated():
-                    store = _connect(self.data_dir, timeout=self.timeout)
-            try:
-                with _translated():
-                    yield store
-            finally:
-                with self._lock:
-                    closed = self._closed
-                    if not closed:
-                        self._free.append(store)
-                if closed:  # closed while this call ran (another thread): it finished first
-                    store.close()
+                    store = self._stores[i] = _connect(self.data_dir, timeout=self.timeout)
+            self._active[i] += 1
+        try:
+            with _translated():
+                yield store
         finally:
-            self._slots.release()
+            with self._lock:
+                self._active[i] -= 1
+                last = self._closed and not self._active[i]
+            if last:  # closed while blocks ran (other threads): the last one closes it
+                store.close()
 
     def close(self) -> None:
-        """Close the idle connections now; one in use by another thread is closed when
-        its call ends (a call in flight finishes, as a database pool lets it)."""
+        """Close the idle connections now; one that blocks on other threads are using is
+        closed when the last of them ends (a call in flight finishes, as a database pool
+        lets it); later calls are refused."""
         with self._lock:
             self._closed = True
-            idle, self._free = self._free, []
+            idle = [s for s, n in zip(self._stores, self._active, strict=True) if s is not None and not n]
         for store in idle:
             store.close()
 
