@@ -1,24 +1,27 @@
 """The tag index as the writer keeps it: sorted runs of (tag, sequence) postings.
 
 Owns: filing every published event under its tags (``_format/tags``: each entity prefix,
-its scope, its kind) in run files of consecutive sequences, built in the
-publish path once ``TAG_CHUNK`` events wait (numpy, one pass, no per-event Python beyond a
-dict look-up per *new* entity), merged two by two while the older is at most twice the
-newer (so a log of n events has O(log n) runs, none over ``MAX_RUN_POSTINGS``), and named
-by the manifest ``tags.man``; at open, keeping the runs when they are this store's, of
-this boot and within the recovered log, and building the rest from records.idx.
-Invariants: the manifest is replaced whole (rename) and names only complete run files; a
-run is never changed, only replaced by a merge (the manifest first, then the old files
-go); runs cover ``1..through`` with ``through`` <= the published frontier. Derived data,
-never fsynced: after a reboot (a full recovery) they are rebuilt. A failure here never
-refuses a commit: the events stay in the unindexed tail (queries scan it) and the build is
-tried again a chunk later. Every OS call goes through ``osio.Disk``.
+its scope, its kind) in run files of consecutive sequences, built in the publish path once
+``TAG_CHUNK`` events wait (numpy, one pass; Python only per entity not met before);
+merging them on a merger thread, ``MERGE_FANOUT`` runs of one tier into one (so a log of n
+events has O(log n) runs, none over ``MAX_RUN_POSTINGS``, and no merge ever delays a
+commit); naming them in the manifest ``tags.man`` (updated in place as a seqlock); at
+open, keeping the runs when they are this store's, of this boot and within the recovered
+log, and building the rest from records.idx.
+Invariants: the manifest names only complete run files; a run is never changed, only
+replaced by a merge (the manifest first, then the old files go); runs cover ``1..through``
+with ``through`` <= the published frontier; the run list and the manifest change under one
+lock (builds append, the merger replaces a slice it read). Derived data, never fsynced:
+after a reboot (a full recovery) they are rebuilt. A failure here never refuses a commit:
+the events stay in the unindexed tail (queries scan it) and the build is tried again a
+chunk later. Every OS call goes through ``osio.Disk``.
 Must not import the engine, the read side or any process role.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -75,12 +78,26 @@ class TagIndex:
         self._hinted: dict[int, bytes] | None = None  # the hints by entity hash, made when first needed
         self._names = _PrefixRows()
         self._retry_tail = TAG_CHUNK
+        self._lock = threading.RLock()  # runs, the manifest and the merger's flags
+        self._wake = threading.Condition(self._lock)
+        self._merger: threading.Thread | None = None
+        self._merge_wanted = False
+        self._stopping = False
+        self.merge_failed: str | None = None  # why the last merge failed
 
     @property
     def through(self) -> int:
         return self.runs[-1][1] if self.runs else 0
 
     def close(self) -> None:
+        merger = self._merger
+        if merger is not None:
+            with self._lock:
+                self._stopping = True
+                self._wake.notify()
+            merger.join()  # a merge under way finishes (its files are whole, or removed by the next open)
+            self._merger = None
+        self._stopping = False
         self.opened = False
         if self.manifest_fd >= 0:
             self.disk.close_quietly(self.manifest_fd, self.manifest_path)
@@ -110,7 +127,8 @@ class TagIndex:
                 if name.startswith("tags-") and name.endswith(".run") and name not in names:
                     self.disk.unlink_quietly(os.path.join(self.dir, name))
             while self.through < visible:
-                self._build(records, self.through + 1, min(visible, self.through + CATCHUP_EVENTS))
+                self._build(records, self.through + 1, min(visible, self.through + CATCHUP_EVENTS), merge=False)
+                self.merge_all()  # here, not on the merger: the open is not a commit
         except Exception as exc:  # derived data: any failure leaves the tail to scans
             self.failed = _why(exc)  # the rest stays unindexed: queries scan it; a later chunk tries again
             if not published:  # the old manifest must not outlive a recovery it may not match
@@ -202,7 +220,7 @@ class TagIndex:
             self._hinted = None
 
     # -- runs ---------------------------------------------------------------------------------
-    def _build(self, records: Any, lo: int, hi: int) -> None:
+    def _build(self, records: Any, lo: int, hi: int, *, merge: bool = True) -> None:
         import numpy as np
 
         n = hi - lo + 1
@@ -224,19 +242,51 @@ class TagIndex:
         tags, postings = tags[keep], postings[keep]
         order = np.argsort(tags, kind="stable")
         self._write_run(lo, hi, tags[order], postings[order])
-        runs = [*self.runs, (lo, hi, len(tags))]
-        gone: list[tuple[int, int, int]] = []
-        while True:  # tiers: MERGE_FANOUT runs of one level become one run of the next
-            last = runs[-MERGE_FANOUT:]
-            if (len(last) < MERGE_FANOUT or len({_level(p) for _, _, p in last}) != 1
-                    or sum(p for _, _, p in last) > MAX_RUN_POSTINGS):
-                break
-            merged = self._merge(last)
-            gone += last
-            runs = [*runs[:-MERGE_FANOUT], merged]
-        self._publish(runs)
-        for lo_, hi_, _ in gone:  # after the manifest stopped naming them (a reader maps anew)
-            self.disk.unlink_quietly(os.path.join(self.dir, run_name(lo_, hi_)))
+        with self._lock:
+            self._publish([*self.runs, (lo, hi, len(tags))])
+            due = _merge_due(self.runs) is not None
+        if due and merge:
+            self._start_merger()
+
+    # -- merges (on the merger thread: a merge of ~2M postings takes ~0.2 s, never in a commit) --
+    def _start_merger(self) -> None:
+        with self._lock:
+            self._merge_wanted = True
+            if self._merger is None or not self._merger.is_alive():
+                self._merger = threading.Thread(target=self._merge_loop, name="batpak-tag-merger", daemon=True)
+                self._merger.start()
+            self._wake.notify()
+
+    def _merge_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._merge_wanted and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                self._merge_wanted = False
+            self.merge_all()
+
+    def merge_all(self) -> None:
+        """Merge while some tier is full (the merger thread; open and tests call it too).
+        A failure is recorded and waits for the next run to be added."""
+        try:
+            while True:
+                with self._lock:
+                    if self._stopping and threading.current_thread() is self._merger:
+                        return
+                    at = _merge_due(self.runs)
+                    if at is None:
+                        return
+                    part = self.runs[at:at + MERGE_FANOUT]
+                merged = self._merge(part)  # outside the lock: builds go on meanwhile (they only append)
+                with self._lock:
+                    i = self.runs.index(part[0])
+                    self._publish([*self.runs[:i], merged, *self.runs[i + MERGE_FANOUT:]])
+                for lo, hi, _ in part:  # after the manifest stopped naming them (a reader maps anew)
+                    self.disk.unlink_quietly(os.path.join(self.dir, run_name(lo, hi)))
+        except Exception as exc:  # derived data: the runs stay as they are, a later run tries again
+            self.merge_failed = _why(exc)
 
     def _name_of(self, h: int, seq: int) -> bytes:
         """The entity name of hash ``h`` (at sequence ``seq``): from the groups noted since
@@ -344,6 +394,17 @@ class _PrefixRows:
 
 def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _merge_due(runs: Sequence[tuple[int, int, int]]) -> int | None:
+    """Where ``MERGE_FANOUT`` consecutive runs of one level start, the newest such place
+    whose merge stays within ``MAX_RUN_POSTINGS`` (None: no tier is full)."""
+    n = len(runs)
+    for at in range(n - MERGE_FANOUT, -1, -1):
+        part = runs[at:at + MERGE_FANOUT]
+        if len({_level(p) for _, _, p in part}) == 1 and sum(p for _, _, p in part) <= MAX_RUN_POSTINGS:
+            return at
+    return None
 
 
 def _level(postings: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import time
 
 from conftest import SMALL, assert_verified
 
@@ -147,4 +148,26 @@ def test_a_failed_build_never_refuses_a_commit(data_dir: str) -> None:
         e.append_batch([bp.BatchItem(bp.Coordinate("order:1", "t:2"), KINDS[1], i) for i in range(TAG_CHUNK)])
         assert tags.failed is None and tags.through == e.visible
         assert _answers(e, REGIONS, [0, 250]) == _scanned(e, REGIONS, [0, 250])
+    assert_verified(data_dir)
+
+
+def test_the_merger_keeps_few_runs_off_the_commit_path(data_dir: str) -> None:
+    """Level-0 runs are built in the commit path; merging them (8 of a tier into one) is
+    the merger thread's: it keeps O(log n) runs, and answers stay a scan's meanwhile."""
+    from batpak_mp._storage.tagindex import MERGE_FANOUT, _merge_due
+
+    with bp.Engine.open(data_dir, SMALL) as e:
+        for _ in range(24):
+            e.append_batch([bp.BatchItem(bp.Coordinate(f"acct:{j % 50}", f"t:{j % 3}"), KINDS[j % 4], j)
+                            for j in range(TAG_CHUNK)])
+            assert _answers(e, REGIONS[:3], [0]) == _scanned(e, REGIONS[:3], [0])
+        tags = e._index.tags
+        deadline = time.monotonic() + 20
+        while _merge_due(tags.runs) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tags.merge_failed is None and _merge_due(tags.runs) is None
+        assert tags.through == e.visible and len(tags.runs) < 2 * MERGE_FANOUT  # 24 chunks, merged in tiers
+        assert tags._merger is not None and tags._merger.is_alive()
+        assert _answers(e, REGIONS, [0, 5000]) == _scanned(e, REGIONS, [0, 5000])
+    assert tags._merger is None  # joined at close
     assert_verified(data_dir)
