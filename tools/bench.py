@@ -16,6 +16,7 @@ issues' targets and whether they were met, notes on method — and a chart
   engine     tools/bench_engine.py     the in-process Engine vs SQLite and LMDB   (issues 2, 11)   both cores
   service    tools/bench_service.py    the multiprocess service vs SQLite, LMDB   (issues 3, 11)   both cores
   restart    tools/bench_restart.py    reopen and writer restart, 1M events       (issues 2, 4)    compiled core
+  queries    tools/bench_queries.py    query latency, 1M vs 10k events            (issue 14)       compiled core
   subscribe  tools/bench_subscribe.py  subscription latency, projection rebuild   (issue 5)        compiled core
 
 Without options every program runs at the size its issue asks for (1M-event stores,
@@ -24,7 +25,7 @@ while. ``--quick`` passes each program its smoke sizes (a few minutes in all); a
 report goes to bench-data/quick/ (gitignored), never over docs/, unless --out and
 --chart say otherwise.
 
-Run:  python tools/bench.py [--quick] [--only engine,service,restart,subscribe] [--cores native,python]
+Run:  python tools/bench.py [--quick] [--only engine,service,restart,queries,subscribe] [--cores native,python]
           [--repeat N] [--out FILE] [--chart FILE] [--engine-args 'ARGS'] [--service-args 'ARGS'] ...
 Exit codes: 0 ok; 1 a program failed (the report is written, naming it); 2 bad usage, or
 a program rejected its options (no report). Targets not met do not change the exit code.
@@ -357,6 +358,28 @@ def render_subscribe(doc: dict[str, Any], sec: Section) -> None:
     ]
 
 
+# ---------------------------------------------------------------------------- queries
+
+QUERY_TARGET = Target("large ÷ small ≤ 2", 14, "<=", 2.0)
+
+
+def render_queries(doc: dict[str, Any], sec: Section) -> None:
+    small, large = doc["small"], doc["large"]
+    for r in doc["rows"]:
+        sec.add(r["query"], f"{fmt(r['large_us'], 'µs')} at {large:,} events",
+                baseline=f"{small:,} events", theirs=fmt(r["small_us"], "µs"), ratio=f"{r['ratio']:.2f}×",
+                target=QUERY_TARGET, value=r["ratio"], unit="×")
+    sec.notes += [
+        f"Two stores built in the run with the in-process `Engine` ({small:,} and {large:,} events, the same "
+        "shape: 5,000 entities `acct:<n>` in 50 scopes, a hot entity with 1 event in 10, a rare prefix "
+        "`order:<n>:line` in the last 1%); each figure the median wall time of "
+        f"{doc['repeat']} calls after a warm-up. The ratio shows whether a call grows with the log (issue 14: "
+        "each answered from the index in time that grows with the events returned).",
+        "Prefix, kind, category and scope queries walk the tag index's postings (docs/FORMAT.md §6.4); "
+        "`history`/`latest` the entity chain; `query_scope` the scope's skip links (O(log n)).",
+    ]
+
+
 # ---------------------------------------------------------------------------- programs
 
 
@@ -385,6 +408,10 @@ PROGRAMS = {p.key: p for p in (
     Program("restart", "bench_restart.py", "Reopen and writer restart (issues 2 and 4)",
             "Opening a large store, and how long the service is away when its writer is SIGKILLed.",
             ("--events", "100000", "--runs", "3", "--kills", "3"), "--runs", render_restart, ("native",)),
+    Program("queries", "bench_queries.py", "Queries on a large and a small store (issue 14)",
+            "Query latency on a 1M-event store against the same query on a 10k-event store: a ratio near 1 "
+            "means the call does not grow with the log.",
+            ("--quick",), "", render_queries, ("native",)),
     Program("subscribe", "bench_subscribe.py", "Subscriptions and projections (issue 5)",
             "How soon other processes see a committed event, and how fast a projection is rebuilt.",
             ("--quick",), "", render_subscribe, ("native",), optional=True),
@@ -741,7 +768,7 @@ def render_report(run: Run, sections: list[Section], chart: str | None) -> str:
         "python tools/bench.py              # every program at full size, both codecs; writes this file and the chart",
         "python tools/bench.py --quick      # smoke run (a few minutes), writes bench-data/quick/",
         "python tools/bench.py --cores native --only engine,service   # one codec, some programs",
-        "batpak-mp bench [--quick] [--only engine,service,restart,subscribe]   # the same, from the CLI",
+        "batpak-mp bench [--quick] [--only engine,service,restart,queries,subscribe]   # the same, from the CLI",
         "```", "",
         "Each program also runs on its own (`python tools/bench_engine.py --help`, and so on); "
         "`BATPAK_MP_PURE=1` in its environment runs it on the fallback.", "",

@@ -27,6 +27,7 @@ tools/bench_queries.py --help``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -110,7 +111,11 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--keep", action="store_true", help="keep the stores (and reuse them next time)")
+    ap.add_argument("--quick", action="store_true", help="smoke sizes: 2,000 vs 100,000 events, 30 calls each")
+    ap.add_argument("--json", help="also write the figures to this file (tools/bench.py reads it)")
     args = ap.parse_args()
+    if args.quick:
+        args.small, args.large, args.repeat = 2_000, 100_000, 30
     base = os.path.join(ROOT, "bench-data", "queries")
     os.makedirs(base, exist_ok=True)
     results: dict[str, dict[str, tuple[float, float]]] = {}
@@ -125,9 +130,16 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(path, ignore_errors=True)
     print(f"\n{'query':34} {f'{args.small:,}: µs (cpu)':>18} {f'{args.large:,}: µs (cpu)':>18} {'ratio':>7}")
+    rows = []
     for name in results["small"]:
         (sw, sc), (lw, lc) = results["small"][name], results["large"][name]
         print(f"{name:34} {sw:10.1f} ({sc:7.1f}) {lw:10.1f} ({lc:7.1f}) {lw / sw:7.2f}")
+        rows.append({"query": name, "small_us": sw, "small_cpu_us": sc, "large_us": lw, "large_cpu_us": lc,
+                     "ratio": lw / sw})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"codec": bp.codec_backend(), "small": args.small, "large": args.large, "repeat": args.repeat,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
