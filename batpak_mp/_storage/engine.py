@@ -72,7 +72,7 @@ class Engine(EngineErasure):
     ``groups_written``/``groups_published`` with ``pending_sync_target``,
     ``publish_through`` and ``sync_failed`` (its pipeline's fsync on another thread);
     ``view()`` (the frontier and index generations it publishes), ``poisoned``,
-    ``set_index_listener``, ``reveal``, ``append_system``, ``recovery_report``,
+    ``set_index_listener``, ``reveal``, ``index_tags``, ``append_system``, ``recovery_report``,
     ``store_key``, ``signer`` and ``disk``."""
 
     def __init__(self) -> None:  # use Engine.open
