@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from typing import Any
 
 from ._api import ReplayHost
@@ -93,7 +94,7 @@ class GroupCursor(Feed):
         self._claim: list[int] | None = None  # [pid, start, lo, hi, done] as last written
         self._last_at = 0  # the ack position of the last event handed out of the claim
         self._scanned = 0  # stream position looked at so far in the claim
-        self._buffer: list[tuple[Event, int, bool]] = []
+        self._buffer: deque[tuple[Event, int, bool]] = deque()
         self._acked = 0  # acknowledged locally (may be ahead of the claim's written done)
         self._unwritten = 0
         self._ack_at: dict[int, int] = {}
@@ -186,7 +187,7 @@ class GroupCursor(Feed):
         self._claim = taken[0]
         self._scanned = self._acked = self._last_at = self._claim[C_DONE]
         self._unwritten = 0
-        self._buffer = []
+        self._buffer.clear()
         return True
 
     def _first_match(self, after: int, visible: int) -> int | None:
@@ -243,7 +244,7 @@ class GroupCursor(Feed):
         pause = IDLE_SLEEP_S[0]
         while not self._closed:
             if self._buffer:
-                ev, pos, last = self._buffer.pop(0)
+                ev, pos, last = self._buffer.popleft()
                 if not self.filter.admits(ev):
                     continue
                 at = pos if last else pos - 1
@@ -255,7 +256,7 @@ class GroupCursor(Feed):
             if claim is not None and self._scanned < claim[C_HI]:
                 entries, scanned = self._store.stream_entries(self._scanned, 1000,
                                                               self._region.with_upto(claim[C_HI]))
-                self._buffer = list(entries)
+                self._buffer = deque(entries)
                 self._scanned = max(scanned, self._scanned) if entries else claim[C_HI]
                 continue
             if claim is not None:  # every event of the claim handed out
