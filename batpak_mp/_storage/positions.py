@@ -58,6 +58,7 @@ POSITIONS_GROWTH = 1 << 16  # entries (1.5 MiB) positions.idx grows by at a time
 FENCE_COMMIT_KIND = 0x020  # packed kind of SYSTEM_FENCE_COMMIT (category 0): its reveal follows
 _u64 = struct.Struct("<Q")
 _pack_entry = POSITION.pack_into
+_pack_u64 = _u64.pack_into
 
 
 class _Scope:
@@ -300,18 +301,15 @@ class ScopePositions:
         return got
 
     def _assign(self, h: int, seq: int) -> None:
-        scope = self._scope(h)
+        """The entry of ``seq``, next in scope hash ``h`` (positions.idx holds room for it:
+        ``_ensure`` ran for the group). The per-event hot path of the commit: kept flat."""
+        scope = self.scopes.get(h) or self._scope(h)
         p = scope.pos + 1
         sp = skip_position(p)
-        skip = 0
-        if sp:
-            skip = scope.skips.get(sp, 0)
-            if not skip:
-                skip = walk_to_position(self.entry, scope.head, scope.pos, sp)
-        self._ensure(seq)
+        skip = (scope.skips.get(sp, 0) or walk_to_position(self.entry, scope.head, scope.pos, sp)) if sp else 0
         _pack_entry(self.map, position_offset(seq), p, scope.head, skip)
         if scope.slot >= 0:
-            _u64.pack_into(self.heads_map, scope.slot + 8, seq)
+            _pack_u64(self.heads_map, scope.slot + 8, seq)
         else:
             if 2 * (self.heads_count + 1) > self.heads_cap:
                 self._grow_heads()
@@ -337,9 +335,11 @@ class ScopePositions:
         if self.map is None:
             return
         commit = False
+        self._ensure(metas[-1][M_SEQ])
+        assign = self._assign
         for meta in metas:
             if not meta[M_FLAGS] & FLAG_FENCED:
-                self._assign(meta[M_SCOPE_HASH], meta[M_SEQ])
+                assign(meta[M_SCOPE_HASH], meta[M_SEQ])
                 commit = commit or meta[M_KIND] == FENCE_COMMIT_KIND
         if commit:
             self.pending_reveal = True
@@ -353,6 +353,7 @@ class ScopePositions:
         if self.map is None:
             return
         for first, last in ranges:
+            self._ensure(int(last))
             for seq in range(int(first), int(last) + 1):
                 rec = record(seq)
                 if rec[R_FLAGS] & FLAG_FENCED and not self.entry(seq)[0]:
