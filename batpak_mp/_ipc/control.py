@@ -9,12 +9,18 @@ rings after each reply it writes into a client's area (§4.3), and where the sta
 writer, restart count, failure reason); read by clients, which map it read-only.
 Invariants: the block a process uses passed ``objects``' checks on the descriptor it was
 mapped from (the service's own user, mode 0600, a regular file, big enough): the writer
-and supervisor replace one someone else made, a client refuses it.
+and supervisor replace one someone else made, a client refuses it. Shared memory is only
+ever stored into with values packed beforehand (slice assignment, one aligned store for
+``seq``), never with ``struct.pack_into``: it clears its target before it writes, so the
+``seq`` word would pass through 0 (even, "consistent") in the middle of an update and a
+reader could accept a half-cleared block (a live service once read as ABSENT with no
+heartbeat).
 Must not import the engine, the writer or the client.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -48,9 +54,11 @@ _FIELDS = (
 _FIELD_FMT = struct.Struct("<" + "Q" * len(_FIELDS))
 _HEAD = struct.Struct("<QII")
 _FIELDS_AT = 16
-_REASON_AT = _FIELDS_AT + _FIELD_FMT.size
+_FIELDS_END = _FIELDS_AT + _FIELD_FMT.size
+_REASON_AT = _FIELDS_END
 _REASON_LEN = struct.Struct("<I")
 _SEQ = struct.Struct("<Q")
+_AFTER_SEQ = _FIELDS_AT + _SEQ.size  # an update stores the fields from here: seq only by its own store
 NOTIFY_AT = 2048  # a u32 the writer bumps after every publish; subscribers futex-wait on it
 STATS_AT = 2560  # the stats region (stats.STATS_FIELDS, u64 each), inside the seqlock, after the notify word
 assert NOTIFY_AT + 4 <= STATS_AT and STATS_AT + STATS.size <= FIELDS_PAGE
@@ -92,6 +100,8 @@ class ControlBlock:
         self.bell: Word | None = bell  # the futex word (writable only for the owner)
         self._doorbells: WordTable | ReadOnlyMapping | None = doorbells
         self._stats_stored: Sequence[int] | None = None  # the values last stored in the stats region
+        # the seqlock counter of a writable block: each of its values stored with one aligned 8-byte store
+        self._seq: ctypes.c_uint64 | None = ctypes.c_uint64.from_buffer(mm, _FIELDS_AT) if owner else None
 
     @classmethod
     def create(cls, data_dir: str, log: Callable[[str], None] | None = None) -> ControlBlock:
@@ -105,14 +115,15 @@ class ControlBlock:
         finally:
             os.close(fd)
         magic, version, _ = _HEAD.unpack_from(mm, 0)
+        head = _HEAD.pack(CONTROL_MAGIC, CONTROL_VERSION, 0)
         if magic != CONTROL_MAGIC:
             mm[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
-            _HEAD.pack_into(mm, 0, CONTROL_MAGIC, CONTROL_VERSION, 0)
+            mm[:_HEAD.size] = head
         elif version > CONTROL_VERSION:
             mm.close()
             raise FutureFormat(name, version, CONTROL_VERSION)
         elif version < CONTROL_VERSION:  # left by an older service: doorbells and stats are new (zero)
-            _HEAD.pack_into(mm, 0, CONTROL_MAGIC, CONTROL_VERSION, 0)
+            mm[:_HEAD.size] = head
             old_fields_end = _FIELDS_AT + 8 * _FIELDS.index("max_payload")  # where older versions put the reason
             mm[old_fields_end:NOTIFY_AT] = bytes(NOTIFY_AT - old_fields_end)  # max_payload 0, no reason
         return cls(name, mm, True, word_in_writable(mm, NOTIFY_AT), WordTable(mm, DOORBELLS_AT, DOORBELLS))
@@ -213,27 +224,33 @@ class ControlBlock:
         self._update(fields, stats)
 
     def _update(self, fields: dict[str, int | str], stats: Sequence[int] | None) -> None:
-        mm = self._mm
+        """The updater's side of the seqlock (PROTOCOL.md §4.1). Everything is packed
+        before it is stored (``struct.pack_into`` would clear the block first, seq
+        included: see the module's invariants); ``seq`` is stored on its own, odd first."""
+        mm, seq_word = self._mm, self._seq
+        if seq_word is None:
+            raise WriterUnavailable("the control block is closed or read-only")
         values = dict(zip(_FIELDS, _FIELD_FMT.unpack_from(mm, _FIELDS_AT), strict=True))
         seq = values["seq"]
         if seq & 1:  # a previous updater died mid-update: finish its odd count
             seq += 1
-        _SEQ.pack_into(mm, _FIELDS_AT, seq + 1)
         reason = fields.pop("reason", None)
         for key, value in fields.items():
             if key not in values or key == "seq":
                 raise KeyError(key)
             values[key] = int(value)
         values["seq"] = seq + 1
-        _FIELD_FMT.pack_into(mm, _FIELDS_AT, *values.values())
-        if reason is not None:
-            raw = str(reason).encode()[:REASON_MAX]
-            _REASON_LEN.pack_into(mm, _REASON_AT, len(raw))
-            mm[_REASON_AT + 4:_REASON_AT + 4 + len(raw)] = raw
-        if stats is not None and stats is not self._stats_stored:  # the same tuple again: stored already
-            STATS.pack_into(mm, STATS_AT, *stats)
+        packed = _FIELD_FMT.pack(*values.values())  # before the odd store: a bad value leaves the block as it was
+        raw = None if reason is None else str(reason).encode()[:REASON_MAX]
+        new_stats = None if stats is None or stats is self._stats_stored else STATS.pack(*stats)
+        seq_word.value = seq + 1  # odd: update in progress
+        mm[_AFTER_SEQ:_FIELDS_END] = packed[_SEQ.size:]
+        if raw is not None:
+            mm[_REASON_AT:_REASON_AT + 4 + len(raw)] = _REASON_LEN.pack(len(raw)) + raw
+        if new_stats is not None:  # the same tuple again: stored already
+            mm[STATS_AT:STATS_AT + STATS.size] = new_stats
             self._stats_stored = stats
-        _SEQ.pack_into(mm, _FIELDS_AT, seq + 2)
+        seq_word.value = seq + 2  # even: consistent
 
     def heartbeat(self) -> None:
         self.update(heartbeat_ns=time.monotonic_ns())
@@ -262,6 +279,7 @@ class ControlBlock:
         return table.word(DOORBELLS_AT + 4 * (slot % DOORBELLS))
 
     def close(self) -> None:
+        self._seq = None  # the ctypes view must go before the mapping can be closed
         bell, self.bell = self.bell, None
         table, self._doorbells = self._doorbells, None
         if isinstance(table, ReadOnlyMapping):
