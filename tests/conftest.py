@@ -41,6 +41,20 @@ def service(data_dir: str) -> Iterator[tuple[bp.Service, str]]:
     assert_verified(data_dir)
 
 
+def expected_page(events: list[bp.Event], region: bp.Region, after: int, limit: int,
+                  visible: int) -> tuple[list[int], int]:
+    """What ``query_after(after, limit=limit, region=region)`` must answer, as (sequences,
+    next_after), worked out from ``events`` (every event a plain unfiltered query returns,
+    through ``visible``) with ``Region.matches``: the oracle the index paths are held to."""
+    upto = visible if region.upto is None else min(visible, region.upto)
+    if upto <= after:
+        return [], after
+    seqs = [ev.global_sequence for ev in events if after < ev.global_sequence <= upto and region.matches(ev)]
+    if len(seqs) >= limit:
+        return seqs[:limit], seqs[limit - 1]
+    return seqs, upto
+
+
 def kill_writer_and_wait(svc: bp.Service, store: bp.Store, timeout_s: float = 30) -> int:
     """SIGKILL the service's writer and wait until its successor serves ``store``; the
     successor's pid."""

@@ -34,7 +34,7 @@ import functools
 import mmap
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from .._errors import CorruptSegment, InvalidArgument, StorageError
@@ -81,6 +81,7 @@ from .._format.segment import (
     segment_verdict,
 )
 from .._native import scan_segment  # the active codec: C when built, else _format's
+from .._query import Region
 from .._values import FENCE_ENTITY, Event, Kind, Page
 from .reader import Reader, StaleView, View, map_readonly, unborn_segment
 
@@ -381,8 +382,9 @@ class OfflineStore:
         return self.reader.history(entity, after_clock, limit)
 
     def query_after(self, after: int = 0, *, limit: int = 1000, entity: str | None = None,
-                    scope: str | None = None, kind: Kind | None = None) -> Page:
-        return self.reader.query_after(after, limit, entity, scope, kind)
+                    scope: str | None = None, kind: Kind | None = None, kinds: Iterable[Kind] | None = None,
+                    upto: int | None = None, region: Region | None = None) -> Page:
+        return self.reader.query_after(after, limit, entity, scope, kind, kinds=kinds, upto=upto, region=region)
 
     def walk_ancestors(self, event_id: bytes, *, limit: int | None = None) -> Iterator[Event]:
         return self.reader.walk_ancestors(event_id, limit)

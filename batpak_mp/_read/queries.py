@@ -14,7 +14,8 @@ Must not import the engine, writer or client.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from typing import Any, Protocol
 
 from .._errors import InvalidArgument
@@ -31,7 +32,9 @@ from .._format.record import (
     RECORD_SIZE,
     RECORDS_HEADER_SIZE,
 )
+from .._format.record import numpy_dtype as record_dtype
 from .._format.tables import walk_to_position
+from .._format.tags import region_tag_options
 from .._query import Region, entity_in_prefix, region_of
 from .._values import CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT, Event, Kind, Page, check_name
 from .positions import ScopeMaps
@@ -49,6 +52,7 @@ class Reader(Protocol):
     view: Any  # reader.View: .visible
     scopes: ScopeMaps
     tags: TagMaps | None
+    entity_names: dict[int, str]
 
     def refresh(self) -> Any: ...
 
@@ -67,6 +71,7 @@ class Reader(Protocol):
 _rec_unpack = RECORD.unpack_from
 PREFIX_VERDICTS_MAX = 1_000_000  # entities a prefix query remembers the verdict of (then starts over)
 SCAN_SPAN_MAX = 256  # records a query walks itself before asking the tag index (a follower's short step)
+TAIL_CHUNK = 16_384  # records filtered column-wise at a time where the tag index does not reach (1 MiB copied)
 
 
 
@@ -181,8 +186,10 @@ def select(reader: Reader, after: int, limit: int, reg: Region, *, skip_fenced: 
         seqs: Iterable[int] = range(after + 1, visible + 1)
         if reg.entity is not None:
             seqs = entity_seqs_after(reader, reg.entity.encode(), after, visible)
-        elif visible - after > SCAN_SPAN_MAX and reader.tags is not None:
-            seqs = reader.tags.candidates(reg, after, visible) or seqs
+        elif visible - after > SCAN_SPAN_MAX and region_tag_options(reg) is not None:
+            found = reader.tags.candidates(reg, after, visible) if reader.tags is not None else None
+            indexed, through = found if found is not None else ((), after)
+            seqs = chain(indexed, tail_candidates(reader, reg, through, visible))
         m = reader._records_map(visible)
         seq = after
         for seq in seqs:
@@ -210,6 +217,65 @@ def select(reader: Reader, after: int, limit: int, reg: Region, *, skip_fenced: 
 
     page: Page = reader._retrying(run)
     return page
+
+
+def tail_candidates(reader: Reader, reg: Region, after: int, upto: int) -> Iterable[int]:
+    """The sequences in ``(after, upto]`` whose records pass ``reg``'s scope, kinds,
+    category and clock and whose entity is under its prefix (a hash's verdict, from one
+    frame per entity, remembered by the reader): a span the tag index does not cover,
+    filtered column-wise (numpy over a copy of the records, a chunk at a time) when it is
+    long."""
+    if upto - after <= SCAN_SPAN_MAX:
+        return range(after + 1, upto + 1)
+    return _filtered_chunks(reader, reg, after, upto)
+
+
+def _filtered_chunks(reader: Reader, reg: Region, after: int, upto: int) -> Iterator[int]:
+    import numpy as np
+
+    hashes = reg.hashes()
+    packed = reg.packed_kinds()
+    kinds = np.array(sorted(packed), dtype=np.uint16) if packed is not None else None
+    for lo in range(after, upto, TAIL_CHUNK):
+        hi = min(lo + TAIL_CHUNK, upto)
+        m = reader._records_map(hi)
+        off = RECORDS_HEADER_SIZE + lo * RECORD_SIZE
+        recs = np.frombuffer(bytes(m[off:off + (hi - lo) * RECORD_SIZE]), dtype=record_dtype())  # a copy: no map pinned
+        keep = np.ones(len(recs), dtype=bool)
+        if hashes[1]:
+            keep &= recs["scope_hash"] == np.uint64(hashes[1])
+        if kinds is not None:
+            keep &= np.isin(recs["kind"], kinds)
+        if reg.category is not None:
+            keep &= (recs["kind"] >> 12) == reg.category
+        if reg.clock is not None:
+            keep &= recs["entity_clock"] >= np.uint64(reg.clock[0])
+            if reg.clock[1] is not None:
+                keep &= recs["entity_clock"] <= np.uint64(reg.clock[1])
+        if reg.entity_prefix is not None:
+            uniq, first = np.unique(recs["entity_hash"][keep], return_index=True)
+            at = np.flatnonzero(keep)[first]
+            prefix = reg.entity_prefix
+            under = [h for h, i in zip(uniq.tolist(), at.tolist(), strict=True)
+                     if entity_in_prefix(entity_name(reader, h, lo + 1 + i), prefix)]
+            keep &= np.isin(recs["entity_hash"], np.array(under, dtype=np.uint64))
+        yield from (np.flatnonzero(keep) + (lo + 1)).tolist()
+
+
+ENTITY_NAMES_MAX = 100_000  # entity hash -> name a reader remembers for prefix verdicts (then starts over)
+
+
+def entity_name(reader: Reader, h: int, seq: int) -> str:
+    """The entity name of hash ``h``, read from the frame at ``seq`` once and remembered
+    (a hash shared by two entities, 2**-64 a pair, could give the other's verdict: every
+    candidate is checked against its own frame later)."""
+    names = reader.entity_names
+    name = names.get(h)
+    if name is None:
+        if len(names) >= ENTITY_NAMES_MAX:
+            names.clear()
+        name = names[h] = reader.event(seq, include_hidden=True).coordinate.entity
+    return name
 
 
 def entity_seqs_after(reader: Reader, raw: bytes, after: int, visible: int) -> list[int]:

@@ -145,6 +145,7 @@ class Reader:
         self._coords: dict[bytes, tuple[int, Coordinate]] = {}  # decoded names, reused across events
         self.scopes = ScopeMaps(self._idx_dir, map_readonly)  # per-scope positions (positions.idx, scopeheads.idx)
         self.tags: TagMaps | None = TagMaps(self._idx_dir, map_readonly)  # postings by prefix, scope, kind, category
+        self.entity_names: dict[int, str] = {}  # entity hash -> name: prefix verdicts of the unindexed tail
         self._revealed_first: list[int] = []  # committed fences' ranges, sorted by first sequence
         self._revealed_last: list[int] = []
 

@@ -5,8 +5,7 @@ Owns: noticing a new manifest generation (a word of the mapped manifest, no syst
 mapping the runs it names
 (again when a merge replaced some), and the candidate sequences of a region in ascending
 order: the postings of the cheapest of the region's tag options (each a set of tag ranges)
-in ``(after, upto]``,
-run after run, then every sequence above the runs (the unindexed tail).
+in ``(after, upto]``, run after run (the unindexed tail above them is the caller's).
 Invariants: nothing here is trusted beyond "a superset of the events the region selects":
 ``_read/queries`` checks every candidate against its record, the fences and its frame. A
 missing or unreadable manifest or run reads as "no index" (the caller scans). Maps are never
@@ -140,15 +139,16 @@ class TagMaps:
             return None
         return _Run(lo, hi, m, postings)
 
-    def candidates(self, region: Any, after: int, upto: int) -> Iterator[int] | None:
-        """Every sequence in ``(after, upto]`` that may hold an event ``region`` selects,
-        ascending: the postings of its cheapest tag option in the runs, then the tail above
-        them. None: the region names nothing the index files (the caller scans)."""
+    def candidates(self, region: Any, after: int, upto: int) -> tuple[Iterator[int], int] | None:
+        """(the sequences in ``(after, upto]`` up to ``through`` that may hold an event
+        ``region`` selects, ascending: the postings of its cheapest tag option in the runs;
+        ``through``, the last sequence they cover — above it is the tail, for the caller).
+        None: the region names nothing the index files, or no run covers the span."""
         options = region_tag_options(region)
         if options is None:
             return None
         runs = [r for r in self.current() if r.hi > after and r.lo <= upto]
-        through = max((r.hi for r in runs), default=0)
+        through = min(max((r.hi for r in runs), default=0), upto)
         if not runs:
             return None
         best: list[list[tuple[_Run, int, int]]] | None = None
@@ -168,8 +168,7 @@ class TagMaps:
             if best is None or count < best_count:
                 best, best_count = spans, count
         assert best is not None
-        tail = range(max(after, through) + 1, upto + 1)
-        return chain(chain.from_iterable(_merged(per_run) for per_run in best), tail)
+        return chain.from_iterable(_merged(per_run) for per_run in best), through
 
 
 def _merged(per_run: list[tuple[_Run, int, int]]) -> Iterable[int]:

@@ -9,10 +9,12 @@ import os
 import random
 import time
 
-from conftest import SMALL, assert_verified
+import pytest
+from conftest import SMALL, assert_verified, expected_page
 
 import batpak_mp as bp
 from batpak_mp._format.tags import TAGS_MANIFEST, run_name
+from batpak_mp._read.offline import OfflineStore
 from batpak_mp._storage.osio import Disk, FaultPlan
 from batpak_mp._storage.tagindex import TAG_CHUNK
 
@@ -55,11 +57,10 @@ def _answers(e: bp.Engine, regions: list[bp.Region], afters: list[int]) -> list[
 
 
 def _scanned(e: bp.Engine, regions: list[bp.Region], afters: list[int]) -> list[tuple[list[int], int]]:
-    tags, e.reader.tags = e.reader.tags, None
-    try:
-        return _answers(e, regions, afters)
-    finally:
-        e.reader.tags = tags
+    """The answers of ``_answers`` worked out from every event (a plain query, no index)."""
+    events = e.query_after(0, limit=1 << 30).events
+    return [expected_page(events, reg, after, limit, e.visible)
+            for reg in regions for after in afters for limit in (1, 7, 100_000)]
 
 
 def test_indexed_answers_are_the_answers_of_a_scan(data_dir: str) -> None:
@@ -170,4 +171,27 @@ def test_the_merger_keeps_few_runs_off_the_commit_path(data_dir: str) -> None:
         assert tags._merger is not None and tags._merger.is_alive()
         assert _answers(e, REGIONS, [0, 5000]) == _scanned(e, REGIONS, [0, 5000])
     assert tags._merger is None  # joined at close
+    assert_verified(data_dir)
+
+
+def test_without_the_index_the_records_are_filtered_in_chunks(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no run reaches (no manifest, the offline reader, the tail), the records are
+    filtered column-wise a chunk at a time: the same answers."""
+    from batpak_mp._read import queries
+
+    monkeypatch.setattr(queries, "TAIL_CHUNK", 700)  # several chunks, and chunk edges inside pages
+    with bp.Engine.open(data_dir, SMALL) as e:
+        _fill(e, 5000, seed=5)
+        afters = [0, 699, 700, 2345, e.visible - 300]
+        want = _scanned(e, REGIONS, afters)
+        e.reader.tags = None  # as with no manifest
+        assert _answers(e, REGIONS, afters) == want
+    with OfflineStore.open(data_dir) as off:  # the offline reader never uses the tag index
+        events = off.query_after(0, limit=1 << 30).events
+        visible = events[-1].global_sequence
+        for reg in REGIONS:
+            for after in afters:
+                page = off.query_after(after, limit=7, region=reg)
+                assert ([ev.global_sequence for ev in page.events], page.next_after) == \
+                    expected_page(events, reg, after, 7, visible)
     assert_verified(data_dir)
