@@ -85,11 +85,11 @@ def delta_upsert(buf: Any, capacity: int, h: int, seq: int, prev_seq: int) -> in
         off = TABLE_HEADER_SIZE + i * DELTA_SLOT_SIZE
         slot_h, old = unpack(buf, off)
         if slot_h == 0:
-            struct.pack_into("<Q", buf, off + 8, seq)
-            struct.pack_into("<Q", buf, off, h)
+            buf[off + 8:off + 16] = struct.pack("<Q", seq)
+            buf[off:off + 8] = struct.pack("<Q", h)
             return off
         if slot_h == h and old == prev_seq:
-            struct.pack_into("<Q", buf, off + 8, seq)
+            buf[off + 8:off + 16] = struct.pack("<Q", seq)
             return off
         i = (i + 1) & mask
     raise RuntimeError("delta table full")  # the writer rotates long before this

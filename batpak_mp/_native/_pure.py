@@ -208,5 +208,5 @@ def index_group(records: Any, metas: Sequence[RecordMeta], segment_id: int, offs
             slot = slots[meta[8]] = upsert(meta[6], meta[0], meta[5])
         heads[slot] = meta[0]
     for slot, seq in heads.items():
-        _U64.pack_into(delta, slot + 8, seq)
+        delta[slot + 8:slot + 16] = _U64.pack(seq)
     return end

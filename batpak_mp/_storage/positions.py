@@ -58,7 +58,6 @@ POSITIONS_GROWTH = 1 << 16  # entries (1.5 MiB) positions.idx grows by at a time
 FENCE_COMMIT_KIND = 0x020  # packed kind of SYSTEM_FENCE_COMMIT (category 0): its reveal follows
 _u64 = struct.Struct("<Q")
 _pack_entry = POSITION.pack_into
-_pack_u64 = _u64.pack_into
 
 
 class _Scope:
@@ -203,7 +202,7 @@ class ScopePositions:
 
     def _set_through(self, seq: int) -> None:
         self.through = seq
-        _u64.pack_into(self.map, POSITIONS_THROUGH_AT, seq)
+        self.map[POSITIONS_THROUGH_AT:POSITIONS_THROUGH_AT + 8] = _u64.pack(seq)
 
     # -- rebuild ----------------------------------------------------------------------------
     def _rebuild(self, records: Any, visible: int, commits: Sequence[tuple[int, Sequence[Sequence[int]]]]) -> None:
@@ -309,7 +308,7 @@ class ScopePositions:
         skip = (scope.skips.get(sp, 0) or walk_to_position(self.entry, scope.head, scope.pos, sp)) if sp else 0
         _pack_entry(self.map, position_offset(seq), p, scope.head, skip)
         if scope.slot >= 0:
-            _pack_u64(self.heads_map, scope.slot + 8, seq)
+            self.heads_map[scope.slot + 8:scope.slot + 16] = _u64.pack(seq)
         else:
             if 2 * (self.heads_count + 1) > self.heads_cap:
                 self._grow_heads()
