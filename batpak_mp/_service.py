@@ -42,12 +42,10 @@ from ._errors import (
 from ._ipc import codes as C
 from ._ipc.control import ControlBlock, state_name
 from ._ipc.names import (
-    ipc_prefix,
-    request_queue_name,
     supervisor_lock_path,
     writer_lock_path,
 )
-from ._ipc.objects import sweep_client_objects
+from ._ipc.objects import remove_store_objects
 from ._storage.engine import EngineConfig, parse_sync
 from ._values import RestartPolicy, SyncMode
 
@@ -165,14 +163,7 @@ def cleanup_ipc(data_dir: str) -> None:
     (after the service has stopped: a client still attached makes a fresh area when it
     sees the next writer). Callers make sure nobody serves the directory
     (``cleanup_ipc_if_unserved``, or ``reset-ipc``'s lock probes)."""
-    try:
-        posix_ipc.unlink_message_queue(request_queue_name(data_dir))
-    except posix_ipc.Error:
-        pass  # gone already, or not ours to remove (another user's: the writer refuses it)
-    with contextlib.suppress(posix_ipc.Error):
-        ControlBlock.unlink(data_dir)
-    # strict names, this user's regular files only, never raises (the writer's sweep too)
-    sweep_client_objects(ipc_prefix(data_dir), lambda pid: True)
+    remove_store_objects(data_dir)
 
 
 def cleanup_ipc_if_unserved(data_dir: str) -> bool:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import posix_ipc
 
 from .._errors import UnsafeIpcObject
-from .names import SHM_DIR, client_objects, shm_file
+from .names import SHM_DIR, client_objects, control_name, ipc_prefix, request_queue_name, shm_file
 
 CREATE_ATTEMPTS = 5  # squatted names replaced in a row before giving up (someone re-creates them)
 MODE = 0o600  # every object of a store: its owner reads and writes, nobody else
@@ -281,6 +281,21 @@ def sweep_client_objects(prefix: str, gone: Callable[[int], bool]) -> Swept:
         except (OSError, ValueError, OverflowError):
             skipped += 1
     return Swept(removed, skipped)
+
+
+def remove_store_objects(data_dir: str) -> None:
+    """Unlink the store's request queue, its control block and every client area and
+    semaphore of it (the service has stopped: the caller made sure nobody serves the
+    directory). Gone already, or not this user's to remove: left. Never raises. The one
+    removal of a store's objects (``_service.cleanup_ipc``: ``bp.serve``'s stop,
+    ``batpak-mp serve`` and ``reset-ipc``)."""
+    for unlink, name in ((posix_ipc.unlink_message_queue, request_queue_name(data_dir)),
+                         (posix_ipc.unlink_shared_memory, control_name(data_dir))):
+        try:
+            unlink(name)
+        except (posix_ipc.Error, OSError):
+            pass
+    sweep_client_objects(ipc_prefix(data_dir), lambda pid: True)
 
 
 def pid_alive(pid: int) -> bool:
