@@ -5,7 +5,8 @@ Owns: two stores built in this run with the in-process ``Engine`` (``--small`` e
 default 10,000, and ``--large``, default 1,000,000: batches of 10,000 events), the same
 shape each (5,000 entities ``acct:<n>`` in 50 scopes ``tenant:<n>``, a hot entity
 ``acct:hot`` holding 1 event in 10, a rare entity prefix ``order:<n>:line`` near the end),
-and the median latency of each query on both, with the ratio large / small:
+and the median latency of each query on both (calls alternating between the two stores,
+so that both meet the same machine), with the ratio large / small:
 
   history(newest_first, limit=10)   the hot entity: its chain from the head
   latest(entity)                    one table look-up
@@ -70,16 +71,20 @@ def build(path: str, events: int) -> float:
     return time.perf_counter() - started
 
 
-def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
-    """(median wall µs, median CPU µs) of ``repeat`` calls after one warm-up."""
-    fn()
-    wall, cpu = [], []
+def timed_pair(small: Callable[[], Any], large: Callable[[], Any], repeat: int) -> tuple[tuple[float, float], ...]:
+    """((median wall µs, median CPU µs) of ``small``, the same of ``large``): ``repeat``
+    calls of each after one warm-up, alternating, so both meet the same machine (noise
+    that drifts, write-back of the stores just built) and the ratio compares like with like."""
+    small()
+    large()
+    samples: tuple[tuple[list[float], list[float]], ...] = (([], []), ([], []))
     for _ in range(repeat):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append((time.perf_counter() - w) * 1e6)
-        cpu.append((time.process_time() - c) * 1e6)
-    return statistics.median(wall), statistics.median(cpu)
+        for fn, (wall, cpu) in zip((small, large), samples, strict=True):
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            wall.append((time.perf_counter() - w) * 1e6)
+            cpu.append((time.process_time() - c) * 1e6)
+    return tuple((statistics.median(wall), statistics.median(cpu)) for wall, cpu in samples)
 
 
 def queries(e: bp.Engine) -> dict[str, Callable[[], Any]]:
@@ -118,16 +123,22 @@ def main() -> None:
         args.small, args.large, args.repeat = 2_000, 100_000, 30
     base = os.path.join(ROOT, "bench-data", "queries")
     os.makedirs(base, exist_ok=True)
-    results: dict[str, dict[str, tuple[float, float]]] = {}
     print(f"codec: {bp.codec_backend()}")
+    paths = []
     for label, n in (("small", args.small), ("large", args.large)):
         path = os.path.join(base, f"{label}-{n}")
         if not (args.keep and os.path.isdir(path)):
             print(f"building {n:,} events ... ", end="", flush=True)
             print(f"{build(path, n):.1f} s")
-        with bp.Engine.open(path) as e:
-            results[label] = {name: timed(fn, args.repeat) for name, fn in queries(e).items()}
-        if not args.keep:
+        paths.append(path)
+    os.sync()  # the stores' write-back done before anything is timed
+    results: dict[str, dict[str, tuple[float, float]]] = {"small": {}, "large": {}}
+    with bp.Engine.open(paths[0]) as small, bp.Engine.open(paths[1]) as large:
+        on_small, on_large = queries(small), queries(large)
+        for name in on_small:
+            results["small"][name], results["large"][name] = timed_pair(on_small[name], on_large[name], args.repeat)
+    if not args.keep:
+        for path in paths:
             shutil.rmtree(path, ignore_errors=True)
     print(f"\n{'query':34} {f'{args.small:,}: µs (cpu)':>18} {f'{args.large:,}: µs (cpu)':>18} {'ratio':>7}")
     rows = []

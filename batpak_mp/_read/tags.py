@@ -44,14 +44,37 @@ __all__ = ["TagMaps"]
 NATIVE_ORDER = sys.byteorder == "little"  # the columns are read as native u64 (a big-endian host scans)
 
 
-class _Run:
-    __slots__ = ("hi", "lo", "map", "seqs", "tags")
+SPANS_CACHED = 1024  # tag ranges a run remembers the postings spans of (a run never changes)
 
-    def __init__(self, lo: int, hi: int, m: mmap.mmap, postings: int) -> None:
-        self.lo, self.hi, self.map = lo, hi, m
+
+class _Run:
+    __slots__ = ("_spans", "hi", "ino", "lo", "map", "seqs", "tags")
+
+    def __init__(self, lo: int, hi: int, m: mmap.mmap, postings: int, ino: int) -> None:
+        self.lo, self.hi, self.map, self.ino = lo, hi, m, ino
         col = memoryview(m)[RUN_HEADER_SIZE:RUN_HEADER_SIZE + 16 * postings].cast("Q")
         self.tags = col[:postings]
         self.seqs = col[postings:]
+        self._spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def spans(self, first_tag: int, last_tag: int, after: int, upto: int) -> list[tuple[int, int]]:
+        """[i, j) of the postings of each tag in ``first_tag..last_tag`` with
+        ``after < seq <= upto`` (the tags' spans are remembered; the sequence bounds cost
+        two binary searches only where the run reaches past them)."""
+        key = (first_tag, last_tag)
+        found = self._spans.get(key)
+        if found is None:
+            if len(self._spans) >= SPANS_CACHED:
+                self._spans.clear()
+            found = self._spans[key] = tag_spans(self.tags, first_tag, last_tag)
+        if after < self.lo and self.hi <= upto:
+            return found
+        out = []
+        for first, end in found:
+            i, j = seq_span(self.seqs, first, end, after, upto)
+            if j > i:
+                out.append((i, j))
+        return out
 
 
 class TagMaps:
@@ -114,16 +137,20 @@ class TagMaps:
             return None
         if got != generation:
             return None
-        have = {(r.lo, r.hi): r for r in self.runs}
+        have = {(r.lo, r.hi, r.ino): r for r in self.runs}
         runs = []
         for lo, hi in pairs:
-            run = have.get((lo, hi)) or self._map_run(lo, hi)
-            if run is None:  # merged away since (the manifest moved on): keep what we had
+            try:  # a run of the same name written anew (a later writer's) is another file
+                ino = os.stat(os.path.join(self._dir, run_name(lo, hi))).st_ino
+            except OSError:
+                return None  # merged away since (the manifest moved on): keep what we had
+            run = have.get((lo, hi, ino)) or self._map_run(lo, hi, ino)
+            if run is None:
                 return None
             runs.append(run)
         return runs
 
-    def _map_run(self, lo: int, hi: int) -> _Run | None:
+    def _map_run(self, lo: int, hi: int, ino: int) -> _Run | None:
         path = os.path.join(self._dir, run_name(lo, hi))
         try:
             m = self._map(path)
@@ -137,7 +164,7 @@ class TagMaps:
             return None
         if (got_lo, got_hi) != (lo, hi):
             return None
-        return _Run(lo, hi, m, postings)
+        return _Run(lo, hi, m, postings, ino)
 
     def candidates(self, region: Any, after: int, upto: int) -> tuple[Iterator[int], int] | None:
         """(the sequences in ``(after, upto]`` up to ``through`` that may hold an event
@@ -159,11 +186,9 @@ class TagMaps:
             for run in runs:
                 per_run = []
                 for first_tag, last_tag in ranges:
-                    for first, end in tag_spans(run.tags, first_tag, last_tag):
-                        i, j = seq_span(run.seqs, first, end, after, upto)
-                        if j > i:
-                            per_run.append((run, i, j))
-                            count += j - i
+                    for i, j in run.spans(first_tag, last_tag, after, upto):
+                        per_run.append((run, i, j))
+                        count += j - i
                 spans.append(per_run)
             if best is None or count < best_count:
                 best, best_count = spans, count

@@ -275,14 +275,15 @@ class TagIndex:
                 with self._lock:
                     if self._stopping and threading.current_thread() is self._merger:
                         return
-                    at = _merge_due(self.runs)
-                    if at is None:
+                    due = _merge_due(self.runs)
+                    if due is None:
                         return
-                    part = self.runs[at:at + MERGE_FANOUT]
+                    at, count = due
+                    part = self.runs[at:at + count]
                 merged = self._merge(part)  # outside the lock: builds go on meanwhile (they only append)
                 with self._lock:
                     i = self.runs.index(part[0])
-                    self._publish([*self.runs[:i], merged, *self.runs[i + MERGE_FANOUT:]])
+                    self._publish([*self.runs[:i], merged, *self.runs[i + len(part):]])
                 for lo, hi, _ in part:  # after the manifest stopped naming them (a reader maps anew)
                     self.disk.unlink_quietly(os.path.join(self.dir, run_name(lo, hi)))
         except Exception as exc:  # derived data: the runs stay as they are, a later run tries again
@@ -396,14 +397,22 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _merge_due(runs: Sequence[tuple[int, int, int]]) -> int | None:
-    """Where ``MERGE_FANOUT`` consecutive runs of one level start, the newest such place
-    whose merge stays within ``MAX_RUN_POSTINGS`` (None: no tier is full)."""
-    n = len(runs)
-    for at in range(n - MERGE_FANOUT, -1, -1):
+def _merge_due(runs: Sequence[tuple[int, int, int]]) -> tuple[int, int] | None:
+    """(where, how many) consecutive runs to merge next: the newest place where
+    ``MERGE_FANOUT`` runs of one level stand, all of them, or as many of the first as fit
+    in ``MAX_RUN_POSTINGS`` (at least 2: a tier of big runs still halves); None: no tier
+    is full."""
+    for at in range(len(runs) - MERGE_FANOUT, -1, -1):
         part = runs[at:at + MERGE_FANOUT]
-        if len({_level(p) for _, _, p in part}) == 1 and sum(p for _, _, p in part) <= MAX_RUN_POSTINGS:
-            return at
+        if len({_level(p) for _, _, p in part}) != 1:
+            continue
+        total, k = 0, 0
+        for _, _, p in part:
+            if total + p > MAX_RUN_POSTINGS:
+                break
+            total, k = total + p, k + 1
+        if k >= 2:
+            return at, k
     return None
 
 
