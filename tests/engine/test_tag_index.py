@@ -195,3 +195,35 @@ def test_without_the_index_the_records_are_filtered_in_chunks(data_dir: str, mon
                 assert ([ev.global_sequence for ev in page.events], page.next_after) == \
                     expected_page(events, reg, after, 7, visible)
     assert_verified(data_dir)
+
+
+def test_a_reader_keeps_working_runs_when_the_manifest_names_what_it_cannot_map(data_dir: str) -> None:
+    """A reader trusts nothing it cannot map whole: a manifest naming a missing run, one
+    torn by a writer in the middle of an update, or no manifest at all leave it with the
+    runs it had (immutable, still mapped) or none — answers stay the oracle's."""
+    from batpak_mp._format.tags import MANIFEST_GENERATION_AT
+
+    with bp.Engine.open(data_dir, SMALL) as e:
+        _fill(e, 4000, seed=6)
+        afters = [0, 1500]
+        want = _scanned(e, REGIONS, afters)
+        reader, tags = e.reader, e._index.tags
+        assert reader.tags is not None
+        assert _answers(e, REGIONS, afters) == want and reader.tags.runs  # mapped
+        had = [(r.lo, r.hi) for r in reader.tags.runs]
+        with tags._lock:  # a generation naming a run whose file is not there
+            tags._publish([*tags.runs, (tags.through + 1, tags.through + 10, 5)])
+        assert _answers(e, REGIONS, afters) == want
+        assert [(r.lo, r.hi) for r in reader.tags.runs] == had  # kept what it had
+        with tags._lock:
+            tags._publish(tags.runs[:-1])
+        manifest = os.path.join(data_dir, "index", TAGS_MANIFEST)
+        with open(manifest, "r+b") as f:  # a writer stopped between its odd and even store
+            f.seek(MANIFEST_GENERATION_AT)
+            f.write((tags.generation + 1).to_bytes(8, "little"))
+        assert _answers(e, REGIONS, afters) == want
+        os.unlink(manifest)  # no manifest: the records are filtered instead
+        reader.tags.close()
+        assert _answers(e, REGIONS, afters) == want and reader.tags.runs == []
+        tags.close()  # the writer's side let go of a manifest it no longer has
+    assert_verified(data_dir)
