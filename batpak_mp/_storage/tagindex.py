@@ -57,6 +57,7 @@ MERGE_FANOUT = 1 << FANOUT_BITS  # runs of one level merged into one: a posting 
 LEVEL_UNIT = 1 << 12  # postings of a level-0 run (about a chunk's); level k holds up to 8**(k+1) of them
 CATCHUP_EVENTS = 1 << 18  # events per run while catching up at open (~1M postings)
 NAMES_MAX = 1 << 20  # entity hash -> prefix tags remembered (then forgotten: rebuilt from hints or frames)
+RECUR_MERGE = 64  # entities of one chunk met in an earlier one but not yet in the sorted table: merge them in
 
 
 class TagIndex:
@@ -226,15 +227,13 @@ class TagIndex:
         n = hi - lo + 1
         recs = np.frombuffer(records, dtype=numpy_dtype(), count=n, offset=RECORDS_HEADER_SIZE + (lo - 1) * RECORD_SIZE)
         seqs = np.arange(lo, hi + 1, dtype=np.uint64)
-        uniq, first, inverse = np.unique(recs["entity_hash"], return_index=True, return_inverse=True)
-        table = self._names.rows(uniq, first + lo, self._name_of)
+        table = self._names.rows(recs["entity_hash"], lo, self._name_of)
         kinds = recs["kind"].astype(np.uint64)
         scope = recs["scope_hash"] ^ np.uint64(SCOPE_SALT)
         scope[scope == 0] = 1
         # one row per event (its prefixes, scope, kind): raveled, the postings are in
         # sequence order, so a stable sort by tag alone leaves each tag's sequences ascending
-        tags = np.concatenate([table[inverse.reshape(-1)], scope[:, None], (kinds | np.uint64(KIND_BASE))[:, None]],
-                              axis=1)
+        tags = np.concatenate([table, scope[:, None], (kinds | np.uint64(KIND_BASE))[:, None]], axis=1)
         width = tags.shape[1]
         tags = tags.reshape(-1)
         postings = np.repeat(seqs, width)
@@ -352,29 +351,38 @@ class _PrefixRows:
         self.table = np.zeros((0, 1), dtype=np.uint64)
         self.recent: dict[int, tuple[int, ...]] = {}
 
-    def rows(self, uniq: Any, seqs: Any, name_of: Callable[[int, int], bytes]) -> Any:
-        """The rows of the sorted distinct hashes ``uniq`` (``seqs``: a sequence of each)."""
+    def rows(self, hashes_of: Any, first_seq: int, name_of: Callable[[int, int], bytes]) -> Any:
+        """The prefix-tag row of each event whose entity hash is in ``hashes_of`` (the
+        events of sequences ``first_seq``, ``first_seq + 1``, ...): one look-up of the whole
+        chunk in the sorted table; Python only for entities not in it."""
         import numpy as np
 
         hashes, table = self.hashes, self.table
-        at = np.minimum(np.searchsorted(hashes, uniq), max(len(hashes) - 1, 0))
-        hit = hashes[at] == uniq if len(hashes) else np.zeros(len(uniq), dtype=bool)
+        at = np.minimum(np.searchsorted(hashes, hashes_of), max(len(hashes) - 1, 0))
+        hit = hashes[at] == hashes_of if len(hashes) else np.zeros(len(hashes_of), dtype=bool)
         if hit.all():
             return table[at]
-        misses = []
-        for i in np.flatnonzero(~hit).tolist():
-            h = int(uniq[i])
+        missed = np.flatnonzero(~hit)
+        uniq, first, inverse = np.unique(hashes_of[missed], return_index=True, return_inverse=True)
+        rows = []
+        again = 0  # entities met before but not yet in the table: they recur, worth a merge
+        for h, i in zip(uniq.tolist(), first.tolist(), strict=True):
             row = self.recent.get(h)
             if row is None:
-                row = self.recent[h] = prefix_tags(name_of(h, int(seqs[i])))
-            misses.append((i, row))
-        width = max(table.shape[1], max(len(r) for _, r in misses))
-        out = np.zeros((len(uniq), width), dtype=np.uint64)
-        out[:, :table.shape[1]] = table[at] if len(hashes) else 0
-        for i, row in misses:
-            out[i, :len(row)] = row
-        if len(self.recent) >= max(4096, len(hashes) // 8):
+                row = self.recent[h] = prefix_tags(name_of(h, first_seq + int(missed[i])))
+            else:
+                again += 1
+            rows.append(row)
+        width = max(table.shape[1], max(len(r) for r in rows))
+        if again >= RECUR_MERGE or len(self.recent) >= max(4096, len(hashes) // 8):
             self._merge(width)
+            return self.rows(hashes_of, first_seq, name_of)  # every entity is in the table now
+        out = np.zeros((len(hashes_of), width), dtype=np.uint64)
+        out[:, :table.shape[1]] = table[at] if len(hashes) else 0
+        new = np.zeros((len(rows), width), dtype=np.uint64)
+        for j, row in enumerate(rows):
+            new[j, :len(row)] = row
+        out[missed] = new[inverse.reshape(-1)]
         return out
 
     def _merge(self, width: int) -> None:
