@@ -57,14 +57,17 @@ DIR_MODE = 0o700  # a data directory: its owner only (the root of trust, docs/OP
 
 def writer_args(sync: SyncMode | str, config: dict[str, Any], data_dir: str) -> list[str]:
     """Command-line options for ``batpak_mp.writer`` from ``serve``'s keyword config."""
-    known = {"segment_max_bytes", "sync_interval_ms", "max_payload_bytes", "signing_key", "signing_key_file"}
+    known = {"segment_max_bytes", "sync_interval_ms", "max_payload_bytes", "signing_key", "signing_key_file",
+             "tag_index"}
     unknown = set(config) - known
     if unknown:
         raise InvalidArgument("config", sorted(unknown), f"unknown option(s); known: {sorted(known)}")
     mode = parse_sync(sync.value if isinstance(sync, SyncMode) else sync)
     EngineConfig(**{k: v for k, v in config.items() if k in ("segment_max_bytes", "sync_interval_ms",
-                                                              "max_payload_bytes")})  # validates early
+                                                              "max_payload_bytes", "tag_index")})  # validates early
     args = ["--sync", mode.value]
+    if config.get("tag_index") is False:
+        args.append("--no-tag-index")
     for key in ("segment_max_bytes", "sync_interval_ms", "max_payload_bytes"):
         if key in config:
             args += ["--" + key.replace("_", "-"), str(int(config[key]))]

@@ -884,6 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-interval-ms", type=int, default=EngineConfig.sync_interval_ms)
     p.add_argument("--max-payload-bytes", type=int, default=EngineConfig.max_payload_bytes)
     p.add_argument("--signing-key-file", default=None, help="file holding a hex Ed25519 private key")
+    p.add_argument("--no-tag-index", dest="tag_index", action="store_false",
+                   help="keep no tag index (prefix, scope and kind queries filter the records)")
     p.add_argument(OPT_READY_FD, dest="ready_fd", type=int, default=-1)
     p.add_argument(OPT_SUPERVISOR_PID, dest="supervisor_pid", type=int, default=0)
     return p
@@ -896,7 +898,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
             key = bytes.fromhex(f.read().strip())
     return EngineConfig(segment_max_bytes=args.segment_max_bytes, sync=parse_sync(args.sync),
                         sync_interval_ms=args.sync_interval_ms, max_payload_bytes=args.max_payload_bytes,
-                        signing_key=key)
+                        signing_key=key, tag_index=args.tag_index)
 
 
 def main(argv: list[str] | None = None) -> int:

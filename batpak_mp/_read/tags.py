@@ -41,6 +41,7 @@ from .._format.tags import (
 
 __all__ = ["TagMaps"]
 
+STALE_BEHIND = 8 * 1024  # sequences the runs may lag the view before the manifest file is looked up again
 NATIVE_ORDER = sys.byteorder == "little"  # the columns are read as native u64 (a big-endian host scans)
 
 
@@ -97,13 +98,18 @@ class TagMaps:
     def through(self) -> int:
         return self.runs[-1].hi if self.runs else 0
 
-    def current(self) -> list[_Run]:
+    def current(self, visible: int = 0) -> list[_Run]:
         """The runs of the manifest's newest complete generation; while the writer is
         between two, the runs read before (their files stay whole); none when there is no
-        manifest or it cannot be read."""
+        manifest or it cannot be read. Runs far behind ``visible`` (a writer that stopped
+        filing, or replaced the manifest file: a restart with the index off, then on) send
+        it back to the file system for the manifest."""
         m = self._manifest
+        if m is not None and visible - self.through > STALE_BEHIND:
+            m = None
         if m is None or len(m) != MANIFEST_SIZE:
             self._manifest = m = self._map_manifest()
+            self._generation = -1  # maybe another file: read its runs whatever its generation
             if m is None:
                 self.runs = []
                 return self.runs
@@ -174,7 +180,7 @@ class TagMaps:
         options = region_tag_options(region)
         if options is None:
             return None
-        runs = [r for r in self.current() if r.hi > after and r.lo <= upto]
+        runs = [r for r in self.current(upto) if r.hi > after and r.lo <= upto]
         through = min(max((r.hi for r in runs), default=0), upto)
         if not runs:
             return None

@@ -1,6 +1,7 @@
 """The tunables of an engine (the writer takes the same ones from its command line).
 
-Owns: ``EngineConfig`` (segment size, sync mode, payload and batch limits, signing key)
+Owns: ``EngineConfig`` (segment size, sync mode, payload and batch limits, signing key,
+whether the tag index is kept)
 and ``parse_sync``. Invariants: a config that exists is valid (checked at construction,
 each error naming the value at fault). Pure values: must not import os, the seam or any
 other module of the write side.
@@ -27,6 +28,7 @@ class EngineConfig:
     max_batch_events: int = 10_000
     max_batch_bytes: int = 256 * MiB  # encoded payloads of one batch
     signing_key: bytes | None = None  # raw 32-byte Ed25519 private key: receipts get signed
+    tag_index: bool = True  # file events by entity prefix, scope and kind (False: those queries filter the records)
 
     def __post_init__(self) -> None:
         if not 1 * MiB <= self.segment_max_bytes <= 3 << 30:
@@ -35,6 +37,8 @@ class EngineConfig:
             object.__setattr__(self, "sync", parse_sync(self.sync))
         if self.sync_interval_ms < 1:
             raise InvalidArgument("sync_interval_ms", self.sync_interval_ms, "must be >= 1")
+        if type(self.tag_index) is not bool:
+            raise InvalidArgument("tag_index", self.tag_index, "must be a bool")
         if not 1 <= self.max_payload_bytes <= 1 << 30:
             raise InvalidArgument("max_payload_bytes", self.max_payload_bytes, "must be 1 .. 1 GiB")
 

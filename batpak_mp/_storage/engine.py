@@ -120,7 +120,7 @@ class Engine(EngineErasure):
             self._index.open_positions(self.visible, [(ev.global_sequence, ev.payload["ranges"]) for ev in fence_chain
                                                       if ev.kind == (CATEGORY_SYSTEM, SYSTEM_FENCE_COMMIT)])
             self._index.open_tags(self.visible, trusted=bool(self.recovery_report.get("same_boot")),
-                                  entity_of=self._entity_of)
+                                  entity_of=self._entity_of, enabled=self.config.tag_index)
             self.reader.view = self.view()
         except BaseException:
             self._release()

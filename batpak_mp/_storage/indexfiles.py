@@ -182,9 +182,13 @@ class IndexFiles:
         done; ``commits``: every FENCE_COMMIT's sequence and ranges, in order."""
         self.positions.open(self.records_map, visible, commits, trusted_records=self.records_trusted)
 
-    def open_tags(self, visible: int, *, trusted: bool, entity_of: Callable[[int], bytes]) -> None:
+    def open_tags(self, visible: int, *, trusted: bool, entity_of: Callable[[int], bytes], enabled: bool = True) -> None:
         """Open the tag index (keeping runs only when ``trusted``: a same-boot recovery)
-        and file the events through ``visible`` it does not hold yet."""
+        and file the events through ``visible`` it does not hold yet; with ``enabled``
+        False, remove it instead (readers then filter the records)."""
+        if not enabled:
+            self.tags.remove()
+            return
         self.tags.open(self.records_map, visible, trusted=trusted and self.records_trusted, entity_of=entity_of)
 
     def build_tags(self, last_seq: int) -> None:

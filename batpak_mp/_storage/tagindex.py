@@ -137,6 +137,16 @@ class TagIndex:
                 self.disk.unlink_quietly(self.manifest_path)
         self.rebuilt = self.through - start
 
+    def remove(self) -> None:
+        """Keep no tag index (``EngineConfig.tag_index`` False): the manifest goes first (a
+        reader that finds none filters the records), then every run file."""
+        self.close()
+        self.runs = []
+        self.disk.unlink(self.manifest_path)
+        for name in self.disk.listdir(self.dir):
+            if name.startswith("tags-") and name.endswith(".run"):
+                self.disk.unlink_quietly(os.path.join(self.dir, name))
+
     def _open_manifest(self, visible: int) -> list[tuple[int, int, int]]:
         """Open (or create) the manifest; the runs it names that are whole, this store's
         and within ``visible``, in order (a run past ``visible``: the log was cut below it,

@@ -227,3 +227,29 @@ def test_a_reader_keeps_working_runs_when_the_manifest_names_what_it_cannot_map(
         assert _answers(e, REGIONS, afters) == want and reader.tags.runs == []
         tags.close()  # the writer's side let go of a manifest it no longer has
     assert_verified(data_dir)
+
+
+def test_a_store_can_keep_no_tag_index(data_dir: str) -> None:
+    """``EngineConfig(tag_index=False)`` (``serve --no-tag-index``): no manifest, no run;
+    prefix, scope and kind queries filter the records and answer the same. Switched back
+    on, the next open files the whole log."""
+    import dataclasses
+
+    off = dataclasses.replace(SMALL, tag_index=False)
+    idx = os.path.join(data_dir, "index")
+    with bp.Engine.open(data_dir, SMALL) as e:
+        _fill(e, 3000, seed=8)
+        want = _scanned(e, REGIONS, [0, 1200])
+    assert os.path.exists(os.path.join(idx, TAGS_MANIFEST))
+    with bp.Engine.open(data_dir, off) as e:
+        assert not [n for n in os.listdir(idx) if n.startswith("tags")]  # removed
+        assert _answers(e, REGIONS, [0, 1200]) == want
+        _fill(e, 2000, seed=9)
+        assert not [n for n in os.listdir(idx) if n.startswith("tags")]  # and none made
+        assert _answers(e, REGIONS, [0, 4000]) == _scanned(e, REGIONS, [0, 4000])
+    with bp.Engine.open(data_dir, SMALL) as e:
+        assert e._index.tags.through == e.visible and e._index.tags.rebuilt == e.visible
+        assert _answers(e, REGIONS, [0, 4000]) == _scanned(e, REGIONS, [0, 4000])
+    with pytest.raises(bp.InvalidArgument, match="tag_index"):
+        bp.EngineConfig(tag_index=1)  # type: ignore[arg-type]
+    assert_verified(data_dir)

@@ -6,11 +6,13 @@ keeps the runs (same boot) — and at every step an indexed answer is a full sca
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 
-from conftest import expected_page, kill_writer_and_wait
+from conftest import assert_verified, expected_page, kill_writer_and_wait
 
 import batpak_mp as bp
+from batpak_mp._service import writer_args
 
 K1, K2 = bp.Kind(1, 1), bp.Kind(2, 5)
 REGIONS = [bp.Region(entity_prefix="order"), bp.Region(entity_prefix="order:3"), bp.Region(scope="t:1"),
@@ -75,3 +77,16 @@ def test_indexed_queries_from_clients(service: tuple[bp.Service, str]) -> None:
         got, want = _both(s, [0, 1000, visible - 50])
         assert got == want and got[1][0]  # the order prefix still answers after sequence 1000
         assert reader.tags.through >= visible - 1024
+
+
+def test_a_service_without_a_tag_index(data_dir: str) -> None:
+    """``bp.serve(..., tag_index=False)`` (the CLI's ``--no-tag-index``): the writer keeps
+    no manifest or run; clients' prefix, scope and kind queries answer the same."""
+    with bp.serve(data_dir, segment_max_bytes=1 << 20, tag_index=False), bp.connect(data_dir) as s:
+        _writer(data_dir, 0, 3000)
+        got, want = _both(s, [0, 1000])
+        assert got == want and any(seqs for seqs, _ in got)
+        assert not [n for n in os.listdir(os.path.join(data_dir, "index")) if n.startswith("tags")]
+    assert "--no-tag-index" in writer_args("group", {"tag_index": False}, data_dir)
+    assert "--no-tag-index" not in writer_args("group", {"tag_index": True}, data_dir)
+    assert_verified(data_dir)
