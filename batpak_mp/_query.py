@@ -4,7 +4,8 @@ Owns: ``Region`` — an entity (exact, or a prefix matched at ``:`` boundaries),
 kind (exact, a set of kinds, or a category), an inclusive entity-clock range and an upper
 bound on the global sequence (``upto``) — validated once, at construction, into typed
 errors naming the value at fault; how a region is tested against an index record (the
-hashes and copies the 64-byte record holds: cheap, may pass a hash collision) and against
+hashes and copies the 64-byte record holds: cheap, may pass a hash collision; one record,
+or a numpy array of them) and against
 an ``Event`` (exact); and ``identity()``, the stable text a durable cursor is bound to.
 ``query_after``, ``subscribe``, cursors, reactors, projections and the newer calls
 (``history``, ``query_scope``) all take one.
@@ -145,6 +146,29 @@ class Region:
             return False
         c = self.clock
         return c is None or (c[0] <= clock and (c[1] is None or clock <= c[1]))
+
+    def records_mask(self, recs: Any) -> Any:
+        """``passes_record`` for a whole numpy array of records (``_format.record.numpy_dtype``)
+        at once, but for ``upto`` (the caller bounds the span): a bool array (numpy is
+        imported here, by the readers that filter a long span column-wise)."""
+        import numpy as np
+
+        keep = np.ones(len(recs), dtype=bool)
+        hashes = self.hashes()
+        if hashes[0]:
+            keep &= recs["entity_hash"] == np.uint64(hashes[0])
+        if hashes[1]:
+            keep &= recs["scope_hash"] == np.uint64(hashes[1])
+        packed = self.packed_kinds()
+        if packed is not None:
+            keep &= np.isin(recs["kind"], np.array(sorted(packed), dtype=np.uint16))
+        if self.category is not None:
+            keep &= (recs["kind"] >> 12) == self.category
+        if self.clock is not None:
+            keep &= recs["entity_clock"] >= np.uint64(self.clock[0])
+            if self.clock[1] is not None:
+                keep &= recs["entity_clock"] <= np.uint64(self.clock[1])
+        return keep
 
     def matches(self, ev: Event) -> bool:
         """The whole region, exactly, for one event."""

@@ -42,6 +42,7 @@ __all__ = [
     "prefix_tags",
     "region_tag_options",
     "run_name",
+    "scope_and_kind_tags",
     "scope_tag",
     "seq_span",
     "tag_spans",
@@ -97,6 +98,16 @@ def scope_tag(scope_hash: int) -> int:
 
 def kind_tag(packed_kind: int) -> int:
     return KIND_BASE | packed_kind
+
+
+def scope_and_kind_tags(scope_hashes: Any, kinds: Any) -> tuple[Any, Any]:
+    """``scope_tag`` and ``kind_tag`` of whole numpy columns (scope hashes, packed kinds)
+    at once: the writer files a chunk of records with them (numpy is imported here)."""
+    import numpy as np
+
+    scope = scope_hashes ^ np.uint64(SCOPE_SALT)
+    scope[scope == 0] = 1
+    return scope, kinds.astype(np.uint64) | np.uint64(KIND_BASE)
 
 
 def category_range(category: int) -> TagRange:

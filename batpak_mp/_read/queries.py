@@ -69,7 +69,6 @@ class Reader(Protocol):
     def _retrying(self, fn: Callable[[], Any]) -> Any: ...
 
 _rec_unpack = RECORD.unpack_from
-PREFIX_VERDICTS_MAX = 1_000_000  # entities a prefix query remembers the verdict of (then starts over)
 SCAN_SPAN_MAX = 256  # records a query walks itself before asking the tag index (a follower's short step)
 TAIL_CHUNK = 16_384  # records filtered column-wise at a time where the tag index does not reach (1 MiB copied)
 
@@ -175,9 +174,6 @@ def select(reader: Reader, after: int, limit: int, reg: Region, *, skip_fenced: 
     passes = reg.passes_record
     exact = reg.entity is not None or reg.scope is not None or reg.entity_prefix is not None
     prefix = reg.entity_prefix
-    # entity hash -> whether that entity is under the prefix: each entity's frame is read
-    # once per call (a hash shared by two entities, 2**-64 a pair, could hide the second)
-    prefix_of: dict[int, bool] = {}
 
     def run() -> Page:
         events: list[Event] = []
@@ -199,13 +195,9 @@ def select(reader: Reader, after: int, limit: int, reg: Region, *, skip_fenced: 
                 continue
             if rec[R_FLAGS] & FLAG_FENCED and (skip_fenced or reader.hidden(seq, rec[R_FLAGS])):
                 continue
-            if prefix is not None and prefix_of.get(rec[R_ENTITY_HASH]) is False:
-                continue  # an entity already read and found outside the prefix
+            if prefix is not None and not entity_in_prefix(entity_name(reader, rec[R_ENTITY_HASH], seq), prefix):
+                continue  # an entity outside the prefix (its name read once per reader)
             ev = reader.event(seq)
-            if prefix is not None and rec[R_ENTITY_HASH] not in prefix_of:
-                if len(prefix_of) >= PREFIX_VERDICTS_MAX:
-                    prefix_of.clear()
-                prefix_of[rec[R_ENTITY_HASH]] = entity_in_prefix(ev.coordinate.entity, prefix)
             if exact and not reg.matches(ev):
                 continue
             events.append(ev)
@@ -233,25 +225,12 @@ def tail_candidates(reader: Reader, reg: Region, after: int, upto: int) -> Itera
 def _filtered_chunks(reader: Reader, reg: Region, after: int, upto: int) -> Iterator[int]:
     import numpy as np
 
-    hashes = reg.hashes()
-    packed = reg.packed_kinds()
-    kinds = np.array(sorted(packed), dtype=np.uint16) if packed is not None else None
     for lo in range(after, upto, TAIL_CHUNK):
         hi = min(lo + TAIL_CHUNK, upto)
         m = reader._records_map(hi)
         off = RECORDS_HEADER_SIZE + lo * RECORD_SIZE
         recs = np.frombuffer(bytes(m[off:off + (hi - lo) * RECORD_SIZE]), dtype=record_dtype())  # a copy: no map pinned
-        keep = np.ones(len(recs), dtype=bool)
-        if hashes[1]:
-            keep &= recs["scope_hash"] == np.uint64(hashes[1])
-        if kinds is not None:
-            keep &= np.isin(recs["kind"], kinds)
-        if reg.category is not None:
-            keep &= (recs["kind"] >> 12) == reg.category
-        if reg.clock is not None:
-            keep &= recs["entity_clock"] >= np.uint64(reg.clock[0])
-            if reg.clock[1] is not None:
-                keep &= recs["entity_clock"] <= np.uint64(reg.clock[1])
+        keep = reg.records_mask(recs)
         if reg.entity_prefix is not None:
             uniq, first = np.unique(recs["entity_hash"][keep], return_index=True)
             at = np.flatnonzero(keep)[first]

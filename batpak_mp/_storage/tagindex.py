@@ -28,13 +28,11 @@ from typing import Any
 from .._errors import BatpakError, CorruptSegment
 from .._format.record import RECORD_SIZE, RECORDS_HEADER_SIZE, numpy_dtype
 from .._format.tags import (
-    KIND_BASE,
     MANIFEST_GENERATION_AT,
     MANIFEST_HEADER_SIZE,
     MANIFEST_MAX_RUNS,
     MANIFEST_SIZE,
     RUN_HEADER_SIZE,
-    SCOPE_SALT,
     TAGS_MANIFEST,
     decode_manifest,
     decode_run_header,
@@ -44,6 +42,7 @@ from .._format.tags import (
     manifest_header,
     prefix_tags,
     run_name,
+    scope_and_kind_tags,
 )
 from .osio import Disk
 from .planning import M_ENTITY, M_ENTITY_HASH, EventMeta
@@ -238,12 +237,10 @@ class TagIndex:
         recs = np.frombuffer(records, dtype=numpy_dtype(), count=n, offset=RECORDS_HEADER_SIZE + (lo - 1) * RECORD_SIZE)
         seqs = np.arange(lo, hi + 1, dtype=np.uint64)
         table = self._names.rows(recs["entity_hash"], lo, self._name_of)
-        kinds = recs["kind"].astype(np.uint64)
-        scope = recs["scope_hash"] ^ np.uint64(SCOPE_SALT)
-        scope[scope == 0] = 1
+        scope, kind = scope_and_kind_tags(recs["scope_hash"], recs["kind"])
         # one row per event (its prefixes, scope, kind): raveled, the postings are in
         # sequence order, so a stable sort by tag alone leaves each tag's sequences ascending
-        tags = np.concatenate([table, scope[:, None], (kinds | np.uint64(KIND_BASE))[:, None]], axis=1)
+        tags = np.concatenate([table, scope[:, None], kind[:, None]], axis=1)
         width = tags.shape[1]
         tags = tags.reshape(-1)
         postings = np.repeat(seqs, width)

@@ -114,3 +114,15 @@ def test_spans() -> None:
     assert seq_span(seqs, 0, 3, 3, 19) == (1, 2)  # 3 < seq <= 19: only 8
     assert seq_span(seqs, 0, 3, 0, 100) == (0, 3)
     assert seq_span(seqs, 3, 5, 7, 100) == (5, 5)
+
+
+def test_the_column_form_of_scope_and_kind_tags_is_the_scalar_form() -> None:
+    import numpy as np
+
+    from batpak_mp._format.tags import scope_and_kind_tags
+
+    hashes = [name_hash(f"t:{i}".encode()) for i in range(50)] + [0x9E3779B97F4A7C15]  # the last one XORs to 0
+    kinds = [bp.Kind(c, t).packed() for c in (1, 2, 14) for t in (0, 7, 4095)]
+    scopes, kind_tags = scope_and_kind_tags(np.array(hashes, dtype=np.uint64), np.array(kinds, dtype=np.uint16))
+    assert scopes.tolist() == [scope_tag(h) for h in hashes]
+    assert kind_tags.tolist() == [kind_tag(k) for k in kinds]
